@@ -1,0 +1,164 @@
+"""`mtpd bench`: tokens/s per draft policy on a prompt set, interleaved so machine drift cancels.
+
+Timing: `seconds` is decode time (first token to last) and `tokens_per_second` is
+(completion_tokens - 1) / seconds; prefill is reported apart as `ttft_seconds`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import mlx.core as mx
+
+from daemon.blas import blas_in_use
+from daemon.engine import Finished, Request, generate
+from daemon.models import LoadedModel, on_metal
+from daemon.prompts import encode_chat, encode_text
+from daemon.sampling import SamplingParams
+
+BASELINE = "mlx-lm"
+WARMUP_TOKENS = 16
+
+
+def read_prompts(path: str | Path) -> list[dict]:
+    """One JSON object per line: `id`, optional `category`, and `messages` or `prompt`."""
+    prompts = []
+    for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{number}: not JSON: {e.msg}") from None
+        if not isinstance(item, dict) or "id" not in item:
+            raise ValueError(f"{path}:{number}: each line needs an object with an `id`")
+        if not isinstance(item.get("messages"), list) and not isinstance(item.get("prompt"), str):
+            raise ValueError(f"{path}:{number}: needs `messages` (a list) or `prompt` (a string)")
+        prompts.append({"category": "uncategorized", **item})
+    if not prompts:
+        raise ValueError(f"{path}: no prompts")
+    return prompts
+
+
+def machine() -> str:
+    backend = "Metal" if on_metal() else "CPU"
+    return f"{platform.system()} {platform.machine()}, {os.cpu_count()} cores, {backend}, {blas_in_use()}"
+
+
+def run_engine(lm: LoadedModel, spec: str, request: Request) -> dict:
+    finished = next(r for r in generate(lm, request) if isinstance(r, Finished))
+    return {
+        "prompt_tokens": finished.prompt_tokens,
+        "completion_tokens": finished.completion_tokens,
+        "ttft_seconds": finished.ttft_seconds,
+        "seconds": finished.decode_seconds,
+        "drafted": finished.drafted,
+        "accepted": finished.accepted,
+        "token_ids": list(finished.token_ids),
+    }
+
+
+def run_mlx_lm(lm: LoadedModel, request: Request) -> dict:
+    """mlx-lm's own generation loop on the same weights, timed like ours."""
+    from mlx_lm.generate import stream_generate
+    from mlx_lm.sample_utils import make_sampler
+
+    s = request.sampling
+    sampler = make_sampler(s.temperature, top_p=s.top_p if s.top_p < 1 else 0.0, top_k=s.top_k)
+    if s.seed is not None:
+        mx.random.seed(s.seed)
+    start = time.perf_counter()
+    first = None
+    tokens = []
+    for response in stream_generate(
+        lm.model, lm.tokenizer, mx.array(request.prompt_ids), max_tokens=request.max_tokens, sampler=sampler
+    ):
+        first = first or time.perf_counter()
+        if response.finish_reason != "stop" or response.token not in lm.tokenizer.eos_token_ids:
+            tokens.append(response.token)
+    end = time.perf_counter()
+    return {
+        "prompt_tokens": len(request.prompt_ids),
+        "completion_tokens": len(tokens),
+        "ttft_seconds": (first or end) - start,
+        "seconds": end - (first or end),
+        "drafted": 0,
+        "accepted": 0,
+        "token_ids": tokens,
+    }
+
+
+def summarize(results: list[dict], specs: list[str]) -> list[dict]:
+    categories = sorted({r["category"] for r in results}) + ["all"]
+    rows = []
+    for category in categories:
+        in_category = [r for r in results if category in ("all", r["category"])]
+        rates = {}
+        for spec in specs:
+            mine = [r for r in in_category if r["spec"] == spec]
+            seconds = sum(r["seconds"] for r in mine)
+            decoded = sum(max(r["completion_tokens"] - 1, 0) for r in mine)
+            drafted = sum(r["drafted"] for r in mine)
+            rates[spec] = decoded / seconds if seconds > 0 else 0.0
+            rows.append(
+                {
+                    "spec": spec,
+                    "category": category,
+                    "tokens_per_second": rates[spec],
+                    "acceptance": sum(r["accepted"] for r in mine) / drafted if drafted else None,
+                }
+            )
+        for row in rows[-len(specs) :]:
+            off = rates.get("off")
+            row["speedup_vs_off"] = row["tokens_per_second"] / off if off else None
+    return rows
+
+
+def run_bench(
+    lm: LoadedModel,
+    prompts: list[dict],
+    specs: list[str],
+    max_tokens: int = 256,
+    repeat: int = 1,
+    sampling: SamplingParams = SamplingParams(),
+    progress: Callable[[str], None] = lambda _: None,
+) -> dict:
+    """`specs` may include "mlx-lm" for the baseline; each prompt runs every spec in turn."""
+    runners = {
+        spec: (lambda req: run_mlx_lm(lm, req)) if spec == BASELINE else (lambda req, s=spec: run_engine(lm, s, req))
+        for spec in specs
+    }
+    requests = []
+    for p in prompts:
+        ids = encode_chat(lm.tokenizer, p["messages"]) if "messages" in p else encode_text(lm.tokenizer, p["prompt"])
+        requests.append(Request(tuple(ids), max_tokens=max_tokens, sampling=sampling))
+
+    for spec, run in runners.items():
+        progress(f"warm-up {spec}")
+        run(Request(requests[0].prompt_ids, max_tokens=WARMUP_TOKENS, sampling=sampling))
+
+    results = []
+    for n, (p, request) in enumerate(zip(prompts, requests), 1):
+        for _ in range(repeat):
+            for spec, run in runners.items():
+                row = run(request)
+                row["tokens_per_second"] = (
+                    (row["completion_tokens"] - 1) / row["seconds"] if row["seconds"] > 0 else 0.0
+                )
+                results.append({"id": p["id"], "category": p["category"], "spec": spec, **row})
+                progress(
+                    f"[{n}/{len(prompts)}] {p['id']} {spec}: {row['completion_tokens']} tokens, "
+                    f"{row['tokens_per_second']:.1f} tok/s"
+                )
+    return {
+        "model": lm.name,
+        "drafter": None,
+        "machine": machine(),
+        "results": results,
+        "summary": summarize(results, specs),
+    }

@@ -1,0 +1,127 @@
+"""The `mtpd` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from daemon.blas import reexec_with_blas
+
+
+def _sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--temperature", type=float, default=0.0, help="0 (default) is greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--seed", type=int, default=None)
+
+
+def parser() -> argparse.ArgumentParser:
+    root = argparse.ArgumentParser(prog="mtpd", description=__doc__)
+    sub = root.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="stream one answer to stdout")
+    g.add_argument("prompt")
+    g.add_argument("--model", default=None, help="GGUF file, mlx-lm folder or repo id on disk")
+    g.add_argument("--max-tokens", type=int, default=512)
+    g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    g.add_argument("--raw", action="store_true", help="send the prompt as raw text, no chat template")
+    _sampling_args(g)
+
+    b = sub.add_parser("bench", help="tokens/s per draft policy, interleaved, as JSON")
+    b.add_argument("--prompts", required=True, type=Path, help="JSONL: id, category, messages|prompt")
+    b.add_argument("--model", default=None)
+    b.add_argument("--spec", action="append", required=True, help="draft policy: off (repeatable)")
+    b.add_argument("--max-tokens", type=int, default=256)
+    b.add_argument("--repeat", type=int, default=1)
+    b.add_argument("--baseline", choices=["mlx-lm"], default=None)
+    b.add_argument("--json", required=True, type=Path, dest="json_out")
+    _sampling_args(b)
+    return root
+
+
+def _sampling(args):
+    from daemon.sampling import SamplingParams
+
+    return SamplingParams(args.temperature, args.top_p, args.top_k, args.seed)
+
+
+def _load(model: str | None):
+    import structlog
+
+    from daemon.blas import blas_in_use
+    from daemon.models import load
+
+    log = structlog.get_logger()
+    lm = load(model)
+    log.info("model loaded", model=lm.name, path=lm.path, quantized=lm.quantized, blas=blas_in_use())
+    return lm
+
+
+def cmd_generate(args) -> None:
+    from daemon.engine import Finished, Request, generate
+    from daemon.prompts import encode_chat, encode_text
+
+    lm = _load(args.model)
+    if args.raw:
+        ids = encode_text(lm.tokenizer, args.prompt)
+    else:
+        ids = encode_chat(lm.tokenizer, [{"role": "user", "content": args.prompt}])
+    request = Request(tuple(ids), args.max_tokens, _sampling(args), tuple(args.stop))
+    for record in generate(lm, request):
+        if isinstance(record, Finished):
+            print(flush=True)
+            print(
+                f"prompt tokens: {record.prompt_tokens}, completion tokens: {record.completion_tokens}, "
+                f"{record.tokens_per_second:.1f} tok/s, time to first token {record.ttft_seconds:.2f} s, "
+                f"finish: {record.finish_reason}",
+                file=sys.stderr,
+            )
+        else:
+            print(record.text, end="", flush=True)
+
+
+def cmd_bench(args) -> None:
+    from daemon.bench import read_prompts, run_bench
+
+    prompts = read_prompts(args.prompts)
+    lm = _load(args.model)
+    specs = list(dict.fromkeys(args.spec + ([args.baseline] if args.baseline else [])))
+    report = run_bench(
+        lm,
+        prompts,
+        specs,
+        max_tokens=args.max_tokens,
+        repeat=args.repeat,
+        sampling=_sampling(args),
+        progress=lambda line: print(line, file=sys.stderr, flush=True),
+    )
+    args.json_out.write_text(json.dumps(report, indent=1))
+    for row in report["summary"]:
+        speedup = row["speedup_vs_off"]
+        print(
+            f"{row['spec']:>10} {row['category']:>14} {row['tokens_per_second']:7.2f} tok/s"
+            + (f"  x{speedup:.3f} vs off" if speedup is not None else ""),
+            file=sys.stderr,
+        )
+
+
+COMMANDS = {"generate": cmd_generate, "bench": cmd_bench}
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parser().parse_args(argv)
+    if argv is None:
+        command = ["-m", "daemon", *sys.argv[1:]] if sys.argv[0].endswith("__main__.py") else sys.argv
+        reexec_with_blas(command)
+    from daemon import logs
+
+    logs.configure()
+    try:
+        COMMANDS[args.command](args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"mtpd: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        sys.exit(130)

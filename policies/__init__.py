@@ -1,0 +1,1 @@
+"""Draft-length policies: how many tokens the drafter proposes at each step."""
