@@ -20,6 +20,7 @@ from daemon.engine import Finished, Request, generate
 from daemon.models import LoadedModel, on_metal
 from daemon.prompts import encode_chat, encode_text
 from daemon.sampling import SamplingParams
+from policies.registry import make_policy
 
 BASELINE = "mlx-lm"
 WARMUP_TOKENS = 16
@@ -50,8 +51,8 @@ def machine() -> str:
     return f"{platform.system()} {platform.machine()}, {os.cpu_count()} cores, {backend}, {blas_in_use()}"
 
 
-def run_engine(lm: LoadedModel, spec: str, request: Request) -> dict:
-    finished = next(r for r in generate(lm, request) if isinstance(r, Finished))
+def run_engine(lm: LoadedModel, spec: str, request: Request, tie_margin: float | None = None) -> dict:
+    finished = next(r for r in generate(lm, request, make_policy(spec), tie_margin) if isinstance(r, Finished))
     return {
         "prompt_tokens": finished.prompt_tokens,
         "completion_tokens": finished.completion_tokens,
@@ -59,6 +60,9 @@ def run_engine(lm: LoadedModel, spec: str, request: Request) -> dict:
         "seconds": finished.decode_seconds,
         "drafted": finished.drafted,
         "accepted": finished.accepted,
+        "drafted_by_position": list(finished.drafted_by_position),
+        "accepted_by_position": list(finished.accepted_by_position),
+        "tie_rechecks": finished.tie_rechecks,
         "token_ids": list(finished.token_ids),
     }
 
@@ -89,8 +93,22 @@ def run_mlx_lm(lm: LoadedModel, request: Request) -> dict:
         "seconds": end - (first or end),
         "drafted": 0,
         "accepted": 0,
+        "drafted_by_position": [],
+        "accepted_by_position": [],
+        "tie_rechecks": 0,
         "token_ids": tokens,
     }
+
+
+def acceptance_by_position(rows: list[dict]) -> list[float]:
+    """Accepted / drafted at draft positions 1, 2, ... over `rows`."""
+    drafted, accepted = [], []
+    for r in rows:
+        for totals, counts in ((drafted, r.get("drafted_by_position", [])), (accepted, r.get("accepted_by_position", []))):
+            totals.extend([0] * (len(counts) - len(totals)))
+            for j, n in enumerate(counts):
+                totals[j] += n
+    return [a / d for a, d in zip(accepted + [0] * (len(drafted) - len(accepted)), drafted) if d]
 
 
 def summarize(results: list[dict], specs: list[str]) -> list[dict]:
@@ -111,6 +129,7 @@ def summarize(results: list[dict], specs: list[str]) -> list[dict]:
                     "category": category,
                     "tokens_per_second": rates[spec],
                     "acceptance": sum(r["accepted"] for r in mine) / drafted if drafted else None,
+                    "acceptance_by_position": acceptance_by_position(mine),
                 }
             )
         for row in rows[-len(specs) :]:
@@ -126,11 +145,15 @@ def run_bench(
     max_tokens: int = 256,
     repeat: int = 1,
     sampling: SamplingParams = SamplingParams(),
+    tie_margin: float | None = None,
     progress: Callable[[str], None] = lambda _: None,
 ) -> dict:
     """`specs` may include "mlx-lm" for the baseline; each prompt runs every spec in turn."""
+    for spec in specs:
+        if spec != BASELINE and make_policy(spec).name != "off" and lm.drafter is None:
+            raise ValueError(f"--spec {spec} needs a drafter (--drafter)")
     runners = {
-        spec: (lambda req: run_mlx_lm(lm, req)) if spec == BASELINE else (lambda req, s=spec: run_engine(lm, s, req))
+        spec: (lambda req: run_mlx_lm(lm, req)) if spec == BASELINE else (lambda req, s=spec: run_engine(lm, s, req, tie_margin))
         for spec in specs
     }
     requests = []
@@ -157,7 +180,7 @@ def run_bench(
                 )
     return {
         "model": lm.name,
-        "drafter": None,
+        "drafter": lm.drafter_name,
         "machine": machine(),
         "results": results,
         "summary": summarize(results, specs),

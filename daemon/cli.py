@@ -17,6 +17,17 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=None)
 
 
+def _drafter_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--drafter",
+        default=None,
+        help="MTP drafter folder; 'none' for no drafter; 'random' for random weights (testing). "
+        "Default: the MTP layer in the model's own checkpoint, if any",
+    )
+    p.add_argument("--drafter-bits", type=int, choices=[8, 4, 3], default=None, help="quantize the drafter")
+    p.add_argument("--tie-margin", type=float, default=None, help="near-tie guard margin (logits)")
+
+
 def parser() -> argparse.ArgumentParser:
     root = argparse.ArgumentParser(prog="mtpd", description=__doc__)
     sub = root.add_subparsers(dest="command", required=True)
@@ -24,6 +35,8 @@ def parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="stream one answer to stdout")
     g.add_argument("prompt")
     g.add_argument("--model", default=None, help="GGUF file, mlx-lm folder or repo id on disk")
+    _drafter_args(g)
+    g.add_argument("--spec", default=None, help="draft policy: off | fixed:K (default: fixed:3 with a drafter)")
     g.add_argument("--max-tokens", type=int, default=512)
     g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     g.add_argument("--raw", action="store_true", help="send the prompt as raw text, no chat template")
@@ -32,7 +45,8 @@ def parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="tokens/s per draft policy, interleaved, as JSON")
     b.add_argument("--prompts", required=True, type=Path, help="JSONL: id, category, messages|prompt")
     b.add_argument("--model", default=None)
-    b.add_argument("--spec", action="append", required=True, help="draft policy: off (repeatable)")
+    _drafter_args(b)
+    b.add_argument("--spec", action="append", required=True, help="draft policy: off | fixed:K (repeatable)")
     b.add_argument("--max-tokens", type=int, default=256)
     b.add_argument("--repeat", type=int, default=1)
     b.add_argument("--baseline", choices=["mlx-lm"], default=None)
@@ -47,35 +61,42 @@ def _sampling(args):
     return SamplingParams(args.temperature, args.top_p, args.top_k, args.seed)
 
 
-def _load(model: str | None):
+def _load(args):
     import structlog
 
     from daemon.blas import blas_in_use
     from daemon.models import load
 
     log = structlog.get_logger()
-    lm = load(model)
-    log.info("model loaded", model=lm.name, path=lm.path, quantized=lm.quantized, blas=blas_in_use())
+    lm = load(args.model, drafter=args.drafter, drafter_bits=args.drafter_bits)
+    log.info(
+        "model loaded", model=lm.name, path=lm.path, quantized=lm.quantized, drafter=lm.drafter_name, blas=blas_in_use()
+    )
     return lm
 
 
 def cmd_generate(args) -> None:
     from daemon.engine import Finished, Request, generate
     from daemon.prompts import encode_chat, encode_text
+    from policies.registry import make_policy
 
-    lm = _load(args.model)
+    lm = _load(args)
+    policy = make_policy(args.spec or ("fixed:3" if lm.drafter is not None else "off"))
+    if policy.name != "off" and lm.drafter is None:
+        raise ValueError(f"--spec {policy.name} needs a drafter (--drafter)")
     if args.raw:
         ids = encode_text(lm.tokenizer, args.prompt)
     else:
         ids = encode_chat(lm.tokenizer, [{"role": "user", "content": args.prompt}])
     request = Request(tuple(ids), args.max_tokens, _sampling(args), tuple(args.stop))
-    for record in generate(lm, request):
+    for record in generate(lm, request, policy, tie_margin=args.tie_margin):
         if isinstance(record, Finished):
             print(flush=True)
             print(
                 f"prompt tokens: {record.prompt_tokens}, completion tokens: {record.completion_tokens}, "
                 f"{record.tokens_per_second:.1f} tok/s, time to first token {record.ttft_seconds:.2f} s, "
-                f"finish: {record.finish_reason}",
+                f"finish: {record.finish_reason}"
+                + (f", drafted {record.drafted}, accepted {record.accepted}" if record.drafted else ""),
                 file=sys.stderr,
             )
         else:
@@ -86,7 +107,7 @@ def cmd_bench(args) -> None:
     from daemon.bench import read_prompts, run_bench
 
     prompts = read_prompts(args.prompts)
-    lm = _load(args.model)
+    lm = _load(args)
     specs = list(dict.fromkeys(args.spec + ([args.baseline] if args.baseline else [])))
     report = run_bench(
         lm,
@@ -95,6 +116,7 @@ def cmd_bench(args) -> None:
         max_tokens=args.max_tokens,
         repeat=args.repeat,
         sampling=_sampling(args),
+        tie_margin=args.tie_margin,
         progress=lambda line: print(line, file=sys.stderr, flush=True),
     )
     args.json_out.write_text(json.dumps(report, indent=1))

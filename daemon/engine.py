@@ -9,97 +9,52 @@ max_tokens, and counts.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
-from typing import Iterator
+from collections.abc import Iterator
 
 import mlx.core as mx
-from mlx_lm.models.cache import make_prompt_cache
+from mlx_lm.models.cache import make_prompt_cache, trim_prompt_cache
 
+from daemon.forward import hidden_tap, prefill
 from daemon.models import LoadedModel
+from daemon.records import Delta, Finished, Request, Step
 from daemon.sampling import SamplingParams, new_key, sample
+from daemon.speculative import speculative_steps
 from daemon.stops import StopText
+from daemon.ties import DEFAULT_MARGIN_FP32, DEFAULT_MARGIN_HALF, NearTieGuard, top2_margin
+from policies.fixed import Fixed
 
-PREFILL_CHUNK = 512
-
-
-@dataclass(frozen=True)
-class Request:
-    prompt_ids: tuple[int, ...]
-    max_tokens: int = 256
-    sampling: SamplingParams = SamplingParams()
-    stop: tuple[str, ...] = ()
-
-    def __post_init__(self):
-        if not self.prompt_ids:
-            raise ValueError("the prompt is empty")
-        if self.max_tokens < 1:
-            raise ValueError("max_tokens must be >= 1")
+__all__ = ["Delta", "Finished", "Request", "Step", "generate"]
 
 
-@dataclass(frozen=True)
-class Step:
-    """What one decoding step produced: token ids, and how many were drafted / accepted."""
-
-    tokens: tuple[int, ...]
-    drafted: int = 0
-    accepted: int = 0
-
-
-@dataclass(frozen=True)
-class Delta:
-    """New output of one step: the token ids kept and the text they add."""
-
-    token_ids: tuple[int, ...]
-    text: str
-
-
-@dataclass(frozen=True)
-class Finished:
-    finish_reason: str  # "stop" (EOS or stop string) | "length"
-    prompt_tokens: int
-    completion_tokens: int
-    ttft_seconds: float  # request start -> first token
-    decode_seconds: float  # first token -> last token
-    drafted: int = 0
-    accepted: int = 0
-    token_ids: tuple[int, ...] = field(default=(), repr=False)
-
-    @property
-    def tokens_per_second(self) -> float:
-        """Decode speed: tokens after the first over the time after the first."""
-        if self.decode_seconds <= 0 or self.completion_tokens < 2:
-            return 0.0
-        return (self.completion_tokens - 1) / self.decode_seconds
-
-
-def prefill(model, cache, prompt_ids: tuple[int, ...]) -> mx.array:
-    """Run the prompt through the model, filling `cache`. Returns the last position's logits [1, V]."""
-    ids = mx.array(prompt_ids)
-    for start in range(0, len(prompt_ids) - 1, PREFILL_CHUNK):
-        model(ids[None, start : min(start + PREFILL_CHUNK, len(prompt_ids) - 1)], cache=cache)
-        mx.eval([c.state for c in cache])
-    return model(ids[None, -1:], cache=cache)[:, -1, :]
-
-
-def plain_steps(model, cache, logits: mx.array, sampling: SamplingParams) -> Iterator[Step]:
+def plain_steps(model, cache, prompt_ids, logits: mx.array, sampling: SamplingParams, guard, key) -> Iterator[Step]:
     """One token per step. The next forward is queued before the current token is read (one host
-    sync per token, overlapped with compute), as in mlx-lm's generate_step."""
-    key = new_key(sampling.seed)
+    sync per token, overlapped with compute), as in mlx-lm's generate_step. Greedy tokens go through
+    the near-tie guard, so they equal speculative decoding's."""
+    history = list(prompt_ids)
 
     def draw(logits):
         nonlocal key
         if sampling.greedy:
-            return mx.argmax(logits, axis=-1)
+            return mx.argmax(logits, axis=-1), top2_margin(logits)
         key, sub = mx.random.split(key)
-        return sample(logits, sampling, sub)
+        return sample(logits, sampling, sub), None
 
-    y = draw(logits)
-    mx.async_eval(y)
+    y, margin = draw(logits)
+    mx.async_eval(y, margin)
     while True:
-        next_y = draw(model(y[:, None], cache=cache)[:, -1, :])
-        mx.async_eval(next_y)
-        yield Step((y.item(),))
-        y = next_y
+        next_y, next_margin = draw(model(y[:, None], cache=cache)[:, -1, :])
+        mx.async_eval(next_y, next_margin)
+        token = y.item()
+        if margin is not None:
+            checked = guard.token(history, token, margin.item())
+            if checked != token:  # the queued step read the wrong token: redo it
+                token, y = checked, mx.array([checked])
+                trim_prompt_cache(cache, 1)
+                next_y, next_margin = draw(model(y[:, None], cache=cache)[:, -1, :])
+                mx.async_eval(next_y, next_margin)
+        history.append(token)
+        yield Step((token,))
+        y, margin = next_y, next_margin
 
 
 def _final_text(detokenizer, stops: StopText) -> str:
@@ -109,22 +64,49 @@ def _final_text(detokenizer, stops: StopText) -> str:
     return piece if stopped else piece + stops.flush()
 
 
-def generate(lm: LoadedModel, request: Request) -> Iterator[Delta | Finished]:
+def default_margin(lm: LoadedModel) -> float:
+    return DEFAULT_MARGIN_HALF if lm.quantized else DEFAULT_MARGIN_FP32
+
+
+def generate(lm: LoadedModel, request: Request, policy=None, tie_margin: float | None = None) -> Iterator[Delta | Finished]:
+    """`policy`: a draft policy (policies/); None or `off` decodes plainly."""
+    policy = policy or Fixed(0)
     start = time.perf_counter()
-    cache = make_prompt_cache(lm.model)
-    steps = plain_steps(lm.model, cache, prefill(lm.model, cache, request.prompt_ids), request.sampling)
+    model = lm.model
+    cache = make_prompt_cache(model)
+    guard = NearTieGuard(model, default_margin(lm) if tie_margin is None else tie_margin)
+    key = new_key(request.sampling.seed)
+    speculate = lm.drafter is not None and policy.name != "off"
+    if speculate:
+        tap, chunks = hidden_tap(model), []
+        source = lm.drafter.config.hidden_source
+        logits = prefill(model, cache, request.prompt_ids, on_chunk=lambda: chunks.append(tap.hidden(source)))
+        steps = speculative_steps(
+            model, lm.drafter, cache, request.prompt_ids, logits, mx.concatenate(chunks, axis=1),
+            request.sampling, policy, guard, request.max_tokens, key,
+        )
+    else:
+        logits = prefill(model, cache, request.prompt_ids)
+        steps = plain_steps(model, cache, request.prompt_ids, logits, request.sampling, guard, key)
+
     detokenizer = lm.tokenizer.detokenizer
     eos = set(lm.tokenizer.eos_token_ids)
     stops = StopText(request.stop)
     generated: list[int] = []
-    drafted = accepted = 0
+    lengths: list[int] = []
+    drafted_at: list[int] = []
+    accepted_at: list[int] = []
     first_token_at = None
     finish = None
     try:
         for step in steps:
             first_token_at = first_token_at or time.perf_counter()
-            drafted += step.drafted
-            accepted += step.accepted
+            if step.drafted:
+                lengths.append(step.drafted)
+                for counts, n in ((drafted_at, step.drafted), (accepted_at, step.accepted)):
+                    counts.extend([0] * (step.drafted - len(counts)))
+                    for j in range(n):
+                        counts[j] += 1
             kept, text, stopped = [], [], False
             for token in step.tokens:
                 if token in eos:
@@ -155,7 +137,11 @@ def generate(lm: LoadedModel, request: Request) -> Iterator[Delta | Finished]:
         completion_tokens=len(generated),
         ttft_seconds=(first_token_at or end) - start,
         decode_seconds=end - (first_token_at or end),
-        drafted=drafted,
-        accepted=accepted,
+        drafted=sum(drafted_at),
+        accepted=sum(accepted_at),
+        drafted_by_position=tuple(drafted_at),
+        accepted_by_position=tuple(accepted_at),
+        draft_lengths=tuple(lengths),
+        tie_rechecks=guard.rechecks,
         token_ids=tuple(generated),
     )

@@ -23,6 +23,9 @@ class LoadedModel:
     name: str
     path: str
     quantized: bool  # False: weights run as fp32 (CPU backend)
+    config: dict
+    drafter: nn.Module | None = None  # daemon.drafter.MTPDrafter
+    drafter_name: str | None = None
 
 
 def on_metal() -> bool:
@@ -51,23 +54,75 @@ def _to_fp32(model: nn.Module) -> None:
     mx.eval(model.parameters())
 
 
-def load(spec: str | None = None) -> LoadedModel:
-    """`spec`: None for the default, a `.gguf` file, an mlx-lm model folder or a repo id on disk."""
-    quantized = on_metal()
+def _keeping_mtp(found: dict):
+    """mlx-lm model classes whose sanitize() keeps the MTP layer past num_hidden_layers in `found`
+    (mlx-lm drops it). The layer goes through the family's own sanitize as if it were layer 0, so
+    fp8 dequantization, MLA splits and expert stacking apply to it too."""
+    from mlx_lm.utils import _get_classes
+
+    def classes(config: dict):
+        model_cls, args_cls = _get_classes(config)
+        prefix = f"model.layers.{config['num_hidden_layers']}."
+
+        class KeepMTP(model_cls):
+            def sanitize(self, weights):
+                mtp = {k: weights.pop(k) for k in [k for k in weights if k.startswith(prefix)]}
+                parent = getattr(model_cls, "sanitize", lambda _, w: w)
+                if mtp:
+                    as_layer0 = parent(self, {"model.layers.0." + k[len(prefix):]: v for k, v in mtp.items()})
+                    found.update({k.removeprefix("model.layers.0."): v for k, v in as_layer0.items()})
+                return parent(self, weights)
+
+        return KeepMTP, args_cls
+
+    return classes
+
+
+def _load_target(spec: str | None, quantized: bool) -> tuple[LoadedModel, dict]:
+    """The target model, and the MTP weights found in its checkpoint (possibly none)."""
     if spec is None or spec.endswith(".gguf"):
         from daemon.gguf_loader import load_gguf
 
         path = default_model_path() if spec is None else Path(spec)
         if not path.is_file():
             raise FileNotFoundError(f"no such GGUF file: {path}")
-        model, tokenizer, _ = load_gguf(path, quantized=quantized)
+        model, tokenizer, config = load_gguf(path, quantized=quantized)
         name = DEFAULT_NAME if spec is None else path.stem
-        return LoadedModel(model, tokenizer, name, str(path), quantized)
+        return LoadedModel(model, tokenizer, name, str(path), quantized, config), {}
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never fetch weights at run time
-    from mlx_lm.utils import load as mlx_lm_load
+    from mlx_lm.utils import _download, load_model, load_tokenizer
 
-    model, tokenizer = mlx_lm_load(spec)
+    path = _download(spec)
+    mtp: dict = {}
+    model, config = load_model(path, get_model_classes=_keeping_mtp(mtp))
+    tokenizer = load_tokenizer(path, eos_token_ids=config.get("eos_token_id"))
     if not quantized:
         _to_fp32(model)
-    return LoadedModel(model, tokenizer, Path(spec).name or spec, spec, quantized)
+    return LoadedModel(model, tokenizer, Path(spec).name or spec, spec, quantized, config), mtp
+
+
+def load(spec: str | None = None, drafter: str | None = None, drafter_bits: int | None = None) -> LoadedModel:
+    """`spec`: None for the default, a `.gguf` file, an mlx-lm model folder or a repo id on disk.
+    `drafter`: a drafter folder, "random" (random weights, a testing aid), "none", or None for the
+    MTP layer in the target's own checkpoint when it has one."""
+    from daemon import drafter as mtp_drafter
+
+    quantized = on_metal()
+    lm, mtp_weights = _load_target(spec, quantized)
+    if drafter == "none":
+        return lm
+    if drafter == "random":
+        lm.drafter, lm.drafter_name = mtp_drafter.random_drafter(lm.config), "random"
+    elif drafter is not None:
+        lm.drafter, lm.drafter_name = mtp_drafter.load_folder(drafter, lm.config), str(drafter)
+    elif mtp_weights:
+        config = mtp_drafter.DrafterConfig(lm.config, lm.config["num_hidden_layers"])
+        config.own_head = "shared_head.head.weight" in mtp_weights
+        lm.drafter, lm.drafter_name = mtp_drafter.build(config, mtp_weights), f"{lm.name} (built-in MTP)"
+    if lm.drafter is not None:
+        if drafter_bits is not None:
+            mtp_drafter.quantize(lm.drafter, drafter_bits, keep_quantized=quantized)
+        elif not quantized:
+            _to_fp32(lm.drafter)
+    return lm

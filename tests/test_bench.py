@@ -89,3 +89,26 @@ def test_cli_reports_bad_input_without_traceback(tmp_path, tiny_gguf):
     assert "mtpd: error:" in done.stderr and "Traceback" not in done.stderr
     missing = run_mtpd("generate", "--model", str(tmp_path / "none.gguf"), "hi")
     assert missing.returncode == 2 and "no such GGUF file" in missing.stderr
+
+
+def test_speculative_policy_without_a_drafter_is_refused(tmp_path, tiny_gguf):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps(PROMPTS[0]))
+    done = run_mtpd("bench", "--prompts", str(prompts), "--model", str(tiny_gguf), "--drafter", "none",
+                    "--spec", "fixed:2", "--json", str(tmp_path / "r.json"))
+    assert done.returncode == 2 and "needs a drafter" in done.stderr
+    done = run_mtpd("generate", "--model", str(tiny_gguf), "--spec", "fixed:99", "hi")
+    assert done.returncode == 2 and "K in fixed:K" in done.stderr
+
+
+def test_bench_reports_acceptance_by_position(tiny_gguf):
+    from daemon.models import load
+
+    lm = load(str(tiny_gguf), drafter="random")
+    report = run_bench(lm, PROMPTS[:1], ["off", "fixed:3"], max_tokens=12)
+    spec = next(r for r in report["results"] if r["spec"] == "fixed:3")
+    assert len(spec["drafted_by_position"]) == 3 and spec["drafted"] == sum(spec["drafted_by_position"])
+    off = next(r for r in report["results"] if r["spec"] == "off")
+    assert spec["token_ids"] == off["token_ids"]
+    row = next(s for s in report["summary"] if s["spec"] == "fixed:3" and s["category"] == "all")
+    assert row["acceptance"] is not None and len(row["acceptance_by_position"]) <= 3

@@ -14,3 +14,29 @@ def test_code_prompt_gives_a_python_function():
     assert re.search(r"def \w+\(", done.stdout)
     assert re.search(r"prompt tokens: \d+, completion tokens: \d+, [\d.]+ tok/s", done.stderr)
     assert "OpenBLAS" in done.stderr or "Metal" in done.stderr  # the log names the BLAS in use
+
+
+def test_random_drafter_gives_the_same_tokens_as_off(tmp_path):
+    import json
+
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(
+        "\n".join(
+            json.dumps({"id": i, "category": c, "messages": [{"role": "user", "content": text}]})
+            for i, (c, text) in enumerate(
+                [("code", "Write a Python function that adds two numbers."), ("prose", "Describe a quiet morning.")]
+            )
+        )
+    )
+    out = tmp_path / "r.json"
+    done = run_mtpd("bench", "--prompts", str(prompts), "--drafter", "random", "--spec", "off", "--spec", "fixed:1",
+                    "--spec", "fixed:4", "--max-tokens", "24", "--json", str(out))
+    assert done.returncode == 0, done.stderr
+    report = json.loads(out.read_text())
+    assert report["drafter"] == "random"
+    by_prompt = {}
+    for row in report["results"]:
+        by_prompt.setdefault(row["id"], {})[row["spec"]] = row
+    for rows in by_prompt.values():
+        assert rows["fixed:1"]["token_ids"] == rows["off"]["token_ids"] == rows["fixed:4"]["token_ids"]
+        assert rows["fixed:4"]["drafted"] > 0

@@ -1,0 +1,198 @@
+"""The MTP drafter: DeepSeek-V3's multi-token-prediction module, chained on its own output.
+
+For target position i it reads the target's hidden state h_i and the next token t_{i+1}:
+    x = eh_proj([enorm(embed(t_{i+1})); hnorm(h_i)])     # embedding first, hidden second
+    x = block(x)                                         # one decoder block of the target's family
+    logits = head(shared_head.norm(x))                   # head shared with the target by default
+and predicts t_{i+2}. For k > 1 the same module is fed its own block output and the token it just
+drafted. It has its own KV cache, aligned with the target's positions.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten, tree_map
+from mlx_lm.models.base import create_attention_mask
+
+HIDDEN_SOURCES = ("post_norm", "pre_norm")
+BLOCK_PARTS = ("input_layernorm", "self_attn", "post_attention_layernorm", "mlp")
+_LAYER_PREFIX = re.compile(r"^model\.layers\.\d+\.")
+
+
+@dataclass
+class DrafterConfig:
+    target: dict  # the target family's config (model_type + args); the block is built from it
+    layer_index: int  # index of the MTP block in the checkpoint (num_hidden_layers for DeepSeek-V3)
+    hidden_source: str = "post_norm"  # which target hidden state h_i is: after or before its final norm
+    own_head: bool = False  # the drafter ships `shared_head.head` (else the target's head is used)
+    head_vocab: list[int] | None = field(default=None, repr=False)  # own head over these token ids
+
+    def __post_init__(self):
+        if self.hidden_source not in HIDDEN_SOURCES:
+            raise ValueError(f"hidden_source must be one of {HIDDEN_SOURCES}, not {self.hidden_source!r}")
+
+
+def make_block(target: dict, layer_index: int) -> nn.Module:
+    """One decoder block of the target's family, as mlx-lm builds it."""
+    family = target["model_type"]
+    if family == "llama":
+        from mlx_lm.models import llama
+
+        return llama.TransformerBlock(llama.ModelArgs.from_dict(target))
+    if family == "deepseek_v3":
+        from mlx_lm.models import deepseek_v3
+
+        return deepseek_v3.DeepseekV3DecoderLayer(deepseek_v3.ModelArgs.from_dict(target), layer_index)
+    raise ValueError(f"no MTP drafter support for the {family!r} family (llama, deepseek_v3)")
+
+
+class SharedHead(nn.Module):
+    def __init__(self, hidden: int, eps: float, vocab: int | None):
+        super().__init__()
+        self.norm = nn.RMSNorm(hidden, eps=eps)
+        if vocab is not None:
+            self.head = nn.Linear(hidden, vocab, bias=False)
+
+
+class MTPDrafter(nn.Module):
+    def __init__(self, config: DrafterConfig):
+        super().__init__()
+        self.config = config
+        hidden, eps = config.target["hidden_size"], config.target["rms_norm_eps"]
+        self.enorm = nn.RMSNorm(hidden, eps=eps)
+        self.hnorm = nn.RMSNorm(hidden, eps=eps)
+        self.eh_proj = nn.Linear(2 * hidden, hidden, bias=False)
+        self.block = make_block(config.target, config.layer_index)
+        vocab = None
+        if config.own_head:
+            vocab = len(config.head_vocab) if config.head_vocab else config.target["vocab_size"]
+        self.shared_head = SharedHead(hidden, eps, vocab)
+        self._array_mask = config.target["model_type"] == "deepseek_v3"
+        self._vocab_map = mx.array(config.head_vocab) if config.head_vocab else None
+
+    def __call__(self, hidden: mx.array, tokens: mx.array, cache, target) -> tuple[mx.array, mx.array]:
+        """hidden: [1, L, H] target (or own) hidden states; tokens: [1, L] the tokens after them.
+        Returns (logits [1, L, V] over the full vocabulary, block output [1, L, H] for chaining)."""
+        embed = target_embedding(target)
+        x = self.eh_proj(mx.concatenate([self.enorm(embed(tokens)), self.hnorm(hidden)], axis=-1))
+        mask = create_attention_mask(x, cache, return_array=self._array_mask)
+        x = self.block(x, mask, cache)
+        out = self.shared_head.norm(x)
+        if "head" not in self.shared_head:
+            return target_head(target)(out), x
+        logits = self.shared_head.head(out)
+        if self._vocab_map is not None:  # a reduced vocabulary: scatter back, others impossible
+            full = mx.full((*logits.shape[:-1], self.config.target["vocab_size"]), -mx.inf, logits.dtype)
+            logits = mx.put_along_axis(full, mx.broadcast_to(self._vocab_map, logits.shape), logits, axis=-1)
+        return logits, x
+
+    def make_cache(self):
+        from mlx_lm.models.cache import KVCache
+
+        return KVCache()
+
+
+def target_embedding(model) -> nn.Module:
+    return model.model.embed_tokens
+
+
+def target_head(model):
+    """The target's LM head as a function of post-norm hidden states."""
+    return model.lm_head if "lm_head" in model else model.model.embed_tokens.as_linear
+
+
+def module_keys(weights: dict) -> dict:
+    """Checkpoint names (`model.layers.{N}.self_attn...`, or without the prefix) -> module names."""
+    renamed = {}
+    for key, value in weights.items():
+        key = _LAYER_PREFIX.sub("", key)
+        if key.startswith("embed_tokens."):  # the target's embedding, shipped again: use the target's
+            continue
+        if key.split(".")[0] in BLOCK_PARTS:
+            key = "block." + key
+        renamed[key] = value
+    return renamed
+
+
+def checkpoint_keys(weights: dict) -> dict:
+    """Module names -> the community's extracted-MTP layout (no `model.layers.N.` prefix)."""
+    return {k.removeprefix("block."): v for k, v in weights.items()}
+
+
+def build(config: DrafterConfig, weights: dict | None = None) -> MTPDrafter:
+    """A drafter from checkpoint weights, or randomly initialised when `weights` is None."""
+    drafter = MTPDrafter(config)
+    if weights is not None:
+        drafter.load_weights(list(module_keys(weights).items()), strict=True)
+    mx.eval(drafter.parameters())
+    drafter.eval()
+    return drafter
+
+
+def random_drafter(target_config: dict, seed: int = 0, hidden_source: str = "post_norm") -> MTPDrafter:
+    mx.random.seed(seed)
+    return build(DrafterConfig(target_config, target_config["num_hidden_layers"], hidden_source))
+
+
+def save(drafter: MTPDrafter, folder: str | Path, extra: dict | None = None) -> None:
+    """config.json + model.safetensors in the extracted-MTP layout, written atomically per file."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    config = {"model_type": "mtp_drafter", **asdict(drafter.config), **(extra or {})}
+    weights = checkpoint_keys(dict(tree_flatten(drafter.parameters())))
+    tmp = folder / "model.tmp.safetensors"
+    mx.save_safetensors(str(tmp), weights)
+    tmp.replace(folder / "model.safetensors")
+    (folder / "config.json.tmp").write_text(json.dumps(config, indent=1))
+    (folder / "config.json.tmp").replace(folder / "config.json")
+
+
+def load_folder(folder: str | Path, target_config: dict) -> MTPDrafter:
+    """A separate drafter folder: config.json (our fields, or a DeepSeek-style `num_hidden_layers`)
+    and one or more safetensors files with the MTP layer's weights."""
+    folder = Path(folder)
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"no drafter at {folder}: expected config.json and *.safetensors")
+    meta = json.loads((folder / "config.json").read_text())
+    weights = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        weights.update(mx.load(str(file)))
+    if not weights:
+        raise FileNotFoundError(f"no *.safetensors in drafter folder {folder}")
+    config = DrafterConfig(
+        target=meta.get("target", target_config),
+        layer_index=meta.get("layer_index", target_config["num_hidden_layers"]),
+        hidden_source=meta.get("hidden_source", "post_norm"),
+        own_head=any(k.endswith("shared_head.head.weight") for k in weights),
+        head_vocab=meta.get("head_vocab"),
+    )
+    if config.target["hidden_size"] != target_config["hidden_size"]:
+        raise ValueError(
+            f"drafter hidden size {config.target['hidden_size']} does not match the target's "
+            f"{target_config['hidden_size']}"
+        )
+    return build(config, weights)
+
+
+def quantize(drafter: MTPDrafter, bits: int, keep_quantized: bool, group_size: int = 64) -> None:
+    """Quantize the drafter on its own. On Metal the weights stay quantized; on a CPU they are
+    rounded to `bits` and kept as fp32 (same acceptance, fast fp32 matmuls)."""
+    if bits not in (3, 4, 8):
+        raise ValueError("drafter bits must be 8, 4 or 3")
+    if keep_quantized:
+        nn.quantize(drafter, group_size=group_size, bits=bits, class_predicate=lambda _, m: isinstance(m, nn.Linear))
+        return
+    rounded = [
+        (name, mx.dequantize(*mx.quantize(w.astype(mx.float32), group_size=group_size, bits=bits), group_size=group_size, bits=bits))
+        for name, w in tree_flatten(drafter.parameters())
+        if w.ndim == 2 and w.shape[-1] % group_size == 0
+    ]
+    drafter.load_weights(rounded, strict=False)
+    drafter.update(tree_map(lambda p: p.astype(mx.float32), drafter.parameters()))
+    mx.eval(drafter.parameters())

@@ -1,0 +1,61 @@
+"""The typed records the engine takes and yields."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from daemon.sampling import SamplingParams
+
+
+@dataclass(frozen=True)
+class Request:
+    prompt_ids: tuple[int, ...]
+    max_tokens: int = 256
+    sampling: SamplingParams = SamplingParams()
+    stop: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        if not self.prompt_ids:
+            raise ValueError("the prompt is empty")
+        if self.max_tokens < 1:
+            raise ValueError("max_tokens must be >= 1")
+
+
+@dataclass(frozen=True)
+class Step:
+    """What one decoding step produced: token ids, and how many were drafted / accepted."""
+
+    tokens: tuple[int, ...]
+    drafted: int = 0
+    accepted: int = 0
+
+
+@dataclass(frozen=True)
+class Delta:
+    """New output of one step: the token ids kept and the text they add."""
+
+    token_ids: tuple[int, ...]
+    text: str
+
+
+@dataclass(frozen=True)
+class Finished:
+    finish_reason: str  # "stop" (EOS or stop string) | "length"
+    prompt_tokens: int
+    completion_tokens: int
+    ttft_seconds: float  # request start -> first token
+    decode_seconds: float  # first token -> last token
+    drafted: int = 0
+    accepted: int = 0
+    drafted_by_position: tuple[int, ...] = ()  # [j]: drafts made at draft position j+1
+    accepted_by_position: tuple[int, ...] = ()  # [j]: of those, accepted
+    draft_lengths: tuple[int, ...] = field(default=(), repr=False)  # k chosen at each step
+    tie_rechecks: int = 0  # near-tie positions decided by canonical recomputation
+    token_ids: tuple[int, ...] = field(default=(), repr=False)
+
+    @property
+    def tokens_per_second(self) -> float:
+        """Decode speed: tokens after the first over the time after the first."""
+        if self.decode_seconds <= 0 or self.completion_tokens < 2:
+            return 0.0
+        return (self.completion_tokens - 1) / self.decode_seconds

@@ -1,0 +1,135 @@
+"""Speculative decoding with an MTP drafter: draft k, verify k+1 in one target forward, accept.
+
+Round, for the last emitted token t (not yet in the target's cache):
+1. the drafter catches up on the (target hidden state, next token) pairs it has not seen, then
+   chains k drafts on its own output;
+2. the target runs [t, d_1..d_k] in one forward (k+1 rows);
+3. greedy: accept the drafts its (tie-guarded) argmax agrees with, then emit its own token;
+   sampling: rejection sampling with the residual max(0, p - q) (see daemon.verify);
+4. both caches are trimmed: the target keeps t and the accepted drafts, the drafter drops its
+   chained positions and will recompute them from the target's real hidden states.
+k comes from the policy every round; k = 0 is a plain target step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import mlx.core as mx
+from mlx_lm.models.cache import trim_prompt_cache
+
+from daemon.records import Step
+from daemon.forward import PREFILL_CHUNK, hidden_tap
+from daemon.sampling import SamplingParams, target_logprobs
+from daemon.ties import NearTieGuard, top2_margin
+from daemon.verify import greedy_accepted, residual_logprobs, sampled_accepted
+
+
+def speculative_steps(
+    model,
+    drafter,
+    cache,
+    prompt_ids: tuple[int, ...],
+    first_logits: mx.array,
+    prompt_hidden: mx.array,
+    sampling: SamplingParams,
+    policy,
+    guard: NearTieGuard,
+    max_tokens: int,
+    key: mx.array,
+) -> Iterator[Step]:
+    """prompt_hidden: [1, n, H] the target's hidden states over the prompt (drafter's source)."""
+    tap = hidden_tap(model)
+    source = drafter.config.hidden_source
+    dcache = drafter.make_cache()
+    history = list(prompt_ids)
+
+    def choose(logits: mx.array, ids: list[int]) -> int:
+        """The target's own next token from logits [V] (greedy tie-guarded, or sampled)."""
+        nonlocal key
+        if sampling.greedy:
+            token, margin = mx.argmax(logits), top2_margin(logits)
+            mx.eval(token, margin)
+            return guard.token(ids, token.item(), margin.item())
+        key, sub = mx.random.split(key)
+        return mx.random.categorical(target_logprobs(logits, sampling), key=sub).item()
+
+    t = choose(first_logits[0], history)
+    pending_hidden, pending_tokens = prompt_hidden, [*prompt_ids[1:], t]
+    history.append(t)
+    yield Step((t,))
+    emitted = 1
+
+    while True:
+        k = min(policy.draft_length(), max_tokens - emitted - 1)
+        if k <= 0:
+            logits = model(mx.array([[t]]), cache=cache)
+            pending_hidden = mx.concatenate([pending_hidden, tap.hidden(source)], axis=1)
+            t = choose(logits[0, -1], history)
+            pending_tokens.append(t)
+            history.append(t)
+            emitted += 1
+            yield Step((t,))
+            continue
+
+        # 1. draft: catch up on unseen pairs, then chain on the drafter's own output
+        for start in range(0, len(pending_tokens), PREFILL_CHUNK):
+            d_logits, own = drafter(
+                pending_hidden[:, start : start + PREFILL_CHUNK],
+                mx.array([pending_tokens[start : start + PREFILL_CHUNK]]),
+                dcache,
+                model,
+            )
+        drafts, q_rows = [], []
+        for j in range(k):
+            row = d_logits[0, -1]
+            if sampling.greedy:
+                d = mx.argmax(row, keepdims=True)
+            else:
+                key, sub = mx.random.split(key)
+                q_logprobs = target_logprobs(row, sampling)
+                d = mx.random.categorical(q_logprobs, key=sub)[None]
+                q_rows.append(mx.exp(q_logprobs))
+            drafts.append(d)
+            if j < k - 1:
+                d_logits, own = drafter(own[:, -1:], d[None], dcache, model)
+
+        # 2. verify k+1 positions in one forward
+        draft_ids = mx.concatenate(drafts)
+        logits = model(mx.concatenate([mx.array([t]), draft_ids])[None], cache=cache)[0]
+        hidden = tap.hidden(source)
+
+        # 3. accept
+        if sampling.greedy:
+            target, margins = mx.argmax(logits, axis=-1), top2_margin(logits)
+            mx.eval(draft_ids, target, margins)
+            draft_list, target, margins = draft_ids.tolist(), target.tolist(), margins.tolist()
+            out = []
+            for i in range(k + 1):
+                token = guard.token(history + out, target[i], margins[i])
+                out.append(token)
+                if i == k or draft_list[i] != token:
+                    break
+            accepted = greedy_accepted(draft_list, out)
+        else:
+            logp = target_logprobs(logits, sampling)
+            q = mx.stack(q_rows)
+            rows = mx.arange(k)
+            p_draft, q_draft = mx.exp(logp[rows, draft_ids]), q[rows, draft_ids]
+            key, k_uniform, k_last = mx.random.split(key, 3)
+            uniform = mx.random.uniform(shape=(k,), key=k_uniform)
+            mx.eval(draft_ids, p_draft, q_draft, uniform)
+            draft_list = draft_ids.tolist()
+            accepted = sampled_accepted(p_draft.tolist(), q_draft.tolist(), uniform.tolist())
+            last = residual_logprobs(mx.exp(logp[accepted]), q[accepted]) if accepted < k else logp[k]
+            out = draft_list[:accepted] + [mx.random.categorical(last, key=k_last).item()]
+
+        # 4. trim: the target keeps t and the accepted drafts; the drafter drops its chain
+        trim_prompt_cache(cache, k - accepted)
+        trim_prompt_cache([dcache], k - 1)
+        pending_hidden, pending_tokens = hidden[:, : accepted + 1], out
+        t = out[-1]
+        history.extend(out)
+        emitted += len(out)
+        policy.observe(k, accepted)
+        yield Step(tuple(out), drafted=k, accepted=accepted)

@@ -1,0 +1,41 @@
+"""Greedy output that does not depend on how many rows a forward pass had.
+
+Batched verification (k+1 rows) and one-row decode sum in different orders (BLAS kernels, thread
+splits), so their logits drift apart by ~1e-5..1e-4 and a near-tie can flip. mtpd decides every
+greedy token the same way in both decoders: when the top-2 margin of the fast logits is at least
+`margin` (far above the drift) it takes the fast argmax, which every other path shares; below it the
+token is the argmax of a *canonical* recomputation, a fresh prefill of the whole sequence in fixed
+chunks that depends on the token ids alone. So plain and speculative decoding both emit the
+canonical token at every position, as long as the drift stays below margin / 4.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+from mlx_lm.models.cache import make_prompt_cache
+
+from daemon.forward import prefill
+
+DEFAULT_MARGIN_FP32 = 2e-3
+DEFAULT_MARGIN_HALF = 5e-2  # fp16 / bf16 / quantized activations drift more
+
+
+def top2_margin(logits: mx.array) -> mx.array:
+    """[..., V] -> [...]: gap between the two largest logits."""
+    top = mx.topk(logits.astype(mx.float32), 2, axis=-1)
+    return mx.abs(top[..., 0] - top[..., 1])
+
+
+class NearTieGuard:
+    def __init__(self, model, margin: float):
+        self.model = model
+        self.margin = margin
+        self.rechecks = 0
+
+    def token(self, ids: list[int], fast_token: int, fast_margin: float) -> int:
+        """The greedy token after `ids`, given the fast path's argmax and top-2 margin."""
+        if fast_margin >= self.margin:
+            return fast_token
+        self.rechecks += 1
+        logits = prefill(self.model, make_prompt_cache(self.model), ids)
+        return mx.argmax(logits, axis=-1).item()

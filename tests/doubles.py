@@ -1,0 +1,68 @@
+"""Test drafters that follow the MTP drafter's interface but choose their proposals by rule."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import mlx.core as mx
+
+
+class TrimmableOffset:
+    """A drafter cache that only tracks positions (what trim_prompt_cache needs)."""
+
+    def __init__(self):
+        self.offset = 0
+
+    def is_trimmable(self):
+        return True
+
+    def trim(self, n):
+        n = min(self.offset, n)
+        self.offset -= n
+        return n
+
+
+class RuleDrafter:
+    """Sees the same (hidden, next token) pairs as an MTP drafter and knows the sequence so far;
+    `rule(prefix) -> logits [V]` decides what it proposes after `prefix`."""
+
+    def __init__(self, first_token: int, rule, hidden_size: int):
+        self.config = SimpleNamespace(hidden_source="post_norm")
+        self.first_token = first_token
+        self.rule = rule
+        self.hidden_size = hidden_size
+
+    def make_cache(self):
+        self.sequence = [self.first_token]
+        return TrimmableOffset()
+
+    def __call__(self, hidden, tokens, cache, target):
+        del self.sequence[cache.offset + 1 :]  # forget trimmed positions
+        rows = []
+        for token in tokens[0].tolist():
+            self.sequence.append(token)
+            cache.offset += 1
+            rows.append(self.rule(list(self.sequence)))
+        logits = mx.stack(rows)[None]
+        return logits, mx.zeros((1, len(rows), self.hidden_size))
+
+
+def target_logits(model):
+    """The rule that proposes exactly what the target predicts (q = p)."""
+
+    def rule(prefix):
+        return model(mx.array([prefix]))[0, -1]
+
+    return rule
+
+
+def planted_errors(model, wrong_at, vocab: int):
+    """Target's argmax, except at sequence lengths in `wrong_at`, where it proposes another token."""
+
+    def rule(prefix):
+        logits = model(mx.array([prefix]))[0, -1]
+        best = mx.argmax(logits).item()
+        choice = (best + 1) % vocab if len(prefix) in wrong_at else best
+        return mx.where(mx.arange(vocab) == choice, 10.0, -10.0)
+
+    return rule

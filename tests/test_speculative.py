@@ -1,0 +1,184 @@
+"""Speculative decoding is lossless: greedy to the token, sampling in distribution."""
+
+import dataclasses
+import math
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from doubles import RuleDrafter, planted_errors, target_logits
+from mlx.utils import tree_map
+from mlx_lm.models import llama
+from mlx_lm.models.cache import make_prompt_cache
+
+from daemon.engine import Finished, Request, generate
+from daemon.forward import hidden_tap, prefill
+from daemon.models import LoadedModel
+from daemon.sampling import SamplingParams, new_key
+from daemon.speculative import speculative_steps
+from daemon.ties import NearTieGuard
+from policies.fixed import Fixed
+
+PROMPT = (1, 80, 120, 7, 200, 33, 150)
+
+
+def finished(lm, request, policy, **kw) -> Finished:
+    return list(generate(lm, request, policy, **kw))[-1]
+
+
+def with_drafter(lm, drafter):
+    return dataclasses.replace(lm, drafter=drafter, drafter_name="rule")
+
+
+@pytest.fixture(scope="module")
+def plain_ids(tiny_lm):
+    return finished(tiny_lm, Request(PROMPT, max_tokens=80), Fixed(0)).token_ids
+
+
+@pytest.mark.parametrize("k", range(1, 9))
+def test_greedy_identical_with_rejections_at_every_position(tiny_lm, plain_ids, k):
+    vocab = tiny_lm.config["vocab_size"]
+    wrong_at = set(np.flatnonzero(np.random.default_rng(k).random(200) < 0.8 / k).tolist())
+    drafter = RuleDrafter(PROMPT[0], planted_errors(tiny_lm.model, wrong_at, vocab), 64)
+    done = finished(with_drafter(tiny_lm, drafter), Request(PROMPT, max_tokens=80), Fixed(k))
+    assert done.token_ids == plain_ids
+    assert len(done.drafted_by_position) == k
+    rejected = [d - a for d, a in zip(done.drafted_by_position, done.accepted_by_position)]
+    assert all(r > 0 for r in rejected), (done.drafted_by_position, done.accepted_by_position)
+    assert all(a > 0 for a in done.accepted_by_position)
+
+
+@pytest.mark.parametrize("k", [1, 3, 6])
+def test_mtp_drafter_with_random_weights_gives_plain_output(tiny_gguf, plain_ids, k):
+    from daemon.models import load
+
+    lm = load(str(tiny_gguf), drafter="random")
+    done = finished(lm, Request(PROMPT, max_tokens=80), Fixed(k))
+    assert done.token_ids == plain_ids and done.drafted > 0
+
+
+def test_tie_guard_everywhere_changes_nothing(tiny_lm, plain_ids):
+    """margin = inf sends every position through the canonical recomputation."""
+    done = finished(tiny_lm, Request(PROMPT, max_tokens=20), Fixed(0), tie_margin=math.inf)
+    assert done.token_ids == plain_ids[:20] and done.tie_rechecks == 20
+    drafter = RuleDrafter(PROMPT[0], target_logits(tiny_lm.model), 64)
+    done = finished(with_drafter(tiny_lm, drafter), Request(PROMPT, max_tokens=20), Fixed(3), tie_margin=math.inf)
+    assert done.token_ids == plain_ids[:20] and done.tie_rechecks >= 20
+
+
+def test_target_cache_after_speculation_equals_plain_prefill(tiny_lm):
+    model = tiny_lm.model
+    wrong_at = {n for n in range(200) if n % 4 == 0}
+    drafter = RuleDrafter(PROMPT[0], planted_errors(model, wrong_at, tiny_lm.config["vocab_size"]), 64)
+    cache = make_prompt_cache(model)
+    tap, chunks = hidden_tap(model), []
+    logits = prefill(model, cache, PROMPT, on_chunk=lambda: chunks.append(tap.hidden("post_norm")))
+    steps = speculative_steps(
+        model, drafter, cache, PROMPT, logits, mx.concatenate(chunks, axis=1), SamplingParams(),
+        Fixed(4), NearTieGuard(model, 2e-3), 40, new_key(0),
+    )
+    emitted = []
+    for step in steps:
+        emitted.extend(step.tokens)
+        if len(emitted) >= 30:
+            break
+    sequence = list(PROMPT) + emitted[:-1]  # the last token is not in the cache yet
+    assert cache[0].offset == len(sequence)
+    reference = make_prompt_cache(model)
+    model(mx.array([sequence]), cache=reference)
+    for ours, theirs in zip(cache, reference):
+        for a, b in zip(ours.state[:2], theirs.state[:2]):
+            np.testing.assert_allclose(np.array(a[..., : len(sequence), :]), np.array(b[..., : len(sequence), :]), atol=1e-5)
+
+
+# --- sampling keeps the target's distribution --------------------------------------------------
+
+VOCAB = 8
+TEMPERATURE = 1.3
+
+
+@pytest.fixture(scope="module")
+def small_vocab_lm(tiny_lm):
+    mx.random.seed(3)
+    args = llama.ModelArgs(
+        model_type="llama", hidden_size=32, num_hidden_layers=1, intermediate_size=64, num_attention_heads=2,
+        num_key_value_heads=1, rms_norm_eps=1e-5, vocab_size=VOCAB, rope_traditional=True, tie_word_embeddings=False,
+    )
+    model = llama.Model(args)
+    model.update(tree_map(lambda p: p * 3, model.parameters()))
+    mx.eval(model.parameters())
+    return LoadedModel(model, tiny_lm.tokenizer, "small-vocab", "", False, {"vocab_size": VOCAB})
+
+
+def exact_joint(model, prompt, params):
+    """P(t2, t3) after the prompt, summed over t1, from the target alone. [V, V]"""
+    from daemon.sampling import target_logprobs
+
+    def p(prefix):
+        return np.exp(np.array(target_logprobs(model(mx.array([prefix]))[0, -1], params)))
+
+    joint = np.zeros((VOCAB, VOCAB))
+    for t1, p1 in enumerate(p(prompt)):
+        for t2, p2 in enumerate(p(prompt + [t1])):
+            joint[t2] += p1 * p2 * p(prompt + [t1, t2])
+    return joint
+
+
+def chi2_critical(dof: int, z: float = 3.09) -> float:
+    """Wilson-Hilferty: the chi-square quantile at p = 0.001."""
+    return dof * (1 - 2 / (9 * dof) + z * math.sqrt(2 / (9 * dof))) ** 3
+
+
+def disjoint_from_top3(model, params):
+    def rule(prefix):
+        logits = model(mx.array([prefix]))[0, -1]
+        top3 = mx.argsort(-logits)[:3]
+        mask = mx.zeros(VOCAB).at[top3].add(1) > 0
+        return mx.where(mask, -mx.inf, 0.0)
+
+    return rule
+
+
+def one_hot_at_target_argmax(model):
+    """A deterministic drafter (q one-hot) that proposes the target's most likely token."""
+
+    def rule(prefix):
+        best = mx.argmax(model(mx.array([prefix]))[0, -1])
+        return mx.where(mx.arange(VOCAB) == best, 30.0, -30.0)
+
+    return rule
+
+
+@pytest.mark.parametrize("case", ["q_equals_p", "disjoint_supports", "one_hot_q"])
+def test_sampling_reproduces_joint_distribution(small_vocab_lm, case):
+    model = small_vocab_lm.model
+    prompt = [1, 5, 2]
+    params = SamplingParams(temperature=TEMPERATURE, top_k=3 if case == "disjoint_supports" else 0)
+    rule = {
+        "q_equals_p": target_logits(model),
+        "disjoint_supports": disjoint_from_top3(model, params),
+        "one_hot_q": one_hot_at_target_argmax(model),
+    }[case]
+    lm = with_drafter(small_vocab_lm, RuleDrafter(prompt[0], rule, 32))
+    lm.tokenizer._eos_token_ids = set()  # every token id is ordinary here
+    runs = 2500
+    counts = np.zeros((VOCAB, VOCAB))
+    drafted = accepted = 0
+    for seed in range(runs):
+        sampling = dataclasses.replace(params, seed=seed)
+        done = finished(lm, Request(tuple(prompt), max_tokens=3, sampling=sampling), Fixed(2))
+        counts[done.token_ids[1], done.token_ids[2]] += 1
+        drafted, accepted = drafted + done.drafted, accepted + done.accepted
+    expected = exact_joint(model, prompt, params) * runs
+    keep = expected >= 5
+    observed_rest, expected_rest = counts[~keep].sum(), expected[~keep].sum()
+    assert counts[expected == 0].sum() == 0  # nothing outside the target's support
+    chi2 = ((counts[keep] - expected[keep]) ** 2 / expected[keep]).sum()
+    if expected_rest > 0:
+        chi2 += (observed_rest - expected_rest) ** 2 / expected_rest
+    dof = int(keep.sum()) + (expected_rest > 0) - 1
+    assert chi2 < chi2_critical(dof), (case, chi2, dof)
+    if case == "q_equals_p":
+        assert accepted == drafted  # p / q = 1: every draft accepted
+    if case == "disjoint_supports":
+        assert accepted == 0

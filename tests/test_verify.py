@@ -1,0 +1,36 @@
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from daemon.verify import greedy_accepted, residual_logprobs, sampled_accepted
+from policies.registry import make_policy
+
+
+def test_greedy_accepts_the_agreeing_prefix():
+    assert greedy_accepted([5, 6, 7], [5, 6, 9, 1]) == 2
+    assert greedy_accepted([5, 6, 7], [4, 6, 7, 1]) == 0
+    assert greedy_accepted([5, 6, 7], [5, 6, 7, 1]) == 3
+
+
+def test_sampled_acceptance_ratio():
+    # p/q = 0.5 at the first draft: u = 0.4 accepts, u = 0.6 rejects
+    assert sampled_accepted([0.2, 0.9], [0.4, 0.3], [0.4, 0.99]) == 2
+    assert sampled_accepted([0.2, 0.9], [0.4, 0.3], [0.6, 0.0]) == 0
+    assert sampled_accepted([0.0], [1.0], [0.0]) == 0  # p = 0 never accepts
+
+
+def test_residual_is_normalized_positive_part():
+    p = mx.array([0.5, 0.3, 0.2, 0.0])
+    q = mx.array([0.7, 0.1, 0.2, 0.0])
+    r = np.exp(np.array(residual_logprobs(p, q)))
+    np.testing.assert_allclose(r, [0, 1, 0, 0], atol=1e-6)
+    same = np.exp(np.array(residual_logprobs(p, p)))
+    np.testing.assert_allclose(same, np.array(p), atol=1e-6)
+
+
+def test_policy_names():
+    assert make_policy("off").draft_length() == 0
+    assert make_policy("fixed:6").draft_length() == 6 and make_policy("fixed:6").name == "fixed:6"
+    for bad in ("fixed:0", "fixed:x", "fixed:17", "sometimes"):
+        with pytest.raises(ValueError, match="policy"):
+            make_policy(bad)
