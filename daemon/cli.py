@@ -52,6 +52,14 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--baseline", choices=["mlx-lm"], default=None)
     b.add_argument("--json", required=True, type=Path, dest="json_out")
     _sampling_args(b)
+
+    t = sub.add_parser("train-drafter", help="train an MTP drafter for a model that has none")
+    t.add_argument("--model", default=None)
+    t.add_argument("--out", required=True, type=Path, help="drafter folder to write")
+    t.add_argument("--tokens", type=int, default=None, help="target positions to train on")
+    t.add_argument("--steps", type=int, default=None)
+    t.add_argument("--head-vocab", type=int, default=None, help="size of the draft head's vocabulary (0: full)")
+    t.add_argument("--resume", action="store_true", help="continue a stopped run in --out")
     return root
 
 
@@ -129,7 +137,22 @@ def cmd_bench(args) -> None:
         )
 
 
-COMMANDS = {"generate": cmd_generate, "bench": cmd_bench}
+def cmd_train_drafter(args) -> None:
+    import dataclasses
+
+    from daemon.models import load
+    from daemon.train import TrainSettings, train_drafter
+
+    overrides = {"tokens": args.tokens, "steps": args.steps, "head_vocab": args.head_vocab}
+    settings = dataclasses.replace(TrainSettings(), **{k: v for k, v in overrides.items() if v is not None})
+    lm = load(args.model, drafter="none")
+    record = train_drafter(
+        lm, args.out, settings, resume=args.resume, progress=lambda line: print(line, file=sys.stderr, flush=True)
+    )
+    print(json.dumps(record["held_out_first_position_acceptance"]))
+
+
+COMMANDS = {"generate": cmd_generate, "bench": cmd_bench, "train-drafter": cmd_train_drafter}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -75,18 +75,33 @@ class MTPDrafter(nn.Module):
         self.shared_head = SharedHead(hidden, eps, vocab)
         self._array_mask = config.target["model_type"] == "deepseek_v3"
         self._vocab_map = mx.array(config.head_vocab) if config.head_vocab else None
+        object.__setattr__(self, "_subset_head", None)  # (target, its head rows for head_vocab)
 
-    def __call__(self, hidden: mx.array, tokens: mx.array, cache, target) -> tuple[mx.array, mx.array]:
-        """hidden: [1, L, H] target (or own) hidden states; tokens: [1, L] the tokens after them.
-        Returns (logits [1, L, V] over the full vocabulary, block output [1, L, H] for chaining)."""
+    def features(self, hidden: mx.array, tokens: mx.array, cache, target) -> tuple[mx.array, mx.array]:
+        """hidden: [B, L, H] target (or own) hidden states; tokens: [B, L] the tokens after them.
+        Returns (shared_head.norm output [B, L, H], block output [B, L, H] for chaining)."""
         embed = target_embedding(target)
         x = self.eh_proj(mx.concatenate([self.enorm(embed(tokens)), self.hnorm(hidden)], axis=-1))
         mask = create_attention_mask(x, cache, return_array=self._array_mask)
         x = self.block(x, mask, cache)
-        out = self.shared_head.norm(x)
-        if "head" not in self.shared_head:
-            return target_head(target)(out), x
-        logits = self.shared_head.head(out)
+        return self.shared_head.norm(x), x
+
+    def head_logits(self, out: mx.array, target) -> mx.array:
+        """Logits over the head's vocabulary: `head_vocab` when set, else the full one."""
+        if "head" in self.shared_head:
+            return self.shared_head.head(out)
+        if self._vocab_map is None:
+            return target_head(target)(out)
+        if self._subset_head is None or self._subset_head[0] is not target:
+            rows = target_head_weight(target)[self._vocab_map]
+            mx.eval(rows)
+            object.__setattr__(self, "_subset_head", (target, rows))
+        return out @ self._subset_head[1].T
+
+    def __call__(self, hidden: mx.array, tokens: mx.array, cache, target) -> tuple[mx.array, mx.array]:
+        """Returns (logits [B, L, V] over the full vocabulary, block output [B, L, H])."""
+        out, x = self.features(hidden, tokens, cache, target)
+        logits = self.head_logits(out, target)
         if self._vocab_map is not None:  # a reduced vocabulary: scatter back, others impossible
             full = mx.full((*logits.shape[:-1], self.config.target["vocab_size"]), -mx.inf, logits.dtype)
             logits = mx.put_along_axis(full, mx.broadcast_to(self._vocab_map, logits.shape), logits, axis=-1)
@@ -105,6 +120,14 @@ def target_embedding(model) -> nn.Module:
 def target_head(model):
     """The target's LM head as a function of post-norm hidden states."""
     return model.lm_head if "lm_head" in model else model.model.embed_tokens.as_linear
+
+
+def target_head_weight(model) -> mx.array:
+    """The target's head as a [V, H] matrix (dequantized if it is quantized)."""
+    layer = model.lm_head if "lm_head" in model else model.model.embed_tokens
+    if hasattr(layer, "scales"):
+        return mx.dequantize(layer.weight, layer.scales, layer.biases, layer.group_size, layer.bits)
+    return layer.weight
 
 
 def module_keys(weights: dict) -> dict:

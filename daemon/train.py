@@ -1,0 +1,285 @@
+"""`mtpd train-drafter`: an MTP drafter for a model that has none, trained against the frozen target.
+
+Self-distillation: the drafter reads the target's own hidden state h_i and the next token t_{i+1},
+and learns the target's own greedy choice at position i+1 -- exactly what greedy verification
+accepts -- not the raw text. Its head is the target's, restricted to the most frequent predicted
+tokens (FR-Spec style), so a draft token costs a fraction of a target step.
+
+Stages, each saved under OUT/work so that a stopped run resumes: text -> features -> steps -> export.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+import numpy as np
+from mlx.utils import tree_flatten, tree_unflatten
+
+from daemon import drafter as mtp
+from daemon.forward import hidden_tap
+from daemon.models import LoadedModel
+from daemon.prompts import encode_chat
+from daemon.train_data import stdlib_chunks, training_prompts
+
+CATEGORIES = ("code", "prose", "math")
+
+
+@dataclass
+class TrainSettings:
+    tokens: int = 250_000  # target positions to train on (generated answers and stdlib text)
+    steps: int = 1500
+    batch: int = 8
+    window: int = 256  # tokens per training sequence
+    learning_rate: float = 1e-3
+    head_vocab: int = 8192  # 0: the full vocabulary
+    answer_tokens: int = 200  # max tokens of each generated answer
+    stdlib_share: float = 0.25  # share of `tokens` taken from the standard library's source
+    held_out: float = 0.05
+    hidden_source: str = "post_norm"
+    seed: int = 0
+
+
+# --- text --------------------------------------------------------------------------------------
+
+
+def make_text(lm: LoadedModel, s: TrainSettings, progress: Callable[[str], None]) -> list[dict]:
+    """The target's greedy answers to our prompts (batched), plus standard-library source."""
+    from mlx_lm.generate import batch_generate
+
+    texts = []
+    budget = int(s.tokens * (1 - s.stdlib_share))
+    prompts = training_prompts(s.seed)
+    done = 0
+    for start in range(0, len(prompts), 32):
+        group = prompts[start : start + 32]
+        ids = [encode_chat(lm.tokenizer, [{"role": "user", "content": m}])[: s.window // 2] for _, m in group]
+        answers = batch_generate(
+            lm.model, lm.tokenizer, ids, max_tokens=min(s.answer_tokens, s.window - max(map(len, ids))),
+            return_token_ids=True, completion_batch_size=32, prefill_batch_size=32,
+        ).token_ids
+        for (category, _), prompt, answer in zip(group, ids, answers):
+            texts.append({"category": category, "ids": prompt + answer})
+            done += len(prompt) + len(answer)
+        progress(f"text: {done}/{budget} tokens of answers from {len(texts)} prompts")
+        if done >= budget:
+            break
+    stdlib_budget = s.tokens - done
+    for chunk in stdlib_chunks(max(1, stdlib_budget // 200), seed=s.seed):
+        ids = lm.tokenizer.encode(chunk)[: s.window]
+        texts.append({"category": "code", "ids": ids})
+        stdlib_budget -= len(ids)
+        if stdlib_budget <= 0:
+            break
+    return texts
+
+
+# --- features ----------------------------------------------------------------------------------
+
+
+def extract_features(lm: LoadedModel, texts: list[dict], s: TrainSettings, progress) -> dict[str, np.ndarray]:
+    """Target forward over every text (right-padded to the window): hidden states (fp16), the tokens,
+    and the target's argmax at every position."""
+    tap = hidden_tap(lm.model)
+    n, w = len(texts), s.window
+    hidden = np.zeros((n, w, lm.config["hidden_size"]), np.float16)
+    tokens = np.zeros((n, w), np.int32)
+    argmax = np.zeros((n, w), np.int32)
+    lengths = np.array([min(len(t["ids"]), w) for t in texts], np.int32)
+    for start in range(0, n, s.batch):
+        rows = range(start, min(start + s.batch, n))
+        for r in rows:
+            tokens[r, : lengths[r]] = texts[r]["ids"][:w]
+        logits = lm.model(mx.array(tokens[start : rows.stop]))
+        best = mx.argmax(logits, axis=-1)
+        h = tap.hidden(s.hidden_source).astype(mx.float16)
+        mx.eval(best, h)
+        argmax[start : rows.stop] = np.array(best)
+        hidden[start : rows.stop] = np.array(h)
+        if (start // s.batch) % 10 == 0:
+            progress(f"features: {rows.stop}/{n} sequences")
+    category = np.array([CATEGORIES.index(t["category"]) for t in texts], np.int32)
+    return {"hidden": hidden, "tokens": tokens, "argmax": argmax, "lengths": lengths, "category": category}
+
+
+def drafter_batch(f: dict, rows: np.ndarray):
+    """Inputs and labels at drafter positions i = 0..len-2: (h_i, t_{i+1}) -> argmax_{i+1}."""
+    hidden = mx.array(f["hidden"][rows, :-1]).astype(mx.float32)
+    tokens = mx.array(f["tokens"][rows, 1:])
+    labels = mx.array(f["argmax"][rows, 1:])
+    mask = mx.arange(hidden.shape[1])[None] < mx.array(f["lengths"][rows] - 1)[:, None]
+    return hidden, tokens, labels, mask
+
+
+def choose_head_vocab(f: dict, size: int) -> list[int]:
+    """The `size` tokens the target predicts most often in the training data."""
+    counts = np.bincount(f["argmax"][f["tokens"] != 0].ravel(), minlength=1)
+    order = np.argsort(-counts, kind="stable")[:size]
+    return sorted(int(t) for t in order)
+
+
+# --- model and training ------------------------------------------------------------------------
+
+
+def init_drafter(lm: LoadedModel, head_vocab: list[int] | None, hidden_source: str) -> mtp.MTPDrafter:
+    """Random eh_proj; the block starts as a copy of the target's last layer and shared_head.norm
+    as its final norm, so training starts from the target's own representations."""
+    config = mtp.DrafterConfig(lm.config, lm.config["num_hidden_layers"], hidden_source, head_vocab=head_vocab)
+    drafter = mtp.MTPDrafter(config)
+    drafter.block.update(lm.model.model.layers[-1].parameters())
+    norm = lm.model.model.norm
+    drafter.shared_head.norm.weight = mx.array(getattr(norm, "norm", norm).weight)
+    mx.eval(drafter.parameters())
+    return drafter
+
+
+def subset_labels(labels: mx.array, head_vocab: list[int] | None, vocab: int) -> mx.array:
+    """Full-vocabulary ids -> head indices; -1 where the head cannot express the token."""
+    if head_vocab is None:
+        return labels
+    lookup = np.full(vocab, -1, np.int32)
+    lookup[head_vocab] = np.arange(len(head_vocab))
+    return mx.array(lookup)[labels]
+
+
+def loss_fn(drafter, target, hidden, tokens, labels, mask):
+    out, _ = drafter.features(hidden, tokens, None, target)
+    logits = drafter.head_logits(out, target)
+    valid = mask & (labels >= 0)
+    ce = nn.losses.cross_entropy(logits, mx.maximum(labels, 0), reduction="none")
+    return (ce * valid).sum() / mx.maximum(valid.sum(), 1)
+
+
+def evaluate(drafter, lm, f: dict, rows: np.ndarray, lookup_vocab, batch: int) -> dict[str, float]:
+    """Teacher-forced top-1 agreement with the target at draft position 1, per category: on the
+    target's own greedy text this is the greedy acceptance rate of the first draft."""
+    hits = np.zeros(len(CATEGORIES))
+    totals = np.zeros(len(CATEGORIES))
+    for start in range(0, len(rows), batch):
+        part = rows[start : start + batch]
+        hidden, tokens, labels, mask = drafter_batch(f, part)
+        logits, _ = drafter(hidden, tokens, None, lm.model)
+        correct = (mx.argmax(logits, axis=-1) == labels) & mask
+        mx.eval(correct, mask)
+        for row, c, m in zip(part, np.array(correct), np.array(mask)):
+            hits[f["category"][row]] += c.sum()
+            totals[f["category"][row]] += m.sum()
+    result = {name: float(hits[i] / totals[i]) for i, name in enumerate(CATEGORIES) if totals[i]}
+    result["all"] = float(hits.sum() / max(totals.sum(), 1))
+    return result
+
+
+def _save_checkpoint(work: Path, drafter, optimizer, step: int, rng_state) -> None:
+    mx.save_safetensors(str(work / "ckpt.tmp.safetensors"), dict(tree_flatten(drafter.parameters())))
+    mx.save_safetensors(str(work / "opt.tmp.safetensors"), dict(tree_flatten(optimizer.state)))
+    (work / "ckpt.tmp.safetensors").replace(work / "ckpt.safetensors")
+    (work / "opt.tmp.safetensors").replace(work / "opt.safetensors")
+    (work / "step.json").write_text(json.dumps({"step": step, "rng": rng_state}))
+
+
+def train_drafter(
+    lm: LoadedModel, out: Path, s: TrainSettings, resume: bool = False, progress: Callable[[str], None] = print
+) -> dict:
+    """Runs (or resumes) every stage and writes the drafter folder `out`. Returns the record."""
+    started = time.perf_counter()
+    work = out / "work"
+    work.mkdir(parents=True, exist_ok=True)
+    if not resume:
+        for stale in work.iterdir():
+            stale.unlink()
+    text_file, feature_file = work / "text.json", work / "features.npz"
+    if not text_file.exists():
+        texts = make_text(lm, s, progress)
+        text_file.write_text(json.dumps(texts))
+    texts = json.loads(text_file.read_text())
+    if not feature_file.exists():
+        features = extract_features(lm, texts, s, progress)
+        np.savez(work / "features.tmp.npz", **features)
+        (work / "features.tmp.npz").replace(feature_file)
+    f = dict(np.load(feature_file))
+    data_seconds = time.perf_counter() - started
+
+    rng = np.random.default_rng(s.seed)
+    order = rng.permutation(len(f["lengths"]))
+    n_held = max(1, int(len(order) * s.held_out))
+    held, train_rows = order[:n_held], order[n_held:]
+    head_vocab = choose_head_vocab({k: f[k][train_rows] for k in ("argmax", "tokens")}, s.head_vocab) if s.head_vocab else None
+    coverage = _coverage(f, held, head_vocab)
+    drafter = init_drafter(lm, head_vocab, s.hidden_source)
+    schedule = optim.cosine_decay(s.learning_rate, s.steps, s.learning_rate * 0.05)
+    optimizer = optim.AdamW(learning_rate=optim.join_schedules([optim.linear_schedule(1e-5, s.learning_rate, 50), schedule], [50]), weight_decay=0.0)
+    step = 0
+    if resume and (work / "step.json").exists():
+        drafter.load_weights(str(work / "ckpt.safetensors"))
+        optimizer.state = tree_unflatten(list(mx.load(str(work / "opt.safetensors")).items()))
+        saved = json.loads((work / "step.json").read_text())
+        step = saved["step"]
+        rng.bit_generator.state = saved["rng"]
+        progress(f"resumed at step {step}")
+
+    vocab = lm.config["vocab_size"]
+    value_and_grad = nn.value_and_grad(drafter, loss_fn)
+    tokens_seen = 0
+    t0 = time.perf_counter()
+    losses = []
+    while step < s.steps:
+        rows = rng.choice(train_rows, size=s.batch, replace=False)
+        hidden, tokens, labels, mask = drafter_batch(f, rows)
+        loss, grads = value_and_grad(drafter, lm.model, hidden, tokens, subset_labels(labels, head_vocab, vocab), mask)
+        grads, _ = optim.clip_grad_norm(grads, 1.0)
+        optimizer.update(drafter, grads)
+        mx.eval(loss, drafter.parameters(), optimizer.state)
+        losses.append(loss.item())
+        step += 1
+        tokens_seen += int(np.array(mask).sum())
+        if step % 25 == 0 or step == s.steps:
+            rate = tokens_seen / (time.perf_counter() - t0)
+            progress(f"step {step}/{s.steps} loss {np.mean(losses[-25:]):.3f} ({rate:.0f} tok/s)")
+        if step % 100 == 0 or step == s.steps:
+            accept = evaluate(drafter, lm, f, held, head_vocab, s.batch)
+            progress(f"step {step}: held-out first-position acceptance {_fmt(accept)}")
+            _save_checkpoint(work, drafter, optimizer, step, rng.bit_generator.state)
+
+    acceptance = evaluate(drafter, lm, f, held, head_vocab, s.batch)
+    record = {
+        "target": lm.name,
+        "settings": asdict(s),
+        "steps": step,
+        "train_sequences": int(len(train_rows)),
+        "held_out_sequences": int(len(held)),
+        "train_tokens": int(f["lengths"][train_rows].sum()),
+        "data": "the target's greedy answers to generated prompts (code, prose, explanations, chat, math "
+        "word problems) and Python standard-library source; no benchmark sets",
+        "head_vocab_size": len(head_vocab) if head_vocab else vocab,
+        "head_vocab_coverage_held_out": coverage,
+        "held_out_first_position_acceptance": acceptance,
+        "data_seconds": round(data_seconds, 1),
+        "wall_seconds": round(time.perf_counter() - started, 1),
+    }
+    export(drafter, out, record)
+    return record
+
+
+def export(drafter, out: Path, record: dict) -> None:
+    """The drafter folder: fp16 weights (half the size; the loader casts back on a CPU)."""
+    drafter.update(tree_unflatten([(k, v.astype(mx.float16)) for k, v in tree_flatten(drafter.parameters())]))
+    mtp.save(drafter, out)
+    (out / "training.json").write_text(json.dumps(record, indent=1))
+
+
+def _coverage(f, rows, head_vocab) -> float | None:
+    if head_vocab is None:
+        return None
+    labels = np.concatenate([f["argmax"][r, 1 : f["lengths"][r]] for r in rows])
+    return float(np.isin(labels, head_vocab).mean())
+
+
+def _fmt(accept: dict) -> str:
+    return ", ".join(f"{k} {v:.3f}" for k, v in accept.items())
+

@@ -1,0 +1,111 @@
+"""Training text for a drafter, made on this machine: the target's own answers to varied prompts
+written here, and offline text (the Python standard library's source). No benchmark sets.
+
+The prompts are built from templates; none is one of `bench/prompts.jsonl`, which stays held out.
+"""
+
+from __future__ import annotations
+
+import random
+import sysconfig
+from pathlib import Path
+
+LANGUAGES = ["Python", "JavaScript", "TypeScript", "C", "C++", "Rust", "Go", "Java", "Ruby", "Bash", "Kotlin", "PHP"]
+CODE_TASKS = [
+    "computes the factorial of n", "returns the n-th Fibonacci number", "merges two sorted lists",
+    "removes duplicates from a list while keeping order", "counts the vowels in a string",
+    "checks whether a string is a palindrome", "finds the largest element in an array",
+    "converts Celsius to Fahrenheit", "flattens a nested list", "computes the greatest common divisor",
+    "sorts a list of words by length", "parses a date string in ISO format", "implements bubble sort",
+    "implements quicksort", "counts word frequencies in a text", "validates an email address",
+    "generates all permutations of a list", "transposes a matrix", "computes the mean and median",
+    "splits a list into chunks of size n", "capitalizes the first letter of every word",
+    "checks whether two strings are anagrams", "sums the digits of a number", "finds the second largest number",
+    "implements a queue with two stacks", "converts a number to binary", "computes the power set of a set",
+    "rotates an array by k positions", "checks whether parentheses are balanced", "implements a simple LRU cache",
+    "reads a text file and prints its longest line", "builds a dictionary from two lists",
+    "computes the dot product of two vectors", "finds common elements of two lists", "implements depth-first search",
+    "implements breadth-first search on a graph", "returns the prime factors of n", "formats a number with commas",
+    "counts the lines in a file", "generates a random password",
+]
+CODE_FORMS = [
+    "Write a {lang} function that {task}.", "In {lang}, write code that {task}.",
+    "Show me a {lang} program that {task}, with comments.", "How do I write a {lang} function that {task}?",
+    "Write a {lang} function that {task}, and add a short usage example.",
+]
+PROSE_TOPICS = [
+    "a fox who learns to fly", "an old clockmaker", "a city after the rain", "a robot gardener",
+    "the first snow of winter", "a family dinner", "a lost cat finding its way home", "a forest at dawn",
+    "a musician on a train", "an abandoned castle", "a summer festival", "a girl who collects stones",
+    "a bakery at midnight", "the last day of school", "a storm over the desert", "a friendship between two rivals",
+    "a walk through an old library", "a dragon who is afraid of fire", "a village by a river", "a long journey by bicycle",
+]
+PROSE_FORMS = [
+    "Write a short story about {topic}.", "Write a poem about {topic}.", "Describe {topic} in a few paragraphs.",
+    "Write the opening paragraph of a novel about {topic}.", "Tell me a bedtime story about {topic}.",
+]
+EXPLAIN_TOPICS = [
+    "photosynthesis", "how vaccines work", "the water cycle", "gravity", "how the internet works",
+    "inflation", "black holes", "the causes of the First World War", "machine learning", "how a car engine works",
+    "recursion", "compound interest", "climate change", "the immune system", "how airplanes fly",
+    "democracy", "the theory of evolution", "electricity", "how a compiler works", "the stock market",
+]
+EXPLAIN_FORMS = [
+    "Explain {topic} in simple terms.", "What is {topic}?", "Give a short overview of {topic}.",
+    "Explain {topic} to a ten-year-old.", "What are the main ideas behind {topic}?",
+]
+CHAT = [
+    "How can I sleep better?", "What should I cook for dinner tonight?", "Give me tips for studying for exams.",
+    "How do I start running?", "What are good habits for a healthy life?", "How can I be more productive at work?",
+    "Suggest a weekend plan for a rainy day.", "How do I make new friends in a new city?",
+    "What are some good books for beginners in programming?", "How do I prepare for a job interview?",
+    "How do I take care of a houseplant?", "What is a good way to learn to cook?",
+]
+NAMES = ["Anna", "Ben", "Carlos", "Dina", "Emil", "Fatima", "George", "Hana", "Ivan", "Julia", "Kofi", "Lena"]
+ITEMS = ["marbles", "books", "cookies", "stickers", "oranges", "pencils", "cards", "shells", "coins", "flowers"]
+MATH_FORMS = [
+    "{a} has {x} {item}. {b} gives {a} {y} more, then {a} loses {z}. How many {item} does {a} have now?",
+    "A box holds {x} {item}. How many {item} are in {y} boxes?",
+    "{a} reads {x} pages a day. How many days does it take to read a book of {p} pages?",
+    "A car uses {x} liters of fuel per 100 km. How much fuel does it need for {p} km?",
+    "{a} buys {y} {item} at {x} dollars each and pays with a {bill} dollar bill. How much change does {a} get?",
+    "The price of a jacket is {p} dollars. It is reduced by {pct}%. What is the new price?",
+    "{a} and {b} share {p} {item} in the ratio {x}:{y}. How many does each get?",
+    "A garden is {x} meters long and {y} meters wide. What is its area, and how much fence is needed around it?",
+    "What is {x} times {y} plus {z}? Explain the steps.",
+    "A tank fills at {x} liters per minute. How long does it take to fill {p} liters?",
+]
+
+
+def training_prompts(seed: int = 0) -> list[tuple[str, str]]:
+    """(category, user message) pairs, shuffled."""
+    rng = random.Random(seed)
+    prompts = [("code", f.format(lang=lang, task=task)) for lang in LANGUAGES for task in CODE_TASKS for f in [rng.choice(CODE_FORMS)]]
+    prompts += [("prose", f.format(topic=t)) for t in PROSE_TOPICS for f in PROSE_FORMS]
+    prompts += [("prose", f.format(topic=t)) for t in EXPLAIN_TOPICS for f in EXPLAIN_FORMS]
+    prompts += [("prose", c) for c in CHAT]
+    for _ in range(160):
+        a, b = rng.sample(NAMES, 2)
+        x, y, z = rng.randint(2, 40), rng.randint(2, 30), rng.randint(1, 9)
+        p = rng.choice([120, 240, 300, 360, 450, 600, 750, 900])
+        prompts.append(("math", rng.choice(MATH_FORMS).format(
+            a=a, b=b, x=x, y=y, z=z, p=p, item=rng.choice(ITEMS), pct=rng.choice([10, 15, 20, 25, 30]),
+            bill=rng.choice([50, 100, 200]))))
+    rng.shuffle(prompts)
+    return prompts
+
+
+def stdlib_chunks(n_chunks: int, chars: int = 1500, seed: int = 0) -> list[str]:
+    """Pieces of the Python standard library's source, a few per file, from files in a fixed order."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = sorted(p for p in root.glob("*.py") if p.stat().st_size > 4000)
+    rng = random.Random(seed)
+    rng.shuffle(files)
+    chunks = []
+    for path in files:
+        text = path.read_text(encoding="utf-8", errors="ignore")
+        for start in range(0, min(len(text), 3 * chars), chars):
+            chunks.append(text[start : start + chars])
+        if len(chunks) >= n_chunks:
+            break
+    return chunks[:n_chunks]
