@@ -7,17 +7,15 @@ Timing: `seconds` is decode time (first token to last) and `tokens_per_second` i
 from __future__ import annotations
 
 import json
-import os
-import platform
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import mlx.core as mx
 
-from daemon.blas import blas_in_use
+from daemon.calibration import machine, shared_estimates
 from daemon.engine import Finished, Request, generate
-from daemon.models import LoadedModel, on_metal
+from daemon.models import LoadedModel
 from daemon.prompts import encode_chat, encode_text
 from daemon.sampling import SamplingParams
 from policies.registry import make_policy
@@ -46,13 +44,8 @@ def read_prompts(path: str | Path) -> list[dict]:
     return prompts
 
 
-def machine() -> str:
-    backend = "Metal" if on_metal() else "CPU"
-    return f"{platform.system()} {platform.machine()}, {os.cpu_count()} cores, {backend}, {blas_in_use()}"
-
-
-def run_engine(lm: LoadedModel, spec: str, request: Request, tie_margin: float | None = None) -> dict:
-    finished = next(r for r in generate(lm, request, make_policy(spec), tie_margin) if isinstance(r, Finished))
+def run_engine(lm: LoadedModel, policy, request: Request, tie_margin: float | None, verify_penalty: float) -> dict:
+    finished = next(r for r in generate(lm, request, policy, tie_margin, verify_penalty) if isinstance(r, Finished))
     return {
         "prompt_tokens": finished.prompt_tokens,
         "completion_tokens": finished.completion_tokens,
@@ -63,6 +56,7 @@ def run_engine(lm: LoadedModel, spec: str, request: Request, tie_margin: float |
         "drafted_by_position": list(finished.drafted_by_position),
         "accepted_by_position": list(finished.accepted_by_position),
         "tie_rechecks": finished.tie_rechecks,
+        "draft_lengths": list(finished.draft_lengths),
         "token_ids": list(finished.token_ids),
     }
 
@@ -146,16 +140,24 @@ def run_bench(
     repeat: int = 1,
     sampling: SamplingParams = SamplingParams(),
     tie_margin: float | None = None,
+    verify_penalty: float = 0.0,
     progress: Callable[[str], None] = lambda _: None,
 ) -> dict:
-    """`specs` may include "mlx-lm" for the baseline; each prompt runs every spec in turn."""
+    """`specs` may include "mlx-lm" for the baseline; each prompt runs every spec in turn.
+    `verify_penalty` (seconds per extra verified row) makes speculation expensive on purpose."""
+    if lm.drafter is None and any(s not in ("off", BASELINE) for s in specs):
+        raise ValueError(f"--spec {next(s for s in specs if s not in ('off', BASELINE))} needs a drafter (--drafter)")
+    shared = shared_estimates(lm, verify_penalty) if "adaptive" in specs else None
     for spec in specs:
-        if spec != BASELINE and make_policy(spec).name != "off" and lm.drafter is None:
-            raise ValueError(f"--spec {spec} needs a drafter (--drafter)")
-    runners = {
-        spec: (lambda req: run_mlx_lm(lm, req)) if spec == BASELINE else (lambda req, s=spec: run_engine(lm, s, req, tie_margin))
-        for spec in specs
-    }
+        if spec != BASELINE:
+            make_policy(spec, shared)  # reject bad names before any work
+
+    def runner(spec):
+        if spec == BASELINE:
+            return lambda req: run_mlx_lm(lm, req)
+        return lambda req: run_engine(lm, make_policy(spec, shared), req, tie_margin, verify_penalty)
+
+    runners = {spec: runner(spec) for spec in specs}
     requests = []
     for p in prompts:
         ids = encode_chat(lm.tokenizer, p["messages"]) if "messages" in p else encode_text(lm.tokenizer, p["prompt"])
@@ -178,6 +180,8 @@ def run_bench(
                     f"[{n}/{len(prompts)}] {p['id']} {spec}: {row['completion_tokens']} tokens, "
                     f"{row['tokens_per_second']:.1f} tok/s"
                 )
+    if shared is not None:
+        shared.save()
     return {
         "model": lm.name,
         "drafter": lm.drafter_name,

@@ -36,7 +36,7 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("prompt")
     g.add_argument("--model", default=None, help="GGUF file, mlx-lm folder or repo id on disk")
     _drafter_args(g)
-    g.add_argument("--spec", default=None, help="draft policy: off | fixed:K (default: fixed:3 with a drafter)")
+    g.add_argument("--spec", default="adaptive", help="draft policy: adaptive (default) | off | fixed:K")
     g.add_argument("--max-tokens", type=int, default=512)
     g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     g.add_argument("--raw", action="store_true", help="send the prompt as raw text, no chat template")
@@ -46,7 +46,8 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--prompts", required=True, type=Path, help="JSONL: id, category, messages|prompt")
     b.add_argument("--model", default=None)
     _drafter_args(b)
-    b.add_argument("--spec", action="append", required=True, help="draft policy: off | fixed:K (repeatable)")
+    b.add_argument("--spec", action="append", required=True, help="draft policy: off | fixed:K | adaptive (repeatable)")
+    b.add_argument("--verify-penalty-ms", type=float, default=0.0, help="test switch: add this per extra verified row")
     b.add_argument("--max-tokens", type=int, default=256)
     b.add_argument("--repeat", type=int, default=1)
     b.add_argument("--baseline", choices=["mlx-lm"], default=None)
@@ -85,13 +86,16 @@ def _load(args):
 
 def cmd_generate(args) -> None:
     from daemon.engine import Finished, Request, generate
+    from daemon.calibration import shared_estimates
     from daemon.prompts import encode_chat, encode_text
     from policies.registry import make_policy
 
     lm = _load(args)
-    policy = make_policy(args.spec or ("fixed:3" if lm.drafter is not None else "off"))
+    spec = args.spec if lm.drafter is not None or args.spec != "adaptive" else "off"
+    shared = shared_estimates(lm) if spec == "adaptive" else None
+    policy = make_policy(spec, shared)
     if policy.name != "off" and lm.drafter is None:
-        raise ValueError(f"--spec {policy.name} needs a drafter (--drafter)")
+        raise ValueError(f"--spec {spec} needs a drafter (--drafter)")
     if args.raw:
         ids = encode_text(lm.tokenizer, args.prompt)
     else:
@@ -109,6 +113,8 @@ def cmd_generate(args) -> None:
             )
         else:
             print(record.text, end="", flush=True)
+    if shared is not None:
+        shared.save()
 
 
 def cmd_bench(args) -> None:
@@ -125,6 +131,7 @@ def cmd_bench(args) -> None:
         repeat=args.repeat,
         sampling=_sampling(args),
         tie_margin=args.tie_margin,
+        verify_penalty=args.verify_penalty_ms / 1000,
         progress=lambda line: print(line, file=sys.stderr, flush=True),
     )
     args.json_out.write_text(json.dumps(report, indent=1))

@@ -25,6 +25,8 @@ from policies.fixed import Fixed
 
 __all__ = ["Delta", "Finished", "Request", "Step", "generate"]
 
+PROMPT_CONTEXT = 64  # prompt tokens the content classifier reads
+
 
 def plain_steps(model, cache, prompt_ids, logits: mx.array, sampling: SamplingParams, guard, key) -> Iterator[Step]:
     """One token per step. The next forward is queued before the current token is read (one host
@@ -68,8 +70,11 @@ def default_margin(lm: LoadedModel) -> float:
     return DEFAULT_MARGIN_HALF if lm.quantized else DEFAULT_MARGIN_FP32
 
 
-def generate(lm: LoadedModel, request: Request, policy=None, tie_margin: float | None = None) -> Iterator[Delta | Finished]:
-    """`policy`: a draft policy (policies/); None or `off` decodes plainly."""
+def generate(
+    lm: LoadedModel, request: Request, policy=None, tie_margin: float | None = None, verify_penalty: float = 0.0
+) -> Iterator[Delta | Finished]:
+    """`policy`: a draft policy (policies/); None or `off` decodes plainly, and so does any policy
+    when the model has no drafter."""
     policy = policy or Fixed(0)
     start = time.perf_counter()
     model = lm.model
@@ -83,8 +88,9 @@ def generate(lm: LoadedModel, request: Request, policy=None, tie_margin: float |
         logits = prefill(model, cache, request.prompt_ids, on_chunk=lambda: chunks.append(tap.hidden(source)))
         steps = speculative_steps(
             model, lm.drafter, cache, request.prompt_ids, logits, mx.concatenate(chunks, axis=1),
-            request.sampling, policy, guard, request.max_tokens, key,
+            request.sampling, policy, guard, request.max_tokens, key, verify_penalty,
         )
+        policy.observe_text(lm.tokenizer.decode(list(request.prompt_ids[-PROMPT_CONTEXT:])))
     else:
         logits = prefill(model, cache, request.prompt_ids)
         steps = plain_steps(model, cache, request.prompt_ids, logits, request.sampling, guard, key)
@@ -125,7 +131,9 @@ def generate(lm: LoadedModel, request: Request, policy=None, tie_margin: float |
             generated.extend(kept)
             if finish and not stopped:
                 text.append(_final_text(detokenizer, stops))
-            yield Delta(tuple(kept), "".join(text))
+            delta = Delta(tuple(kept), "".join(text))
+            policy.observe_text(delta.text)
+            yield delta
             if finish:
                 break
     finally:

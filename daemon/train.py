@@ -49,15 +49,18 @@ class TrainSettings:
 # --- text --------------------------------------------------------------------------------------
 
 
-def make_text(lm: LoadedModel, s: TrainSettings, progress: Callable[[str], None]) -> list[dict]:
-    """The target's greedy answers to our prompts (batched), plus standard-library source."""
+def make_text(lm: LoadedModel, s: TrainSettings, progress: Callable[[str], None], partial: Path) -> list[dict]:
+    """The target's greedy answers to our prompts (batched), plus standard-library source.
+    Answers are saved to `partial` after every batch, so a stopped run keeps them."""
     from mlx_lm.generate import batch_generate
 
-    texts = []
+    texts = json.loads(partial.read_text()) if partial.exists() else []
     budget = int(s.tokens * (1 - s.stdlib_share))
     prompts = training_prompts(s.seed)
-    done = 0
-    for start in range(0, len(prompts), 32):
+    done = sum(len(t["ids"]) for t in texts)
+    for start in range(len(texts), len(prompts), 32):
+        if done >= budget:
+            break
         group = prompts[start : start + 32]
         ids = [encode_chat(lm.tokenizer, [{"role": "user", "content": m}])[: s.window // 2] for _, m in group]
         answers = batch_generate(
@@ -67,9 +70,8 @@ def make_text(lm: LoadedModel, s: TrainSettings, progress: Callable[[str], None]
         for (category, _), prompt, answer in zip(group, ids, answers):
             texts.append({"category": category, "ids": prompt + answer})
             done += len(prompt) + len(answer)
+        partial.write_text(json.dumps(texts))
         progress(f"text: {done}/{budget} tokens of answers from {len(texts)} prompts")
-        if done >= budget:
-            break
     stdlib_budget = s.tokens - done
     for chunk in stdlib_chunks(max(1, stdlib_budget // 200), seed=s.seed):
         ids = lm.tokenizer.encode(chunk)[: s.window]
@@ -195,7 +197,7 @@ def train_drafter(
             stale.unlink()
     text_file, feature_file = work / "text.json", work / "features.npz"
     if not text_file.exists():
-        texts = make_text(lm, s, progress)
+        texts = make_text(lm, s, progress, work / "text.partial.json")
         text_file.write_text(json.dumps(texts))
     texts = json.loads(text_file.read_text())
     if not feature_file.exists():

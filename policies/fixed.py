@@ -17,5 +17,8 @@ class Fixed:
         """Tokens to draft in the next step (0: a plain decode step)."""
         return self.k
 
-    def observe(self, drafted: int, accepted: int) -> None:
-        """Told after every step how many of the drafted tokens the target accepted."""
+    def observe(self, drafted: int, accepted: int, seconds: float) -> None:
+        """Told after every step how many drafted tokens the target accepted, and its time."""
+
+    def observe_text(self, text: str) -> None:
+        """Told the prompt's text, then the text of every step."""

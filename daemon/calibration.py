@@ -1,0 +1,84 @@
+"""Calibrating the adaptive policy on this machine: a short probe of step costs at start-up,
+persisted per (model, drafter, machine) so a restarted daemon starts calibrated."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import mlx.core as mx
+from mlx_lm.models.cache import make_prompt_cache, trim_prompt_cache
+
+from daemon.blas import blas_in_use
+from daemon.models import LoadedModel, on_metal
+from policies.adaptive import K_MAX, SharedEstimates
+from policies.cost import StepCosts
+
+PROBE_CONTEXT = 64
+PROBE_REPEATS = 3
+
+
+def machine() -> str:
+    backend = "Metal" if on_metal() else "CPU"
+    return f"{platform.system()} {platform.machine()}, {os.cpu_count()} cores, {backend}, {blas_in_use()}"
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("MTPD_CACHE_DIR", Path.home() / ".cache" / "mtpd"))
+
+
+def estimates_path(lm: LoadedModel, verify_penalty: float = 0.0) -> Path:
+    key = f"{lm.path}|{lm.drafter_name}|{machine()}|{verify_penalty}"
+    return cache_dir() / "calibration" / (hashlib.sha1(key.encode()).hexdigest()[:16] + ".json")
+
+
+def _median_seconds(run, repeats: int = PROBE_REPEATS) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def probe_costs(lm: LoadedModel, k_max: int = K_MAX, verify_penalty: float = 0.0) -> StepCosts:
+    """Times a target forward over n = 1 .. k_max + 1 positions and one drafter step."""
+    model, drafter = lm.model, lm.drafter
+    cache = make_prompt_cache(model)
+    context = mx.array([[(i * 37) % 1000 + 10 for i in range(PROBE_CONTEXT)]])
+    mx.eval(model(context, cache=cache))
+
+    def verify(n):
+        mx.eval(model(mx.full((1, n), 11), cache=cache))
+        trim_prompt_cache(cache, n)
+        time.sleep(verify_penalty * (n - 1))
+
+    verify(k_max + 1)  # warm-up
+    t_verify = [_median_seconds(lambda n=n: verify(n)) for n in range(1, k_max + 2)]
+    dcache = drafter.make_cache()
+    hidden = mx.zeros((1, PROBE_CONTEXT, model.args.hidden_size))
+    mx.eval(drafter(hidden, context, dcache, model)[0])
+
+    def draft():
+        mx.eval(drafter(hidden[:, :1], context[:, :1], dcache, model)[0])
+        trim_prompt_cache([dcache], 1)
+
+    draft()
+    return StepCosts(_median_seconds(draft), t_verify)
+
+
+def shared_estimates(lm: LoadedModel, verify_penalty: float = 0.0) -> SharedEstimates | None:
+    """The saved estimates for this model, drafter and machine, or a fresh probe (then saved).
+    None without a drafter."""
+    if lm.drafter is None:
+        return None
+    path = estimates_path(lm, verify_penalty)
+    shared = SharedEstimates.load(path)
+    if shared is None:
+        shared = SharedEstimates(probe_costs(lm, verify_penalty=verify_penalty), path=path)
+        shared.save()
+    return shared

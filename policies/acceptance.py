@@ -1,0 +1,66 @@
+"""Rolling acceptance estimates per content class and draft position, and what they imply.
+
+rates[j] estimates P(draft j+1 accepted | drafts 1..j accepted). Counts decay, so old evidence
+fades. A request starts from the shared prior with the weight of a few observations, so it adapts
+within a few steps; everything it observes also updates the prior for later requests.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from policies.classifier import CLASSES
+
+
+def expected_tokens(rates) -> float:
+    """Tokens per speculative step with k = len(rates): 1 + sum_j prod_{i<=j} a_i."""
+    return 1.0 + float(np.cumprod(rates).sum()) if len(rates) else 1.0
+
+
+def observed(drafted: int, accepted: int) -> tuple[np.ndarray, np.ndarray]:
+    """Which positions were tried and which accepted: positions 1..accepted passed, the next
+    (if drafted) failed, later ones were never judged."""
+    tried = np.arange(drafted) < min(drafted, accepted + 1)
+    passed = np.arange(drafted) < accepted
+    return tried, passed
+
+
+class AcceptanceCounts:
+    def __init__(self, k_max: int, decay: float = 0.995, rate: float = 0.5, weight: float = 2.0):
+        self.k_max, self.decay = k_max, decay
+        self.hits = {c: np.full(k_max, rate * weight) for c in CLASSES}
+        self.trials = {c: np.full(k_max, weight) for c in CLASSES}
+
+    def rates(self, cls: str) -> np.ndarray:
+        return self.hits[cls] / self.trials[cls]
+
+    def observe(self, cls: str, drafted: int, accepted: int) -> None:
+        tried, passed = observed(drafted, accepted)
+        tried = np.pad(tried, (0, self.k_max - drafted))
+        passed = np.pad(passed, (0, self.k_max - drafted))
+        self.hits[cls] = np.where(tried, self.decay * self.hits[cls] + passed, self.hits[cls])
+        self.trials[cls] = np.where(tried, self.decay * self.trials[cls] + 1, self.trials[cls])
+
+    def to_dict(self) -> dict:
+        return {c: {"hits": self.hits[c].tolist(), "trials": self.trials[c].tolist()} for c in CLASSES}
+
+    def load_dict(self, data: dict) -> None:
+        for c in CLASSES:
+            if c in data and len(data[c]["hits"]) == self.k_max:
+                self.hits[c], self.trials[c] = np.array(data[c]["hits"]), np.array(data[c]["trials"])
+
+
+class RequestAcceptance(AcceptanceCounts):
+    """One request's view: the prior's rates with `weight` pseudo-observations, a faster decay,
+    and every observation passed on to the prior."""
+
+    def __init__(self, prior: AcceptanceCounts, weight: float = 3.0, decay: float = 0.9):
+        super().__init__(prior.k_max, decay)
+        self.prior = prior
+        for c in CLASSES:
+            self.hits[c] = prior.rates(c) * weight
+            self.trials[c] = np.full(prior.k_max, weight)
+
+    def observe(self, cls: str, drafted: int, accepted: int) -> None:
+        super().observe(cls, drafted, accepted)
+        self.prior.observe(cls, drafted, accepted)

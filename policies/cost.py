@@ -1,0 +1,59 @@
+"""Step costs: seconds of one decoding step as a function of the draft length k.
+
+T(0) is a plain step; T(k) = k * t_draft + t_verify(k+1) (Leviathan et al.), first from a short
+probe at start-up, then replaced by moving averages of the real steps, which include everything a
+round costs (the drafter's catch-up, host syncs, acceptance). Saved per (model, drafter, machine)
+so a restarted daemon starts calibrated.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from policies.acceptance import expected_tokens
+
+
+class StepCosts:
+    def __init__(self, t_draft: float, t_verify: list[float], alpha: float = 0.1):
+        """t_verify[n - 1]: seconds of a target forward over n positions (n = 1 .. k_max + 1)."""
+        self.k_max = len(t_verify) - 1
+        self.alpha = alpha
+        self.seconds = [k * t_draft + t_verify[k] for k in range(self.k_max + 1)]
+        self.observations = [0] * (self.k_max + 1)
+
+    def predict(self, k: int) -> float:
+        return self.seconds[k]
+
+    def observe(self, k: int, seconds: float) -> None:
+        if 0 <= k <= self.k_max and seconds > 0:
+            self.seconds[k] += self.alpha * (seconds - self.seconds[k])
+            self.observations[k] += 1
+
+    def to_dict(self) -> dict:
+        return {"seconds": self.seconds, "observations": self.observations}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> StepCosts:
+        costs = cls(0.0, [1.0] * len(data["seconds"]))
+        costs.seconds, costs.observations = list(data["seconds"]), list(data["observations"])
+        return costs
+
+
+def throughput(rates, k: int, costs: StepCosts) -> float:
+    """Expected tokens per second with draft length k: E(k) / T(k)."""
+    return expected_tokens(rates[:k]) / costs.predict(k)
+
+
+def best_draft_length(rates, costs: StepCosts, k_max: int) -> int:
+    """argmax_k E(k) / T(k) over k = 0 .. k_max; 0 means plain decoding wins."""
+    return max(range(min(k_max, costs.k_max) + 1), key=lambda k: throughput(rates, k, costs))
+
+
+def save_json(path: Path, data: dict) -> None:
+    """Atomic: a crash leaves either the old file or the new one, never half of one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data))
+    tmp.replace(path)

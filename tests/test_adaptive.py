@@ -1,0 +1,104 @@
+"""The adaptive policy against simulated acceptance and cost streams (no model)."""
+
+import numpy as np
+import pytest
+
+from policies.acceptance import AcceptanceCounts, expected_tokens, observed
+from policies.adaptive import AdaptivePolicy, SharedEstimates
+from policies.cost import StepCosts, best_draft_length, throughput
+
+T_DRAFT, T_PLAIN = 0.004, 0.070
+
+
+def costs(per_row: float) -> StepCosts:
+    return StepCosts(T_DRAFT, [T_PLAIN + per_row * n for n in range(9)])
+
+
+def simulate(policy, rate_of, cost: StepCosts, steps: int, seed: int = 0, text_of=lambda i: "") -> list[int]:
+    """Runs `steps` rounds: drafts are accepted position by position with rate_of(step)[j]; the
+    round takes cost.predict(k) seconds. Returns the chosen k per step."""
+    rng = np.random.default_rng(seed)
+    chosen = []
+    for i in range(steps):
+        policy.observe_text(text_of(i))
+        k = policy.draft_length()
+        rates = rate_of(i)
+        accepted = 0
+        while accepted < k and rng.random() < rates[accepted]:
+            accepted += 1
+        policy.observe(k, accepted, cost.predict(k))
+        chosen.append(k)
+    return chosen
+
+
+def fresh(cost: StepCosts) -> AdaptivePolicy:
+    return AdaptivePolicy(SharedEstimates(StepCosts.from_dict(cost.to_dict())))
+
+
+def test_expected_tokens_formula():
+    assert expected_tokens([]) == 1.0
+    assert expected_tokens([0.5, 0.5]) == pytest.approx(1 + 0.5 + 0.25)
+    a = 0.7
+    assert expected_tokens([a] * 4) == pytest.approx((1 - a**5) / (1 - a))
+
+
+def test_observed_positions():
+    tried, passed = observed(drafted=4, accepted=1)
+    assert tried.tolist() == [True, True, False, False]
+    assert passed.tolist() == [True, False, False, False]
+
+
+def test_converges_to_the_best_k():
+    cost = costs(per_row=0.008)
+    rates = [0.8, 0.75, 0.7, 0.65, 0.6, 0.55, 0.5, 0.45]
+    best = best_draft_length(np.array(rates), cost, 8)
+    assert 2 <= best <= 6
+    chosen = simulate(fresh(cost), lambda i: rates, cost, 400)
+    tail = chosen[-150:]
+    share_best = np.mean([k in (best - 1, best, best + 1) for k in tail])
+    assert share_best > 0.85, (best, np.bincount(tail))
+    achieved = np.mean([throughput(np.array(rates), k, cost) for k in tail])
+    assert achieved > 0.95 * throughput(np.array(rates), best, cost)
+
+
+def test_switches_off_when_verification_grows_as_fast_as_tokens():
+    cost = costs(per_row=0.080)  # each extra row costs more than a plain step
+    chosen = simulate(fresh(cost), lambda i: [0.8] * 8, cost, 300)
+    assert np.mean(np.array(chosen[-200:]) == 0) > 0.9
+
+
+def test_switches_back_on_when_acceptance_returns():
+    cost = costs(per_row=0.008)
+    rates = lambda i: [0.05] * 8 if i < 150 else [0.85] * 8  # noqa: E731
+    chosen = simulate(fresh(cost), rates, cost, 400)
+    assert np.mean(np.array(chosen[100:150]) == 0) > 0.8  # off while drafts fail
+    assert np.mean(np.array(chosen[-100:]) >= 2) > 0.9  # on again after
+
+
+def test_content_class_keeps_separate_estimates():
+    """Code is accepted, prose is not: inside the fence it drafts, outside it does not."""
+    cost = costs(per_row=0.008)
+    policy = fresh(cost)
+    is_code = lambda i: (i // 60) % 2 == 1  # noqa: E731
+    rates = lambda i: [0.85] * 8 if is_code(i) else [0.05] * 8  # noqa: E731
+    text = lambda i: ("\n```python\n" if i % 60 == 0 and is_code(i) else "\n```\n" if i % 60 == 0 and i else "")  # noqa: E731
+    chosen = np.array(simulate(policy, rates, cost, 480, text_of=lambda i: text(i) + ("x = f(y)\n" if is_code(i) else "and then the ")))
+    code_steps = np.array([is_code(i) for i in range(480)])
+    late = np.arange(480) >= 240
+    assert np.mean(chosen[code_steps & late] >= 2) > 0.9
+    assert np.mean(chosen[~code_steps & late] == 0) > 0.8
+    # each class switch is seen at once: the first steps of a later code block already draft
+    assert all(chosen[i] >= 1 for i in (301, 302, 421, 422))
+
+
+def test_estimates_persist(tmp_path):
+    cost = costs(per_row=0.008)
+    shared = SharedEstimates(cost, AcceptanceCounts(8), tmp_path / "e.json")
+    shared.acceptance.observe("code", 3, 2)
+    shared.costs.observe(2, 0.5)
+    shared.save()
+    again = SharedEstimates.load(tmp_path / "e.json")
+    assert again.costs.seconds == shared.costs.seconds
+    assert np.allclose(again.acceptance.rates("code"), shared.acceptance.rates("code"))
+    (tmp_path / "e.json").write_text("{broken")
+    assert SharedEstimates.load(tmp_path / "e.json") is None

@@ -1,0 +1,35 @@
+from data.content_samples import CODE, PROSE
+
+from policies.classifier import CODE as C
+from policies.classifier import PROSE as P
+from policies.classifier import ContentTracker, classify
+
+
+def test_accuracy_on_the_labelled_set():
+    samples = [(t, C) for t in CODE] + [(t, P) for t in PROSE]
+    wrong = [(t, label) for t, label in samples if classify(t) != label]
+    accuracy = 1 - len(wrong) / len(samples)
+    assert accuracy >= 0.95, wrong
+
+
+def test_switches_at_code_fences_and_back():
+    tracker = ContentTracker("Write a function that adds numbers.")
+    assert tracker.current == P
+    assert tracker.feed("Sure! Here is a small function that does it:\n\n") == P
+    assert tracker.feed("``") == P
+    assert tracker.feed("`python\n") == C  # the fence arrived in two pieces
+    assert tracker.feed("x = 1") == C  # inside a fence even when the text alone looks like prose
+    assert tracker.feed("\n```\n") == P
+    assert tracker.feed("This adds the two numbers and returns the result to the caller.") == P
+
+
+def test_unfenced_code_is_detected():
+    tracker = ContentTracker()
+    tracker.feed("def area(w, h):\n    return w * h\n\nprint(area(2, 3))\n")
+    assert tracker.current == C
+
+
+def test_feed_cost(benchmark):
+    """`pytest --benchmark-enable -k feed_cost` reports the cost of one step's update."""
+    tracker = ContentTracker(PROSE[0] * 3)
+    assert benchmark(tracker.feed, " x") in (C, P)
