@@ -52,6 +52,7 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--repeat", type=int, default=1)
     b.add_argument("--baseline", choices=["mlx-lm"], default=None)
     b.add_argument("--json", required=True, type=Path, dest="json_out")
+    b.add_argument("--plot", type=Path, default=None, help="also draw the results into this PNG")
     _sampling_args(b)
 
     t = sub.add_parser("train-drafter", help="train an MTP drafter for a model that has none")
@@ -135,6 +136,10 @@ def cmd_bench(args) -> None:
         progress=lambda line: print(line, file=sys.stderr, flush=True),
     )
     args.json_out.write_text(json.dumps(report, indent=1))
+    if args.plot:
+        from daemon.plot import plot_report
+
+        plot_report(report, args.plot)
     for row in report["summary"]:
         speedup = row["speedup_vs_off"]
         print(

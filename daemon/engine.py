@@ -107,8 +107,9 @@ def generate(
     try:
         for step in steps:
             first_token_at = first_token_at or time.perf_counter()
-            if step.drafted:
+            if speculate:
                 lengths.append(step.drafted)
+            if step.drafted:
                 for counts, n in ((drafted_at, step.drafted), (accepted_at, step.accepted)):
                     counts.extend([0] * (step.drafted - len(counts)))
                     for j in range(n):

@@ -49,7 +49,7 @@ class Finished:
     accepted: int = 0
     drafted_by_position: tuple[int, ...] = ()  # [j]: drafts made at draft position j+1
     accepted_by_position: tuple[int, ...] = ()  # [j]: of those, accepted
-    draft_lengths: tuple[int, ...] = field(default=(), repr=False)  # k chosen at each step
+    draft_lengths: tuple[int, ...] = field(default=(), repr=False)  # k at each step (speculative runs)
     tie_rechecks: int = 0  # near-tie positions decided by canonical recomputation
     token_ids: tuple[int, ...] = field(default=(), repr=False)
 

@@ -59,7 +59,8 @@ def speculative_steps(
         return mx.random.categorical(target_logprobs(logits, sampling), key=sub).item()
 
     t = choose(first_logits[0], history)
-    pending_hidden, pending_tokens = prompt_hidden, [*prompt_ids[1:], t]
+    # pairs the drafter has not seen yet: hidden-state chunks [1, m_i, H] and the tokens after them
+    pending_hidden, pending_tokens = [prompt_hidden], [*prompt_ids[1:], t]
     history.append(t)
     yield Step((t,))
     emitted = 1
@@ -69,7 +70,7 @@ def speculative_steps(
         started = time.perf_counter()
         if k <= 0:
             logits = model(mx.array([[t]]), cache=cache)
-            pending_hidden = mx.concatenate([pending_hidden, tap.hidden(source)], axis=1)
+            pending_hidden.append(tap.hidden(source))
             t = choose(logits[0, -1], history)
             pending_tokens.append(t)
             history.append(t)
@@ -79,9 +80,10 @@ def speculative_steps(
             continue
 
         # 1. draft: catch up on unseen pairs, then chain on the drafter's own output
+        unseen = mx.concatenate(pending_hidden, axis=1) if len(pending_hidden) > 1 else pending_hidden[0]
         for start in range(0, len(pending_tokens), PREFILL_CHUNK):
             d_logits, own = drafter(
-                pending_hidden[:, start : start + PREFILL_CHUNK],
+                unseen[:, start : start + PREFILL_CHUNK],
                 mx.array([pending_tokens[start : start + PREFILL_CHUNK]]),
                 dcache,
                 model,
@@ -136,7 +138,7 @@ def speculative_steps(
         # 4. trim: the target keeps t and the accepted drafts; the drafter drops its chain
         trim_prompt_cache(cache, k - accepted)
         trim_prompt_cache([dcache], k - 1)
-        pending_hidden, pending_tokens = hidden[:, : accepted + 1], out
+        pending_hidden, pending_tokens = [hidden[:, : accepted + 1]], out
         t = out[-1]
         history.extend(out)
         emitted += len(out)

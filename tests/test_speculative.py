@@ -6,7 +6,7 @@ import math
 import mlx.core as mx
 import numpy as np
 import pytest
-from doubles import RuleDrafter, planted_errors, target_logits
+from doubles import RuleDrafter, known_sequence, planted_errors, target_logits
 from mlx.utils import tree_map
 from mlx_lm.models import llama
 from mlx_lm.models.cache import make_prompt_cache
@@ -182,3 +182,23 @@ def test_sampling_reproduces_joint_distribution(small_vocab_lm, case):
         assert accepted == drafted  # p / q = 1: every draft accepted
     if case == "disjoint_supports":
         assert accepted == 0
+
+
+def test_adaptive_is_lossless_and_turns_off_when_verification_is_expensive(tiny_lm, plain_ids, tmp_path, monkeypatch):
+    from daemon.calibration import shared_estimates
+    from policies.registry import make_policy
+
+    monkeypatch.setenv("MTPD_CACHE_DIR", str(tmp_path))
+    sequence = list(PROMPT) + list(plain_ids)
+    drafter = RuleDrafter(PROMPT[0], known_sequence(sequence, tiny_lm.config["vocab_size"]), 64)  # always right
+    lm = with_drafter(tiny_lm, drafter)
+    shared = shared_estimates(lm)
+    cheap = finished(lm, Request(PROMPT, max_tokens=80), make_policy("adaptive", shared))
+    assert cheap.token_ids == plain_ids
+    assert sum(k > 0 for k in cheap.draft_lengths) > len(cheap.draft_lengths) / 2
+
+    penalty = 0.005  # each extra verified row costs ~5 plain steps of this tiny model
+    costly_shared = shared_estimates(lm, verify_penalty=penalty)
+    costly = finished(lm, Request(PROMPT, max_tokens=80), make_policy("adaptive", costly_shared), verify_penalty=penalty)
+    assert costly.token_ids == plain_ids
+    assert sum(k == 0 for k in costly.draft_lengths) > 0.8 * len(costly.draft_lengths)
