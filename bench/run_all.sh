@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Reproduces every figure in the README's benchmark section (about 45 minutes on 2 cores).
+# Each run is interleaved (A B A B ...); quote ratios from within one run.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+mtpd=.venv/bin/mtpd
+out=bench/results
+prompts=bench/prompts.jsonl
+mkdir -p "$out"
+export MTPD_CACHE_DIR="$(mktemp -d)"  # the adaptive policy starts from its start-up probe
+
+# 1. plain decoding against mlx-lm's own loop on the same weights
+$mtpd bench --prompts $prompts --drafter none --spec off --baseline mlx-lm --max-tokens 128 \
+  --json $out/off-vs-mlx-lm.json
+
+# 2. every policy with the shipped drafter
+$mtpd bench --prompts $prompts --spec off --spec fixed:1 --spec fixed:2 --spec fixed:3 --spec fixed:4 \
+  --spec fixed:5 --spec fixed:6 --spec adaptive --max-tokens 128 \
+  --json $out/policies.json --plot $out/policies.png
+
+# 3. acceptance with the drafter quantized on its own
+for bits in 8 4 3; do
+  $mtpd bench --prompts $prompts --spec fixed:4 --drafter-bits $bits --max-tokens 64 \
+    --json $out/drafter-$bits-bit.json
+done
+$mtpd bench --prompts $prompts --spec fixed:4 --max-tokens 64 --json $out/drafter-16-bit.json
+
+# 4. verification made expensive on purpose: adaptive must turn itself off
+$mtpd bench --prompts $prompts --spec off --spec adaptive --verify-penalty-ms 60 --max-tokens 64 \
+  --json $out/expensive-verify.json
