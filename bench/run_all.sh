@@ -20,10 +20,10 @@ $mtpd bench --prompts $prompts --spec off --spec fixed:1 --spec fixed:2 --spec f
 
 # 3. acceptance with the drafter quantized on its own
 for bits in 8 4 3; do
-  $mtpd bench --prompts $prompts --spec fixed:4 --drafter-bits $bits --max-tokens 64 \
+  $mtpd bench --prompts $prompts --spec fixed:4 --drafter-bits $bits --max-tokens 48 \
     --json $out/drafter-$bits-bit.json
 done
-$mtpd bench --prompts $prompts --spec fixed:4 --max-tokens 64 --json $out/drafter-16-bit.json
+$mtpd bench --prompts $prompts --spec fixed:4 --max-tokens 48 --json $out/drafter-16-bit.json
 
 # 4. verification made expensive on purpose: adaptive must turn itself off
 $mtpd bench --prompts $prompts --spec off --spec adaptive --verify-penalty-ms 60 --max-tokens 64 \

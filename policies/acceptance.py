@@ -54,7 +54,7 @@ class RequestAcceptance(AcceptanceCounts):
     """One request's view: the prior's rates with `weight` pseudo-observations, a faster decay,
     and every observation passed on to the prior."""
 
-    def __init__(self, prior: AcceptanceCounts, weight: float = 3.0, decay: float = 0.9):
+    def __init__(self, prior: AcceptanceCounts, weight: float = 8.0, decay: float = 0.95):
         super().__init__(prior.k_max, decay)
         self.prior = prior
         for c in CLASSES:

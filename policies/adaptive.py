@@ -86,4 +86,4 @@ class AdaptivePolicy:
         if drafted:
             self.acceptance.observe(self.klass, drafted, accepted)
         if self.probing and best_draft_length(self.acceptance.rates(self.klass), self.shared.costs, self.k_max) == 0:
-            self.probe_every = min(self.probe_every * 2, 64)  # probes keep losing: probe less often
+            self.probe_every = min(self.probe_every * 2, 32)  # probes keep losing: probe less often

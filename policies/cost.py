@@ -20,24 +20,32 @@ class StepCosts:
         """t_verify[n - 1]: seconds of a target forward over n positions (n = 1 .. k_max + 1)."""
         self.k_max = len(t_verify) - 1
         self.alpha = alpha
-        self.seconds = [k * t_draft + t_verify[k] for k in range(self.k_max + 1)]
+        self.probed = [k * t_draft + t_verify[k] for k in range(self.k_max + 1)]
+        self.seconds = list(self.probed)
         self.observations = [0] * (self.k_max + 1)
+        self.scale = 1.0  # real speculative rounds / probe, applied to draft lengths not yet seen
 
     def predict(self, k: int) -> float:
-        return self.seconds[k]
+        if k == 0 or self.observations[k]:
+            return self.seconds[k]
+        return self.probed[k] * self.scale
 
     def observe(self, k: int, seconds: float) -> None:
+        """A real step of draft length k took `seconds`."""
         if 0 <= k <= self.k_max and seconds > 0:
+            if k:
+                self.scale += self.alpha * (seconds / self.probed[k] - self.scale)
             self.seconds[k] += self.alpha * (seconds - self.seconds[k])
             self.observations[k] += 1
 
     def to_dict(self) -> dict:
-        return {"seconds": self.seconds, "observations": self.observations}
+        return {"probed": self.probed, "seconds": self.seconds, "observations": self.observations, "scale": self.scale}
 
     @classmethod
     def from_dict(cls, data: dict) -> StepCosts:
-        costs = cls(0.0, [1.0] * len(data["seconds"]))
+        costs = cls(0.0, list(data["probed"]))
         costs.seconds, costs.observations = list(data["seconds"]), list(data["observations"])
+        costs.scale = float(data.get("scale", 1.0))
         return costs
 
 

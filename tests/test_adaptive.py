@@ -102,3 +102,11 @@ def test_estimates_persist(tmp_path):
     assert np.allclose(again.acceptance.rates("code"), shared.acceptance.rates("code"))
     (tmp_path / "e.json").write_text("{broken")
     assert SharedEstimates.load(tmp_path / "e.json") is None
+
+
+def test_costs_of_unseen_draft_lengths_follow_what_real_rounds_cost():
+    probe = costs(per_row=0.008)
+    probe.observe(1, probe.predict(1) * 1.5)  # real rounds cost half again what the probe said
+    assert probe.scale > 1.0
+    assert probe.predict(3) > probe.probed[3]  # not yet seen: scaled
+    assert probe.predict(0) == probe.seconds[0]  # plain steps are measured on their own

@@ -40,3 +40,20 @@ def test_random_drafter_gives_the_same_tokens_as_off(tmp_path):
     for rows in by_prompt.values():
         assert rows["fixed:1"]["token_ids"] == rows["off"]["token_ids"] == rows["fixed:4"]["token_ids"]
         assert rows["fixed:4"]["drafted"] > 0
+
+
+def test_shipped_drafter_is_accepted_and_lossless(tmp_path):
+    import json
+
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps({"id": "c", "category": "code", "messages": [
+        {"role": "user", "content": "Write a Python function that returns the squares of a list of numbers."}]}))
+    out = tmp_path / "r.json"
+    done = run_mtpd("bench", "--prompts", str(prompts), "--spec", "off", "--spec", "fixed:3", "--spec", "adaptive",
+                    "--max-tokens", "48", "--json", str(out))
+    assert done.returncode == 0, done.stderr
+    report = json.loads(out.read_text())
+    assert report["drafter"] == "smollm2-135m-instruct"  # loaded with the default model
+    rows = {r["spec"]: r for r in report["results"]}
+    assert rows["fixed:3"]["token_ids"] == rows["off"]["token_ids"] == rows["adaptive"]["token_ids"]
+    assert rows["fixed:3"]["accepted"] > 0
