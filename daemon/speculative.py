@@ -21,7 +21,7 @@ from mlx_lm.models.cache import trim_prompt_cache
 
 from daemon.records import Step
 from daemon.forward import PREFILL_CHUNK, hidden_tap
-from daemon.sampling import SamplingParams, target_logprobs
+from daemon.sampling import SamplingParams, sample, target_logprobs
 from daemon.ties import NearTieGuard, top2_margin
 from daemon.verify import greedy_accepted, residual_logprobs, sampled_accepted
 
@@ -56,7 +56,7 @@ def speculative_steps(
             mx.eval(token, margin)
             return guard.token(ids, token.item(), margin.item())
         key, sub = mx.random.split(key)
-        return mx.random.categorical(target_logprobs(logits, sampling), key=sub).item()
+        return sample(logits, sampling, sub).item()
 
     t = choose(first_logits[0], history)
     # pairs the drafter has not seen yet: hidden-state chunks [1, m_i, H] and the tokens after them
