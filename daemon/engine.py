@@ -14,10 +14,11 @@ from collections.abc import Iterator
 import mlx.core as mx
 from mlx_lm.models.cache import make_prompt_cache, trim_prompt_cache
 
-from daemon.forward import hidden_tap, prefill
+from daemon.forward import extend, hidden_tap, prefill
 from daemon.models import LoadedModel
 from daemon.records import Delta, Finished, Request, Step
-from daemon.sampling import SamplingParams, new_key, sample
+from daemon.prompt_cache import PromptCache, snapshot
+from daemon.sampling import SamplingParams, new_key, sample, token_logprobs
 from daemon.speculative import speculative_steps
 from daemon.stops import StopText
 from daemon.ties import DEFAULT_MARGIN_FP32, DEFAULT_MARGIN_HALF, NearTieGuard, top2_margin
@@ -28,7 +29,9 @@ __all__ = ["Delta", "Finished", "Request", "Step", "generate"]
 PROMPT_CONTEXT = 64  # prompt tokens the content classifier reads
 
 
-def plain_steps(model, cache, prompt_ids, logits: mx.array, sampling: SamplingParams, guard, key) -> Iterator[Step]:
+def plain_steps(
+    model, cache, prompt_ids, logits: mx.array, sampling: SamplingParams, guard, key, logprobs: int | None = None
+) -> Iterator[Step]:
     """One token per step. The next forward is queued before the current token is read (one host
     sync per token, overlapped with compute), as in mlx-lm's generate_step. Greedy tokens go through
     the near-tie guard, so they equal speculative decoding's."""
@@ -44,7 +47,8 @@ def plain_steps(model, cache, prompt_ids, logits: mx.array, sampling: SamplingPa
     y, margin = draw(logits)
     mx.async_eval(y, margin)
     while True:
-        next_y, next_margin = draw(model(y[:, None], cache=cache)[:, -1, :])
+        next_logits = model(y[:, None], cache=cache)[:, -1, :]
+        next_y, next_margin = draw(next_logits)
         mx.async_eval(next_y, next_margin)
         token = y.item()
         if margin is not None:
@@ -52,11 +56,12 @@ def plain_steps(model, cache, prompt_ids, logits: mx.array, sampling: SamplingPa
             if checked != token:  # the queued step read the wrong token: redo it
                 token, y = checked, mx.array([checked])
                 trim_prompt_cache(cache, 1)
-                next_y, next_margin = draw(model(y[:, None], cache=cache)[:, -1, :])
+                next_logits = model(y[:, None], cache=cache)[:, -1, :]
+                next_y, next_margin = draw(next_logits)
                 mx.async_eval(next_y, next_margin)
         history.append(token)
-        yield Step((token,))
-        y, margin = next_y, next_margin
+        yield Step((token,), logprobs=() if logprobs is None else token_logprobs(logits, [token], logprobs))
+        logits, y, margin = next_logits, next_y, next_margin
 
 
 def _final_text(detokenizer, stops: StopText) -> str:
@@ -70,30 +75,61 @@ def default_margin(lm: LoadedModel) -> float:
     return DEFAULT_MARGIN_HALF if lm.quantized else DEFAULT_MARGIN_FP32
 
 
+def _prefill(lm: LoadedModel, request: Request, prompt_cache: PromptCache | None):
+    """Fills a cache with the prompt, starting from the longest prefix the prompt cache holds.
+    Returns (cache, last logits [1, V], hidden states over the prompt or None, cached tokens).
+    The hidden states the drafter reads are kept whenever there is a drafter."""
+    model, ids = lm.model, request.prompt_ids
+    source = lm.drafter.config.hidden_source if lm.drafter is not None else None
+    reuse = prompt_cache.lookup(ids, source) if prompt_cache is not None else None
+    cache = reuse.cache if reuse else make_prompt_cache(model)
+    cached = reuse.length if reuse else 0
+    chunks = [reuse.hidden] if reuse and reuse.hidden is not None else []
+    tap = hidden_tap(model) if source is not None else None
+
+    def on_chunk():
+        if tap is not None:
+            chunks.append(tap.hidden(source))
+
+    def hidden():
+        return mx.concatenate(chunks, axis=1) if chunks else None
+
+    start = cached
+    if prompt_cache is not None and cached < request.persist_prefix < len(ids):
+        extend(model, cache, ids[cached : request.persist_prefix], on_chunk)
+        start = request.persist_prefix
+        prompt_cache.store(snapshot(ids[:start], cache, hidden(), source), persist=True)
+    logits = prefill(model, cache, ids[start:], on_chunk)
+    if prompt_cache is not None:
+        prompt_cache.store(snapshot(ids, cache, hidden(), source))
+    return cache, logits, hidden(), cached
+
+
 def generate(
-    lm: LoadedModel, request: Request, policy=None, tie_margin: float | None = None, verify_penalty: float = 0.0
+    lm: LoadedModel,
+    request: Request,
+    policy=None,
+    tie_margin: float | None = None,
+    verify_penalty: float = 0.0,
+    prompt_cache: PromptCache | None = None,
 ) -> Iterator[Delta | Finished]:
     """`policy`: a draft policy (policies/); None or `off` decodes plainly, and so does any policy
-    when the model has no drafter."""
+    when the model has no drafter. `prompt_cache`: reuse and remember prompt prefixes."""
     policy = policy or Fixed(0)
     start = time.perf_counter()
     model = lm.model
-    cache = make_prompt_cache(model)
     guard = NearTieGuard(model, default_margin(lm) if tie_margin is None else tie_margin)
     key = new_key(request.sampling.seed)
+    cache, logits, prompt_hidden, cached = _prefill(lm, request, prompt_cache)
     speculate = lm.drafter is not None and policy.name != "off"
     if speculate:
-        tap, chunks = hidden_tap(model), []
-        source = lm.drafter.config.hidden_source
-        logits = prefill(model, cache, request.prompt_ids, on_chunk=lambda: chunks.append(tap.hidden(source)))
         steps = speculative_steps(
-            model, lm.drafter, cache, request.prompt_ids, logits, mx.concatenate(chunks, axis=1),
-            request.sampling, policy, guard, request.max_tokens, key, verify_penalty,
+            model, lm.drafter, cache, request.prompt_ids, logits, prompt_hidden,
+            request.sampling, policy, guard, request.max_tokens, key, verify_penalty, request.logprobs,
         )
         policy.observe_text(lm.tokenizer.decode(list(request.prompt_ids[-PROMPT_CONTEXT:])))
     else:
-        logits = prefill(model, cache, request.prompt_ids)
-        steps = plain_steps(model, cache, request.prompt_ids, logits, request.sampling, guard, key)
+        steps = plain_steps(model, cache, request.prompt_ids, logits, request.sampling, guard, key, request.logprobs)
 
     detokenizer = lm.tokenizer.detokenizer
     eos = set(lm.tokenizer.eos_token_ids)
@@ -132,7 +168,7 @@ def generate(
             generated.extend(kept)
             if finish and not stopped:
                 text.append(_final_text(detokenizer, stops))
-            delta = Delta(tuple(kept), "".join(text))
+            delta = Delta(tuple(kept), "".join(text), step.logprobs[: len(kept)])
             policy.observe_text(delta.text)
             yield delta
             if finish:
@@ -144,6 +180,7 @@ def generate(
         finish_reason=finish,
         prompt_tokens=len(request.prompt_ids),
         completion_tokens=len(generated),
+        cached_tokens=cached,
         ttft_seconds=(first_token_at or end) - start,
         decode_seconds=end - (first_token_at or end),
         drafted=sum(drafted_at),

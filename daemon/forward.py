@@ -34,18 +34,24 @@ def hidden_tap(model) -> HiddenTap:
     return model.model.norm
 
 
+def extend(model, cache, ids, on_chunk=None) -> None:
+    """Runs token ids through the model in fixed chunks, filling `cache` (no logits kept)."""
+    ids = mx.array(ids)
+    for start in range(0, ids.size, PREFILL_CHUNK):
+        model(ids[None, start : start + PREFILL_CHUNK], cache=cache)
+        if on_chunk:
+            on_chunk()
+        mx.eval([c.state for c in cache])
+
+
 def prefill(model, cache, prompt_ids, on_chunk=None) -> mx.array:
     """Runs the prompt through the model in fixed chunks, filling `cache`; the last token goes
     alone. Returns the last position's logits [1, V]. `on_chunk()` is called after every forward
     (for reading a HiddenTap). The chunking depends only on the length: the canonical recomputation
     in `daemon.ties` relies on it."""
-    ids = mx.array(prompt_ids)
-    for start in range(0, len(prompt_ids) - 1, PREFILL_CHUNK):
-        model(ids[None, start : min(start + PREFILL_CHUNK, len(prompt_ids) - 1)], cache=cache)
-        if on_chunk:
-            on_chunk()
-        mx.eval([c.state for c in cache])
-    logits = model(ids[None, -1:], cache=cache)[:, -1, :]
+    if len(prompt_ids) > 1:
+        extend(model, cache, prompt_ids[:-1], on_chunk)
+    logits = model(mx.array(prompt_ids[-1:])[None], cache=cache)[:, -1, :]
     if on_chunk:
         on_chunk()
     return logits

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from daemon.sampling import SamplingParams
+from daemon.sampling import SamplingParams, TokenLogprob
 
 
 @dataclass(frozen=True)
@@ -13,6 +13,8 @@ class Request:
     max_tokens: int = 256
     sampling: SamplingParams = SamplingParams()
     stop: tuple[str, ...] = ()
+    logprobs: int | None = None  # None: none; n >= 0: each token's log-probability and the top n
+    persist_prefix: int = 0  # leading prompt tokens to keep in the on-disk prompt cache (a system prompt)
 
     def __post_init__(self):
         if not self.prompt_ids:
@@ -28,6 +30,7 @@ class Step:
     tokens: tuple[int, ...]
     drafted: int = 0
     accepted: int = 0
+    logprobs: tuple[TokenLogprob, ...] = ()  # one per token, when the request asks for them
 
 
 @dataclass(frozen=True)
@@ -36,6 +39,7 @@ class Delta:
 
     token_ids: tuple[int, ...]
     text: str
+    logprobs: tuple[TokenLogprob, ...] = ()  # one per kept token, when the request asks for them
 
 
 @dataclass(frozen=True)
@@ -43,6 +47,7 @@ class Finished:
     finish_reason: str  # "stop" (EOS or stop string) | "length"
     prompt_tokens: int
     completion_tokens: int
+    cached_tokens: int  # prompt tokens taken from the prompt cache
     ttft_seconds: float  # request start -> first token
     decode_seconds: float  # first token -> last token
     drafted: int = 0

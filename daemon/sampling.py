@@ -54,3 +54,26 @@ def sample(logits: mx.array, params: SamplingParams, key: mx.array) -> mx.array:
     if params.greedy:
         return mx.argmax(logits, axis=-1)
     return mx.random.categorical(target_logprobs(logits, params), key=key)
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A chosen token's log-probability under the model (temperature 1) and the most likely tokens."""
+
+    token: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
+def token_logprobs(logits: mx.array, tokens: list[int], top: int) -> tuple[TokenLogprob, ...]:
+    """logits [n, V] (n >= len(tokens)): row i scores tokens[i]."""
+    rows = logits[: len(tokens)].astype(mx.float32)
+    logprobs = rows - mx.logsumexp(rows, axis=-1, keepdims=True)
+    chosen = logprobs[mx.arange(len(tokens)), mx.array(tokens)]
+    best = mx.argsort(-logprobs, axis=-1)[:, :top] if top else mx.zeros((len(tokens), 0), mx.int32)
+    best_lp = mx.take_along_axis(logprobs, best, axis=-1)
+    mx.eval(chosen, best, best_lp)
+    return tuple(
+        TokenLogprob(t, lp, tuple(zip(ids, lps)))
+        for t, lp, ids, lps in zip(tokens, chosen.tolist(), best.tolist(), best_lp.tolist())
+    )

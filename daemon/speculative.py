@@ -21,7 +21,7 @@ from mlx_lm.models.cache import trim_prompt_cache
 
 from daemon.records import Step
 from daemon.forward import PREFILL_CHUNK, hidden_tap
-from daemon.sampling import SamplingParams, sample, target_logprobs
+from daemon.sampling import SamplingParams, sample, target_logprobs, token_logprobs
 from daemon.ties import NearTieGuard, top2_margin
 from daemon.verify import greedy_accepted, residual_logprobs, sampled_accepted
 
@@ -39,10 +39,12 @@ def speculative_steps(
     max_tokens: int,
     key: mx.array,
     verify_penalty: float = 0.0,
+    logprobs: int | None = None,
 ) -> Iterator[Step]:
     """prompt_hidden: [1, n, H] the target's hidden states over the prompt (drafter's source).
     verify_penalty: seconds added per extra verified row (a test switch that makes speculation
-    lose); the policy is told every step's draft length, acceptance and time."""
+    lose); the policy is told every step's draft length, acceptance and time. `logprobs`: report
+    each token's log-probability and the top n (None: no)."""
     tap = hidden_tap(model)
     source = drafter.config.hidden_source
     dcache = drafter.make_cache()
@@ -58,11 +60,14 @@ def speculative_steps(
         key, sub = mx.random.split(key)
         return sample(logits, sampling, sub).item()
 
+    def scored(logits: mx.array, tokens: list[int]):
+        return () if logprobs is None else token_logprobs(logits, tokens, logprobs)
+
     t = choose(first_logits[0], history)
     # pairs the drafter has not seen yet: hidden-state chunks [1, m_i, H] and the tokens after them
     pending_hidden, pending_tokens = [prompt_hidden], [*prompt_ids[1:], t]
     history.append(t)
-    yield Step((t,))
+    yield Step((t,), logprobs=scored(first_logits, [t]))
     emitted = 1
 
     while True:
@@ -76,7 +81,7 @@ def speculative_steps(
             history.append(t)
             emitted += 1
             policy.observe(0, 0, time.perf_counter() - started)
-            yield Step((t,))
+            yield Step((t,), logprobs=scored(logits[0], [t]))
             continue
 
         # 1. draft: catch up on unseen pairs, then chain on the drafter's own output
@@ -143,4 +148,4 @@ def speculative_steps(
         history.extend(out)
         emitted += len(out)
         policy.observe(k, accepted, time.perf_counter() - started)
-        yield Step(tuple(out), drafted=k, accepted=accepted)
+        yield Step(tuple(out), drafted=k, accepted=accepted, logprobs=scored(logits, out))
