@@ -15,6 +15,7 @@ from mlx_lm.models.cache import make_prompt_cache, trim_prompt_cache
 
 from daemon.blas import blas_in_use
 from daemon.models import LoadedModel, on_metal
+from daemon.settings import default_cache_dir
 from policies.adaptive import K_MAX, SharedEstimates
 from policies.cost import StepCosts
 
@@ -28,12 +29,12 @@ def machine() -> str:
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("MTPD_CACHE_DIR", Path.home() / ".cache" / "mtpd"))
+    return Path(os.environ.get("MTPD_CACHE_DIR", default_cache_dir()))
 
 
-def estimates_path(lm: LoadedModel, verify_penalty: float = 0.0) -> Path:
+def estimates_path(lm: LoadedModel, verify_penalty: float = 0.0, root: Path | None = None) -> Path:
     key = f"{lm.path}|{lm.drafter_name}|{machine()}|{verify_penalty}"
-    return cache_dir() / "calibration" / (hashlib.sha1(key.encode()).hexdigest()[:16] + ".json")
+    return (root or cache_dir()) / "calibration" / (hashlib.sha1(key.encode()).hexdigest()[:16] + ".json")
 
 
 def _median_seconds(run, repeats: int = PROBE_REPEATS) -> float:
@@ -71,12 +72,12 @@ def probe_costs(lm: LoadedModel, k_max: int = K_MAX, verify_penalty: float = 0.0
     return StepCosts(_median_seconds(draft), t_verify)
 
 
-def shared_estimates(lm: LoadedModel, verify_penalty: float = 0.0) -> SharedEstimates | None:
+def shared_estimates(lm: LoadedModel, verify_penalty: float = 0.0, root: Path | None = None) -> SharedEstimates | None:
     """The saved estimates for this model, drafter and machine, or a fresh probe (then saved).
-    None without a drafter."""
+    None without a drafter. root: the cache folder (default: MTPD_CACHE_DIR or ~/.cache/mtpd)."""
     if lm.drafter is None:
         return None
-    path = estimates_path(lm, verify_penalty)
+    path = estimates_path(lm, verify_penalty, root)
     shared = SharedEstimates.load(path)
     if shared is None:
         shared = SharedEstimates(probe_costs(lm, verify_penalty=verify_penalty), path=path)

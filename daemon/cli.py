@@ -55,6 +55,22 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--plot", type=Path, default=None, help="also draw the results into this PNG")
     _sampling_args(b)
 
+    s = sub.add_parser("serve", help="the OpenAI-compatible HTTP daemon (settings: see `mtpd config show`)")
+    s.add_argument("--host", default=None)
+    s.add_argument("--port", type=int, default=None)
+    s.add_argument("--model", default=None)
+    s.add_argument("--drafter", default=None)
+    s.add_argument("--drafter-bits", type=int, default=None)
+    s.add_argument("--speculation", default=None, help="default draft policy: adaptive | off | fixed:K")
+    s.add_argument("--log-level", default=None)
+    s.add_argument("--config", type=Path, default=None, help="TOML file (default: ~/.config/mtpd/config.toml)")
+
+    c = sub.add_parser("config", help="the daemon's settings")
+    show = c.add_subparsers(dest="config_command", required=True).add_parser(
+        "show", help="print the effective settings and where each comes from"
+    )
+    show.add_argument("--config", type=Path, default=None)
+
     t = sub.add_parser("train-drafter", help="train an MTP drafter for a model that has none")
     t.add_argument("--model", default=None)
     t.add_argument("--out", required=True, type=Path, help="drafter folder to write")
@@ -164,7 +180,41 @@ def cmd_train_drafter(args) -> None:
     print(json.dumps(record["held_out_first_position_acceptance"]))
 
 
-COMMANDS = {"generate": cmd_generate, "bench": cmd_bench, "train-drafter": cmd_train_drafter}
+SERVE_FLAGS = ("host", "port", "model", "drafter", "drafter_bits", "speculation", "log_level")
+
+
+def cmd_serve(args) -> None:
+    import asyncio
+
+    from daemon import logs
+    from daemon.server import Service, build_app, serve
+    from daemon.settings import load_settings
+    from daemon.worker import Worker, load_for_serving
+
+    settings, _ = load_settings(args.config, {name: getattr(args, name) for name in SERVE_FLAGS})
+    logs.configure(settings.log_level)
+    worker = Worker(lambda: load_for_serving(settings), settings.max_queue)
+    worker.start()
+    service = Service(settings, worker)
+    try:
+        asyncio.run(serve(service, build_app(service)))
+    finally:
+        worker.stop(timeout=settings.shutdown_timeout_s)
+
+
+def cmd_config(args) -> None:
+    from daemon.settings import describe, load_settings
+
+    print(describe(*load_settings(args.config)))
+
+
+COMMANDS = {
+    "generate": cmd_generate,
+    "bench": cmd_bench,
+    "serve": cmd_serve,
+    "config": cmd_config,
+    "train-drafter": cmd_train_drafter,
+}
 
 
 def main(argv: list[str] | None = None) -> None:

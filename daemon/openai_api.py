@@ -1,0 +1,208 @@
+"""The OpenAI API's shapes: request bodies (validated with pydantic) and response / SSE chunk
+bodies. Pure data, no HTTP and no MLX."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from daemon.records import Finished
+from daemon.sampling import TokenLogprob
+
+
+class ApiError(Exception):
+    """An error the client caused or must hear about, in OpenAI's error JSON."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None, headers=None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+        self.headers = headers or {}
+
+    @property
+    def kind(self) -> str:
+        if self.status == 401:
+            return "authentication_error"
+        if self.status == 404:
+            return "not_found_error"
+        if self.status in (429, 503):
+            return "rate_limit_error" if self.status == 429 else "service_unavailable_error"
+        return "invalid_request_error" if self.status < 500 else "server_error"
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+
+class TextPart(_Strict):
+    type: Literal["text"]
+    text: str
+
+
+class Message(_Strict):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = None
+    name: str | None = None
+
+    def text(self) -> str:
+        if isinstance(self.content, list):
+            return "".join(part.text for part in self.content)
+        return self.content or ""
+
+
+class StreamOptions(_Strict):
+    include_usage: bool = False
+
+
+class _Common(_Strict):
+    model: str | None = None
+    max_tokens: Annotated[int, Field(ge=1)] | None = None
+    max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
+    temperature: Annotated[float, Field(ge=0, le=2)] | None = None
+    top_p: Annotated[float, Field(gt=0, le=1)] | None = None
+    top_k: Annotated[int, Field(ge=0)] | None = None
+    seed: int | None = None
+    stop: str | Annotated[list[str], Field(max_length=4)] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    n: int = 1
+    user: str | None = None
+    speculation: str | None = None  # extension: adaptive | off | fixed:K
+
+    @field_validator("n")
+    @classmethod
+    def _one_choice(cls, n: int) -> int:
+        if n != 1:
+            raise ValueError("only n = 1 is supported")
+        return n
+
+    @property
+    def stops(self) -> tuple[str, ...]:
+        stops = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
+        return tuple(s for s in stops if s)
+
+    @property
+    def include_usage(self) -> bool:
+        return self.stream and self.stream_options is not None and self.stream_options.include_usage
+
+    def token_limit(self) -> int | None:
+        return self.max_completion_tokens or self.max_tokens
+
+
+class ChatRequest(_Common):
+    messages: Annotated[list[Message], Field(min_length=1)]
+    logprobs: bool = False
+    top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
+
+    def logprob_count(self) -> int | None:
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ApiError(400, "top_logprobs needs logprobs: true", "top_logprobs")
+        return (self.top_logprobs or 0) if self.logprobs else None
+
+
+class CompletionRequest(_Common):
+    prompt: str | Annotated[list[str], Field(min_length=1, max_length=1)] | Annotated[list[int], Field(min_length=1)]
+    logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
+
+    def logprob_count(self) -> int | None:
+        return self.logprobs
+
+
+def parse(model: type[_Common], raw: bytes) -> _Common:
+    """Validates a request body; any problem is a 400 naming the parameter."""
+    try:
+        return model.model_validate_json(raw)
+    except ValidationError as e:
+        err = e.errors()[0]
+        if err["type"] == "json_invalid":
+            raise ApiError(400, f"the body is not valid JSON: {err['msg']}") from None
+        loc = [str(p) for p in err["loc"] if not str(p).startswith(("function-", "constrained-"))]
+        param = ".".join(loc[:3]) or None
+        msg = err["msg"].removeprefix("Value error, ")
+        raise ApiError(400, f"{param}: {msg}" if param else msg, param) from None
+
+
+# -- responses --------------------------------------------------------------------------------------
+
+
+def usage(done: Finished) -> dict:
+    return {
+        "prompt_tokens": done.prompt_tokens,
+        "completion_tokens": done.completion_tokens,
+        "total_tokens": done.prompt_tokens + done.completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": done.cached_tokens},
+    }
+
+
+def speculation_figures(done: Finished, policy: str) -> dict:
+    """The extension object: what speculation did for this request."""
+    return {
+        "speculation": policy,
+        "drafted_tokens": done.drafted,
+        "accepted_tokens": done.accepted,
+        "acceptance_rate": round(done.accepted / done.drafted, 4) if done.drafted else None,
+        "time_to_first_token_s": round(done.ttft_seconds, 4),
+        "tokens_per_second": round(done.tokens_per_second, 2),
+    }
+
+
+def chat_logprobs(entries: list[TokenLogprob], text_of) -> dict:
+    def one(token: int, logprob: float) -> dict:
+        text = text_of(token)
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+
+    return {
+        "content": [
+            {**one(e.token, e.logprob), "top_logprobs": [one(t, lp) for t, lp in e.top]} for e in entries
+        ],
+        "refusal": None,
+    }
+
+
+def completion_logprobs(entries: list[TokenLogprob], text_of, offset: int = 0) -> dict:
+    tokens = [text_of(e.token) for e in entries]
+    offsets = []
+    for t in tokens:
+        offsets.append(offset)
+        offset += len(t)
+    return {
+        "tokens": tokens,
+        "token_logprobs": [e.logprob for e in entries],
+        "top_logprobs": [{text_of(t): lp for t, lp in e.top} for e in entries],
+        "text_offset": offsets,
+    }
+
+
+def _envelope(head: tuple, obj: str, choices: list, **extra) -> dict:
+    """head: (id, created, model)."""
+    rid, created, model = head
+    return {"id": rid, "object": obj, "created": created, "model": model, "system_fingerprint": None,
+            "choices": choices, **extra}
+
+
+def chat_response(head, text, done: Finished, logprobs, extension) -> dict:
+    message = {"role": "assistant", "content": text, "refusal": None}
+    choice = {"index": 0, "message": message, "logprobs": logprobs, "finish_reason": done.finish_reason}
+    return _envelope(head, "chat.completion", [choice], usage=usage(done), mtpd=extension)
+
+
+def chat_chunk(head, delta: dict, finish_reason=None, logprobs=None) -> dict:
+    choice = {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
+    return _envelope(head, "chat.completion.chunk", [choice])
+
+
+def completion_response(head, text, done: Finished, logprobs, extension) -> dict:
+    choice = {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": done.finish_reason}
+    return _envelope(head, "text_completion", [choice], usage=usage(done), mtpd=extension)
+
+
+def completion_chunk(head, text, finish_reason=None, logprobs=None) -> dict:
+    choice = {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
+    return _envelope(head, "text_completion", [choice])
+
+
+def usage_chunk(head, obj: str, done: Finished, extension) -> dict:
+    return _envelope(head, obj, [], usage=usage(done), mtpd=extension)

@@ -1,0 +1,115 @@
+"""The daemon's settings: defaults < TOML file < environment (MTPD_*) < command line."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    EnvSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from policies.registry import make_policy
+
+MiB = 1 << 20
+
+
+def default_config_file() -> Path:
+    return Path(os.environ.get("XDG_CONFIG_HOME", Path.home() / ".config")) / "mtpd" / "config.toml"
+
+
+def default_cache_dir() -> Path:
+    return Path.home() / ".cache" / "mtpd"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="MTPD_", extra="forbid", validate_default=True)
+
+    host: str = Field("127.0.0.1", description="address to bind (loopback by default)")
+    port: int = Field(8000, ge=0, le=65535, description="TCP port (0: any free port)")
+    model: str | None = Field(None, description="GGUF file, mlx-lm folder or repo id on disk (default: SmolLM2-135M-Instruct)")
+    drafter: str | None = Field(None, description="MTP drafter folder, or 'none' (default: the model's own or the shipped one)")
+    drafter_bits: Literal[8, 4, 3] | None = Field(None, description="quantize the drafter to this many bits")
+    speculation: str = Field("adaptive", description="default draft policy: adaptive | off | fixed:K")
+    api_key: SecretStr | None = Field(None, description="if set, requests need 'Authorization: Bearer <key>'")
+    max_queue: int = Field(16, ge=1, description="requests waiting for the engine before 503")
+    request_timeout_s: float = Field(300.0, gt=0, description="a request's longest time in queue + generation")
+    max_body_bytes: int = Field(4 * MiB, ge=1024, description="largest request body (413 above)")
+    default_max_tokens: int = Field(1024, ge=1, description="max_tokens when a request gives none")
+    prompt_cache_bytes: int = Field(512 * MiB, ge=0, description="memory for the prompt cache (0: off)")
+    prompt_cache_disk_bytes: int = Field(1024 * MiB, ge=0, description="disk for cached system prompts (0: off)")
+    prompt_cache_min_tokens: int = Field(32, ge=1, description="shortest system prompt kept on disk")
+    cache_dir: Path = Field(default_factory=default_cache_dir, description="calibration and prompt cache files")
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level")
+    log_prompts: bool = Field(False, description="log prompt and answer text (off: only counts)")
+    shutdown_timeout_s: float = Field(30.0, ge=0, description="SIGTERM: time in-flight requests get to finish")
+
+    @field_validator("speculation")
+    @classmethod
+    def _known_policy(cls, value: str) -> str:
+        if value != "adaptive":
+            make_policy(value)
+        return value
+
+    @classmethod
+    def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings, file_secret_settings):
+        return init_settings, env_settings, TomlConfigSettingsSource(settings_cls)
+
+
+def _reading(toml_file: Path) -> type[Settings]:
+    class FromFile(Settings):
+        model_config = SettingsConfigDict(toml_file=toml_file)
+
+    return FromFile
+
+
+def _first_error(e: ValidationError) -> str:
+    err = e.errors()[0]
+    where = ".".join(str(p) for p in err["loc"]) or "settings"
+    return f"invalid setting {where}: {err['msg']}"
+
+
+def load_settings(config_file: Path | None = None, overrides: dict | None = None) -> tuple[Settings, dict[str, str]]:
+    """The effective settings and, per field, where its value came from
+    ("default", the TOML file's path, "env MTPD_X" or "command line"). `overrides`: command-line
+    values (None values are ignored). Raises ValueError with one line on any invalid setting."""
+    if config_file is not None and not config_file.is_file():
+        raise ValueError(f"no such config file: {config_file}")
+    overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
+    toml_path = config_file or default_config_file()
+    cls = _reading(toml_path)
+    try:
+        settings = cls(**overrides)
+        from_toml = TomlConfigSettingsSource(cls)()
+        from_env = EnvSettingsSource(cls, env_prefix="MTPD_")()
+    except ValidationError as e:
+        raise ValueError(_first_error(e)) from None
+    except (OSError, ValueError) as e:  # an unreadable or malformed TOML file
+        raise ValueError(f"cannot read {toml_path}: {e}") from None
+    origin = {}
+    for name in Settings.model_fields:
+        if name in overrides:
+            origin[name] = "command line"
+        elif name in from_env:
+            origin[name] = f"env MTPD_{name.upper()}"
+        elif name in from_toml:
+            origin[name] = str(toml_path)
+        else:
+            origin[name] = "default"
+    return settings, origin
+
+
+def describe(settings: Settings, origin: dict[str, str]) -> str:
+    """`mtpd config show`: one line per setting, value and origin."""
+    rows = []
+    for name, field in Settings.model_fields.items():
+        value = getattr(settings, name)
+        shown = "********" if isinstance(value, SecretStr) else ("" if value is None else str(value))
+        rows.append((name, shown, origin[name], field.description or ""))
+    width = [max(len(r[i]) for r in rows) for i in range(3)]
+    return "\n".join(f"{n:<{width[0]}}  {v:<{width[1]}}  {o:<{width[2]}}  # {d}" for n, v, o, d in rows)

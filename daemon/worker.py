@@ -1,0 +1,166 @@
+"""The engine thread: the one thread that owns MLX.
+
+Requests wait in a bounded queue and run one at a time. Every record the engine yields goes to the
+job's `deliver` callback (on this thread; the server hops it onto its event loop). A job is checked
+after every step: cancelled (client gone) or past its deadline, it stops there and frees the engine.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import structlog
+
+from daemon.engine import Finished, generate
+from daemon.models import LoadedModel
+from daemon.prompt_cache import PromptCache
+from daemon.records import Request
+from policies.registry import make_policy
+
+log = structlog.get_logger()
+SAVE_EVERY = 20  # requests between saves of the policy's calibration
+
+
+class QueueFull(Exception):
+    pass
+
+
+class DeadlineExceeded(Exception):
+    pass
+
+
+@dataclass
+class Job:
+    request: Request
+    speculation: str  # draft policy: off | fixed:K | adaptive
+    deliver: Callable[[object], None]  # each Delta, then a Finished or an exception
+    deadline: float  # time.monotonic() after which the job stops
+    cancelled: threading.Event = field(default_factory=threading.Event)
+
+
+@dataclass
+class Loaded:
+    """What the engine thread works with, made on that thread by the set-up callable."""
+
+    lm: LoadedModel
+    shared: object | None  # the adaptive policy's SharedEstimates (None without a drafter)
+    prompt_cache: PromptCache | None
+
+
+class Worker:
+    def __init__(self, setup: Callable[[], Loaded], max_queue: int, observers=()):
+        """setup: loads the model on the engine thread (MLX is used from that thread only).
+        observers: callables (job, finished, policy) run on this thread after every finished job."""
+        self._setup = setup
+        self.observers = list(observers)
+        self._queue: queue.Queue[Job | None] = queue.Queue(maxsize=max_queue)
+        self._thread = threading.Thread(target=self._run, name="mtpd-engine", daemon=True)
+        self._ready = threading.Event()
+        self._failed: BaseException | None = None
+        self.busy = False
+        self.served = 0
+        self.lm: LoadedModel | None = None
+        self.shared = self.prompt_cache = None
+
+    @property
+    def waiting(self) -> int:
+        return self._queue.qsize()
+
+    def start(self) -> None:
+        """Starts the thread and waits until the model is loaded (its error is raised here)."""
+        self._thread.start()
+        self._ready.wait()
+        if self._failed is not None:
+            raise self._failed
+
+    def submit(self, job: Job) -> None:
+        try:
+            self._queue.put_nowait(job)
+        except queue.Full:
+            raise QueueFull from None
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Finishes the queued jobs, then ends the thread."""
+        self._queue.put(None)
+        self._thread.join(timeout)
+        if self.shared is not None:
+            self.shared.save()
+
+    def _run(self) -> None:
+        try:
+            loaded = self._setup()
+            self.lm, self.shared, self.prompt_cache = loaded.lm, loaded.shared, loaded.prompt_cache
+        except BaseException as e:  # handed to start()
+            self._failed = e
+            return
+        finally:
+            self._ready.set()
+        while (job := self._queue.get()) is not None:
+            self.busy = True
+            try:
+                self._serve(job)
+            finally:
+                self.busy = False
+                self.served += 1
+            if self.shared is not None and self.served % SAVE_EVERY == 0:
+                self.shared.save()
+
+    def _serve(self, job: Job) -> None:
+        dequeued = time.monotonic()
+        if job.cancelled.is_set():
+            return
+        if dequeued > job.deadline:
+            job.deliver(DeadlineExceeded("the request waited in the queue past its timeout"))
+            return
+        try:
+            policy = make_policy(job.speculation, self.shared)
+            records = generate(self.lm, job.request, policy, prompt_cache=self.prompt_cache)
+            for record in records:
+                job.deliver(record)
+                if isinstance(record, Finished):
+                    for observe in self.observers:
+                        observe(job, record, policy)
+                elif job.cancelled.is_set():
+                    records.close()
+                    return
+                elif time.monotonic() > job.deadline:
+                    records.close()
+                    job.deliver(DeadlineExceeded("the request ran past its timeout"))
+                    return
+        except Exception as e:  # the next request must still be served
+            log.exception("generation failed")
+            job.deliver(e)
+
+
+def load_for_serving(settings) -> Loaded:
+    """The model, its drafter, the policy's calibration and the prompt cache, as `settings` say.
+    Runs on the engine thread."""
+    from mlx_lm.models.cache import make_prompt_cache
+
+    from daemon.calibration import shared_estimates
+    from daemon.models import load
+    from daemon.prompt_cache import cacheable
+
+    lm = load(settings.model, drafter=settings.drafter, drafter_bits=settings.drafter_bits)
+    log.info("model loaded", model=lm.name, path=lm.path, drafter=lm.drafter_name)
+    shared = shared_estimates(lm, root=settings.cache_dir)
+    prompt_cache = None
+    if settings.prompt_cache_bytes and cacheable(make_prompt_cache(lm.model)):
+        disk = None
+        if settings.prompt_cache_disk_bytes:
+            disk = settings.cache_dir / "prompts" / model_key(lm.path)
+        prompt_cache = PromptCache(settings.prompt_cache_bytes, disk, settings.prompt_cache_disk_bytes)
+    return Loaded(lm, shared, prompt_cache)
+
+
+def model_key(path: str) -> str:
+    """Names the prompt-cache folder of a model: its path, and its size and time if it is a file."""
+    p = Path(path)
+    stamp = f"{p.stat().st_size}:{p.stat().st_mtime_ns}" if p.is_file() else ""
+    return hashlib.sha1(f"{path}|{stamp}".encode()).hexdigest()[:16]
