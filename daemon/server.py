@@ -210,7 +210,7 @@ async def _complete(http: web.Request, model: type) -> web.StreamResponse:
     done, status, text = None, "ok", []
     try:
         if body.stream:
-            response, done = await _stream(http, service, prepared, head, job, out)
+            response, done, status = await _stream(http, service, prepared, head, job, out)
         else:
             response, done, text = await _collect(http, service, prepared, head, job, out)
         return response
@@ -294,11 +294,14 @@ async def _stream(http, service: Service, prepared: Prepared, head, job, out):
             await send(usage_chunk(head, obj, done, _extension(done, prepared)))
     except ApiError as e:  # after the headers: the error goes in the stream
         await send(e.body())
+        status = str(e.status)
     except ClientGone:
-        return response, done
+        return response, done, "client_gone"
+    else:
+        status = "ok"
     await send("[DONE]")
     await response.write_eof()
-    return response, done
+    return response, done, status
 
 
 async def chat_completions(http: web.Request) -> web.StreamResponse:

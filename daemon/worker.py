@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import mlx.core as mx
 import structlog
 
 from daemon.engine import Finished, generate
@@ -93,6 +94,12 @@ class Worker:
             self.shared.save()
 
     def _run(self) -> None:
+        try:
+            self._loop()
+        finally:
+            mx.clear_streams()  # MLX needs each thread to release its streams (ml-explore/mlx#3126)
+
+    def _loop(self) -> None:
         try:
             loaded = self._setup()
             self.lm, self.shared, self.prompt_cache = loaded.lm, loaded.shared, loaded.prompt_cache
