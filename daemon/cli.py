@@ -187,15 +187,17 @@ def cmd_serve(args) -> None:
     import asyncio
 
     from daemon import logs
+    from daemon.metrics import Metrics
     from daemon.server import Service, build_app, serve
     from daemon.settings import load_settings
     from daemon.worker import Worker, load_for_serving
 
     settings, _ = load_settings(args.config, {name: getattr(args, name) for name in SERVE_FLAGS})
     logs.configure(settings.log_level)
-    worker = Worker(lambda: load_for_serving(settings), settings.max_queue)
+    metrics = Metrics()
+    worker = Worker(lambda: load_for_serving(settings), settings.max_queue, metrics)
     worker.start()
-    service = Service(settings, worker)
+    service = Service(settings, worker, metrics)
     try:
         asyncio.run(serve(service, build_app(service)))
     finally:

@@ -17,7 +17,9 @@ from dataclasses import dataclass
 
 import structlog
 from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from daemon.metrics import Metrics
 from daemon.openai_api import (
     ApiError,
     ChatRequest,
@@ -59,9 +61,11 @@ class Prepared:
 
 
 class Service:
-    def __init__(self, settings: Settings, worker: Worker):
+    def __init__(self, settings: Settings, worker: Worker, metrics: Metrics):
         self.settings = settings
         self.worker = worker
+        self.metrics = metrics
+        metrics.queue.set_function(lambda: worker.waiting)
         self.started = time.time()
         self.totals = {"requests": 0, "completion_tokens": 0, "drafted_tokens": 0, "accepted_tokens": 0}
         self.last_speculation: dict = {}
@@ -347,7 +351,41 @@ async def health(http: web.Request) -> web.Response:
     })
 
 
+async def metrics(http: web.Request) -> web.Response:
+    registry = http.app[SERVICE].metrics.registry
+    return web.Response(body=generate_latest(registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
 # -- middleware and app --------------------------------------------------------------------------------
+
+
+ROUTES = {"/v1/chat/completions": "chat", "/v1/completions": "completions", "/v1/models": "models",
+          "/health": "health", "/metrics": "metrics"}
+
+
+def _endpoint(path: str) -> str:
+    return ROUTES.get(path) or ("models" if path.startswith("/v1/models/") else "other")
+
+
+@web.middleware
+async def measured(http: web.Request, handler):
+    """Counts every request by endpoint and status; times generation requests."""
+    m: Metrics = http.app[SERVICE].metrics
+    endpoint = _endpoint(http.path)
+    generating = endpoint in ("chat", "completions")
+    start = time.perf_counter()
+    if generating:
+        m.in_flight.inc()
+    response = None
+    try:
+        response = await handler(http)
+        return response
+    finally:
+        status = str(response.status) if response is not None else "499"
+        m.requests.labels(endpoint, status).inc()
+        if generating:
+            m.in_flight.dec()
+            m.duration.labels(endpoint).observe(time.perf_counter() - start)
 
 
 @web.middleware
@@ -384,7 +422,7 @@ def _auth(api_key: str):
 
 
 def build_app(service: Service) -> web.Application:
-    middlewares = [errors]
+    middlewares = [measured, errors]
     if service.settings.api_key is not None:
         middlewares.append(_auth(service.settings.api_key.get_secret_value()))
     app = web.Application(middlewares=middlewares, client_max_size=service.settings.max_body_bytes)
@@ -394,6 +432,7 @@ def build_app(service: Service) -> web.Application:
     app.router.add_get("/v1/models", list_models)
     app.router.add_get("/v1/models/{model}", get_model)
     app.router.add_get("/health", health)
+    app.router.add_get("/metrics", metrics)
     return app
 
 

@@ -19,9 +19,11 @@ import mlx.core as mx
 import structlog
 
 from daemon.engine import Finished, generate
-from daemon.models import LoadedModel
+from daemon.metrics import Metrics
+from daemon.models import LoadedModel, on_metal
 from daemon.prompt_cache import PromptCache
 from daemon.records import Request
+from policies.recording import Recording
 from policies.registry import make_policy
 
 log = structlog.get_logger()
@@ -55,11 +57,11 @@ class Loaded:
 
 
 class Worker:
-    def __init__(self, setup: Callable[[], Loaded], max_queue: int, observers=()):
+    def __init__(self, setup: Callable[[], Loaded], max_queue: int, metrics: Metrics | None = None):
         """setup: loads the model on the engine thread (MLX is used from that thread only).
-        observers: callables (job, finished, policy) run on this thread after every finished job."""
+        metrics: told about the model, every finished request and MLX's memory, from this thread."""
         self._setup = setup
-        self.observers = list(observers)
+        self.metrics = metrics
         self._queue: queue.Queue[Job | None] = queue.Queue(maxsize=max_queue)
         self._thread = threading.Thread(target=self._run, name="mtpd-engine", daemon=True)
         self._ready = threading.Event()
@@ -103,6 +105,7 @@ class Worker:
         try:
             loaded = self._setup()
             self.lm, self.shared, self.prompt_cache = loaded.lm, loaded.shared, loaded.prompt_cache
+            self._measure()
         except BaseException as e:  # handed to start()
             self._failed = e
             return
@@ -118,6 +121,22 @@ class Worker:
             if self.shared is not None and self.served % SAVE_EVERY == 0:
                 self.shared.save()
 
+    def _measure(self, done: Finished | None = None, policy: Recording | None = None) -> None:
+        if self.metrics is None:
+            return
+        m = self.metrics
+        if done is None:
+            m.describe_model(self.lm, "Metal" if on_metal() else "CPU")
+        else:
+            m.observe_request(done, policy.steps)
+            expected = [s.expected_speedup for s in policy.steps if s.expected_speedup is not None]
+            m.observe_speedups(sum(expected) / len(expected) if expected else None, policy.realised_speedup())
+        if self.shared is not None:
+            m.observe_costs(self.shared.costs)
+        if self.prompt_cache is not None:
+            m.observe_prompt_cache(self.prompt_cache.nbytes, self.prompt_cache.disk_bytes)
+        m.observe_memory(mx.get_active_memory(), mx.get_peak_memory(), mx.get_cache_memory())
+
     def _serve(self, job: Job) -> None:
         dequeued = time.monotonic()
         if job.cancelled.is_set():
@@ -126,13 +145,12 @@ class Worker:
             job.deliver(DeadlineExceeded("the request waited in the queue past its timeout"))
             return
         try:
-            policy = make_policy(job.speculation, self.shared)
+            policy = Recording(make_policy(job.speculation, self.shared), self.shared)
             records = generate(self.lm, job.request, policy, prompt_cache=self.prompt_cache)
             for record in records:
                 job.deliver(record)
                 if isinstance(record, Finished):
-                    for observe in self.observers:
-                        observe(job, record, policy)
+                    self._measure(record, policy)
                 elif job.cancelled.is_set():
                     records.close()
                     return

@@ -1,0 +1,119 @@
+"""Prometheus metrics (prometheus-client), all prefixed `mtpd_`.
+
+Labels are bounded: endpoint (a fixed route list), HTTP status code, content class (code / prose),
+draft position (1..16), step kind. No request ids or text. Engine figures are recorded on the engine
+thread after each request from the `Finished` record and the policy's step log; HTTP figures in the
+server's middleware.
+"""
+
+from __future__ import annotations
+
+import platform
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+
+from daemon.records import Finished
+from policies.classifier import CLASSES
+from policies.registry import MAX_DRAFT
+
+LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+TOKEN_BUCKETS = (0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1)
+ENDPOINTS = ("chat", "completions", "models", "health", "metrics", "other")
+
+
+class Metrics:
+    def __init__(self):
+        self.registry = r = CollectorRegistry()
+        self.requests = Counter("mtpd_requests", "HTTP requests by endpoint and status code",
+                                ["endpoint", "status"], registry=r)
+        self.duration = Histogram("mtpd_request_duration_seconds", "HTTP request duration (generation requests)",
+                                  ["endpoint"], buckets=LATENCY_BUCKETS, registry=r)
+        self.ttft = Histogram("mtpd_time_to_first_token_seconds", "time from the request to its first token",
+                              buckets=LATENCY_BUCKETS, registry=r)
+        self.itl = Histogram("mtpd_inter_token_latency_seconds", "mean time between tokens of a request",
+                             buckets=TOKEN_BUCKETS, registry=r)
+        self.prompt_tokens = Counter("mtpd_prompt_tokens", "prompt tokens", registry=r)
+        self.completion_tokens = Counter("mtpd_completion_tokens", "generated tokens", registry=r)
+        self.cached_tokens = Counter("mtpd_cached_prompt_tokens", "prompt tokens taken from the prompt cache", registry=r)
+        self.cache_lookups = Counter("mtpd_prompt_cache_lookups", "prompt cache lookups by result (hit / miss)",
+                                     ["result"], registry=r)
+        self.cache_bytes = Gauge("mtpd_prompt_cache_bytes", "bytes held by the prompt cache", ["tier"], registry=r)
+        self.drafts = Counter("mtpd_speculative_steps", "verification steps with k >= 1 drafted tokens",
+                              ["content_class"], registry=r)
+        self.draft_tokens = Counter("mtpd_draft_tokens", "drafted tokens", ["content_class"], registry=r)
+        self.accepted_tokens = Counter("mtpd_accepted_tokens", "drafted tokens the target accepted",
+                                       ["content_class"], registry=r)
+        self.drafted_at = Counter("mtpd_draft_tokens_by_position", "drafted tokens by draft position",
+                                  ["position"], registry=r)
+        self.accepted_at = Counter("mtpd_accepted_tokens_by_position", "accepted tokens by draft position",
+                                   ["position"], registry=r)
+        self.draft_length = Histogram("mtpd_draft_length", "draft length chosen per step (0: plain step)",
+                                      buckets=tuple(range(MAX_DRAFT + 1)), registry=r)
+        self.speculation_active = Gauge("mtpd_speculation_active",
+                                        "1 when the last step of the last request drafted, else 0", registry=r)
+        self.speedup_expected = Gauge("mtpd_speedup_expected_ratio",
+                                      "speed-up the cost model expected of the last request's speculative steps",
+                                      registry=r)
+        self.speedup_realised = Gauge("mtpd_speedup_realised_ratio",
+                                      "measured tokens/s of the last request's speculative steps over plain tokens/s",
+                                      registry=r)
+        self.step_seconds = Histogram("mtpd_step_seconds", "decoding step time by kind (plain / speculative)",
+                                      ["kind"], buckets=TOKEN_BUCKETS, registry=r)
+        self.cost_step = Gauge("mtpd_cost_model_step_seconds",
+                               "cost model: predicted time of a step drafting k tokens and verifying k+1",
+                               ["draft_length"], registry=r)
+        self.queue = Gauge("mtpd_queue_length", "requests waiting for the engine", registry=r)
+        self.in_flight = Gauge("mtpd_requests_in_flight", "generation requests being served or waiting", registry=r)
+        self.info = Info("mtpd_model", "the served model and drafter", registry=r)
+        self.memory = Gauge("mtpd_mlx_memory_bytes", "MLX memory by kind (active, peak, cache)", ["kind"], registry=r)
+        for klass in CLASSES:
+            for metric in (self.drafts, self.draft_tokens, self.accepted_tokens):
+                metric.labels(klass)
+        for result in ("hit", "miss"):
+            self.cache_lookups.labels(result)
+
+    def describe_model(self, lm, backend: str) -> None:
+        self.info.info({"model": lm.name, "drafter": lm.drafter_name or "none", "backend": backend,
+                        "machine": platform.machine()})
+
+    def observe_request(self, done: Finished, steps) -> None:
+        """After a request, on the engine thread. steps: the policy's StepRecords."""
+        self.prompt_tokens.inc(done.prompt_tokens)
+        self.completion_tokens.inc(done.completion_tokens)
+        self.cached_tokens.inc(done.cached_tokens)
+        self.cache_lookups.labels("hit" if done.cached_tokens else "miss").inc()
+        self.ttft.observe(done.ttft_seconds)
+        if done.completion_tokens > 1:
+            self.itl.observe(done.decode_seconds / (done.completion_tokens - 1))
+        for j, (d, a) in enumerate(zip(done.drafted_by_position, done.accepted_by_position)):
+            self.drafted_at.labels(str(j + 1)).inc(d)
+            self.accepted_at.labels(str(j + 1)).inc(a)
+        for s in steps:
+            self.draft_length.observe(s.drafted)
+            self.step_seconds.labels("speculative" if s.drafted else "plain").observe(s.seconds)
+            if s.drafted:
+                self.drafts.labels(s.content_class).inc()
+                self.draft_tokens.labels(s.content_class).inc(s.drafted)
+                self.accepted_tokens.labels(s.content_class).inc(s.accepted)
+        if steps:
+            self.speculation_active.set(1 if steps[-1].drafted else 0)
+        else:
+            self.speculation_active.set(0)
+
+    def observe_speedups(self, expected: float | None, realised: float | None) -> None:
+        if expected is not None:
+            self.speedup_expected.set(expected)
+        if realised is not None:
+            self.speedup_realised.set(realised)
+
+    def observe_costs(self, costs) -> None:
+        for k in range(costs.k_max + 1):
+            self.cost_step.labels(str(k)).set(costs.predict(k))
+
+    def observe_memory(self, active: int, peak: int, cache: int) -> None:
+        for kind, value in (("active", active), ("peak", peak), ("cache", cache)):
+            self.memory.labels(kind).set(value)
+
+    def observe_prompt_cache(self, memory_bytes: int, disk_bytes: int) -> None:
+        self.cache_bytes.labels("memory").set(memory_bytes)
+        self.cache_bytes.labels("disk").set(disk_bytes)
