@@ -13,8 +13,10 @@ python=${PYTHON:-python3}
   || { echo "mtpd needs Python 3.11 or newer (set PYTHON=...)" >&2; exit 1; }
 
 # Linux: MLX's CPU backend needs an optimised BLAS to be fast; mtpd preloads it itself.
+# The tests also run a real Prometheus server against the daemon.
 if [ "$(uname -s)" = Linux ] && command -v apt-get >/dev/null; then
   packages=(libopenblas0-pthread)
+  $test_deps && packages+=(prometheus)
   missing=()
   for p in "${packages[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
   if [ ${#missing[@]} -gt 0 ]; then
