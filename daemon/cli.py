@@ -71,6 +71,18 @@ def parser() -> argparse.ArgumentParser:
     )
     show.add_argument("--config", type=Path, default=None)
 
+    v = sub.add_parser("service", help="run `mtpd serve` as a launchd (macOS) or systemd (Linux) user service")
+    v.add_argument("action", choices=["install", "uninstall", "start", "stop", "restart", "status", "logs"])
+    v.add_argument("--manager", choices=["launchd", "systemd"], default=None, help="default: this OS's")
+    v.add_argument("--dry-run", action="store_true", help="print the file and the commands; change nothing")
+    v.add_argument("--config", type=Path, default=None, help="TOML file the service passes to `mtpd serve`")
+    v.add_argument("--env", action="append", default=[], metavar="KEY=VALUE", help="environment for the service")
+    v.add_argument("--follow", action="store_true", help="logs: keep printing new lines")
+
+    st = sub.add_parser("status", help="ask the running daemon how it is doing")
+    st.add_argument("--config", type=Path, default=None)
+    st.add_argument("--port", type=int, default=None)
+
     t = sub.add_parser("train-drafter", help="train an MTP drafter for a model that has none")
     t.add_argument("--model", default=None)
     t.add_argument("--out", required=True, type=Path, help="drafter folder to write")
@@ -204,6 +216,57 @@ def cmd_serve(args) -> None:
         worker.stop(timeout=settings.shutdown_timeout_s)
 
 
+def cmd_service(args) -> None:
+    import subprocess
+
+    from daemon.service import default_manager, describe, execute, service_plan
+    from daemon.settings import load_settings
+
+    settings, _ = load_settings(args.config)
+    env = {}
+    for item in args.env:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--env wants KEY=VALUE, not {item!r}")
+        env[key] = value
+    plan = service_plan(args.action, args.manager or default_manager(), Path.home(), env, args.config,
+                        stop_seconds=settings.shutdown_timeout_s + 10, follow=args.follow)
+    if args.dry_run:
+        print(describe(plan))
+        return
+    code = execute(plan, lambda argv: subprocess.run(argv).returncode)
+    if code:
+        sys.exit(code)
+    if args.action == "install":
+        print(f"installed {plan.path}; the daemon starts now and at every login", file=sys.stderr)
+
+
+def cmd_status(args) -> None:
+    import urllib.request
+
+    from daemon.settings import load_settings
+
+    settings, _ = load_settings(args.config, {"port": args.port})
+    host = "127.0.0.1" if settings.host in ("0.0.0.0", "::", "") else settings.host
+    url = f"http://{host}:{settings.port}/health"
+    try:
+        with urllib.request.urlopen(url, timeout=5) as r:
+            health = json.loads(r.read())
+    except OSError:
+        print(f"no mtpd daemon is running at {url}", file=sys.stderr)
+        sys.exit(1)
+    rate = health.get("acceptance_rate")
+    print(
+        f"mtpd at http://{host}:{settings.port}: {health['model']} with drafter {health['drafter'] or 'none'}\n"
+        f"up {health['uptime_s']:.0f} s, {health['requests_served']} requests served, "
+        f"{health['queue']} waiting, {'busy' if health['busy'] else 'idle'}\n"
+        f"speculation: {health['speculation']}"
+        + (f", acceptance {rate:.1%}" if rate is not None else ", nothing drafted yet")
+        + (f", last request drafted in {health['last_request_speculation']['drafted_steps']} steps"
+           if health.get("last_request_speculation") else "")
+    )
+
+
 def cmd_config(args) -> None:
     from daemon.settings import describe, load_settings
 
@@ -215,6 +278,8 @@ COMMANDS = {
     "bench": cmd_bench,
     "serve": cmd_serve,
     "config": cmd_config,
+    "service": cmd_service,
+    "status": cmd_status,
     "train-drafter": cmd_train_drafter,
 }
 
