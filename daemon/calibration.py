@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import mlx.core as mx
+import structlog
 from mlx_lm.models.cache import make_prompt_cache, trim_prompt_cache
 
 from daemon.blas import blas_in_use
@@ -82,4 +83,7 @@ def shared_estimates(lm: LoadedModel, verify_penalty: float = 0.0, root: Path | 
     if shared is None:
         shared = SharedEstimates(probe_costs(lm, verify_penalty=verify_penalty), path=path)
         shared.save()
+        structlog.get_logger().info("calibration probed", file=str(path))
+    else:
+        structlog.get_logger().info("calibration loaded", file=str(path))
     return shared
