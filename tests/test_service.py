@@ -159,3 +159,10 @@ def test_kill_9_mid_request_loses_no_persisted_state(tiny_gguf):
         assert "calibration loaded" in events and "calibration probed" not in events
     finally:
         assert restarted.stop() == 0
+
+
+def test_the_template_in_the_repository_is_what_install_writes(tmp_path):
+    template = (Path(__file__).parent.parent / "launchd" / f"{LABEL}.plist").read_text()
+    filled = template.replace("__MTPD__", "/opt/bin/mtpd").replace("__HOME__", str(tmp_path))
+    path = "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin"
+    assert plistlib.loads(filled.encode()) == plistlib.loads(launchd_plist(["/opt/bin/mtpd", "serve"], {"PATH": path}, tmp_path))
