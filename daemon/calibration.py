@@ -4,6 +4,7 @@ persisted per (model, drafter, machine) so a restarted daemon starts calibrated.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import os
 import platform
 import statistics
@@ -21,7 +22,7 @@ from policies.adaptive import K_MAX, SharedEstimates
 from policies.cost import StepCosts
 
 PROBE_CONTEXT = 64
-PROBE_REPEATS = 3
+PROBE_REPEATS = 7
 
 
 def machine() -> str:
@@ -60,7 +61,8 @@ def probe_costs(lm: LoadedModel, k_max: int = K_MAX, verify_penalty: float = 0.0
         time.sleep(verify_penalty * (n - 1))
 
     verify(k_max + 1)  # warm-up
-    t_verify = [_median_seconds(lambda n=n: verify(n)) for n in range(1, k_max + 2)]
+    measured = [_median_seconds(lambda n=n: verify(n)) for n in range(1, k_max + 2)]
+    t_verify = list(itertools.accumulate(measured, max))  # more rows never cost less: drop probe noise
     dcache = drafter.make_cache()
     hidden = mx.zeros((1, PROBE_CONTEXT, model.args.hidden_size))
     mx.eval(drafter(hidden, context, dcache, model)[0])

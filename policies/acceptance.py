@@ -27,8 +27,11 @@ def observed(drafted: int, accepted: int) -> tuple[np.ndarray, np.ndarray]:
 
 class AcceptanceCounts:
     def __init__(self, k_max: int, decay: float = 0.995, rate: float = 0.5, weight: float = 2.0):
+        """Before any evidence, position j (from 1) is accepted with rate**j: deeper drafts cost a
+        verified row each, so they must earn their place (exploration tries them now and then)."""
         self.k_max, self.decay = k_max, decay
-        self.hits = {c: np.full(k_max, rate * weight) for c in CLASSES}
+        start = rate ** np.arange(1, k_max + 1)
+        self.hits = {c: start * weight for c in CLASSES}
         self.trials = {c: np.full(k_max, weight) for c in CLASSES}
 
     def rates(self, cls: str) -> np.ndarray:
@@ -57,6 +60,7 @@ class RequestAcceptance(AcceptanceCounts):
     def __init__(self, prior: AcceptanceCounts, weight: float = 8.0, decay: float = 0.95):
         super().__init__(prior.k_max, decay)
         self.prior = prior
+        self.weight = weight
         for c in CLASSES:
             self.hits[c] = prior.rates(c) * weight
             self.trials[c] = np.full(prior.k_max, weight)
@@ -64,3 +68,9 @@ class RequestAcceptance(AcceptanceCounts):
     def observe(self, cls: str, drafted: int, accepted: int) -> None:
         super().observe(cls, drafted, accepted)
         self.prior.observe(cls, drafted, accepted)
+
+    def relax(self, cls: str, keep: float = 0.9) -> None:
+        """A step without evidence (speculation off): the request's estimate drifts back toward the
+        prior's, so a few early rejections do not keep speculation off for a whole long answer."""
+        self.hits[cls] = keep * self.hits[cls] + (1 - keep) * self.weight * self.prior.rates(cls)
+        self.trials[cls] = keep * self.trials[cls] + (1 - keep) * self.weight

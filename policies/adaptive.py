@@ -16,6 +16,7 @@ from policies.classifier import ContentTracker
 from policies.cost import StepCosts, best_draft_length, save_json
 
 K_MAX = 8
+OFF_MARGIN = 0.03  # plain must beat the best k by 3% before speculation switches off
 
 
 class SharedEstimates:
@@ -64,11 +65,15 @@ class AdaptivePolicy:
         if self.tracker.feed(text) != before:
             self.probe_every = self.base_probe_every  # new content: look again soon
 
+    def _best(self) -> int:
+        return best_draft_length(self.acceptance.rates(self.klass), self.shared.costs, self.k_max, OFF_MARGIN)
+
     def draft_length(self) -> int:
         self.klass = self.tracker.current
-        k = best_draft_length(self.acceptance.rates(self.klass), self.shared.costs, self.k_max)
+        k = self._best()
         self.probing = False
         if k == 0:
+            self.acceptance.relax(self.klass)
             self.steps_off += 1
             if self.steps_off >= self.probe_every:
                 self.steps_off, self.probing = 0, True
@@ -85,5 +90,5 @@ class AdaptivePolicy:
         self.shared.costs.observe(drafted, seconds)
         if drafted:
             self.acceptance.observe(self.klass, drafted, accepted)
-        if self.probing and best_draft_length(self.acceptance.rates(self.klass), self.shared.costs, self.k_max) == 0:
+        if self.probing and self._best() == 0:
             self.probe_every = min(self.probe_every * 2, 32)  # probes keep losing: probe less often

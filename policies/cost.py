@@ -54,9 +54,15 @@ def throughput(rates, k: int, costs: StepCosts) -> float:
     return expected_tokens(rates[:k]) / costs.predict(k)
 
 
-def best_draft_length(rates, costs: StepCosts, k_max: int) -> int:
-    """argmax_k E(k) / T(k) over k = 0 .. k_max; 0 means plain decoding wins."""
-    return max(range(min(k_max, costs.k_max) + 1), key=lambda k: throughput(rates, k, costs))
+def best_draft_length(rates, costs: StepCosts, k_max: int, off_margin: float = 0.0) -> int:
+    """argmax_k E(k) / T(k) over k = 1 .. k_max, or 0 (plain decoding) when plain is faster than
+    that by more than `off_margin` (a relative hysteresis: near break-even, drafting costs next to
+    nothing, while switching off on a noisy low estimate loses real gains)."""
+    k_top = min(k_max, costs.k_max)
+    if k_top < 1:
+        return 0
+    best = max(range(1, k_top + 1), key=lambda k: throughput(rates, k, costs))
+    return 0 if throughput(rates, 0, costs) > throughput(rates, best, costs) * (1 + off_margin) else best
 
 
 def save_json(path: Path, data: dict) -> None:

@@ -110,3 +110,18 @@ def test_costs_of_unseen_draft_lengths_follow_what_real_rounds_cost():
     assert probe.scale > 1.0
     assert probe.predict(3) > probe.probed[3]  # not yet seen: scaled
     assert probe.predict(0) == probe.seconds[0]  # plain steps are measured on their own
+
+
+def test_early_rejections_do_not_keep_speculation_off():
+    """The prior knows this content is accepted 45% of the time; one request starts with a long run
+    of rejections. Its estimate drifts back to the prior while off, so it is on again soon after
+    instead of waiting for probes that have backed off."""
+    cost = costs(per_row=0.008)
+    shared = SharedEstimates(StepCosts.from_dict(cost.to_dict()))
+    rng = np.random.default_rng(1)
+    for _ in range(300):
+        shared.acceptance.observe("prose", 1, int(rng.random() < 0.45))
+    policy = AdaptivePolicy(shared)
+    chosen = simulate(policy, lambda i: [0.0] * 8 if i < 60 else [0.45, 0.1] + [0.05] * 6, cost, 180)
+    assert chosen[:60].count(0) >= 10  # the rejections did switch it off
+    assert np.mean([k == 0 for k in chosen[80:]]) < 0.1, chosen
