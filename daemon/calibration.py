@@ -7,7 +7,6 @@ import hashlib
 import itertools
 import os
 import platform
-import statistics
 import time
 from pathlib import Path
 
@@ -39,13 +38,14 @@ def estimates_path(lm: LoadedModel, verify_penalty: float = 0.0, root: Path | No
     return (root or cache_dir()) / "calibration" / (hashlib.sha1(key.encode()).hexdigest()[:16] + ".json")
 
 
-def _median_seconds(run, repeats: int = PROBE_REPEATS) -> float:
+def _fastest_seconds(run, repeats: int = PROBE_REPEATS) -> float:
+    """The fastest of `repeats` runs: timing noise (other processes, page faults) only adds."""
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         run()
         times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return min(times)
 
 
 def probe_costs(lm: LoadedModel, k_max: int = K_MAX, verify_penalty: float = 0.0) -> StepCosts:
@@ -61,8 +61,9 @@ def probe_costs(lm: LoadedModel, k_max: int = K_MAX, verify_penalty: float = 0.0
         time.sleep(verify_penalty * (n - 1))
 
     verify(k_max + 1)  # warm-up
-    measured = [_median_seconds(lambda n=n: verify(n)) for n in range(1, k_max + 2)]
-    t_verify = list(itertools.accumulate(measured, max))  # more rows never cost less: drop probe noise
+    measured = [_fastest_seconds(lambda n=n: verify(n)) for n in range(1, k_max + 2)]
+    # more rows never cost less: a slow outlier at n is capped by what any larger n took
+    t_verify = list(itertools.accumulate(reversed(measured), min))[::-1]
     dcache = drafter.make_cache()
     hidden = mx.zeros((1, PROBE_CONTEXT, model.args.hidden_size))
     mx.eval(drafter(hidden, context, dcache, model)[0])
@@ -72,7 +73,7 @@ def probe_costs(lm: LoadedModel, k_max: int = K_MAX, verify_penalty: float = 0.0
         trim_prompt_cache([dcache], 1)
 
     draft()
-    return StepCosts(_median_seconds(draft), t_verify)
+    return StepCosts(_fastest_seconds(draft), t_verify)
 
 
 def shared_estimates(lm: LoadedModel, verify_penalty: float = 0.0, root: Path | None = None) -> SharedEstimates | None:
