@@ -11,11 +11,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+
 from policies.acceptance import AcceptanceCounts, RequestAcceptance
 from policies.classifier import ContentTracker
 from policies.cost import StepCosts, best_draft_length, save_json
 
 K_MAX = 8
+OPTIMISTIC_RATE = 0.9  # probing is pointless when even this acceptance at every position cannot pay
 OFF_MARGIN = 0.03  # plain must beat the best k by 3% before speculation switches off
 
 
@@ -68,6 +71,11 @@ class AdaptivePolicy:
     def _best(self) -> int:
         return best_draft_length(self.acceptance.rates(self.klass), self.shared.costs, self.k_max, OFF_MARGIN)
 
+    def _could_pay(self) -> bool:
+        """Whether any k could beat plain decoding if drafts were accepted at OPTIMISTIC_RATE."""
+        optimistic = np.full(self.k_max, OPTIMISTIC_RATE)
+        return best_draft_length(optimistic, self.shared.costs, self.k_max, OFF_MARGIN) > 0
+
     def draft_length(self) -> int:
         self.klass = self.tracker.current
         k = self._best()
@@ -75,7 +83,7 @@ class AdaptivePolicy:
         if k == 0:
             self.acceptance.relax(self.klass)
             self.steps_off += 1
-            if self.steps_off >= self.probe_every:
+            if self.steps_off >= self.probe_every and self._could_pay():
                 self.steps_off, self.probing = 0, True
                 return 1
             return 0

@@ -67,6 +67,12 @@ def test_switches_off_when_verification_grows_as_fast_as_tokens():
     assert np.mean(np.array(chosen[-200:]) == 0) > 0.9
 
 
+def test_never_probes_when_even_perfect_drafts_cannot_pay():
+    cost = costs(per_row=0.080)
+    chosen = simulate(fresh(cost), lambda i: [1.0] * 8, cost, 300)
+    assert chosen.count(0) == 300
+
+
 def test_switches_back_on_when_acceptance_returns():
     cost = costs(per_row=0.008)
     rates = lambda i: [0.05] * 8 if i < 150 else [0.85] * 8  # noqa: E731
