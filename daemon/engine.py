@@ -60,7 +60,7 @@ def plain_steps(
                 next_y, next_margin = draw(next_logits)
                 mx.async_eval(next_y, next_margin)
         history.append(token)
-        yield Step((token,), logprobs=() if logprobs is None else token_logprobs(logits, [token], logprobs))
+        yield Step((token,), logprobs=token_logprobs(logits, [token], logprobs))
         logits, y, margin = next_logits, next_y, next_margin
 
 
@@ -100,9 +100,10 @@ def _prefill(lm: LoadedModel, request: Request, prompt_cache: PromptCache | None
         start = request.persist_prefix
         prompt_cache.store(snapshot(ids[:start], cache, hidden(), source), persist=True)
     logits = prefill(model, cache, ids[start:], on_chunk)
+    prompt_hidden = hidden()
     if prompt_cache is not None:
-        prompt_cache.store(snapshot(ids, cache, hidden(), source))
-    return cache, logits, hidden(), cached
+        prompt_cache.store(snapshot(ids, cache, prompt_hidden, source))
+    return cache, logits, prompt_hidden, cached
 
 
 def generate(

@@ -96,10 +96,7 @@ class Metrics:
                 self.drafts.labels(s.content_class).inc()
                 self.draft_tokens.labels(s.content_class).inc(s.drafted)
                 self.accepted_tokens.labels(s.content_class).inc(s.accepted)
-        if steps:
-            self.speculation_active.set(1 if steps[-1].drafted else 0)
-        else:
-            self.speculation_active.set(0)
+        self.speculation_active.set(1 if steps and steps[-1].drafted else 0)
 
     def observe_speedups(self, expected: float | None, realised: float | None) -> None:
         if expected is not None:

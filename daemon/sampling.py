@@ -65,8 +65,10 @@ class TokenLogprob:
     top: tuple[tuple[int, float], ...] = ()
 
 
-def token_logprobs(logits: mx.array, tokens: list[int], top: int) -> tuple[TokenLogprob, ...]:
-    """logits [n, V] (n >= len(tokens)): row i scores tokens[i]."""
+def token_logprobs(logits: mx.array, tokens: list[int], top: int | None) -> tuple[TokenLogprob, ...]:
+    """logits [n, V] (n >= len(tokens)): row i scores tokens[i]. top None: not asked for, ()."""
+    if top is None:
+        return ()
     rows = logits[: len(tokens)].astype(mx.float32)
     logprobs = rows - mx.logsumexp(rows, axis=-1, keepdims=True)
     chosen = logprobs[mx.arange(len(tokens)), mx.array(tokens)]

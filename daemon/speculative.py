@@ -60,14 +60,11 @@ def speculative_steps(
         key, sub = mx.random.split(key)
         return sample(logits, sampling, sub).item()
 
-    def scored(logits: mx.array, tokens: list[int]):
-        return () if logprobs is None else token_logprobs(logits, tokens, logprobs)
-
     t = choose(first_logits[0], history)
     # pairs the drafter has not seen yet: hidden-state chunks [1, m_i, H] and the tokens after them
     pending_hidden, pending_tokens = [prompt_hidden], [*prompt_ids[1:], t]
     history.append(t)
-    yield Step((t,), logprobs=scored(first_logits, [t]))
+    yield Step((t,), logprobs=token_logprobs(first_logits, [t], logprobs))
     emitted = 1
 
     while True:
@@ -81,7 +78,7 @@ def speculative_steps(
             history.append(t)
             emitted += 1
             policy.observe(0, 0, time.perf_counter() - started)
-            yield Step((t,), logprobs=scored(logits[0], [t]))
+            yield Step((t,), logprobs=token_logprobs(logits[0], [t], logprobs))
             continue
 
         # 1. draft: catch up on unseen pairs, then chain on the drafter's own output
@@ -148,4 +145,4 @@ def speculative_steps(
         history.extend(out)
         emitted += len(out)
         policy.observe(k, accepted, time.perf_counter() - started)
-        yield Step(tuple(out), drafted=k, accepted=accepted, logprobs=scored(logits, out))
+        yield Step(tuple(out), drafted=k, accepted=accepted, logprobs=token_logprobs(logits, out, logprobs))
