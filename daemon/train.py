@@ -23,6 +23,7 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
 from daemon import drafter as mtp
+from daemon.batch_greedy import greedy_batch
 from daemon.forward import hidden_tap
 from daemon.models import LoadedModel
 from daemon.prompts import encode_chat
@@ -36,6 +37,7 @@ class TrainSettings:
     tokens: int = 250_000  # target positions to train on (generated answers and stdlib text)
     steps: int = 1500
     batch: int = 8
+    generate_batch: int = 48  # prompts answered together
     window: int = 256  # tokens per training sequence
     learning_rate: float = 1e-3
     head_vocab: int = 8192  # 0: the full vocabulary
@@ -46,68 +48,77 @@ class TrainSettings:
     seed: int = 0
 
 
-# --- text --------------------------------------------------------------------------------------
+# --- data --------------------------------------------------------------------------------------
 
 
-def make_text(lm: LoadedModel, s: TrainSettings, progress: Callable[[str], None], partial: Path) -> list[dict]:
-    """The target's greedy answers to our prompts (batched), plus standard-library source.
-    Answers are saved to `partial` after every batch, so a stopped run keeps them."""
-    from mlx_lm.generate import batch_generate
+def _pack(seqs: list[tuple[str, list[int], np.ndarray, np.ndarray]], window: int, hidden_size: int) -> dict[str, np.ndarray]:
+    """(category, ids, hidden [n, H], argmax [n]) sequences -> arrays right-padded to the window."""
+    n = len(seqs)
+    f = {
+        "hidden": np.zeros((n, window, hidden_size), np.float16),
+        "tokens": np.zeros((n, window), np.int32),
+        "argmax": np.zeros((n, window), np.int32),
+        "lengths": np.zeros(n, np.int32),
+        "category": np.zeros(n, np.int32),
+    }
+    for r, (category, ids, hidden, argmax) in enumerate(seqs):
+        m = min(len(ids), window)
+        f["tokens"][r, :m], f["hidden"][r, :m], f["argmax"][r, :m] = ids[:m], hidden[:m], argmax[:m]
+        f["lengths"][r], f["category"][r] = m, CATEGORIES.index(category)
+    return f
 
-    texts = json.loads(partial.read_text()) if partial.exists() else []
+
+def _concat(parts: list[dict]) -> dict[str, np.ndarray]:
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+
+def make_answers(lm: LoadedModel, s: TrainSettings, progress: Callable[[str], None], partial: Path) -> dict:
+    """The target's greedy answers to our prompts, generated in batches, with the hidden states and
+    argmaxes of the same pass. Saved to `partial` after every batch, so a stopped run keeps them."""
+    parts = [dict(np.load(partial))] if partial.exists() else []
+    done_prompts = len(parts[0]["lengths"]) if parts else 0
+    done = int(parts[0]["lengths"].sum()) if parts else 0
     budget = int(s.tokens * (1 - s.stdlib_share))
     prompts = training_prompts(s.seed)
-    done = sum(len(t["ids"]) for t in texts)
-    for start in range(len(texts), len(prompts), 32):
+    eos = set(lm.tokenizer.eos_token_ids)
+    for start in range(done_prompts, len(prompts), s.generate_batch):
         if done >= budget:
             break
-        group = prompts[start : start + 32]
+        group = prompts[start : start + s.generate_batch]
         ids = [encode_chat(lm.tokenizer, [{"role": "user", "content": m}])[: s.window // 2] for _, m in group]
-        answers = batch_generate(
-            lm.model, lm.tokenizer, ids, max_tokens=min(s.answer_tokens, s.window - max(map(len, ids))),
-            return_token_ids=True, completion_batch_size=32, prefill_batch_size=32,
-        ).token_ids
-        for (category, _), prompt, answer in zip(group, ids, answers):
-            texts.append({"category": category, "ids": prompt + answer})
-            done += len(prompt) + len(answer)
-        partial.write_text(json.dumps(texts))
-        progress(f"text: {done}/{budget} tokens of answers from {len(texts)} prompts")
-    stdlib_budget = s.tokens - done
-    for chunk in stdlib_chunks(max(1, stdlib_budget // 200), seed=s.seed):
-        ids = lm.tokenizer.encode(chunk)[: s.window]
-        texts.append({"category": "code", "ids": ids})
-        stdlib_budget -= len(ids)
-        if stdlib_budget <= 0:
+        answered = greedy_batch(lm.model, ids, min(s.answer_tokens, s.window - max(map(len, ids))), eos, s.hidden_source)
+        parts.append(_pack([(c, a.ids, a.hidden, a.argmax) for (c, _), a in zip(group, answered)], s.window, lm.config["hidden_size"]))
+        parts = [_concat(parts)]
+        np.savez(partial.with_suffix(".tmp.npz"), **parts[0])
+        partial.with_suffix(".tmp.npz").replace(partial)
+        done = int(parts[0]["lengths"].sum())
+        progress(f"answers: {done}/{budget} tokens from {len(parts[0]['lengths'])} prompts")
+    return parts[0]
+
+
+def stdlib_features(lm: LoadedModel, s: TrainSettings, budget: int, progress) -> dict | None:
+    """Teacher-forced target passes over standard-library source: hidden states and argmaxes."""
+    texts = []
+    for chunk in stdlib_chunks(max(1, budget // 200), seed=s.seed):
+        texts.append(lm.tokenizer.encode(chunk)[: s.window])
+        budget -= len(texts[-1])
+        if budget <= 0:
             break
-    return texts
-
-
-# --- features ----------------------------------------------------------------------------------
-
-
-def extract_features(lm: LoadedModel, texts: list[dict], s: TrainSettings, progress) -> dict[str, np.ndarray]:
-    """Target forward over every text (right-padded to the window): hidden states (fp16), the tokens,
-    and the target's argmax at every position."""
+    if not texts:
+        return None
     tap = hidden_tap(lm.model)
-    n, w = len(texts), s.window
-    hidden = np.zeros((n, w, lm.config["hidden_size"]), np.float16)
-    tokens = np.zeros((n, w), np.int32)
-    argmax = np.zeros((n, w), np.int32)
-    lengths = np.array([min(len(t["ids"]), w) for t in texts], np.int32)
-    for start in range(0, n, s.batch):
-        rows = range(start, min(start + s.batch, n))
-        for r in rows:
-            tokens[r, : lengths[r]] = texts[r]["ids"][:w]
-        logits = lm.model(mx.array(tokens[start : rows.stop]))
+    seqs = []
+    for start in range(0, len(texts), s.batch):
+        rows = texts[start : start + s.batch]
+        width = max(map(len, rows))
+        logits = lm.model(mx.array([r + [0] * (width - len(r)) for r in rows]))
         best = mx.argmax(logits, axis=-1)
         h = tap.hidden(s.hidden_source).astype(mx.float16)
         mx.eval(best, h)
-        argmax[start : rows.stop] = np.array(best)
-        hidden[start : rows.stop] = np.array(h)
+        seqs += [("code", r, np.array(h[i]), np.array(best[i])) for i, r in enumerate(rows)]
         if (start // s.batch) % 10 == 0:
-            progress(f"features: {rows.stop}/{n} sequences")
-    category = np.array([CATEGORIES.index(t["category"]) for t in texts], np.int32)
-    return {"hidden": hidden, "tokens": tokens, "argmax": argmax, "lengths": lengths, "category": category}
+            progress(f"stdlib: {start + len(rows)}/{len(texts)} sequences")
+    return _pack(seqs, s.window, lm.config["hidden_size"])
 
 
 def drafter_batch(f: dict, rows: np.ndarray):
@@ -195,14 +206,11 @@ def train_drafter(
     if not resume:
         for stale in work.iterdir():
             stale.unlink()
-    text_file, feature_file = work / "text.json", work / "features.npz"
-    if not text_file.exists():
-        texts = make_text(lm, s, progress, work / "text.partial.json")
-        text_file.write_text(json.dumps(texts))
-    texts = json.loads(text_file.read_text())
+    feature_file = work / "features.npz"
     if not feature_file.exists():
-        features = extract_features(lm, texts, s, progress)
-        np.savez(work / "features.tmp.npz", **features)
+        answers = make_answers(lm, s, progress, work / "answers.npz")
+        stdlib = stdlib_features(lm, s, s.tokens - int(answers["lengths"].sum()), progress)
+        np.savez(work / "features.tmp.npz", **(_concat([answers, stdlib]) if stdlib else answers))
         (work / "features.tmp.npz").replace(feature_file)
     f = dict(np.load(feature_file))
     data_seconds = time.perf_counter() - started

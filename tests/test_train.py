@@ -55,3 +55,22 @@ def test_head_vocabulary_is_the_most_frequent_predictions():
 
     f = {"argmax": np.array([[5, 5, 5, 7, 7, 9]]), "tokens": np.array([[1, 1, 1, 1, 1, 1]])}
     assert choose_head_vocab(f, 2) == [5, 7]
+
+
+def test_batched_answers_equal_one_by_one_greedy_with_their_hidden_states(tiny_gguf):
+    import mlx.core as mx
+    import numpy as np
+
+    from daemon.batch_greedy import greedy_batch
+    from daemon.forward import hidden_tap
+
+    lm = load(str(tiny_gguf), drafter="none")
+    prompts = [lm.tokenizer.encode(t) for t in ("def add(a, b):", "Once upon a time there was", "2 + 2 =")]
+    answered = greedy_batch(lm.model, prompts, 12, set(), "post_norm")
+    for prompt, a in zip(prompts, answered):
+        alone = list(generate(lm, Request(tuple(prompt), max_tokens=12), Fixed(0)))[-1]
+        assert a.ids == prompt + list(alone.token_ids)
+        lm.model(mx.array([a.ids]))
+        h = np.array(hidden_tap(lm.model).hidden("post_norm")[0])
+        assert np.abs(a.hidden.astype(np.float32) - h).max() < 2e-2
+        assert a.argmax[len(prompt) - 1 : -1].tolist() == list(alone.token_ids)[: len(a.ids) - len(prompt)]
