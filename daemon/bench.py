@@ -57,6 +57,9 @@ def run_engine(lm: LoadedModel, policy, request: Request, tie_margin: float | No
         "accepted_by_position": list(finished.accepted_by_position),
         "tie_rechecks": finished.tie_rechecks,
         "draft_lengths": list(finished.draft_lengths),
+        "lookup_steps": list(finished.lookup_steps),
+        "lookup_drafted": finished.lookup_drafted,
+        "lookup_accepted": finished.lookup_accepted,
         "token_ids": list(finished.token_ids),
     }
 
@@ -116,6 +119,7 @@ def summarize(results: list[dict], specs: list[str]) -> list[dict]:
             seconds = sum(r["seconds"] for r in mine)
             decoded = sum(max(r["completion_tokens"] - 1, 0) for r in mine)
             drafted = sum(r["drafted"] for r in mine)
+            copied = sum(r.get("lookup_drafted", 0) for r in mine)
             rates[spec] = decoded / seconds if seconds > 0 else 0.0
             rows.append(
                 {
@@ -124,6 +128,12 @@ def summarize(results: list[dict], specs: list[str]) -> list[dict]:
                     "tokens_per_second": rates[spec],
                     "acceptance": sum(r["accepted"] for r in mine) / drafted if drafted else None,
                     "acceptance_by_position": acceptance_by_position(mine),
+                    "lookup_share": copied / drafted if drafted else None,
+                    "lookup_acceptance": sum(r.get("lookup_accepted", 0) for r in mine) / copied if copied else None,
+                    "mtp_acceptance": (
+                        sum(r["accepted"] - r.get("lookup_accepted", 0) for r in mine) / (drafted - copied)
+                        if drafted > copied else None
+                    ),
                 }
             )
         for row in rows[-len(specs) :]:
@@ -147,7 +157,7 @@ def run_bench(
     `verify_penalty` (seconds per extra verified row) makes speculation expensive on purpose."""
     if lm.drafter is None and any(s not in ("off", BASELINE) for s in specs):
         raise ValueError(f"--spec {next(s for s in specs if s not in ('off', BASELINE))} needs a drafter (--drafter)")
-    shared = shared_estimates(lm, verify_penalty) if "adaptive" in specs else None
+    shared = shared_estimates(lm, verify_penalty) if any(s.startswith("adaptive") for s in specs) else None
     for spec in specs:
         if spec != BASELINE:
             make_policy(spec, shared)  # reject bad names before any work

@@ -36,7 +36,7 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("prompt")
     g.add_argument("--model", default=None, help="GGUF file, mlx-lm folder or repo id on disk")
     _drafter_args(g)
-    g.add_argument("--spec", default="adaptive", help="draft policy: adaptive (default) | off | fixed:K")
+    g.add_argument("--spec", default="adaptive", help="draft policy: adaptive (default) | adaptive:mtp | off | fixed:K")
     g.add_argument("--max-tokens", type=int, default=512)
     g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     g.add_argument("--raw", action="store_true", help="send the prompt as raw text, no chat template")
@@ -46,7 +46,7 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--prompts", required=True, type=Path, help="JSONL: id, category, messages|prompt")
     b.add_argument("--model", default=None)
     _drafter_args(b)
-    b.add_argument("--spec", action="append", required=True, help="draft policy: off | fixed:K | adaptive (repeatable)")
+    b.add_argument("--spec", action="append", required=True, help="draft policy: off | fixed:K | adaptive | adaptive:mtp (repeatable)")
     b.add_argument("--verify-penalty-ms", type=float, default=0.0, help="test switch: add this per extra verified row")
     b.add_argument("--max-tokens", type=int, default=256)
     b.add_argument("--repeat", type=int, default=1)
@@ -61,7 +61,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--model", default=None)
     s.add_argument("--drafter", default=None)
     s.add_argument("--drafter-bits", type=int, default=None)
-    s.add_argument("--speculation", default=None, help="default draft policy: adaptive | off | fixed:K")
+    s.add_argument("--speculation", default=None, help="default draft policy: adaptive | adaptive:mtp | off | fixed:K")
     s.add_argument("--log-level", default=None)
     s.add_argument("--config", type=Path, default=None, help="TOML file (default: ~/.config/mtpd/config.toml)")
 
@@ -117,11 +117,11 @@ def cmd_generate(args) -> None:
     from daemon.engine import Finished, Request, generate
     from daemon.calibration import shared_estimates
     from daemon.prompts import encode_chat, encode_text
-    from policies.registry import make_policy
+    from policies.registry import ADAPTIVE, make_policy
 
     lm = _load(args)
-    spec = args.spec if lm.drafter is not None or args.spec != "adaptive" else "off"
-    shared = shared_estimates(lm) if spec == "adaptive" else None
+    spec = args.spec if lm.drafter is not None or args.spec not in ADAPTIVE else "off"
+    shared = shared_estimates(lm) if spec in ADAPTIVE else None
     policy = make_policy(spec, shared)
     if policy.name != "off" and lm.drafter is None:
         raise ValueError(f"--spec {spec} needs a drafter (--drafter)")

@@ -137,6 +137,8 @@ def generate(
     stops = StopText(request.stop)
     generated: list[int] = []
     lengths: list[int] = []
+    copied: list[bool] = []
+    lookup = [0, 0]  # drafted, accepted
     drafted_at: list[int] = []
     accepted_at: list[int] = []
     first_token_at = None
@@ -146,6 +148,10 @@ def generate(
             first_token_at = first_token_at or time.perf_counter()
             if speculate:
                 lengths.append(step.drafted)
+                copied.append(step.lookup)
+            if step.lookup:
+                lookup[0] += step.drafted
+                lookup[1] += step.accepted
             if step.drafted:
                 for counts, n in ((drafted_at, step.drafted), (accepted_at, step.accepted)):
                     counts.extend([0] * (step.drafted - len(counts)))
@@ -188,7 +194,10 @@ def generate(
         accepted=sum(accepted_at),
         drafted_by_position=tuple(drafted_at),
         accepted_by_position=tuple(accepted_at),
+        lookup_drafted=lookup[0],
+        lookup_accepted=lookup[1],
         draft_lengths=tuple(lengths),
+        lookup_steps=tuple(copied),
         tie_rechecks=guard.rechecks,
         token_ids=tuple(generated),
     )

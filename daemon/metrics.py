@@ -1,7 +1,7 @@
 """Prometheus metrics (prometheus-client), all prefixed `mtpd_`.
 
 Labels are bounded: endpoint (a fixed route list), HTTP status code, content class (code / prose),
-draft position (1..16), step kind. No request ids or text. Engine figures are recorded on the engine
+draft position (1..16), draft source (mtp / lookup), step kind. No request ids or text. Engine figures are recorded on the engine
 thread after each request from the `Finished` record and the policy's step log; HTTP figures in the
 server's middleware.
 """
@@ -17,6 +17,7 @@ from policies.classifier import CLASSES
 from policies.registry import MAX_DRAFT
 
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+SOURCES = ("mtp", "lookup")  # the MTP drafter, or copied by context lookup
 TOKEN_BUCKETS = (0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1)
 
 disable_created_metrics()  # no `_created` series: half the exposition, no use on a dashboard
@@ -40,10 +41,10 @@ class Metrics:
                                      ["result"], registry=r)
         self.cache_bytes = Gauge("mtpd_prompt_cache_bytes", "bytes held by the prompt cache", ["tier"], registry=r)
         self.drafts = Counter("mtpd_speculative_steps", "verification steps with k >= 1 drafted tokens",
-                              ["content_class"], registry=r)
-        self.draft_tokens = Counter("mtpd_draft_tokens", "drafted tokens", ["content_class"], registry=r)
+                              ["content_class", "source"], registry=r)
+        self.draft_tokens = Counter("mtpd_draft_tokens", "drafted tokens", ["content_class", "source"], registry=r)
         self.accepted_tokens = Counter("mtpd_accepted_tokens", "drafted tokens the target accepted",
-                                       ["content_class"], registry=r)
+                                       ["content_class", "source"], registry=r)
         self.drafted_at = Counter("mtpd_draft_tokens_by_position", "drafted tokens by draft position",
                                   ["position"], registry=r)
         self.accepted_at = Counter("mtpd_accepted_tokens_by_position", "accepted tokens by draft position",
@@ -68,8 +69,9 @@ class Metrics:
         self.info = Info("mtpd_model", "the served model and drafter", registry=r)
         self.memory = Gauge("mtpd_mlx_memory_bytes", "MLX memory by kind (active, peak, cache)", ["kind"], registry=r)
         for klass in CLASSES:
-            for metric in (self.drafts, self.draft_tokens, self.accepted_tokens):
-                metric.labels(klass)
+            for source in SOURCES:
+                for metric in (self.drafts, self.draft_tokens, self.accepted_tokens):
+                    metric.labels(klass, source)
         for result in ("hit", "miss"):
             self.cache_lookups.labels(result)
 
@@ -93,9 +95,10 @@ class Metrics:
             self.draft_length.observe(s.drafted)
             self.step_seconds.labels("speculative" if s.drafted else "plain").observe(s.seconds)
             if s.drafted:
-                self.drafts.labels(s.content_class).inc()
-                self.draft_tokens.labels(s.content_class).inc(s.drafted)
-                self.accepted_tokens.labels(s.content_class).inc(s.accepted)
+                labels = (s.content_class, "lookup" if s.lookup else "mtp")
+                self.drafts.labels(*labels).inc()
+                self.draft_tokens.labels(*labels).inc(s.drafted)
+                self.accepted_tokens.labels(*labels).inc(s.accepted)
         self.speculation_active.set(1 if steps and steps[-1].drafted else 0)
 
     def observe_speedups(self, expected: float | None, realised: float | None) -> None:

@@ -144,6 +144,8 @@ def speculation_figures(done: Finished, policy: str) -> dict:
         "drafted_tokens": done.drafted,
         "accepted_tokens": done.accepted,
         "acceptance_rate": round(done.accepted / done.drafted, 4) if done.drafted else None,
+        "lookup_drafted_tokens": done.lookup_drafted,
+        "lookup_accepted_tokens": done.lookup_accepted,
         "time_to_first_token_s": round(done.ttft_seconds, 4),
         "tokens_per_second": round(done.tokens_per_second, 2),
     }

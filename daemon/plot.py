@@ -1,5 +1,5 @@
 """`mtpd bench --plot`: tokens/s and speed-up per policy and category, and the draft length the
-adaptive policy chose along one answer."""
+adaptive policy chose along one answer (steps that copied from the context marked)."""
 
 from __future__ import annotations
 
@@ -34,7 +34,11 @@ def plot_report(report: dict, path: str | Path) -> None:
     axes[0].legend(fontsize=8)
     if trace:
         row, lengths = trace
-        axes[2].step(range(len(lengths)), lengths, where="post")
+        axes[2].step(range(len(lengths)), lengths, where="post", label="draft length")
+        copied = [i for i, c in enumerate(row.get("lookup_steps", [])) if c]
+        if copied:
+            axes[2].scatter(copied, [lengths[i] for i in copied], s=10, color="tab:orange", label="copied by lookup")
+            axes[2].legend(fontsize=8)
         axes[2].set_title(f"adaptive: draft length per step ({row['id']})")
         axes[2].set_xlabel("step")
         axes[2].set_ylabel("k (0 = plain decoding)")

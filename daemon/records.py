@@ -31,6 +31,7 @@ class Step:
     drafted: int = 0
     accepted: int = 0
     logprobs: tuple[TokenLogprob, ...] = ()  # one per token, when the request asks for them
+    lookup: bool = False  # the drafts were copied from the context, not drafted by the MTP drafter
 
 
 @dataclass(frozen=True)
@@ -54,7 +55,10 @@ class Finished:
     accepted: int = 0
     drafted_by_position: tuple[int, ...] = ()  # [j]: drafts made at draft position j+1
     accepted_by_position: tuple[int, ...] = ()  # [j]: of those, accepted
+    lookup_drafted: int = 0  # of `drafted`, the tokens copied by context lookup
+    lookup_accepted: int = 0  # of `accepted`, the copied ones
     draft_lengths: tuple[int, ...] = field(default=(), repr=False)  # k at each step (speculative runs)
+    lookup_steps: tuple[bool, ...] = field(default=(), repr=False)  # at each step: drafts copied by lookup
     tie_rechecks: int = 0  # near-tie positions decided by canonical recomputation
     token_ids: tuple[int, ...] = field(default=(), repr=False)
 

@@ -39,7 +39,7 @@ from daemon.records import Delta, Finished, Request
 from daemon.sampling import SamplingParams
 from daemon.settings import Settings
 from daemon.worker import DeadlineExceeded, Job, QueueFull, Worker
-from policies.registry import make_policy
+from policies.registry import check as check_policy
 
 log = structlog.get_logger()
 POLL_SECONDS = 0.05  # how often a waiting handler checks that its client is still there
@@ -119,8 +119,7 @@ class Service:
         max_tokens = min(body.token_limit() or self.settings.default_max_tokens, room)
         speculation = body.speculation or self.default_speculation()
         try:
-            if speculation != "adaptive":
-                make_policy(speculation)
+            check_policy(speculation)
         except ValueError as e:
             raise ApiError(400, f"speculation: {e}", "speculation") from None
         if speculation != "off" and self.lm.drafter is None:
@@ -194,6 +193,7 @@ def _log_request(service: Service, rid: str, prepared: Prepared, done: Finished 
             tokens_per_second=round(done.tokens_per_second, 2), ttft_s=round(done.ttft_seconds, 4),
             drafted=done.drafted, accepted=done.accepted,
             acceptance=round(done.accepted / done.drafted, 3) if done.drafted else None,
+            lookup_drafted=done.lookup_drafted, lookup_accepted=done.lookup_accepted,
             draft_lengths=lengths, finish_reason=done.finish_reason,
         )
     if service.settings.log_prompts:

@@ -14,7 +14,7 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
-from policies.registry import make_policy
+from policies.registry import check as check_policy
 
 MiB = 1 << 20
 
@@ -35,7 +35,7 @@ class Settings(BaseSettings):
     model: str | None = Field(None, description="GGUF file, mlx-lm folder or repo id on disk (default: SmolLM2-135M-Instruct)")
     drafter: str | None = Field(None, description="MTP drafter folder, or 'none' (default: the model's own or the shipped one)")
     drafter_bits: Literal[8, 4, 3] | None = Field(None, description="quantize the drafter to this many bits")
-    speculation: str = Field("adaptive", description="default draft policy: adaptive | off | fixed:K")
+    speculation: str = Field("adaptive", description="default draft policy: adaptive | adaptive:mtp | off | fixed:K")
     api_key: SecretStr | None = Field(None, description="if set, requests need 'Authorization: Bearer <key>'")
     max_queue: int = Field(16, ge=1, description="requests waiting for the engine before 503")
     request_timeout_s: float = Field(300.0, gt=0, description="a request's longest time in queue + generation")
@@ -52,8 +52,7 @@ class Settings(BaseSettings):
     @field_validator("speculation")
     @classmethod
     def _known_policy(cls, value: str) -> str:
-        if value != "adaptive":
-            make_policy(value)
+        check_policy(value)
         return value
 
     @classmethod

@@ -8,7 +8,10 @@ Round, for the last emitted token t (not yet in the target's cache):
    sampling: rejection sampling with the residual max(0, p - q) (see daemon.verify);
 4. both caches are trimmed: the target keeps t and the accepted drafts, the drafter drops its
    chained positions and will recompute them from the target's real hidden states.
-k comes from the policy every round; k = 0 is a plain target step.
+k comes from the policy every round; k = 0 is a plain target step. The policy may instead take the
+k drafts from the context lookup's offer (daemon.lookup): then the drafter does not run, and it
+catches up on those positions in its next round. Verification is the same for both sources (a
+lookup draft is a drafter whose q is one-hot on the copied token).
 """
 
 from __future__ import annotations
@@ -21,9 +24,13 @@ from mlx_lm.models.cache import trim_prompt_cache
 
 from daemon.records import Step
 from daemon.forward import PREFILL_CHUNK, hidden_tap
+from daemon.lookup import NgramIndex
 from daemon.sampling import SamplingParams, sample, target_logprobs, token_logprobs
 from daemon.ties import NearTieGuard, top2_margin
 from daemon.verify import greedy_accepted, residual_logprobs, sampled_accepted
+
+
+LOOKUP_MAX = 8  # tokens the context lookup offers at most
 
 
 def speculative_steps(
@@ -49,6 +56,8 @@ def speculative_steps(
     source = drafter.config.hidden_source
     dcache = drafter.make_cache()
     history = list(prompt_ids)
+    index = NgramIndex()
+    index.extend(prompt_ids)
 
     def choose(logits: mx.array, ids: list[int]) -> int:
         """The target's own next token from logits [V] (greedy tie-guarded, or sampled)."""
@@ -64,11 +73,15 @@ def speculative_steps(
     # pairs the drafter has not seen yet: hidden-state chunks [1, m_i, H] and the tokens after them
     pending_hidden, pending_tokens = [prompt_hidden], [*prompt_ids[1:], t]
     history.append(t)
+    index.extend([t])
     yield Step((t,), logprobs=token_logprobs(first_logits, [t], logprobs))
     emitted = 1
 
     while True:
-        k = min(policy.draft_length(), max_tokens - emitted - 1)
+        room = max_tokens - emitted - 1
+        offer = index.propose(min(room, LOOKUP_MAX))
+        plan = policy.plan(len(offer.tokens), offer.match)
+        k = min(plan.k, len(offer.tokens) if plan.lookup else room)
         started = time.perf_counter()
         if k <= 0:
             logits = model(mx.array([[t]]), cache=cache)
@@ -76,36 +89,21 @@ def speculative_steps(
             t = choose(logits[0, -1], history)
             pending_tokens.append(t)
             history.append(t)
+            index.extend([t])
             emitted += 1
             policy.observe(0, 0, time.perf_counter() - started)
             yield Step((t,), logprobs=token_logprobs(logits[0], [t], logprobs))
             continue
 
-        # 1. draft: catch up on unseen pairs, then chain on the drafter's own output
-        unseen = mx.concatenate(pending_hidden, axis=1) if len(pending_hidden) > 1 else pending_hidden[0]
-        for start in range(0, len(pending_tokens), PREFILL_CHUNK):
-            d_logits, own = drafter(
-                unseen[:, start : start + PREFILL_CHUNK],
-                mx.array([pending_tokens[start : start + PREFILL_CHUNK]]),
-                dcache,
-                model,
-            )
-        drafts, q_rows = [], []
-        for j in range(k):
-            row = d_logits[0, -1]
-            if sampling.greedy:
-                d = mx.argmax(row, keepdims=True)
-            else:
-                key, sub = mx.random.split(key)
-                q_logprobs = target_logprobs(row, sampling)
-                d = mx.random.categorical(q_logprobs, key=sub)[None]
-                q_rows.append(mx.exp(q_logprobs))
-            drafts.append(d)
-            if j < k - 1:
-                d_logits, own = drafter(own[:, -1:], d[None], dcache, model)
+        # 1. draft: copy the lookup's offer, or let the drafter catch up on unseen pairs and then
+        #    chain on its own output
+        if plan.lookup:
+            draft_ids = mx.array(offer.tokens[:k])
+            q_rows = [mx.zeros(first_logits.shape[-1]).at[d].add(1.0) for d in offer.tokens[:k]] if not sampling.greedy else []
+        else:
+            draft_ids, q_rows, key = _mtp_drafts(drafter, model, dcache, pending_hidden, pending_tokens, k, sampling, key)
 
         # 2. verify k+1 positions in one forward
-        draft_ids = mx.concatenate(drafts)
         logits = model(mx.concatenate([mx.array([t]), draft_ids])[None], cache=cache)[0]
         hidden = tap.hidden(source)
         if verify_penalty:
@@ -137,12 +135,46 @@ def speculative_steps(
             last = residual_logprobs(mx.exp(logp[accepted]), q[accepted]) if accepted < k else logp[k]
             out = draft_list[:accepted] + [mx.random.categorical(last, key=k_last).item()]
 
-        # 4. trim: the target keeps t and the accepted drafts; the drafter drops its chain
+        # 4. trim: the target keeps t and the accepted drafts; the drafter drops its chain (after a
+        #    lookup round it has seen nothing new and catches up later)
         trim_prompt_cache(cache, k - accepted)
-        trim_prompt_cache([dcache], k - 1)
-        pending_hidden, pending_tokens = [hidden[:, : accepted + 1]], out
+        if plan.lookup:
+            pending_hidden.append(hidden[:, : accepted + 1])
+            pending_tokens.extend(out)
+        else:
+            trim_prompt_cache([dcache], k - 1)
+            pending_hidden, pending_tokens = [hidden[:, : accepted + 1]], list(out)
         t = out[-1]
         history.extend(out)
+        index.extend(out)
         emitted += len(out)
         policy.observe(k, accepted, time.perf_counter() - started)
-        yield Step(tuple(out), drafted=k, accepted=accepted, logprobs=token_logprobs(logits, out, logprobs))
+        yield Step(tuple(out), drafted=k, accepted=accepted, logprobs=token_logprobs(logits, out, logprobs), lookup=plan.lookup)
+
+
+def _mtp_drafts(drafter, model, dcache, pending_hidden, pending_tokens, k, sampling, key):
+    """The drafter catches up on the (hidden state, next token) pairs it has not seen, then chains
+    k drafts on its own output. Returns (draft ids [k], the drafter's probabilities per draft when
+    sampling, the new random key)."""
+    unseen = mx.concatenate(pending_hidden, axis=1) if len(pending_hidden) > 1 else pending_hidden[0]
+    for start in range(0, len(pending_tokens), PREFILL_CHUNK):
+        d_logits, own = drafter(
+            unseen[:, start : start + PREFILL_CHUNK],
+            mx.array([pending_tokens[start : start + PREFILL_CHUNK]]),
+            dcache,
+            model,
+        )
+    drafts, q_rows = [], []
+    for j in range(k):
+        row = d_logits[0, -1]
+        if sampling.greedy:
+            d = mx.argmax(row, keepdims=True)
+        else:
+            key, sub = mx.random.split(key)
+            q_logprobs = target_logprobs(row, sampling)
+            d = mx.random.categorical(q_logprobs, key=sub)[None]
+            q_rows.append(mx.exp(q_logprobs))
+        drafts.append(d)
+        if j < k - 1:
+            d_logits, own = drafter(own[:, -1:], d[None], dcache, model)
+    return mx.concatenate(drafts), q_rows, key

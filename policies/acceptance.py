@@ -25,14 +25,37 @@ def observed(drafted: int, accepted: int) -> tuple[np.ndarray, np.ndarray]:
     return tried, passed
 
 
+def drafter_prior(k_max: int, rate: float = 0.5) -> np.ndarray:
+    """Before any evidence, MTP draft position j (from 1) is accepted with rate**j: deeper drafts
+    cost a verified row each, so they must earn their place (exploration tries them now and then)."""
+    return rate ** np.arange(1, k_max + 1)
+
+
+def lookup_prior(k_max: int, first: float = 0.6, then: float = 0.8) -> np.ndarray:
+    """Context lookup: a copied continuation that starts right tends to go on being right."""
+    return np.array([first] + [then] * (k_max - 1))
+
+
+LOOKUP_MATCHES = (2, 3, 4)
+
+
+def lookup_key(cls: str, match: int) -> str:
+    """Lookup estimates are kept per content class and n-gram match length (longer: surer)."""
+    return f"{cls}/{min(max(match, LOOKUP_MATCHES[0]), LOOKUP_MATCHES[-1])}"
+
+
+LOOKUP_KEYS = tuple(lookup_key(c, m) for c in CLASSES for m in LOOKUP_MATCHES)
+
+
 class AcceptanceCounts:
-    def __init__(self, k_max: int, decay: float = 0.995, rate: float = 0.5, weight: float = 2.0):
-        """Before any evidence, position j (from 1) is accepted with rate**j: deeper drafts cost a
-        verified row each, so they must earn their place (exploration tries them now and then)."""
-        self.k_max, self.decay = k_max, decay
-        start = rate ** np.arange(1, k_max + 1)
-        self.hits = {c: start * weight for c in CLASSES}
-        self.trials = {c: np.full(k_max, weight) for c in CLASSES}
+    def __init__(self, k_max: int, decay: float = 0.995, prior: np.ndarray | None = None, weight: float = 2.0,
+                 keys: tuple[str, ...] = CLASSES):
+        """prior[j]: the acceptance rate of position j + 1 before any evidence, worth `weight`
+        observations (default: drafter_prior)."""
+        self.k_max, self.decay, self.keys = k_max, decay, keys
+        start = drafter_prior(k_max) if prior is None else prior
+        self.hits = {c: start * weight for c in keys}
+        self.trials = {c: np.full(k_max, weight) for c in keys}
 
     def rates(self, cls: str) -> np.ndarray:
         return self.hits[cls] / self.trials[cls]
@@ -45,10 +68,10 @@ class AcceptanceCounts:
         self.trials[cls] = np.where(tried, self.decay * self.trials[cls] + 1, self.trials[cls])
 
     def to_dict(self) -> dict:
-        return {c: {"hits": self.hits[c].tolist(), "trials": self.trials[c].tolist()} for c in CLASSES}
+        return {c: {"hits": self.hits[c].tolist(), "trials": self.trials[c].tolist()} for c in self.keys}
 
     def load_dict(self, data: dict) -> None:
-        for c in CLASSES:
+        for c in self.keys:
             if c in data and len(data[c]["hits"]) == self.k_max:
                 self.hits[c], self.trials[c] = np.array(data[c]["hits"]), np.array(data[c]["trials"])
 
@@ -58,10 +81,10 @@ class RequestAcceptance(AcceptanceCounts):
     and every observation passed on to the prior."""
 
     def __init__(self, prior: AcceptanceCounts, weight: float = 8.0, decay: float = 0.95):
-        super().__init__(prior.k_max, decay)
+        super().__init__(prior.k_max, decay, keys=prior.keys)
         self.prior = prior
         self.weight = weight
-        for c in CLASSES:
+        for c in prior.keys:
             self.hits[c] = prior.rates(c) * weight
             self.trials[c] = np.full(prior.k_max, weight)
 

@@ -5,6 +5,8 @@ acceptance estimates for that class (policies.acceptance) and the step costs (po
 picks k = argmax E(k) / T(k). k = 0 (plain decoding) whenever that wins. While off it still probes
 with k = 1 now and then (backing off while probes keep losing), so it switches back on when the
 content changes; while on, it now and then tries one more draft so deeper positions keep estimates.
+When the context lookup offers a continuation, its own estimates (per class and match length) and
+its cheaper rounds decide whether copying beats the drafter, and how many tokens to copy.
 """
 
 from __future__ import annotations
@@ -13,9 +15,10 @@ from pathlib import Path
 
 import numpy as np
 
-from policies.acceptance import AcceptanceCounts, RequestAcceptance
+from policies.acceptance import LOOKUP_KEYS, AcceptanceCounts, RequestAcceptance, lookup_key, lookup_prior
 from policies.classifier import ContentTracker
-from policies.cost import StepCosts, best_draft_length, save_json
+from policies.cost import StepCosts, best_draft_length, best_lookup_length, save_json, throughput
+from policies.plan import Plan
 
 K_MAX = 8
 OPTIMISTIC_RATE = 0.9  # probing is pointless when even this acceptance at every position cannot pay
@@ -25,14 +28,23 @@ OFF_MARGIN = 0.03  # plain must beat the best k by 3% before speculation switche
 class SharedEstimates:
     """Shared by all requests on one (model, drafter, machine): acceptance prior and step costs."""
 
-    def __init__(self, costs: StepCosts, acceptance: AcceptanceCounts | None = None, path: Path | None = None):
+    def __init__(self, costs: StepCosts, acceptance: AcceptanceCounts | None = None, path: Path | None = None,
+                 lookup: AcceptanceCounts | None = None):
         self.costs = costs
         self.acceptance = acceptance or AcceptanceCounts(costs.k_max)
+        self.lookup = lookup or AcceptanceCounts(costs.k_max, prior=lookup_prior(costs.k_max), keys=LOOKUP_KEYS)
         self.path = path
 
     def save(self) -> None:
         if self.path is not None:
-            save_json(self.path, {"costs": self.costs.to_dict(), "acceptance": self.acceptance.to_dict()})
+            save_json(self.path, {
+                "costs": self.costs.to_dict(), "acceptance": self.acceptance.to_dict(), "lookup": self.lookup.to_dict(),
+            })
+
+    def expected_speedup(self, cls: str, plan: Plan, match: int) -> float:
+        """E(k)/T(k) of a plan over the plain rate 1/T(0), from the shared estimates."""
+        rates = self.lookup.rates(lookup_key(cls, match)) if plan.lookup else self.acceptance.rates(cls)
+        return throughput(rates, plan.k, self.costs, plan.lookup) / throughput(rates, 0, self.costs)
 
     @classmethod
     def load(cls, path: Path) -> SharedEstimates | None:
@@ -43,18 +55,23 @@ class SharedEstimates:
             costs = StepCosts.from_dict(data["costs"])
         except (OSError, ValueError, KeyError, TypeError):
             return None  # missing or unreadable: calibrate again
-        acceptance = AcceptanceCounts(costs.k_max)
-        acceptance.load_dict(data.get("acceptance", {}))
-        return cls(costs, acceptance, path)
+        shared = cls(costs, path=path)
+        shared.acceptance.load_dict(data.get("acceptance", {}))
+        shared.lookup.load_dict(data.get("lookup", {}))
+        return shared
 
 
 class AdaptivePolicy:
-    name = "adaptive"
-
-    def __init__(self, shared: SharedEstimates, k_max: int = K_MAX, probe_every: int = 8, explore_every: int = 12):
+    def __init__(self, shared: SharedEstimates, k_max: int = K_MAX, probe_every: int = 8, explore_every: int = 12,
+                 lookup: bool = True):
+        """lookup: consider the context lookup's offers (False: the MTP drafter alone)."""
         self.shared = shared
+        self.name = "adaptive" if lookup else "adaptive:mtp"
+        self.use_lookup = lookup
         self.k_max = min(k_max, shared.costs.k_max)
         self.acceptance = RequestAcceptance(shared.acceptance)
+        self.lookup = RequestAcceptance(shared.lookup)
+        self.lookup_key: str | None = None  # the current step copies from the context, with these estimates
         self.tracker = ContentTracker()
         self.probe_every = self.base_probe_every = probe_every
         self.explore_every = explore_every
@@ -76,26 +93,46 @@ class AdaptivePolicy:
         optimistic = np.full(self.k_max, OPTIMISTIC_RATE)
         return best_draft_length(optimistic, self.shared.costs, self.k_max, OFF_MARGIN) > 0
 
-    def draft_length(self) -> int:
+    def _lookup_plan(self, offered: int, match: int, mtp_k: int) -> Plan | None:
+        """Copy from the context when that is expected to beat both the drafter's best k and plain
+        decoding (by the off margin); else leave this class's lookup estimates to relax."""
+        key = lookup_key(self.klass, match)
+        rates, costs = self.lookup.rates(key), self.shared.costs
+        k = best_lookup_length(rates, costs, min(offered, self.k_max))
+        rival = max(throughput(self.acceptance.rates(self.klass), mtp_k, costs), throughput(rates, 0, costs) * (1 + OFF_MARGIN))
+        if throughput(rates, k, costs, lookup=True) > rival:
+            self.lookup_key = key
+            return Plan(k, lookup=True)
+        self.lookup.relax(key)
+        return None
+
+    def plan(self, lookup: int = 0, match: int = 0) -> Plan:
         self.klass = self.tracker.current
-        k = self._best()
+        self.lookup_key = None
         self.probing = False
+        k = self._best()
+        if lookup and self.use_lookup and (copy := self._lookup_plan(lookup, match, k)):
+            return copy
         if k == 0:
             self.acceptance.relax(self.klass)
             self.steps_off += 1
             if self.steps_off >= self.probe_every and self._could_pay():
                 self.steps_off, self.probing = 0, True
-                return 1
-            return 0
+                return Plan(1)
+            return Plan(0)
         self.steps_off = 0
         self.probe_every = self.base_probe_every
         self.steps_on += 1
         if self.steps_on % self.explore_every == 0 and k < self.k_max:
-            return k + 1
-        return k
+            return Plan(k + 1)
+        return Plan(k)
 
     def observe(self, drafted: int, accepted: int, seconds: float) -> None:
-        self.shared.costs.observe(drafted, seconds)
+        copied = self.lookup_key is not None
+        self.shared.costs.observe(drafted, seconds, lookup=copied)
+        if copied:
+            self.lookup.observe(self.lookup_key, drafted, accepted)
+            return
         if drafted:
             self.acceptance.observe(self.klass, drafted, accepted)
         if self.probing and self._best() == 0:

@@ -2,8 +2,9 @@
 
 T(0) is a plain step; T(k) = k * t_draft + t_verify(k+1) (Leviathan et al.), first from a short
 probe at start-up, then replaced by moving averages of the real steps, which include everything a
-round costs (the drafter's catch-up, host syncs, acceptance). Saved per (model, drafter, machine)
-so a restarted daemon starts calibrated.
+round costs (the drafter's catch-up, host syncs, acceptance). A round drafted by context lookup
+costs t_verify(k+1) alone, and has moving averages of its own. Saved per (model, drafter,
+machine) so a restarted daemon starts calibrated.
 """
 
 from __future__ import annotations
@@ -20,38 +21,60 @@ class StepCosts:
         """t_verify[n - 1]: seconds of a target forward over n positions (n = 1 .. k_max + 1)."""
         self.k_max = len(t_verify) - 1
         self.alpha = alpha
+        self.t_draft, self.t_verify = t_draft, list(t_verify)
         self.probed = [k * t_draft + t_verify[k] for k in range(self.k_max + 1)]
         self.seconds = list(self.probed)
         self.observations = [0] * (self.k_max + 1)
+        self.lookup_seconds = list(t_verify)
+        self.lookup_observations = [0] * (self.k_max + 1)
         self.scale = 1.0  # real speculative rounds / probe, applied to draft lengths not yet seen
 
-    def predict(self, k: int) -> float:
-        if k == 0 or self.observations[k]:
-            return self.seconds[k]
-        return self.probed[k] * self.scale
+    def predict(self, k: int, lookup: bool = False) -> float:
+        seconds, observations, probed = self._table(lookup)
+        if k == 0 or observations[k]:
+            return seconds[k]
+        return probed[k] * self.scale
 
-    def observe(self, k: int, seconds: float) -> None:
-        """A real step of draft length k took `seconds`."""
+    def observe(self, k: int, seconds: float, lookup: bool = False) -> None:
+        """A real step of draft length k took `seconds` (`lookup`: drafted by context lookup)."""
         if 0 <= k <= self.k_max and seconds > 0:
+            table, observations, probed = self._table(lookup)
             if k:
-                self.scale += self.alpha * (seconds / self.probed[k] - self.scale)
-            self.seconds[k] += self.alpha * (seconds - self.seconds[k])
-            self.observations[k] += 1
+                self.scale += self.alpha * (seconds / probed[k] - self.scale)
+            table[k] += self.alpha * (seconds - table[k])
+            observations[k] += 1
+
+    def _table(self, lookup: bool):
+        if lookup:
+            return self.lookup_seconds, self.lookup_observations, self.t_verify
+        return self.seconds, self.observations, self.probed
 
     def to_dict(self) -> dict:
-        return {"probed": self.probed, "seconds": self.seconds, "observations": self.observations, "scale": self.scale}
+        return {
+            "t_draft": self.t_draft, "t_verify": self.t_verify, "seconds": self.seconds,
+            "observations": self.observations, "lookup_seconds": self.lookup_seconds,
+            "lookup_observations": self.lookup_observations, "scale": self.scale,
+        }
 
     @classmethod
     def from_dict(cls, data: dict) -> StepCosts:
-        costs = cls(0.0, list(data["probed"]))
-        costs.seconds, costs.observations = list(data["seconds"]), list(data["observations"])
-        costs.scale = float(data.get("scale", 1.0))
+        costs = cls(float(data["t_draft"]), list(data["t_verify"]))
+        for name in ("seconds", "observations", "lookup_seconds", "lookup_observations"):
+            if len(data[name]) != costs.k_max + 1:
+                raise ValueError(f"{name} has {len(data[name])} entries, not {costs.k_max + 1}")
+            setattr(costs, name, list(data[name]))
+        costs.scale = float(data["scale"])
         return costs
 
 
-def throughput(rates, k: int, costs: StepCosts) -> float:
+def throughput(rates, k: int, costs: StepCosts, lookup: bool = False) -> float:
     """Expected tokens per second with draft length k: E(k) / T(k)."""
-    return expected_tokens(rates[:k]) / costs.predict(k)
+    return expected_tokens(rates[:k]) / costs.predict(k, lookup)
+
+
+def best_lookup_length(rates, costs: StepCosts, offered: int) -> int:
+    """argmax_k E(k) / T(k) for a lookup draft of k = 1 .. offered tokens."""
+    return max(range(1, min(offered, costs.k_max) + 1), key=lambda k: throughput(rates, k, costs, lookup=True))
 
 
 def best_draft_length(rates, costs: StepCosts, k_max: int, off_margin: float = 0.0) -> int:

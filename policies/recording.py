@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from policies.classifier import ContentTracker
-from policies.cost import throughput
+from policies.plan import Plan
 
 
 @dataclass(frozen=True)
@@ -16,6 +16,7 @@ class StepRecord:
     accepted: int
     seconds: float
     expected_speedup: float | None  # E(k)/T(k) over 1/T(0), from the shared estimates
+    lookup: bool = False  # drafted by context lookup rather than the MTP drafter
 
 
 class Recording:
@@ -26,23 +27,23 @@ class Recording:
         self.tracker = ContentTracker()
         self.steps: list[StepRecord] = []
         self._class = self.tracker.current
+        self._plan = Plan()
         self._expected = None
 
     @property
     def name(self) -> str:
         return self.policy.name
 
-    def draft_length(self) -> int:
-        k = self.policy.draft_length()
+    def plan(self, lookup: int = 0, match: int = 0) -> Plan:
+        self._plan = self.policy.plan(lookup, match)
         self._class = self.tracker.current
         self._expected = None
-        if self.shared is not None and k > 0:
-            rates, costs = self.shared.acceptance.rates(self._class), self.shared.costs
-            self._expected = throughput(rates, k, costs) / throughput(rates, 0, costs)
-        return k
+        if self.shared is not None and self._plan.k > 0:
+            self._expected = self.shared.expected_speedup(self._class, self._plan, match)
+        return self._plan
 
     def observe(self, drafted: int, accepted: int, seconds: float) -> None:
-        self.steps.append(StepRecord(self._class, drafted, accepted, seconds, self._expected))
+        self.steps.append(StepRecord(self._class, drafted, accepted, seconds, self._expected, self._plan.lookup))
         self.policy.observe(drafted, accepted, seconds)
 
     def observe_text(self, text: str) -> None:

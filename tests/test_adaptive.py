@@ -21,7 +21,7 @@ def simulate(policy, rate_of, cost: StepCosts, steps: int, seed: int = 0, text_o
     chosen = []
     for i in range(steps):
         policy.observe_text(text_of(i))
-        k = policy.draft_length()
+        k = policy.plan().k
         rates = rate_of(i)
         accepted = 0
         while accepted < k and rng.random() < rates[accepted]:

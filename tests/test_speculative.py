@@ -18,6 +18,7 @@ from daemon.sampling import SamplingParams, new_key
 from daemon.speculative import speculative_steps
 from daemon.ties import NearTieGuard
 from policies.fixed import Fixed
+from policies.plan import Plan
 
 PROMPT = (1, 80, 120, 7, 200, 33, 150)
 
@@ -149,26 +150,39 @@ def one_hot_at_target_argmax(model):
     return rule
 
 
-@pytest.mark.parametrize("case", ["q_equals_p", "disjoint_supports", "one_hot_q"])
+class CopyAlways(Fixed):
+    """Takes every context-lookup offer whole; plain steps otherwise."""
+
+    name = "copy-always"
+
+    def plan(self, lookup=0, match=0):
+        return Plan(lookup, lookup=True) if lookup else Plan(0)
+
+
+@pytest.mark.parametrize("case", ["q_equals_p", "disjoint_supports", "one_hot_q", "lookup"])
 def test_sampling_reproduces_joint_distribution(small_vocab_lm, case):
     model = small_vocab_lm.model
-    prompt = [1, 5, 2]
+    # the lookup case: every token but 5 follows a 5 in the prompt, so most steps get an offer
+    prompt = [5, 0, 5, 1, 5, 2, 5, 3, 5, 4, 5, 6, 5, 7, 5] if case == "lookup" else [1, 5, 2]
     params = SamplingParams(temperature=TEMPERATURE, top_k=3 if case == "disjoint_supports" else 0)
     rule = {
         "q_equals_p": target_logits(model),
         "disjoint_supports": disjoint_from_top3(model, params),
         "one_hot_q": one_hot_at_target_argmax(model),
+        "lookup": target_logits(model),
     }[case]
+    policy = CopyAlways(0) if case == "lookup" else Fixed(2)
     lm = with_drafter(small_vocab_lm, RuleDrafter(prompt[0], rule, 32))
     lm.tokenizer._eos_token_ids = set()  # every token id is ordinary here
     runs = 2500
     counts = np.zeros((VOCAB, VOCAB))
-    drafted = accepted = 0
+    drafted = accepted = copied = 0
     for seed in range(runs):
         sampling = dataclasses.replace(params, seed=seed)
-        done = finished(lm, Request(tuple(prompt), max_tokens=3, sampling=sampling), Fixed(2))
+        done = finished(lm, Request(tuple(prompt), max_tokens=3, sampling=sampling), policy)
         counts[done.token_ids[1], done.token_ids[2]] += 1
         drafted, accepted = drafted + done.drafted, accepted + done.accepted
+        copied += done.lookup_accepted
     expected = exact_joint(model, prompt, params) * runs
     keep = expected >= 5
     observed_rest, expected_rest = counts[~keep].sum(), expected[~keep].sum()
@@ -182,6 +196,8 @@ def test_sampling_reproduces_joint_distribution(small_vocab_lm, case):
         assert accepted == drafted  # p / q = 1: every draft accepted
     if case == "disjoint_supports":
         assert accepted == 0
+    if case == "lookup":
+        assert drafted > runs / 2 and 0 < copied == accepted < drafted
 
 
 def test_adaptive_is_lossless_and_turns_off_when_verification_is_expensive(tiny_lm, plain_ids, tmp_path, monkeypatch):

@@ -29,8 +29,8 @@ def test_residual_is_normalized_positive_part():
 
 
 def test_policy_names():
-    assert make_policy("off").draft_length() == 0
-    assert make_policy("fixed:6").draft_length() == 6 and make_policy("fixed:6").name == "fixed:6"
+    assert make_policy("off").plan().k == 0
+    assert make_policy("fixed:6").plan().k == 6 and make_policy("fixed:6").name == "fixed:6"
     for bad in ("fixed:0", "fixed:x", "fixed:17", "sometimes"):
         with pytest.raises(ValueError, match="policy"):
             make_policy(bad)

@@ -1,0 +1,44 @@
+"""Context lookup drafting (prompt lookup / n-gram drafting): when the last few tokens occurred
+before in the prompt or the answer, propose the tokens that followed them then.
+
+It costs no model work, and it is what makes repetitive text fast: code that restates a name, a
+signature or a line, quoted input, lists that repeat their pattern. It complements the MTP drafter,
+which is right more often on fresh text but one token at a time. The index is updated as tokens
+arrive, so a proposal costs a dictionary lookup per n-gram length.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Proposal:
+    tokens: tuple[int, ...] = ()
+    match: int = 0  # length of the n-gram found earlier (0: none)
+
+
+class NgramIndex:
+    def __init__(self, n_min: int = 2, n_max: int = 4):
+        self.n_min, self.n_max = n_min, n_max
+        self.tokens: list[int] = []
+        self._next: dict[tuple[int, ...], int] = {}  # n-gram -> index of the token after its latest occurrence
+
+    def extend(self, tokens: Iterable[int]) -> None:
+        for token in tokens:
+            end = len(self.tokens)
+            for n in range(self.n_min, self.n_max + 1):
+                if end >= n:
+                    self._next[tuple(self.tokens[end - n : end])] = end
+            self.tokens.append(token)
+
+    def propose(self, k: int) -> Proposal:
+        """Up to k tokens that followed the longest n-gram (n_max down to n_min) the text ends with."""
+        for n in range(self.n_max, self.n_min - 1, -1):
+            if len(self.tokens) < n:
+                continue
+            start = self._next.get(tuple(self.tokens[-n:]))
+            if start is not None:
+                return Proposal(tuple(self.tokens[start : start + k]), n)
+        return Proposal()

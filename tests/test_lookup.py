@@ -1,0 +1,95 @@
+"""Context lookup drafting: the n-gram index, and lossless decoding with copied drafts."""
+
+import dataclasses
+
+import numpy as np
+from doubles import RuleDrafter, planted_errors
+from test_speculative import CopyAlways, finished, small_vocab_lm  # noqa: F401 (fixture)
+
+from daemon.engine import Request
+from daemon.lookup import NgramIndex, Proposal
+from policies.fixed import Fixed
+from policies.adaptive import AdaptivePolicy, SharedEstimates
+from policies.cost import StepCosts
+
+
+def test_offers_what_followed_the_latest_occurrence_of_the_longest_match():
+    index = NgramIndex(n_min=2, n_max=4)
+    index.extend([1, 2, 3, 4, 9, 9, 2, 3, 7, 8, 1, 2, 3])
+    # (2, 3) last came before 7; but (1, 2, 3) matches longer, and came before 4
+    assert index.propose(3) == Proposal((4, 9, 9), 3)
+    index.extend([5])
+    assert index.propose(3) == Proposal()  # (3, 5) never seen
+    index.extend([1, 2])
+    assert index.propose(2) == Proposal((3, 5), 2)  # (1, 2) last came before 3, 5
+
+
+def test_offer_stops_at_the_end_of_the_text():
+    index = NgramIndex()
+    index.extend([4, 5, 6, 4, 5])
+    assert index.propose(8) == Proposal((6, 4, 5), 2)
+
+
+def test_copied_drafts_keep_greedy_output_identical(small_vocab_lm):  # noqa: F811
+    """Eight tokens: two-token patterns recur, so the lookup offers often and is often wrong."""
+    small_vocab_lm.tokenizer._eos_token_ids = set()
+    drafter = RuleDrafter(1, planted_errors(small_vocab_lm.model, set(range(200)), 8), 32)  # never used
+    lm = dataclasses.replace(small_vocab_lm, drafter=drafter, drafter_name="rule")
+    prompt = (1, 5, 2, 7, 3)
+    reference = finished(lm, Request(prompt, max_tokens=60), Fixed(0))
+    copied = finished(lm, Request(prompt, max_tokens=60), CopyAlways(0))
+    assert copied.token_ids == reference.token_ids
+    assert copied.lookup_drafted == copied.drafted > 0
+    assert 0 < copied.lookup_accepted < copied.lookup_drafted
+    assert any(copied.lookup_steps) and not all(copied.lookup_steps)
+
+
+def simulate_with_offers(policy, offers, rate_of, cost, steps, seed=0):
+    """Every step the lookup offers `offers(i)` tokens after a match of 3; copied drafts are
+    accepted position by position with rate_of(i, lookup)[j]. Returns the plans."""
+    rng = np.random.default_rng(seed)
+    plans = []
+    for i in range(steps):
+        plan = policy.plan(offers(i), 3 if offers(i) else 0)
+        rates = rate_of(i, plan.lookup)
+        accepted = 0
+        while accepted < plan.k and rng.random() < rates[accepted]:
+            accepted += 1
+        policy.observe(plan.k, accepted, cost.predict(plan.k, plan.lookup))
+        plans.append(plan)
+    return plans
+
+
+def lookup_costs():
+    return StepCosts(0.006, [0.070 + 0.008 * n for n in range(9)])
+
+
+def test_adaptive_copies_long_runs_when_copies_are_accepted():
+    cost = lookup_costs()
+    policy = AdaptivePolicy(SharedEstimates(cost))
+    rates = lambda i, lookup: [0.95] * 8 if lookup else [0.3] * 8  # noqa: E731
+    plans = simulate_with_offers(policy, lambda i: 8, rates, cost, 200)
+    tail = plans[-100:]
+    assert np.mean([p.lookup for p in tail]) > 0.9
+    assert np.mean([p.k for p in tail if p.lookup]) >= 5
+
+
+def test_adaptive_stops_copying_when_copies_are_rejected():
+    """Offers that are always wrong: it falls back to the drafter (which is accepted half the time)."""
+    cost = lookup_costs()
+    policy = AdaptivePolicy(SharedEstimates(cost))
+    rates = lambda i, lookup: [0.0] * 8 if lookup else [0.6] * 8  # noqa: E731
+    plans = simulate_with_offers(policy, lambda i: 8, rates, cost, 200)
+    tail = plans[-100:]
+    assert np.mean([p.lookup for p in tail]) < 0.1
+    assert np.mean([p.k > 0 for p in tail]) > 0.9
+
+
+def test_adaptive_copies_only_when_offered():
+    cost = lookup_costs()
+    policy = AdaptivePolicy(SharedEstimates(cost))
+    rates = lambda i, lookup: [0.95] * 8 if lookup else [0.5] * 8  # noqa: E731
+    plans = simulate_with_offers(policy, lambda i: 8 if i % 2 else 0, rates, cost, 200)
+    assert not any(p.lookup for i, p in enumerate(plans) if i % 2 == 0)
+    assert np.mean([p.lookup for i, p in enumerate(plans[100:]) if i % 2]) > 0.9
+    assert all(p.k <= 8 for p in plans)
