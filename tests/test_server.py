@@ -40,7 +40,7 @@ def test_chat_greedy_usage_and_lossless_speculation(tiny_daemon, tiny_lm):
     assert off.usage.prompt_tokens == len(encode_chat(tiny_lm.tokenizer, HELLO))
     assert off.usage.total_tokens == off.usage.prompt_tokens + off.usage.completion_tokens
     assert 1 <= off.usage.completion_tokens <= 40
-    for spec in ("fixed:1", "fixed:4", "adaptive"):
+    for spec in ("fixed:1", "fixed:4", "adaptive", "adaptive:mtp"):
         other = chat(tiny_daemon, max_tokens=40, extra_body={"speculation": spec})
         assert other.choices[0].message.content == choice.message.content
         assert other.model_extra["mtpd"]["speculation"] == spec

@@ -34,3 +34,21 @@ def test_policy_names():
     for bad in ("fixed:0", "fixed:x", "fixed:17", "sometimes"):
         with pytest.raises(ValueError, match="policy"):
             make_policy(bad)
+
+
+def test_adaptive_names_and_check():
+    from policies.adaptive import SharedEstimates
+    from policies.cost import StepCosts
+    from policies.registry import check
+
+    shared = SharedEstimates(StepCosts(0.004, [0.07 + 0.008 * n for n in range(9)]))
+    both, alone = make_policy("adaptive", shared), make_policy("adaptive:mtp", shared)
+    assert (both.name, alone.name) == ("adaptive", "adaptive:mtp")
+    assert both.plan(lookup=8, match=4).lookup  # the prior says a long copy pays
+    assert not alone.plan(lookup=8, match=4).lookup
+    for name in ("adaptive", "adaptive:mtp", "off", "fixed:3"):
+        check(name)
+    with pytest.raises(ValueError, match="policy"):
+        check("adaptive:sometimes")
+    with pytest.raises(ValueError, match="estimates"):
+        make_policy("adaptive:mtp")
