@@ -32,7 +32,7 @@ def acceptance_table(report: dict) -> str:
 def lookup_table(report: dict) -> str:
     """For policies that copy from the context: what share of the drafts were copies, and how often
     copies and MTP drafts were accepted."""
-    rows = [r for r in report["summary"] if r.get("lookup_share") is not None]
+    rows = [r for r in report["summary"] if r.get("lookup_share")]
     lines = ["| policy | category | copied share of drafts | copies accepted | MTP drafts accepted |", "| --- | --- | --- | --- | --- |"]
     for r in rows:
         fmt = [f"{r[k]:.2f}" if r.get(k) is not None else "" for k in ("lookup_share", "lookup_acceptance", "mtp_acceptance")]
