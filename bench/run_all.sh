@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Reproduces every figure in the README's benchmark section (about 45 minutes on 2 cores).
+# Reproduces every figure in the README's benchmark section (about an hour on 2 cores).
 # Each run is interleaved (A B A B ...); quote ratios from within one run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
