@@ -60,36 +60,28 @@ def simulate_with_offers(policy, offers, rate_of, cost, steps, seed=0):
     return plans
 
 
-def lookup_costs():
-    return StepCosts(0.006, [0.070 + 0.008 * n for n in range(9)])
+def run_policy(copy_rate: float, mtp_rate: float, offers=lambda i: 8) -> list:
+    """A fresh adaptive policy for 200 steps; copies accepted at copy_rate, MTP drafts at mtp_rate."""
+    cost = StepCosts(0.006, [0.070 + 0.008 * n for n in range(9)])
+    rates = lambda i, lookup: [copy_rate if lookup else mtp_rate] * 8  # noqa: E731
+    return simulate_with_offers(AdaptivePolicy(SharedEstimates(cost)), offers, rates, cost, 200)
 
 
 def test_adaptive_copies_long_runs_when_copies_are_accepted():
-    cost = lookup_costs()
-    policy = AdaptivePolicy(SharedEstimates(cost))
-    rates = lambda i, lookup: [0.95] * 8 if lookup else [0.3] * 8  # noqa: E731
-    plans = simulate_with_offers(policy, lambda i: 8, rates, cost, 200)
-    tail = plans[-100:]
+    tail = run_policy(copy_rate=0.95, mtp_rate=0.3)[-100:]
     assert np.mean([p.lookup for p in tail]) > 0.9
     assert np.mean([p.k for p in tail if p.lookup]) >= 5
 
 
 def test_adaptive_stops_copying_when_copies_are_rejected():
-    """Offers that are always wrong: it falls back to the drafter (which is accepted half the time)."""
-    cost = lookup_costs()
-    policy = AdaptivePolicy(SharedEstimates(cost))
-    rates = lambda i, lookup: [0.0] * 8 if lookup else [0.6] * 8  # noqa: E731
-    plans = simulate_with_offers(policy, lambda i: 8, rates, cost, 200)
-    tail = plans[-100:]
+    """Offers that are always wrong: it falls back to the drafter (accepted 60% of the time)."""
+    tail = run_policy(copy_rate=0.0, mtp_rate=0.6)[-100:]
     assert np.mean([p.lookup for p in tail]) < 0.1
     assert np.mean([p.k > 0 for p in tail]) > 0.9
 
 
 def test_adaptive_copies_only_when_offered():
-    cost = lookup_costs()
-    policy = AdaptivePolicy(SharedEstimates(cost))
-    rates = lambda i, lookup: [0.95] * 8 if lookup else [0.5] * 8  # noqa: E731
-    plans = simulate_with_offers(policy, lambda i: 8 if i % 2 else 0, rates, cost, 200)
+    plans = run_policy(copy_rate=0.95, mtp_rate=0.5, offers=lambda i: 8 if i % 2 else 0)
     assert not any(p.lookup for i, p in enumerate(plans) if i % 2 == 0)
     assert np.mean([p.lookup for i, p in enumerate(plans[100:]) if i % 2]) > 0.9
     assert all(p.k <= 8 for p in plans)
