@@ -18,7 +18,7 @@ from daemon.engine import Finished, Request, generate
 from daemon.models import LoadedModel
 from daemon.prompts import encode_chat, encode_text
 from daemon.sampling import SamplingParams
-from policies.registry import make_policy
+from policies.registry import ADAPTIVE, make_policy
 
 BASELINE = "mlx-lm"
 WARMUP_TOKENS = 16
@@ -157,7 +157,7 @@ def run_bench(
     `verify_penalty` (seconds per extra verified row) makes speculation expensive on purpose."""
     if lm.drafter is None and any(s not in ("off", BASELINE) for s in specs):
         raise ValueError(f"--spec {next(s for s in specs if s not in ('off', BASELINE))} needs a drafter (--drafter)")
-    shared = shared_estimates(lm, verify_penalty) if any(s.startswith("adaptive") for s in specs) else None
+    shared = shared_estimates(lm, verify_penalty) if any(s in ADAPTIVE for s in specs) else None
     for spec in specs:
         if spec != BASELINE:
             make_policy(spec, shared)  # reject bad names before any work

@@ -1,9 +1,9 @@
 """Prometheus metrics (prometheus-client), all prefixed `mtpd_`.
 
 Labels are bounded: endpoint (a fixed route list), HTTP status code, content class (code / prose),
-draft position (1..16), draft source (mtp / lookup), step kind. No request ids or text. Engine figures are recorded on the engine
-thread after each request from the `Finished` record and the policy's step log; HTTP figures in the
-server's middleware.
+draft position (1..16), draft source (mtp / lookup), step kind. No request ids or text. Engine
+figures are recorded on the engine thread after each request from the `Finished` record and the
+policy's step log; HTTP figures in the server's middleware.
 """
 
 from __future__ import annotations

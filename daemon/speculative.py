@@ -55,8 +55,7 @@ def speculative_steps(
     tap = hidden_tap(model)
     source = drafter.config.hidden_source
     dcache = drafter.make_cache()
-    history = list(prompt_ids)
-    index = NgramIndex()
+    index = NgramIndex()  # also the text so far: index.tokens is the prompt and every emitted token
     index.extend(prompt_ids)
 
     def choose(logits: mx.array, ids: list[int]) -> int:
@@ -69,10 +68,9 @@ def speculative_steps(
         key, sub = mx.random.split(key)
         return sample(logits, sampling, sub).item()
 
-    t = choose(first_logits[0], history)
+    t = choose(first_logits[0], index.tokens)
     # pairs the drafter has not seen yet: hidden-state chunks [1, m_i, H] and the tokens after them
     pending_hidden, pending_tokens = [prompt_hidden], [*prompt_ids[1:], t]
-    history.append(t)
     index.extend([t])
     yield Step((t,), logprobs=token_logprobs(first_logits, [t], logprobs))
     emitted = 1
@@ -86,9 +84,8 @@ def speculative_steps(
         if k <= 0:
             logits = model(mx.array([[t]]), cache=cache)
             pending_hidden.append(tap.hidden(source))
-            t = choose(logits[0, -1], history)
+            t = choose(logits[0, -1], index.tokens)
             pending_tokens.append(t)
-            history.append(t)
             index.extend([t])
             emitted += 1
             policy.observe(0, 0, time.perf_counter() - started)
@@ -99,7 +96,8 @@ def speculative_steps(
         #    chain on its own output
         if plan.lookup:
             draft_ids = mx.array(offer.tokens[:k])
-            q_rows = [mx.zeros(first_logits.shape[-1]).at[d].add(1.0) for d in offer.tokens[:k]] if not sampling.greedy else []
+            vocab = first_logits.shape[-1]
+            q_rows = [] if sampling.greedy else [mx.zeros(vocab).at[d].add(1.0) for d in offer.tokens[:k]]
         else:
             draft_ids, q_rows, key = _mtp_drafts(drafter, model, dcache, pending_hidden, pending_tokens, k, sampling, key)
 
@@ -117,7 +115,7 @@ def speculative_steps(
             draft_list, target, margins = draft_ids.tolist(), target.tolist(), margins.tolist()
             out = []
             for i in range(k + 1):
-                token = guard.token(history + out, target[i], margins[i])
+                token = guard.token(index.tokens + out, target[i], margins[i])
                 out.append(token)
                 if i == k or draft_list[i] != token:
                     break
@@ -145,7 +143,6 @@ def speculative_steps(
             trim_prompt_cache([dcache], k - 1)
             pending_hidden, pending_tokens = [hidden[:, : accepted + 1]], list(out)
         t = out[-1]
-        history.extend(out)
         index.extend(out)
         emitted += len(out)
         policy.observe(k, accepted, time.perf_counter() - started)
