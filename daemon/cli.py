@@ -108,7 +108,8 @@ def _load(args):
     log = structlog.get_logger()
     lm = load(args.model, drafter=args.drafter, drafter_bits=args.drafter_bits)
     log.info(
-        "model loaded", model=lm.name, path=lm.path, quantized=lm.quantized, drafter=lm.drafter_name, blas=blas_in_use()
+        "model loaded", model=lm.name, path=lm.path, quantized=lm.quantized, drafter=lm.drafter_name,
+        phrases=len(lm.phrases or ()), blas=blas_in_use()
     )
     return lm
 

@@ -127,6 +127,7 @@ def generate(
         steps = speculative_steps(
             model, lm.drafter, cache, request.prompt_ids, logits, prompt_hidden,
             request.sampling, policy, guard, request.max_tokens, key, verify_penalty, request.logprobs,
+            lm.phrases,
         )
         policy.observe_text(lm.tokenizer.decode(list(request.prompt_ids[-PROMPT_CONTEXT:])))
     else:

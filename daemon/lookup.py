@@ -10,13 +10,8 @@ arrive, so a proposal costs a dictionary lookup per n-gram length.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
 
-
-@dataclass(frozen=True)
-class Proposal:
-    tokens: tuple[int, ...] = ()
-    match: int = 0  # length of the n-gram found earlier (0: none)
+from policies.plan import NO_OFFER, Proposal
 
 
 class NgramIndex:
@@ -41,4 +36,4 @@ class NgramIndex:
             start = self._next.get(tuple(self.tokens[-n:]))
             if start is not None:
                 return Proposal(tuple(self.tokens[start : start + k]), n)
-        return Proposal()
+        return NO_OFFER

@@ -27,6 +27,7 @@ class LoadedModel:
     config: dict
     drafter: nn.Module | None = None  # daemon.drafter.MTPDrafter
     drafter_name: str | None = None
+    phrases: object | None = None  # daemon.phrases.Phrasebook shipped with the drafter, if any
 
 
 def on_metal() -> bool:
@@ -109,6 +110,7 @@ def load(spec: str | None = None, drafter: str | None = None, drafter_bits: int 
     MTP layer in the target's own checkpoint when it has one (the shipped drafter for the default
     model)."""
     from daemon import drafter as mtp_drafter
+    from daemon.phrases import Phrasebook
 
     quantized = on_metal()
     lm, mtp_weights = _load_target(spec, quantized)
@@ -120,6 +122,7 @@ def load(spec: str | None = None, drafter: str | None = None, drafter_bits: int 
         lm.drafter, lm.drafter_name = mtp_drafter.random_drafter(lm.config), "random"
     elif drafter is not None:
         lm.drafter, lm.drafter_name = mtp_drafter.load_folder(drafter, lm.config), Path(drafter).name
+        lm.phrases = Phrasebook.load(drafter)
     elif mtp_weights:
         config = mtp_drafter.DrafterConfig(lm.config, lm.config["num_hidden_layers"])
         config.own_head = "shared_head.head.weight" in mtp_weights

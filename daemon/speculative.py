@@ -9,8 +9,9 @@ Round, for the last emitted token t (not yet in the target's cache):
 4. both caches are trimmed: the target keeps t and the accepted drafts, the drafter drops its
    chained positions and will recompute them from the target's real hidden states.
 k comes from the policy every round; k = 0 is a plain target step. The policy may instead take the
-k drafts from the context lookup's offer (daemon.lookup): then the drafter does not run, and it
-catches up on those positions in its next round. Verification is the same for both sources (a
+k drafts from a lookup's offer (the context, daemon.lookup, else the target's phrasebook,
+daemon.phrases): then the drafter does not run, and it catches up on those positions in its next
+round. Verification is the same for both sources (a
 lookup draft is a drafter whose q is one-hot on the copied token).
 """
 
@@ -25,6 +26,7 @@ from mlx_lm.models.cache import trim_prompt_cache
 from daemon.records import Step
 from daemon.forward import PREFILL_CHUNK, hidden_tap
 from daemon.lookup import NgramIndex
+from daemon.phrases import Phrasebook
 from daemon.sampling import SamplingParams, sample, target_logprobs, token_logprobs
 from daemon.ties import NearTieGuard, top2_margin
 from daemon.verify import greedy_accepted, residual_logprobs, sampled_accepted
@@ -47,11 +49,13 @@ def speculative_steps(
     key: mx.array,
     verify_penalty: float = 0.0,
     logprobs: int | None = None,
+    phrases: Phrasebook | None = None,
 ) -> Iterator[Step]:
     """prompt_hidden: [1, n, H] the target's hidden states over the prompt (drafter's source).
     verify_penalty: seconds added per extra verified row (a test switch that makes speculation
     lose); the policy is told every step's draft length, acceptance and time. `logprobs`: report
-    each token's log-probability and the top n (None: no)."""
+    each token's log-probability and the top n (None: no). `phrases`: the target's phrasebook,
+    offered where the context has nothing to copy."""
     tap = hidden_tap(model)
     source = drafter.config.hidden_source
     dcache = drafter.make_cache()
@@ -78,7 +82,9 @@ def speculative_steps(
     while True:
         room = max_tokens - emitted - 1
         offer = index.propose(min(room, LOOKUP_MAX))
-        plan = policy.plan(len(offer.tokens), offer.match)
+        if not offer.tokens and phrases is not None:
+            offer = phrases.propose(index.tokens, min(room, LOOKUP_MAX))
+        plan = policy.plan(offer)
         k = min(plan.k, len(offer.tokens) if plan.lookup else room)
         started = time.perf_counter()
         if k <= 0:

@@ -6,6 +6,7 @@ accepts -- not the raw text. Its head is the target's, restricted to the most fr
 tokens (FR-Spec style), so a draft token costs a fraction of a target step.
 
 Stages, each saved under OUT/work so that a stopped run resumes: text -> features -> steps -> export.
+The target's answers also become its phrasebook (daemon.phrases), shipped beside the drafter.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from daemon import drafter as mtp
 from daemon.batch_greedy import greedy_batch
 from daemon.forward import hidden_tap
 from daemon.models import LoadedModel
+from daemon.phrases import Phrasebook
 from daemon.prompts import encode_chat
 from daemon.train_data import stdlib_chunks, training_prompts
 
@@ -213,6 +215,9 @@ def train_drafter(
         np.savez(work / "features.tmp.npz", **(_concat([answers, stdlib]) if stdlib else answers))
         (work / "features.tmp.npz").replace(feature_file)
     f = dict(np.load(feature_file))
+    with np.load(work / "answers.npz") as answers:
+        phrases = Phrasebook.build(t[:n] for t, n in zip(answers["tokens"].tolist(), answers["lengths"].tolist()))
+    progress(f"phrasebook: {len(phrases)} n-grams from the target's answers")
     data_seconds = time.perf_counter() - started
 
     rng = np.random.default_rng(s.seed)
@@ -268,18 +273,21 @@ def train_drafter(
         "word problems) and Python standard-library source; no benchmark sets",
         "head_vocab_size": len(head_vocab) if head_vocab else vocab,
         "head_vocab_coverage_held_out": coverage,
+        "phrasebook_ngrams": len(phrases),
         "held_out_first_position_acceptance": acceptance,
         "data_seconds": round(data_seconds, 1),
         "wall_seconds": round(time.perf_counter() - started, 1),
     }
-    export(drafter, out, record)
+    export(drafter, phrases, out, record)
     return record
 
 
-def export(drafter, out: Path, record: dict) -> None:
-    """The drafter folder: fp16 weights (half the size; the loader casts back on a CPU)."""
+def export(drafter, phrases: Phrasebook, out: Path, record: dict) -> None:
+    """The drafter folder: fp16 weights (half the size; the loader casts back on a CPU) and the
+    target's phrasebook."""
     drafter.update(tree_unflatten([(k, v.astype(mx.float16)) for k, v in tree_flatten(drafter.parameters())]))
     mtp.save(drafter, out)
+    phrases.save(out)
     (out / "training.json").write_text(json.dumps(record, indent=1))
 
 

@@ -173,7 +173,7 @@ def load_for_serving(settings) -> Loaded:
     from daemon.prompt_cache import cacheable
 
     lm = load(settings.model, drafter=settings.drafter, drafter_bits=settings.drafter_bits)
-    log.info("model loaded", model=lm.name, path=lm.path, drafter=lm.drafter_name)
+    log.info("model loaded", model=lm.name, path=lm.path, drafter=lm.drafter_name, phrases=len(lm.phrases or ()))
     shared = shared_estimates(lm, root=settings.cache_dir)
     prompt_cache = None
     if settings.prompt_cache_bytes and cacheable(make_prompt_cache(lm.model)):

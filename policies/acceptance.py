@@ -37,14 +37,16 @@ def lookup_prior(k_max: int, first: float = 0.6, then: float = 0.8) -> np.ndarra
 
 
 LOOKUP_MATCHES = (2, 3, 4)
+LOOKUP_SOURCES = {"context": "", "phrases": "p"}  # the key's prefix per source
 
 
-def lookup_key(cls: str, match: int) -> str:
-    """Lookup estimates are kept per content class and n-gram match length (longer: surer)."""
-    return f"{cls}/{min(max(match, LOOKUP_MATCHES[0]), LOOKUP_MATCHES[-1])}"
+def lookup_key(cls: str, match: int, source: str = "context") -> str:
+    """Lookup estimates are kept per content class, source and n-gram match length (longer:
+    surer): `code/3` copies from the context after a 3-gram, `code/p3` from the phrasebook."""
+    return f"{cls}/{LOOKUP_SOURCES[source]}{min(max(match, LOOKUP_MATCHES[0]), LOOKUP_MATCHES[-1])}"
 
 
-LOOKUP_KEYS = tuple(lookup_key(c, m) for c in CLASSES for m in LOOKUP_MATCHES)
+LOOKUP_KEYS = tuple(lookup_key(c, m, s) for c in CLASSES for s in LOOKUP_SOURCES for m in LOOKUP_MATCHES)
 
 
 class AcceptanceCounts:

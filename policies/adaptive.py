@@ -18,7 +18,7 @@ import numpy as np
 from policies.acceptance import LOOKUP_KEYS, AcceptanceCounts, RequestAcceptance, lookup_key, lookup_prior
 from policies.classifier import ContentTracker
 from policies.cost import StepCosts, best_draft_length, best_lookup_length, save_json, throughput
-from policies.plan import Plan
+from policies.plan import NO_OFFER, Plan, Proposal
 
 K_MAX = 8
 OPTIMISTIC_RATE = 0.9  # probing is pointless when even this acceptance at every position cannot pay
@@ -41,9 +41,9 @@ class SharedEstimates:
                 "costs": self.costs.to_dict(), "acceptance": self.acceptance.to_dict(), "lookup": self.lookup.to_dict(),
             })
 
-    def expected_speedup(self, cls: str, plan: Plan, match: int) -> float:
+    def expected_speedup(self, cls: str, plan: Plan, offer: Proposal) -> float:
         """E(k)/T(k) of a plan over the plain rate 1/T(0), from the shared estimates."""
-        rates = self.lookup.rates(lookup_key(cls, match)) if plan.lookup else self.acceptance.rates(cls)
+        rates = self.lookup.rates(lookup_key(cls, offer.match, offer.source)) if plan.lookup else self.acceptance.rates(cls)
         return throughput(rates, plan.k, self.costs, plan.lookup) / throughput(rates, 0, self.costs)
 
     @classmethod
@@ -71,7 +71,7 @@ class AdaptivePolicy:
         self.k_max = min(k_max, shared.costs.k_max)
         self.acceptance = RequestAcceptance(shared.acceptance)
         self.lookup = RequestAcceptance(shared.lookup)
-        self.lookup_key: str | None = None  # the current step copies from the context, with these estimates
+        self.lookup_key: str | None = None  # the current step copies a lookup's offer, with these estimates
         self.tracker = ContentTracker()
         self.probe_every = self.base_probe_every = probe_every
         self.explore_every = explore_every
@@ -93,12 +93,12 @@ class AdaptivePolicy:
         optimistic = np.full(self.k_max, OPTIMISTIC_RATE)
         return best_draft_length(optimistic, self.shared.costs, self.k_max, OFF_MARGIN) > 0
 
-    def _lookup_plan(self, offered: int, match: int, mtp_k: int) -> Plan | None:
-        """Copy from the context when that is expected to beat both the drafter's best k and plain
-        decoding (by the off margin); else leave this class's lookup estimates to relax."""
-        key = lookup_key(self.klass, match)
+    def _lookup_plan(self, offer: Proposal, mtp_k: int) -> Plan | None:
+        """Copy the offer when that is expected to beat both the drafter's best k and plain
+        decoding (by the off margin); else leave its lookup estimates to relax."""
+        key = lookup_key(self.klass, offer.match, offer.source)
         rates, costs = self.lookup.rates(key), self.shared.costs
-        k = best_lookup_length(rates, costs, min(offered, self.k_max))
+        k = best_lookup_length(rates, costs, min(len(offer.tokens), self.k_max))
         rival = max(throughput(self.acceptance.rates(self.klass), mtp_k, costs), throughput(rates, 0, costs) * (1 + OFF_MARGIN))
         if throughput(rates, k, costs, lookup=True) > rival:
             self.lookup_key = key
@@ -106,12 +106,12 @@ class AdaptivePolicy:
         self.lookup.relax(key)
         return None
 
-    def plan(self, lookup: int = 0, match: int = 0) -> Plan:
+    def plan(self, offer: Proposal = NO_OFFER) -> Plan:
         self.klass = self.tracker.current
         self.lookup_key = None
         self.probing = False
         k = self._best()
-        if lookup and self.use_lookup and (copy := self._lookup_plan(lookup, match, k)):
+        if offer.tokens and self.use_lookup and (copy := self._lookup_plan(offer, k)):
             return copy
         if k == 0:
             self.acceptance.relax(self.klass)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from policies.plan import Plan
+from policies.plan import NO_OFFER, Plan, Proposal
 
 
 @dataclass
@@ -16,9 +16,8 @@ class Fixed:
     def name(self) -> str:
         return "off" if self.k == 0 else f"fixed:{self.k}"
 
-    def plan(self, lookup: int = 0, match: int = 0) -> Plan:
-        """The next step. `lookup`: how many tokens the context lookup offers, after an n-gram
-        match of length `match`."""
+    def plan(self, offer: Proposal = NO_OFFER) -> Plan:
+        """The next step. `offer`: what a lookup (the context or the phrasebook) offers to copy."""
         return Plan(self.k)
 
     def observe(self, drafted: int, accepted: int, seconds: float) -> None:

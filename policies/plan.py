@@ -1,4 +1,4 @@
-"""What a draft policy decides each step."""
+"""What a draft policy is offered and decides each step."""
 
 from __future__ import annotations
 
@@ -6,6 +6,18 @@ from dataclasses import dataclass
 
 
 @dataclass(frozen=True)
+class Proposal:
+    """Tokens a lookup offers to copy as drafts (daemon.lookup, daemon.phrases)."""
+
+    tokens: tuple[int, ...] = ()
+    match: int = 0  # length of the n-gram the offer continues (0: none)
+    source: str = "context"  # "context": the prompt and answer so far; "phrases": the target's phrasebook
+
+
+NO_OFFER = Proposal()
+
+
+@dataclass(frozen=True)
 class Plan:
     k: int = 0  # tokens to draft (0: a plain decode step)
-    lookup: bool = False  # take them from the context lookup's offer instead of the MTP drafter
+    lookup: bool = False  # take them from the offered Proposal instead of the MTP drafter

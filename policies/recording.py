@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from policies.classifier import ContentTracker
-from policies.plan import Plan
+from policies.plan import NO_OFFER, Plan, Proposal
 
 
 @dataclass(frozen=True)
@@ -16,7 +16,7 @@ class StepRecord:
     accepted: int
     seconds: float
     expected_speedup: float | None  # E(k)/T(k) over 1/T(0), from the shared estimates
-    lookup: bool = False  # drafted by context lookup rather than the MTP drafter
+    lookup: bool = False  # copied from a lookup's offer rather than drafted by the MTP drafter
 
 
 class Recording:
@@ -34,12 +34,12 @@ class Recording:
     def name(self) -> str:
         return self.policy.name
 
-    def plan(self, lookup: int = 0, match: int = 0) -> Plan:
-        self._plan = self.policy.plan(lookup, match)
+    def plan(self, offer: Proposal = NO_OFFER) -> Plan:
+        self._plan = self.policy.plan(offer)
         self._class = self.tracker.current
         self._expected = None
         if self.shared is not None and self._plan.k > 0:
-            self._expected = self.shared.expected_speedup(self._class, self._plan, match)
+            self._expected = self.shared.expected_speedup(self._class, self._plan, offer)
         return self._plan
 
     def observe(self, drafted: int, accepted: int, seconds: float) -> None:

@@ -1,4 +1,5 @@
-"""Context lookup drafting: the n-gram index, and lossless decoding with copied drafts."""
+"""Lookup drafting: the context's n-gram index, the target's phrasebook, and lossless decoding with
+copied drafts."""
 
 import dataclasses
 
@@ -7,7 +8,9 @@ from doubles import RuleDrafter, planted_errors
 from test_speculative import CopyAlways, finished, small_vocab_lm  # noqa: F401 (fixture)
 
 from daemon.engine import Request
-from daemon.lookup import NgramIndex, Proposal
+from daemon.lookup import NgramIndex
+from daemon.phrases import Phrasebook
+from policies.plan import NO_OFFER, Proposal
 from policies.fixed import Fixed
 from policies.adaptive import AdaptivePolicy, SharedEstimates
 from policies.cost import StepCosts
@@ -44,13 +47,72 @@ def test_copied_drafts_keep_greedy_output_identical(small_vocab_lm):  # noqa: F8
     assert any(copied.lookup_steps) and not all(copied.lookup_steps)
 
 
+def test_phrasebook_keeps_the_majority_continuation_and_chains_it(tmp_path):
+    seqs = [[1, 2, 3, 4], [1, 2, 3, 4], [1, 2, 3, 5], [7, 2, 3, 9], [6, 6, 8]]
+    book = Phrasebook.build(seqs, n_min=2, n_max=3, min_count=2, min_share=0.5)
+    # (2, 3) -> 4 in two of four; (1, 2, 3) -> 4 in two of three; (6, 6) -> 8 and (7, 2) -> 3 once
+    assert book.table == {(1, 2): 3, (2, 3): 4, (1, 2, 3): 4}
+    assert (2, 3) not in Phrasebook.build(seqs, n_min=2, n_max=3, min_share=0.6).table
+    # (0, 1, 2) is unknown, (1, 2) -> 3; then (1, 2, 3) -> 4; then nothing follows (3, 4)
+    assert book.propose([0, 1, 2], 8) == Proposal((3, 4), 2, "phrases")
+    assert book.propose([0, 1, 2], 1) == Proposal((3,), 2, "phrases")
+    assert book.propose([4, 4], 8) == NO_OFFER
+    book.save(tmp_path)
+    loaded = Phrasebook.load(tmp_path)
+    assert (loaded.table, loaded.n_min, loaded.n_max) == (book.table, 2, 3)
+    assert Phrasebook.load(tmp_path / "elsewhere") is None
+
+
+class CountingPhrasebook(Phrasebook):
+    offers = 0
+
+    def propose(self, tokens, k):
+        offer = super().propose(tokens, k)
+        self.offers += bool(offer.tokens)
+        return offer
+
+
+def test_phrasebook_drafts_keep_greedy_output_identical(small_vocab_lm):  # noqa: F811
+    """A phrasebook of random text offers where the context has no match yet, and is often wrong."""
+    small_vocab_lm.tokenizer._eos_token_ids = set()
+    drafter = RuleDrafter(1, planted_errors(small_vocab_lm.model, set(range(200)), 8), 32)  # never used
+    rng = np.random.default_rng(0)
+    book = CountingPhrasebook.build([rng.integers(0, 8, 400).tolist()], min_count=1, min_share=0.0)
+    lm = dataclasses.replace(small_vocab_lm, drafter=drafter, drafter_name="rule", phrases=book)
+    prompt = (1, 5, 2, 7, 3)
+    reference = finished(lm, Request(prompt, max_tokens=60), Fixed(0))
+    copied = finished(lm, Request(prompt, max_tokens=60), CopyAlways(0))
+    assert copied.token_ids == reference.token_ids
+    assert book.offers > 0
+    assert 0 < copied.lookup_accepted < copied.lookup_drafted
+
+
+def test_adaptive_keeps_phrasebook_and_context_estimates_apart():
+    """Context copies always right, phrasebook copies always wrong: it goes on copying the context
+    and stops copying the phrasebook (drafting with the drafter instead)."""
+    cost = StepCosts(0.006, [0.070 + 0.008 * n for n in range(9)])
+    policy = AdaptivePolicy(SharedEstimates(cost))
+    context, phrases = Proposal(tuple(range(8)), 3), Proposal(tuple(range(8)), 3, "phrases")
+    rng = np.random.default_rng(0)
+    for i in range(200):
+        offer = phrases if i % 2 else context
+        plan = policy.plan(offer)
+        if plan.lookup:
+            accepted = plan.k if offer is context else 0
+        else:
+            accepted = int(plan.k > 0 and rng.random() < 0.5)
+        policy.observe(plan.k, accepted, cost.predict(plan.k, plan.lookup))
+    assert policy.plan(context).lookup
+    assert not policy.plan(phrases).lookup
+
+
 def simulate_with_offers(policy, offers, rate_of, cost, steps, seed=0):
     """Every step the lookup offers `offers(i)` tokens after a match of 3; copied drafts are
     accepted position by position with rate_of(i, lookup)[j]. Returns the plans."""
     rng = np.random.default_rng(seed)
     plans = []
     for i in range(steps):
-        plan = policy.plan(offers(i), 3 if offers(i) else 0)
+        plan = policy.plan(Proposal(tuple(range(offers(i))), 3) if offers(i) else NO_OFFER)
         rates = rate_of(i, plan.lookup)
         accepted = 0
         while accepted < plan.k and rng.random() < rates[accepted]:

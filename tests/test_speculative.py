@@ -18,7 +18,7 @@ from daemon.sampling import SamplingParams, new_key
 from daemon.speculative import speculative_steps
 from daemon.ties import NearTieGuard
 from policies.fixed import Fixed
-from policies.plan import Plan
+from policies.plan import NO_OFFER, Plan
 
 PROMPT = (1, 80, 120, 7, 200, 33, 150)
 
@@ -155,8 +155,8 @@ class CopyAlways(Fixed):
 
     name = "copy-always"
 
-    def plan(self, lookup=0, match=0):
-        return Plan(lookup, lookup=True) if lookup else Plan(0)
+    def plan(self, offer=NO_OFFER):
+        return Plan(len(offer.tokens), lookup=True) if offer.tokens else Plan(0)
 
 
 @pytest.mark.parametrize("case", ["q_equals_p", "disjoint_supports", "one_hot_q", "lookup"])

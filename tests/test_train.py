@@ -31,9 +31,10 @@ def test_training_learns_the_targets_choices(trained):
 
 
 def test_trained_drafter_loads_and_stays_lossless(trained, tiny_gguf):
-    out, _ = trained
+    out, record = trained
     lm = load(str(tiny_gguf), drafter=str(out))
     assert len(lm.drafter.config.head_vocab) == 64
+    assert len(lm.phrases) == record["phrasebook_ngrams"] > 0  # from the target's answers, shipped beside it
     prompt = tuple(lm.tokenizer.apply_chat_template([{"role": "user", "content": "Write a function."}], add_generation_prompt=True))
     plain = list(generate(lm, Request(prompt, max_tokens=40), Fixed(0)))[-1]
     spec = list(generate(lm, Request(prompt, max_tokens=40), Fixed(3)))[-1]

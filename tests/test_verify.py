@@ -39,13 +39,15 @@ def test_policy_names():
 def test_adaptive_names_and_check():
     from policies.adaptive import SharedEstimates
     from policies.cost import StepCosts
+    from policies.plan import Proposal
     from policies.registry import check
 
     shared = SharedEstimates(StepCosts(0.004, [0.07 + 0.008 * n for n in range(9)]))
     both, alone = make_policy("adaptive", shared), make_policy("adaptive:mtp", shared)
     assert (both.name, alone.name) == ("adaptive", "adaptive:mtp")
-    assert both.plan(lookup=8, match=4).lookup  # the prior says a long copy pays
-    assert not alone.plan(lookup=8, match=4).lookup
+    offer = Proposal(tuple(range(8)), 4)
+    assert both.plan(offer).lookup  # the prior says a long copy pays
+    assert not alone.plan(offer).lookup
     for name in ("adaptive", "adaptive:mtp", "off", "fixed:3"):
         check(name)
     with pytest.raises(ValueError, match="policy"):
