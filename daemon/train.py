@@ -43,7 +43,7 @@ class TrainSettings:
     window: int = 256  # tokens per training sequence
     learning_rate: float = 1e-3
     head_vocab: int = 8192  # 0: the full vocabulary
-    answer_tokens: int = 200  # max tokens of each generated answer
+    answer_tokens: int = 160  # max tokens of each generated answer (shorter: more prompts per token)
     stdlib_share: float = 0.25  # share of `tokens` taken from the standard library's source
     held_out: float = 0.05
     hidden_source: str = "post_norm"

@@ -27,11 +27,36 @@ CODE_TASKS = [
     "computes the dot product of two vectors", "finds common elements of two lists", "implements depth-first search",
     "implements breadth-first search on a graph", "returns the prime factors of n", "formats a number with commas",
     "counts the lines in a file", "generates a random password",
+    "finds the longest common prefix of a list of strings", "computes the moving average of a list",
+    "groups a list of records by a key", "merges two dictionaries", "reverses the words in a sentence",
+    "checks whether a year is a leap year", "converts a Roman numeral to an integer", "computes a running total",
+    "finds the missing number in a sequence", "retries a failing operation with exponential backoff",
+    "parses command-line arguments", "writes a list of rows to a CSV file", "computes the Levenshtein distance",
+    "implements a binary tree with insert and search", "implements a min-heap", "counts the nodes of a tree",
+    "measures how long another function takes", "reads a JSON file and prints one field",
+    "finds the k most frequent words", "validates a sudoku row", "draws a text progress bar",
+    "converts a string to snake_case", "caches the results of an expensive function",
+    "implements a linked list with append and delete", "shuffles a list in place",
 ]
 CODE_FORMS = [
     "Write a {lang} function that {task}.", "In {lang}, write code that {task}.",
     "Show me a {lang} program that {task}, with comments.", "How do I write a {lang} function that {task}?",
     "Write a {lang} function that {task}, and add a short usage example.",
+    "Implement a {lang} function that {task} and explain how it works.", "I need {lang} code that {task}. Keep it short.",
+    "Give me a {lang} snippet that {task}.", "Write a small {lang} module that {task}, with a test.",
+    "Can you show how to write a {lang} function that {task}? Explain the edge cases.",
+]
+CONCEPTS = [
+    "a closure", "a generator", "a decorator", "an iterator", "exception handling", "a class and an object",
+    "inheritance", "a lambda function", "a regular expression", "a set", "a queue", "a binary search tree",
+    "async and await", "a unit test", "string formatting", "type hints", "a context manager", "a pointer",
+    "an interface", "a higher-order function", "memoization", "a hash function", "pattern matching", "an enum",
+]
+MIXED_FORMS = [
+    "What is {concept}? Explain briefly and show a {lang} example.",
+    "Explain {concept} in a few sentences, then give a short {lang} example.",
+    "Describe when to use {concept}, with a small {lang} code sample.",
+    "Teach me {concept} in {lang}: a short explanation and one example.",
 ]
 PROSE_TOPICS = [
     "a fox who learns to fly", "an old clockmaker", "a city after the rain", "a robot gardener",
@@ -39,10 +64,13 @@ PROSE_TOPICS = [
     "a musician on a train", "an abandoned castle", "a summer festival", "a girl who collects stones",
     "a bakery at midnight", "the last day of school", "a storm over the desert", "a friendship between two rivals",
     "a walk through an old library", "a dragon who is afraid of fire", "a village by a river", "a long journey by bicycle",
+    "a painter who loses her colours", "two strangers stuck in an elevator", "a ship's cook", "an island without clocks",
+    "the night before an exam", "a grandmother's garden", "a detective who hates rain", "a small town's first cinema",
 ]
 PROSE_FORMS = [
     "Write a short story about {topic}.", "Write a poem about {topic}.", "Describe {topic} in a few paragraphs.",
     "Write the opening paragraph of a novel about {topic}.", "Tell me a bedtime story about {topic}.",
+    "Write a diary entry about {topic}.", "Write a short scene, with dialogue, about {topic}.",
 ]
 EXPLAIN_TOPICS = [
     "photosynthesis", "how vaccines work", "the water cycle", "gravity", "how the internet works",
@@ -60,6 +88,10 @@ CHAT = [
     "Suggest a weekend plan for a rainy day.", "How do I make new friends in a new city?",
     "What are some good books for beginners in programming?", "How do I prepare for a job interview?",
     "How do I take care of a houseplant?", "What is a good way to learn to cook?",
+    "What are the pros and cons of working from home?", "Why do people keep pets?", "How do I save money each month?",
+    "What makes a good teacher?", "How can I reduce stress before a presentation?", "Why is sleep important?",
+    "What should I pack for a week of hiking?", "How do I write a polite complaint email?",
+    "What are the advantages of public transport?", "How do I keep a conversation going?",
 ]
 NAMES = ["Anna", "Ben", "Carlos", "Dina", "Emil", "Fatima", "George", "Hana", "Ivan", "Julia", "Kofi", "Lena"]
 ITEMS = ["marbles", "books", "cookies", "stickers", "oranges", "pencils", "cards", "shells", "coins", "flowers"]
@@ -74,6 +106,14 @@ MATH_FORMS = [
     "A garden is {x} meters long and {y} meters wide. What is its area, and how much fence is needed around it?",
     "What is {x} times {y} plus {z}? Explain the steps.",
     "A tank fills at {x} liters per minute. How long does it take to fill {p} liters?",
+    "{a} runs {x} km every day for {y} days. How many kilometers is that in total?",
+    "A class has {p} students. {pct}% of them walk to school. How many students walk?",
+    "{a} is {x} years old. {b} is {y} years older. How old will {b} be in {z} years?",
+    "A recipe needs {x} eggs for {z} people. How many eggs are needed for {y} people?",
+    "A bus leaves at 8:{x:02d} and the trip takes {y} minutes. When does it arrive?",
+    "The sum of two numbers is {p} and one of them is {x}. What is the other number?",
+    "{a} earns {x} dollars an hour and works {y} hours. After spending {z} dollars, how much is left?",
+    "A square has a perimeter of {p} cm. What is the length of one side and its area?",
 ]
 
 
@@ -84,7 +124,8 @@ def training_prompts(seed: int = 0) -> list[tuple[str, str]]:
     prompts += [("prose", f.format(topic=t)) for t in PROSE_TOPICS for f in PROSE_FORMS]
     prompts += [("prose", f.format(topic=t)) for t in EXPLAIN_TOPICS for f in EXPLAIN_FORMS]
     prompts += [("prose", c) for c in CHAT]
-    for _ in range(160):
+    prompts += [("code", rng.choice(MIXED_FORMS).format(concept=c, lang=lang)) for c in CONCEPTS for lang in rng.sample(LANGUAGES, 3)]
+    for _ in range(240):
         a, b = rng.sample(NAMES, 2)
         x, y, z = rng.randint(2, 40), rng.randint(2, 30), rng.randint(1, 9)
         p = rng.choice([120, 240, 300, 360, 450, 600, 750, 900])
