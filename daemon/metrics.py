@@ -17,7 +17,7 @@ from policies.classifier import CLASSES
 from policies.registry import MAX_DRAFT
 
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
-SOURCES = ("mtp", "lookup")  # the MTP drafter, or copied by context lookup
+SOURCES = ("mtp", "lookup")  # the MTP drafter, or copied by lookup (the context or the phrasebook)
 TOKEN_BUCKETS = (0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1)
 
 disable_created_metrics()  # no `_created` series: half the exposition, no use on a dashboard

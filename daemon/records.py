@@ -55,7 +55,7 @@ class Finished:
     accepted: int = 0
     drafted_by_position: tuple[int, ...] = ()  # [j]: drafts made at draft position j+1
     accepted_by_position: tuple[int, ...] = ()  # [j]: of those, accepted
-    lookup_drafted: int = 0  # of `drafted`, the tokens copied by context lookup
+    lookup_drafted: int = 0  # of `drafted`, the tokens copied by lookup (context or phrasebook)
     lookup_accepted: int = 0  # of `accepted`, the copied ones
     draft_lengths: tuple[int, ...] = field(default=(), repr=False)  # k at each step (speculative runs)
     lookup_steps: tuple[bool, ...] = field(default=(), repr=False)  # at each step: drafts copied by lookup

@@ -32,7 +32,7 @@ from daemon.ties import NearTieGuard, top2_margin
 from daemon.verify import greedy_accepted, residual_logprobs, sampled_accepted
 
 
-LOOKUP_MAX = 8  # tokens the context lookup offers at most
+LOOKUP_MAX = 8  # tokens a lookup (context or phrasebook) offers at most
 
 
 def speculative_steps(

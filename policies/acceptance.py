@@ -32,7 +32,7 @@ def drafter_prior(k_max: int, rate: float = 0.5) -> np.ndarray:
 
 
 def lookup_prior(k_max: int, first: float = 0.6, then: float = 0.8) -> np.ndarray:
-    """Context lookup: a copied continuation that starts right tends to go on being right."""
+    """Lookup copies: a copied continuation that starts right tends to go on being right."""
     return np.array([first] + [then] * (k_max - 1))
 
 

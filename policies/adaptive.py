@@ -5,8 +5,9 @@ acceptance estimates for that class (policies.acceptance) and the step costs (po
 picks k = argmax E(k) / T(k). k = 0 (plain decoding) whenever that wins. While off it still probes
 with k = 1 now and then (backing off while probes keep losing), so it switches back on when the
 content changes; while on, it now and then tries one more draft so deeper positions keep estimates.
-When the context lookup offers a continuation, its own estimates (per class and match length) and
-its cheaper rounds decide whether copying beats the drafter, and how many tokens to copy.
+When a lookup offers a continuation (the context, else the target's phrasebook), its own estimates
+(per class, source and match length) and its cheaper rounds decide whether copying beats the
+drafter, and how many tokens to copy.
 """
 
 from __future__ import annotations
@@ -64,7 +65,7 @@ class SharedEstimates:
 class AdaptivePolicy:
     def __init__(self, shared: SharedEstimates, k_max: int = K_MAX, probe_every: int = 8, explore_every: int = 12,
                  lookup: bool = True):
-        """lookup: consider the context lookup's offers (False: the MTP drafter alone)."""
+        """lookup: consider lookup offers (False: the MTP drafter alone)."""
         self.shared = shared
         self.name = "adaptive" if lookup else "adaptive:mtp"
         self.use_lookup = lookup

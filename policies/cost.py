@@ -2,7 +2,7 @@
 
 T(0) is a plain step; T(k) = k * t_draft + t_verify(k+1) (Leviathan et al.), first from a short
 probe at start-up, then replaced by moving averages of the real steps, which include everything a
-round costs (the drafter's catch-up, host syncs, acceptance). A round drafted by context lookup
+round costs (the drafter's catch-up, host syncs, acceptance). A round copied from a lookup
 costs t_verify(k+1) alone, and has moving averages of its own. Saved per (model, drafter,
 machine) so a restarted daemon starts calibrated.
 """
@@ -36,7 +36,7 @@ class StepCosts:
         return probed[k] * self.scale
 
     def observe(self, k: int, seconds: float, lookup: bool = False) -> None:
-        """A real step of draft length k took `seconds` (`lookup`: drafted by context lookup)."""
+        """A real step of draft length k took `seconds` (`lookup`: copied from a lookup)."""
         if 0 <= k <= self.k_max and seconds > 0:
             table, observations, probed = self._table(lookup)
             if k:

@@ -1,5 +1,5 @@
 """Policies that ignore the content: `off` (never draft) and `fixed:K` (always draft K with the
-MTP drafter; the context lookup is the adaptive policy's)."""
+MTP drafter; lookup copies are the adaptive policy's)."""
 
 from __future__ import annotations
 

@@ -19,7 +19,7 @@ def check(spec: str) -> None:
 
 
 def make_policy(spec: str, shared: SharedEstimates | None = None):
-    """`off`, `fixed:K` (1 <= K <= 16; the MTP drafter), `adaptive` (MTP drafter and context lookup)
+    """`off`, `fixed:K` (1 <= K <= 16; the MTP drafter), `adaptive` (MTP drafter and lookup copies)
     or `adaptive:mtp` (the MTP drafter alone); the adaptive ones need the shared estimates."""
     if spec == "off":
         return Fixed(0)
