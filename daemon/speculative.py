@@ -11,8 +11,8 @@ Round, for the last emitted token t (not yet in the target's cache):
 k comes from the policy every round; k = 0 is a plain target step. The policy may instead take the
 k drafts from a lookup's offer (the context, daemon.lookup, else the target's phrasebook,
 daemon.phrases): then the drafter does not run, and it catches up on those positions in its next
-round. Verification is the same for both sources (a
-lookup draft is a drafter whose q is one-hot on the copied token).
+round. Verification is the same for every source (a lookup draft is a drafter whose q is one-hot
+on the copied token).
 """
 
 from __future__ import annotations
