@@ -72,6 +72,7 @@ def speculative_steps(
         key, sub = mx.random.split(key)
         return sample(logits, sampling, sub).item()
 
+    vocab = first_logits.shape[-1]
     t = choose(first_logits[0], index.tokens)
     # pairs the drafter has not seen yet: hidden-state chunks [1, m_i, H] and the tokens after them
     pending_hidden, pending_tokens = [prompt_hidden], [*prompt_ids[1:], t]
@@ -81,9 +82,10 @@ def speculative_steps(
 
     while True:
         room = max_tokens - emitted - 1
-        offer = index.propose(min(room, LOOKUP_MAX))
+        limit = min(room, LOOKUP_MAX)
+        offer = index.propose(limit)
         if not offer.tokens and phrases is not None:
-            offer = phrases.propose(index.tokens, min(room, LOOKUP_MAX))
+            offer = phrases.propose(index.tokens, limit)
         plan = policy.plan(offer)
         k = min(plan.k, len(offer.tokens) if plan.lookup else room)
         started = time.perf_counter()
@@ -102,7 +104,6 @@ def speculative_steps(
         #    chain on its own output
         if plan.lookup:
             draft_ids = mx.array(offer.tokens[:k])
-            vocab = first_logits.shape[-1]
             q_rows = [] if sampling.greedy else [mx.zeros(vocab).at[d].add(1.0) for d in offer.tokens[:k]]
         else:
             draft_ids, q_rows, key = _mtp_drafts(drafter, model, dcache, pending_hidden, pending_tokens, k, sampling, key)
