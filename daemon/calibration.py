@@ -66,10 +66,10 @@ def probe_costs(lm: LoadedModel, k_max: int = K_MAX, verify_penalty: float = 0.0
     t_verify = list(itertools.accumulate(reversed(measured), min))[::-1]
     dcache = drafter.make_cache()
     hidden = mx.zeros((1, PROBE_CONTEXT, model.args.hidden_size))
-    mx.eval(drafter(hidden, context, dcache, model)[0])
+    mx.eval(drafter.draft(hidden, context, dcache, model)[0])
 
     def draft():
-        mx.eval(drafter(hidden[:, :1], context[:, :1], dcache, model)[0])
+        mx.eval(drafter.draft(hidden[:, :1], context[:, :1], dcache, model)[0])
         trim_prompt_cache([dcache], 1)
 
     draft()

@@ -101,11 +101,20 @@ class MTPDrafter(nn.Module):
     def __call__(self, hidden: mx.array, tokens: mx.array, cache, target) -> tuple[mx.array, mx.array]:
         """Returns (logits [B, L, V] over the full vocabulary, block output [B, L, H])."""
         out, x = self.features(hidden, tokens, cache, target)
-        logits = self.head_logits(out, target)
-        if self._vocab_map is not None:  # a reduced vocabulary: scatter back, others impossible
-            full = mx.full((*logits.shape[:-1], self.config.target["vocab_size"]), -mx.inf, logits.dtype)
-            logits = mx.put_along_axis(full, mx.broadcast_to(self._vocab_map, logits.shape), logits, axis=-1)
-        return logits, x
+        return self._full_vocab(self.head_logits(out, target)), x
+
+    def draft(self, hidden: mx.array, tokens: mx.array, cache, target) -> tuple[mx.array, mx.array]:
+        """Like calling the drafter, but the head runs on the last position alone (the one a draft
+        is taken from; the others only fill the cache). Returns (logits [B, V], block output [B, L, H])."""
+        out, x = self.features(hidden, tokens, cache, target)
+        return self._full_vocab(self.head_logits(out[:, -1], target)), x
+
+    def _full_vocab(self, logits: mx.array) -> mx.array:
+        """A reduced vocabulary's logits scattered back into the full one, the others impossible."""
+        if self._vocab_map is None:
+            return logits
+        full = mx.full((*logits.shape[:-1], self.config.target["vocab_size"]), -mx.inf, logits.dtype)
+        return mx.put_along_axis(full, mx.broadcast_to(self._vocab_map, logits.shape), logits, axis=-1)
 
     def make_cache(self):
         from mlx_lm.models.cache import KVCache

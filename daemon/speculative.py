@@ -162,7 +162,7 @@ def _mtp_drafts(drafter, model, dcache, pending_hidden, pending_tokens, k, sampl
     sampling, the new random key)."""
     unseen = mx.concatenate(pending_hidden, axis=1) if len(pending_hidden) > 1 else pending_hidden[0]
     for start in range(0, len(pending_tokens), PREFILL_CHUNK):
-        d_logits, own = drafter(
+        d_logits, own = drafter.draft(
             unseen[:, start : start + PREFILL_CHUNK],
             mx.array([pending_tokens[start : start + PREFILL_CHUNK]]),
             dcache,
@@ -170,7 +170,7 @@ def _mtp_drafts(drafter, model, dcache, pending_hidden, pending_tokens, k, sampl
         )
     drafts, q_rows = [], []
     for j in range(k):
-        row = d_logits[0, -1]
+        row = d_logits[0]
         if sampling.greedy:
             d = mx.argmax(row, keepdims=True)
         else:
@@ -180,5 +180,5 @@ def _mtp_drafts(drafter, model, dcache, pending_hidden, pending_tokens, k, sampl
             q_rows.append(mx.exp(q_logprobs))
         drafts.append(d)
         if j < k - 1:
-            d_logits, own = drafter(own[:, -1:], d[None], dcache, model)
+            d_logits, own = drafter.draft(own[:, -1:], d[None], dcache, model)
     return mx.concatenate(drafts), q_rows, key

@@ -46,6 +46,11 @@ class RuleDrafter:
         logits = mx.stack(rows)[None]
         return logits, mx.zeros((1, len(rows), self.hidden_size))
 
+    def draft(self, hidden, tokens, cache, target):
+        """The MTP drafter's draft(): only the last position's logits [1, V]."""
+        logits, own = self(hidden, tokens, cache, target)
+        return logits[:, -1], own
+
 
 def target_logits(model):
     """The rule that proposes exactly what the target predicts (q = p)."""
