@@ -42,6 +42,24 @@ def test_trained_drafter_loads_and_stays_lossless(trained, tiny_gguf):
     assert spec.accepted > 0
 
 
+def test_draft_is_the_last_row_of_a_full_call(trained, tiny_gguf):
+    """draft() runs the head on the last position alone; its logits are the full call's last row
+    (impossible, -inf, outside the head's vocabulary), and its block output is the same."""
+    import mlx.core as mx
+    import numpy as np
+
+    out, _ = trained
+    lm = load(str(tiny_gguf), drafter=str(out))
+    hidden = mx.random.normal((1, 5, lm.config["hidden_size"]), key=mx.random.key(0))
+    tokens = mx.array([[3, 4, 5, 6, 7]])
+    full, own = lm.drafter(hidden, tokens, lm.drafter.make_cache(), lm.model)
+    last, own_last = lm.drafter.draft(hidden, tokens, lm.drafter.make_cache(), lm.model)
+    assert last.shape == (1, lm.config["vocab_size"])
+    assert int(mx.isfinite(last).sum()) == 64
+    np.testing.assert_allclose(np.array(last), np.array(full[:, -1]), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.array(own_last), np.array(own), rtol=1e-5, atol=1e-5)
+
+
 def test_resume_continues_from_the_checkpoint(tmp_path, tiny_gguf):
     lm = load(str(tiny_gguf), drafter="none")
     lines = []
