@@ -36,20 +36,13 @@ class RuleDrafter:
         self.sequence = [self.first_token]
         return TrimmableOffset()
 
-    def __call__(self, hidden, tokens, cache, target):
-        del self.sequence[cache.offset + 1 :]  # forget trimmed positions
-        rows = []
-        for token in tokens[0].tolist():
-            self.sequence.append(token)
-            cache.offset += 1
-            rows.append(self.rule(list(self.sequence)))
-        logits = mx.stack(rows)[None]
-        return logits, mx.zeros((1, len(rows), self.hidden_size))
-
     def draft(self, hidden, tokens, cache, target):
-        """The MTP drafter's draft(): only the last position's logits [1, V]."""
-        logits, own = self(hidden, tokens, cache, target)
-        return logits[:, -1], own
+        """The MTP drafter's draft(): the pairs fill the sequence, the rule runs on the last
+        position alone. Returns (logits [1, V], block output [1, L, H])."""
+        del self.sequence[cache.offset + 1 :]  # forget trimmed positions
+        self.sequence.extend(tokens[0].tolist())
+        cache.offset += tokens.shape[1]
+        return self.rule(list(self.sequence))[None], mx.zeros((1, tokens.shape[1], self.hidden_size))
 
 
 def target_logits(model):
