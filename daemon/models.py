@@ -110,10 +110,12 @@ def load(spec: str | None = None, drafter: str | None = None, drafter_bits: int 
     MTP layer in the target's own checkpoint when it has one (the shipped drafter for the default
     model)."""
     from daemon import drafter as mtp_drafter
+    from daemon import fast_block
     from daemon.phrases import Phrasebook
 
     quantized = on_metal()
     lm, mtp_weights = _load_target(spec, quantized)
+    fast_block.install(lm.model.model.layers)
     if drafter == "none":
         return lm
     if drafter is None and spec is None and (DEFAULT_DRAFTER / "config.json").is_file():
@@ -132,4 +134,5 @@ def load(spec: str | None = None, drafter: str | None = None, drafter_bits: int 
             mtp_drafter.quantize(lm.drafter, drafter_bits, keep_quantized=quantized)
         elif not quantized:
             _to_fp32(lm.drafter)
+        fast_block.install([lm.drafter.block])
     return lm
