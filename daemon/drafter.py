@@ -93,7 +93,7 @@ class MTPDrafter(nn.Module):
         if self._vocab_map is None:
             return target_head(target)(out)
         if self._subset_head is None or self._subset_head[0] is not target:
-            rows = target_head_weight(target)[self._vocab_map]
+            rows = mx.contiguous(target_head_weight(target)[self._vocab_map].T).T  # column-major, as models.column_major
             mx.eval(rows)
             object.__setattr__(self, "_subset_head", (target, rows))
         return out @ self._subset_head[1].T

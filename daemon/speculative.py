@@ -73,9 +73,13 @@ def speculative_steps(
         return sample(logits, sampling, sub).item()
 
     vocab = first_logits.shape[-1]
+    # the drafter reads the prompt's pairs now, as part of the prefill (all but the last, which
+    # needs the first token), so that no decoding round carries a prompt-long catch-up
+    if len(prompt_ids) > 1:
+        mx.eval(_catch_up(drafter, model, dcache, prompt_hidden[:, :-1], prompt_ids[1:]))
     t = choose(first_logits[0], index.tokens)
     # pairs the drafter has not seen yet: hidden-state chunks [1, m_i, H] and the tokens after them
-    pending_hidden, pending_tokens = [prompt_hidden], [*prompt_ids[1:], t]
+    pending_hidden, pending_tokens = [prompt_hidden[:, -1:]], [t]
     index.extend([t])
     yield Step((t,), logprobs=token_logprobs(first_logits, [t], logprobs))
     emitted = 1
@@ -161,13 +165,7 @@ def _mtp_drafts(drafter, model, dcache, pending_hidden, pending_tokens, k, sampl
     k drafts on its own output. Returns (draft ids [k], the drafter's probabilities per draft when
     sampling, the new random key)."""
     unseen = mx.concatenate(pending_hidden, axis=1) if len(pending_hidden) > 1 else pending_hidden[0]
-    for start in range(0, len(pending_tokens), PREFILL_CHUNK):
-        d_logits, own = drafter.draft(
-            unseen[:, start : start + PREFILL_CHUNK],
-            mx.array([pending_tokens[start : start + PREFILL_CHUNK]]),
-            dcache,
-            model,
-        )
+    d_logits, own = _catch_up(drafter, model, dcache, unseen, pending_tokens)
     drafts, q_rows = [], []
     for j in range(k):
         row = d_logits[0]
@@ -182,3 +180,13 @@ def _mtp_drafts(drafter, model, dcache, pending_hidden, pending_tokens, k, sampl
         if j < k - 1:
             d_logits, own = drafter.draft(own[:, -1:], d[None], dcache, model)
     return mx.concatenate(drafts), q_rows, key
+
+
+def _catch_up(drafter, model, dcache, hidden: mx.array, tokens) -> tuple[mx.array, mx.array]:
+    """The drafter reads (hidden state [1, m, H], next token) pairs into its cache, in chunks.
+    Returns its draft logits [1, V] and block output after the last pair."""
+    for start in range(0, len(tokens), PREFILL_CHUNK):
+        d_logits, own = drafter.draft(
+            hidden[:, start : start + PREFILL_CHUNK], mx.array([tokens[start : start + PREFILL_CHUNK]]), dcache, model
+        )
+    return d_logits, own
