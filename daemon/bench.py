@@ -65,7 +65,7 @@ def run_engine(lm: LoadedModel, policy, request: Request, tie_margin: float | No
 
 
 def run_mlx_lm(lm: LoadedModel, request: Request) -> dict:
-    """mlx-lm's own generation loop on the same weights, timed like ours."""
+    """mlx-lm's own generation loop, timed like ours."""
     from mlx_lm.generate import stream_generate
     from mlx_lm.sample_utils import make_sampler
 
@@ -152,8 +152,10 @@ def run_bench(
     tie_margin: float | None = None,
     verify_penalty: float = 0.0,
     progress: Callable[[str], None] = lambda _: None,
+    baseline: LoadedModel | None = None,
 ) -> dict:
-    """`specs` may include "mlx-lm" for the baseline; each prompt runs every spec in turn.
+    """`specs` may include "mlx-lm" for the baseline (on `baseline`: the same weights loaded with
+    `stock=True`, as mlx-lm runs them; default `lm`); each prompt runs every spec in turn.
     `verify_penalty` (seconds per extra verified row) makes speculation expensive on purpose."""
     if lm.drafter is None and any(s not in ("off", BASELINE) for s in specs):
         raise ValueError(f"--spec {next(s for s in specs if s not in ('off', BASELINE))} needs a drafter (--drafter)")
@@ -164,7 +166,7 @@ def run_bench(
 
     def runner(spec):
         if spec == BASELINE:
-            return lambda req: run_mlx_lm(lm, req)
+            return lambda req: run_mlx_lm(baseline or lm, req)
         return lambda req: run_engine(lm, make_policy(spec, shared), req, tie_margin, verify_penalty)
 
     runners = {spec: runner(spec) for spec in specs}

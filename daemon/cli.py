@@ -149,6 +149,7 @@ def cmd_generate(args) -> None:
 
 def cmd_bench(args) -> None:
     from daemon.bench import read_prompts, run_bench
+    from daemon.models import load
 
     prompts = read_prompts(args.prompts)
     lm = _load(args)
@@ -163,6 +164,7 @@ def cmd_bench(args) -> None:
         tie_margin=args.tie_margin,
         verify_penalty=args.verify_penalty_ms / 1000,
         progress=lambda line: print(line, file=sys.stderr, flush=True),
+        baseline=load(args.model, drafter="none", stock=True) if args.baseline else None,
     )
     args.json_out.write_text(json.dumps(report, indent=1))
     if args.plot:

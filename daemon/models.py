@@ -67,6 +67,15 @@ def column_major(module: nn.Module) -> None:
     mx.eval(module.parameters())
 
 
+def _tune(module: nn.Module, blocks: list, quantized: bool) -> None:
+    """The faster forms of the same computation: column-major matrices on a CPU, FastBlocks."""
+    from daemon import fast_block
+
+    if not quantized:
+        column_major(module)
+    fast_block.install(blocks)
+
+
 def _keeping_mtp(found: dict):
     """mlx-lm model classes whose sanitize() keeps the MTP layer past num_hidden_layers in `found`
     (mlx-lm drops it). The layer goes through the family's own sanitize as if it were layer 0, so
@@ -115,20 +124,19 @@ def _load_target(spec: str | None, quantized: bool) -> tuple[LoadedModel, dict]:
     return LoadedModel(model, tokenizer, Path(spec).name or spec, spec, quantized, config), mtp
 
 
-def load(spec: str | None = None, drafter: str | None = None, drafter_bits: int | None = None) -> LoadedModel:
+def load(spec: str | None = None, drafter: str | None = None, drafter_bits: int | None = None,
+         stock: bool = False) -> LoadedModel:
     """`spec`: None for the default, a `.gguf` file, an mlx-lm model folder or a repo id on disk.
     `drafter`: a drafter folder, "random" (random weights, a testing aid), "none", or None for the
     MTP layer in the target's own checkpoint when it has one (the shipped drafter for the default
-    model)."""
+    model). `stock`: keep mlx-lm's own blocks and weight layout (the benchmark's baseline)."""
     from daemon import drafter as mtp_drafter
-    from daemon import fast_block
     from daemon.phrases import Phrasebook
 
     quantized = on_metal()
     lm, mtp_weights = _load_target(spec, quantized)
-    if not quantized:
-        column_major(lm.model)
-    fast_block.install(lm.model.model.layers)
+    if not stock:
+        _tune(lm.model, lm.model.model.layers, quantized)
     if drafter == "none":
         return lm
     if drafter is None and spec is None and (DEFAULT_DRAFTER / "config.json").is_file():
@@ -147,7 +155,6 @@ def load(spec: str | None = None, drafter: str | None = None, drafter_bits: int 
             mtp_drafter.quantize(lm.drafter, drafter_bits, keep_quantized=quantized)
         elif not quantized:
             _to_fp32(lm.drafter)
-        if not quantized:
-            column_major(lm.drafter)
-        fast_block.install([lm.drafter.block])
+        if not stock:
+            _tune(lm.drafter, [lm.drafter.block], quantized)
     return lm

@@ -4,6 +4,7 @@ import pytest
 from conftest import run_mtpd
 
 from daemon.bench import read_prompts, run_bench, summarize
+from daemon.models import load
 
 PROMPTS = [
     {"id": "a", "category": "code", "messages": [{"role": "user", "content": "def f"}]},
@@ -12,8 +13,9 @@ PROMPTS = [
 ]
 
 
-def test_report_contract_and_parity_with_mlx_lm(tiny_lm):
-    report = run_bench(tiny_lm, PROMPTS, ["off", "mlx-lm"], max_tokens=10)
+def test_report_contract_and_parity_with_mlx_lm(tiny_lm, tiny_gguf):
+    stock = load(str(tiny_gguf), drafter="none", stock=True)
+    report = run_bench(tiny_lm, PROMPTS, ["off", "mlx-lm"], max_tokens=10, baseline=stock)
     assert set(report) == {"model", "drafter", "machine", "results", "summary"}
     assert report["drafter"] is None and "cores" in report["machine"]
     assert [(r["id"], r["spec"]) for r in report["results"]] == [
