@@ -9,7 +9,7 @@ prompts=bench/prompts.jsonl
 mkdir -p "$out"
 export MTPD_CACHE_DIR="$(mktemp -d)"  # the adaptive policy starts from its start-up probe
 
-# 1. plain decoding against mlx-lm's own loop on the same weights
+# 1. plain decoding against mlx-lm's own loop on the same weights (loaded as mlx-lm runs them)
 $mtpd bench --prompts $prompts --drafter none --spec off --baseline mlx-lm --max-tokens 128 \
   --json $out/off-vs-mlx-lm.json
 

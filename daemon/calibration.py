@@ -22,6 +22,7 @@ from policies.cost import StepCosts
 
 PROBE_CONTEXT = 64
 PROBE_REPEATS = 7
+COST_FORMS = 2  # bump when forward passes change speed (2: column-major weights, FastBlock): re-probe
 
 
 def machine() -> str:
@@ -34,7 +35,7 @@ def cache_dir() -> Path:
 
 
 def estimates_path(lm: LoadedModel, verify_penalty: float = 0.0, root: Path | None = None) -> Path:
-    key = f"{lm.path}|{lm.drafter_name}|{machine()}|{verify_penalty}"
+    key = f"{lm.path}|{lm.drafter_name}|{machine()}|{verify_penalty}|{COST_FORMS}"
     return (root or cache_dir()) / "calibration" / (hashlib.sha1(key.encode()).hexdigest()[:16] + ".json")
 
 

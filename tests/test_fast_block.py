@@ -6,7 +6,7 @@ from mlx_lm.models import llama
 from mlx_lm.models.base import create_attention_mask
 from mlx_lm.models.cache import KVCache
 
-from daemon.fast_block import MAX_ROWS, FastBlock, causal_mask, install
+from daemon.fast_block import MAX_ROWS, FastBlock, causal_mask, fused_attention, grouped_attention, install
 
 
 def run_block(call, layer, chunks):
@@ -17,10 +17,12 @@ def run_block(call, layer, chunks):
     return outs, cache
 
 
+@pytest.mark.parametrize("attend", [grouped_attention, fused_attention])
 @pytest.mark.parametrize("rows", [1, 2, 5, MAX_ROWS])
-def test_outputs_and_cache_match_the_plain_block(tiny_lm, rows):
+def test_outputs_and_cache_match_the_plain_block(tiny_lm, rows, attend, monkeypatch):
     layer = tiny_lm.model.model.layers[1]
-    assert type(layer) is FastBlock
+    assert type(layer) is FastBlock and layer._attend is grouped_attention  # on a CPU
+    monkeypatch.setattr(layer, "_attend", attend)
     hidden = tiny_lm.config["hidden_size"]
     chunks = [mx.random.normal((1, n, hidden), key=mx.random.key(n)) for n in (7, rows, 1, rows)]
     fast, fast_cache = run_block(FastBlock.__call__, layer, chunks)
