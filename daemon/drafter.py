@@ -20,6 +20,8 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_map
 from mlx_lm.models.base import create_attention_mask
 
+from daemon.models import column_major_matrix
+
 HIDDEN_SOURCES = ("post_norm", "pre_norm")
 BLOCK_PARTS = ("input_layernorm", "self_attn", "post_attention_layernorm", "mlp")
 _LAYER_PREFIX = re.compile(r"^model\.layers\.\d+\.")
@@ -93,7 +95,7 @@ class MTPDrafter(nn.Module):
         if self._vocab_map is None:
             return target_head(target)(out)
         if self._subset_head is None or self._subset_head[0] is not target:
-            rows = mx.contiguous(target_head_weight(target)[self._vocab_map].T).T  # column-major, as models.column_major
+            rows = column_major_matrix(target_head_weight(target)[self._vocab_map])
             mx.eval(rows)
             object.__setattr__(self, "_subset_head", (target, rows))
         return out @ self._subset_head[1].T

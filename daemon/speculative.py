@@ -76,7 +76,7 @@ def speculative_steps(
     # the drafter reads the prompt's pairs now, as part of the prefill (all but the last, which
     # needs the first token), so that no decoding round carries a prompt-long catch-up
     if len(prompt_ids) > 1:
-        mx.eval(_catch_up(drafter, model, dcache, prompt_hidden[:, :-1], prompt_ids[1:]))
+        mx.eval(_catch_up(drafter, model, dcache, prompt_hidden[:, :-1], prompt_ids[1:])[1])  # cache only
     t = choose(first_logits[0], index.tokens)
     # pairs the drafter has not seen yet: hidden-state chunks [1, m_i, H] and the tokens after them
     pending_hidden, pending_tokens = [prompt_hidden[:, -1:]], [t]
