@@ -13,6 +13,10 @@ export MTPD_CACHE_DIR="$(mktemp -d)"  # the adaptive policy starts from its star
 $mtpd bench --prompts $prompts --drafter none --spec off --baseline mlx-lm --max-tokens 128 \
   --json $out/off-vs-mlx-lm.json
 
+# 1b. the default policy against mlx-lm's loop, in one run
+$mtpd bench --prompts $prompts --spec off --spec adaptive --baseline mlx-lm --max-tokens 128 \
+  --json $out/adaptive-vs-mlx-lm.json
+
 # 2. every policy with the shipped drafter (adaptive: drafter and lookup copies; adaptive:mtp: drafter alone)
 $mtpd bench --prompts $prompts --spec off --spec fixed:1 --spec fixed:2 --spec fixed:3 --spec fixed:4 \
   --spec fixed:5 --spec fixed:6 --spec adaptive:mtp --spec adaptive --max-tokens 128 \
