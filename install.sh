@@ -12,7 +12,8 @@ python=${PYTHON:-python3}
 "$python" -c 'import sys; sys.exit(sys.version_info < (3, 11))' \
   || { echo "mtpd needs Python 3.11 or newer (set PYTHON=...)" >&2; exit 1; }
 
-# Linux: MLX's CPU backend needs an optimised BLAS to be fast; mtpd preloads it itself.
+# Linux: MLX's CPU backend needs an optimised BLAS to be fast; mtpd preloads it itself (MKL,
+# a pip dependency on x86_64; Debian's OpenBLAS elsewhere and as the fallback).
 # The tests also run a real Prometheus server against the daemon.
 if [ "$(uname -s)" = Linux ] && command -v apt-get >/dev/null; then
   packages=(libopenblas0-pthread)

@@ -289,13 +289,13 @@ COMMANDS = {
 
 def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv)
-    if argv is None:
-        command = ["-m", "daemon", *sys.argv[1:]] if sys.argv[0].endswith("__main__.py") else sys.argv
-        reexec_with_blas(command)
     from daemon import logs
 
-    logs.configure()
     try:
+        if argv is None:
+            command = ["-m", "daemon", *sys.argv[1:]] if sys.argv[0].endswith("__main__.py") else sys.argv
+            reexec_with_blas(command)
+        logs.configure()
         COMMANDS[args.command](args)
     except (ValueError, FileNotFoundError) as e:
         print(f"mtpd: error: {e}", file=sys.stderr)

@@ -25,9 +25,9 @@ def tiny_lm(tiny_gguf):
     return load(str(tiny_gguf))
 
 
-def run_mtpd(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
-    """The installed command line, as a user runs it (it applies OpenBLAS itself)."""
-    env = {k: v for k, v in os.environ.items() if k not in ("MTPD_BLAS_REEXEC",)}
+def run_mtpd(*args: str, timeout: float = 600, env: dict | None = None) -> subprocess.CompletedProcess:
+    """The installed command line, as a user runs it (it preloads its BLAS itself)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("MTPD_BLAS_REEXEC",)} | (env or {})
     env["MTPD_CACHE_DIR"] = tempfile.mkdtemp(prefix="mtpd-test-")  # never the user's calibration
     return subprocess.run(
         [sys.executable, "-m", "daemon", *args], capture_output=True, text=True, timeout=timeout, env=env
