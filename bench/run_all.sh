@@ -9,6 +9,10 @@ prompts=bench/prompts.jsonl
 mkdir -p "$out"
 export MTPD_CACHE_DIR="$(mktemp -d)"  # the adaptive policy starts from its start-up probe
 
+# 0. one forward of 1 / 2 / 4 / 9 rows, as mlx-lm and as mtpd load the model, under MKL and OpenBLAS
+.venv/bin/python bench/forward.py
+MTPD_BLAS=openblas .venv/bin/python bench/forward.py
+
 # 1. plain decoding against mlx-lm's own loop on the same weights (loaded as mlx-lm runs them)
 $mtpd bench --prompts $prompts --drafter none --spec off --baseline mlx-lm --max-tokens 128 \
   --json $out/off-vs-mlx-lm.json
