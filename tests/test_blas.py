@@ -11,7 +11,7 @@ from daemon import blas
 LINUX = sys.platform.startswith("linux")
 EXPECTED_BLAS = (
     "Accelerate / Metal" if sys.platform == "darwin"
-    else "Intel MKL" if platform.machine() == "x86_64"  # the `mkl` wheel is a dependency there
+    else "Intel MKL" if platform.machine() == "x86_64" and blas.intel_cpu()  # the `mkl` wheel is a dependency
     else "OpenBLAS"
 )
 
@@ -24,22 +24,25 @@ def libraries(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize(
-    ("setting", "present", "chosen"),
+    ("setting", "intel", "present", "chosen"),
     [
-        ("", ("mkl", "openblas"), "mkl"),
-        ("", ("openblas",), "openblas"),
-        ("", (), None),
-        ("openblas", ("mkl", "openblas"), "openblas"),
-        ("MKL", ("mkl", "openblas"), "mkl"),
-        ("mkl", ("openblas",), None),
-        ("reference", ("mkl", "openblas"), None),
+        ("", True, ("mkl", "openblas"), "mkl"),
+        ("", False, ("mkl", "openblas"), "openblas"),
+        ("", False, ("mkl",), "mkl"),
+        ("", True, ("openblas",), "openblas"),
+        ("", True, (), None),
+        ("openblas", True, ("mkl", "openblas"), "openblas"),
+        ("MKL", False, ("mkl", "openblas"), "mkl"),
+        ("mkl", True, ("openblas",), None),
+        ("reference", True, ("mkl", "openblas"), None),
     ],
 )
-def test_choice_of_library(libraries, monkeypatch, setting, present, chosen):
+def test_choice_of_library(libraries, monkeypatch, setting, intel, present, chosen):
     files = dict(zip(("mkl", "openblas"), libraries))
     for kind in present:
         files[kind].write_bytes(b"")
     monkeypatch.setenv("MTPD_BLAS", setting)
+    monkeypatch.setattr(blas, "intel_cpu", lambda: intel)
     assert blas.find_blas() == (str(files[chosen]) if chosen else None)
 
 
