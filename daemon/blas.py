@@ -14,10 +14,19 @@ from __future__ import annotations
 
 import glob
 import os
+import site
 import sys
+import sysconfig
 
 _CANDIDATES = {
-    "mkl": (os.path.join(sys.prefix, "lib", "libmkl_rt.so.*"),),
+    # where pip puts the `mkl` wheel's libraries: the environment, the scheme's data dir, --user
+    "mkl": tuple(
+        dict.fromkeys(
+            os.path.join(base, "lib", "libmkl_rt.so.*")
+            for base in (sys.prefix, sysconfig.get_path("data"), site.USER_BASE)
+            if base
+        )
+    ),
     "openblas": (
         "/usr/lib/*-linux-gnu/openblas-pthread/libblas.so.3",
         "/usr/lib64/openblas-pthread/libblas.so.3",
