@@ -36,8 +36,8 @@ CATEGORIES = ("code", "prose", "math")
 
 @dataclass
 class TrainSettings:
-    tokens: int = 200_000  # target positions to train on (generated answers and stdlib text)
-    steps: int = 500
+    tokens: int = 300_000  # target positions to train on (generated answers and stdlib text)
+    steps: int = 800
     batch: int = 8
     generate_batch: int = 48  # prompts answered together
     window: int = 256  # tokens per training sequence
