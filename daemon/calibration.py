@@ -22,7 +22,7 @@ from policies.cost import StepCosts
 
 PROBE_CONTEXT = 64
 PROBE_REPEATS = 7
-COST_FORMS = 2  # bump when forward passes change speed (2: column-major weights, FastBlock): re-probe
+COST_FORMS = 3  # bump when forward passes change speed (2: column-major weights, FastBlock; 3: row-major copies): re-probe
 
 
 def machine() -> str:

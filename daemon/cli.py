@@ -104,12 +104,13 @@ def _load(args):
 
     from daemon.blas import blas_in_use
     from daemon.models import load
+    from daemon.row_major import copies
 
     log = structlog.get_logger()
     lm = load(args.model, drafter=args.drafter, drafter_bits=args.drafter_bits)
     log.info(
         "model loaded", model=lm.name, path=lm.path, quantized=lm.quantized, drafter=lm.drafter_name,
-        phrases=len(lm.phrases or ()), blas=blas_in_use()
+        phrases=len(lm.phrases or ()), blas=blas_in_use(), row_major_blocks=copies(lm.model.model.layers)
     )
     return lm
 

@@ -133,9 +133,14 @@ def target_head(model):
     return model.lm_head if "lm_head" in model else model.model.embed_tokens.as_linear
 
 
+def target_head_layer(model) -> nn.Module:
+    """The layer holding the target's head: `lm_head`, or the tied embedding."""
+    return model.lm_head if "lm_head" in model else model.model.embed_tokens
+
+
 def target_head_weight(model) -> mx.array:
     """The target's head as a [V, H] matrix (dequantized if it is quantized)."""
-    layer = model.lm_head if "lm_head" in model else model.model.embed_tokens
+    layer = target_head_layer(model)
     if hasattr(layer, "scales"):
         return mx.dequantize(layer.weight, layer.scales, layer.biases, layer.group_size, layer.bits)
     return layer.weight

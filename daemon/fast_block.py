@@ -14,6 +14,10 @@ against ~72 / 84 / 100 / 138 ms.
 Each distinct row count is traced once per block, so only inputs of up to `MAX_ROWS` rows take
 this path (prefill chunks go the plain way). Weights are read live at every call (`inputs=`), so a
 later weight update is never ignored.
+
+`add_row_major` gives a block a second, row-major copy of its matrices for inputs of up to
+`FEW_ROWS` rows, with the q/k/v and the gate/up projections each fused into one matrix (fewer BLAS
+calls); daemon.row_major says when and why.
 """
 
 from __future__ import annotations
@@ -23,9 +27,11 @@ import functools
 import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models import llama
+from mlx_lm.models.activations import swiglu
 from mlx_lm.models.cache import KVCache
 
 MAX_ROWS = 16
+FEW_ROWS = 3  # inputs of up to this many rows use the row-major copies, where a block has them
 
 
 class FastBlock(llama.TransformerBlock):
@@ -33,30 +39,67 @@ class FastBlock(llama.TransformerBlock):
         # batched caches, feature extraction, prefill chunks and array masks take the plain way
         if type(cache) is not KVCache or x.shape[1] > MAX_ROWS or isinstance(mask, mx.array):
             return super().__call__(x, mask, cache)
-        queries, keys, values = self._pre(x, mx.array(cache.offset))
+        few = self._row_major if x.shape[1] <= FEW_ROWS else None
+        offset = mx.array(cache.offset)
+        queries, keys, values = self._pre(x, offset) if few is None else self._pre_few(x, offset, few[0])
         keys, values = cache.update_and_fetch(keys, values)
-        return self._post(x, self._attend(queries, keys, values, self.self_attn.scale))
+        out = self._attend(queries, keys, values, self.self_attn.scale)
+        return self._post(x, out) if few is None else self._post_few(x, out, *few[1:])
 
     def _compile(self) -> None:
         attn = self.self_attn
 
-        def pre(x, offset):
-            B, L, _ = x.shape
-            h = self.input_layernorm(x)
-            q, k, v = attn.q_proj(h), attn.k_proj(h), attn.v_proj(h)
+        q_width = attn.n_heads * attn.head_dim
+        kv_width = attn.n_kv_heads * attn.head_dim
+
+        def heads(q, k, v, offset):
+            B, L, _ = q.shape
             q = q.reshape(B, L, attn.n_heads, -1).transpose(0, 2, 1, 3)
             k = k.reshape(B, L, attn.n_kv_heads, -1).transpose(0, 2, 1, 3)
             v = v.reshape(B, L, attn.n_kv_heads, -1).transpose(0, 2, 1, 3)
             return attn.rope(q, offset=offset), attn.rope(k, offset=offset), v
 
-        def post(x, out):
+        def merged(out):
             B, _, L, _ = out.shape
-            h = x + attn.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
+            return out.transpose(0, 2, 1, 3).reshape(B, L, -1)
+
+        def pre(x, offset):
+            h = self.input_layernorm(x)
+            return heads(attn.q_proj(h), attn.k_proj(h), attn.v_proj(h), offset)
+
+        def post(x, out):
+            h = x + attn.o_proj(merged(out))
             return h + self.mlp(self.post_attention_layernorm(h))
+
+        def pre_few(x, offset, w_qkv):
+            q, k, v = mx.split(self.input_layernorm(x) @ w_qkv.T, [q_width, q_width + kv_width], axis=-1)
+            return heads(q, k, v, offset)
+
+        def post_few(x, out, w_o, w_gate_up, w_down):
+            h = x + merged(out) @ w_o.T
+            gate, up = mx.split(self.post_attention_layernorm(h) @ w_gate_up.T, 2, axis=-1)
+            return h + swiglu(gate, up) @ w_down.T
 
         object.__setattr__(self, "_pre", mx.compile(pre, inputs=self.state))
         object.__setattr__(self, "_post", mx.compile(post, inputs=self.state))
+        object.__setattr__(self, "_pre_few", mx.compile(pre_few, inputs=self.state))
+        object.__setattr__(self, "_post_few", mx.compile(post_few, inputs=self.state))
         object.__setattr__(self, "_attend", grouped_attention if mx.default_device() == mx.cpu else fused_attention)
+        object.__setattr__(self, "_row_major", None)  # (qkv, o, gate_up, down) from add_row_major
+
+    def add_row_major(self) -> bool:
+        """Row-major copies of the block's fp32 matrices for inputs of up to FEW_ROWS rows (a
+        snapshot of the current weights). False, and nothing copied, where the block has biases
+        or other than fp32 matrices."""
+        attn, mlp = self.self_attn, self.mlp
+        linears = (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj)
+        if any("bias" in m or type(m) is not nn.Linear or m.weight.dtype != mx.float32 for m in linears):
+            return False
+        q, k, v, o, gate, up, down = (m.weight for m in linears)
+        copies = (mx.concatenate([q, k, v]), mx.contiguous(o), mx.concatenate([gate, up]), mx.contiguous(down))
+        mx.eval(copies)
+        object.__setattr__(self, "_row_major", copies)
+        return True
 
 
 @functools.lru_cache(maxsize=4)  # every block of one forward asks for the same mask

@@ -73,13 +73,16 @@ def column_major_matrix(w: mx.array) -> mx.array:
     return mx.contiguous(w.T).T
 
 
-def _tune(module: nn.Module, blocks: list, quantized: bool) -> None:
-    """The faster forms of the same computation: column-major matrices on a CPU, FastBlocks."""
-    from daemon import fast_block
+def _tune(module: nn.Module, blocks: list, quantized: bool, head: nn.Module | None = None) -> None:
+    """The faster forms of the same computation: column-major matrices on a CPU, FastBlocks, and
+    under MKL row-major copies for few-row inputs (of the blocks and of `head`)."""
+    from daemon import fast_block, row_major
 
     if not quantized:
         column_major(module)
     fast_block.install(blocks)
+    if not quantized and row_major.worth_it(module):
+        row_major.install(blocks, head)
 
 
 def _keeping_mtp(found: dict):
@@ -142,7 +145,7 @@ def load(spec: str | None = None, drafter: str | None = None, drafter_bits: int 
     quantized = on_metal()
     lm, mtp_weights = _load_target(spec, quantized)
     if not stock:
-        _tune(lm.model, lm.model.model.layers, quantized)
+        _tune(lm.model, lm.model.model.layers, quantized, head=mtp_drafter.target_head_layer(lm.model))
     if drafter == "none":
         return lm
     if drafter is None and spec is None and (DEFAULT_DRAFTER / "config.json").is_file():

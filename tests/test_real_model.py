@@ -15,6 +15,8 @@ def test_code_prompt_gives_a_python_function():
     assert re.search(r"def \w+\(", done.stdout)
     assert re.search(r"prompt tokens: \d+, completion tokens: \d+, [\d.]+ tok/s", done.stderr)
     assert EXPECTED_BLAS in done.stderr  # the log names the BLAS in use
+    copies = 30 if EXPECTED_BLAS == "Intel MKL" else 0  # row-major copies of every block under MKL only
+    assert f"\"row_major_blocks\": {copies}," in done.stderr
 
 
 def test_random_drafter_gives_the_same_tokens_as_off(tmp_path):
