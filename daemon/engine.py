@@ -21,7 +21,7 @@ from daemon.prompt_cache import PromptCache, snapshot
 from daemon.sampling import SamplingParams, new_key, sample, token_logprobs
 from daemon.speculative import speculative_steps
 from daemon.stops import StopText
-from daemon.ties import DEFAULT_MARGIN_FP32, DEFAULT_MARGIN_HALF, NearTieGuard, top2_margin
+from daemon.ties import DEFAULT_MARGIN_FP32, DEFAULT_MARGIN_HALF, NearTieGuard, greedy_with_margin
 from policies.fixed import Fixed
 
 __all__ = ["Delta", "Finished", "Request", "Step", "generate"]
@@ -40,7 +40,7 @@ def plain_steps(
     def draw(logits):
         nonlocal key
         if sampling.greedy:
-            return mx.argmax(logits, axis=-1), top2_margin(logits)
+            return greedy_with_margin(logits)
         key, sub = mx.random.split(key)
         return sample(logits, sampling, sub), None
 

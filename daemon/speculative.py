@@ -28,7 +28,7 @@ from daemon.forward import PREFILL_CHUNK, hidden_tap
 from daemon.lookup import NgramIndex
 from daemon.phrases import Phrasebook
 from daemon.sampling import SamplingParams, sample, target_logprobs, token_logprobs
-from daemon.ties import NearTieGuard, top2_margin
+from daemon.ties import NearTieGuard, greedy_with_margin
 from daemon.verify import greedy_accepted, residual_logprobs, sampled_accepted
 
 
@@ -66,7 +66,7 @@ def speculative_steps(
         """The target's own next token from logits [V] (greedy tie-guarded, or sampled)."""
         nonlocal key
         if sampling.greedy:
-            token, margin = mx.argmax(logits), top2_margin(logits)
+            token, margin = greedy_with_margin(logits)
             mx.eval(token, margin)
             return guard.token(ids, token.item(), margin.item())
         key, sub = mx.random.split(key)
@@ -121,7 +121,7 @@ def speculative_steps(
 
         # 3. accept
         if sampling.greedy:
-            target, margins = mx.argmax(logits, axis=-1), top2_margin(logits)
+            target, margins = greedy_with_margin(logits)
             mx.eval(draft_ids, target, margins)
             draft_list, target, margins = draft_ids.tolist(), target.tolist(), margins.tolist()
             out = []
