@@ -1,6 +1,7 @@
-"""Time one forward of the default model over 1, 2, 4 and 9 new rows (~200 tokens of context),
-as loaded by mlx-lm (`stock`) and by mtpd (column-major weights, FastBlocks), under the BLAS that
-MTPD_BLAS picks (the script preloads it like the `mtpd` command). Medians in ms, interleaved.
+"""Time one forward of the default model over 1, 2, 3, 4 and 9 new rows (~200 tokens of context),
+as loaded by mlx-lm (`stock`) and by mtpd (column-major weights, FastBlocks, row-major copies for
+1-3 rows under MKL), under the BLAS that MTPD_BLAS picks (the script preloads it like the `mtpd`
+command). Medians in ms, interleaved.
 
     .venv/bin/python bench/forward.py [--repeats 12]
     MTPD_BLAS=openblas .venv/bin/python bench/forward.py
@@ -13,7 +14,7 @@ import time
 
 from daemon.blas import blas_in_use, reexec_with_blas
 
-ROWS = (1, 2, 4, 9)
+ROWS = (1, 2, 3, 4, 9)
 
 
 def main() -> None:

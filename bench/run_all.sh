@@ -9,7 +9,7 @@ prompts=bench/prompts.jsonl
 mkdir -p "$out"
 export MTPD_CACHE_DIR="$(mktemp -d)"  # the adaptive policy starts from its start-up probe
 
-# 0. one forward of 1 / 2 / 4 / 9 rows, as mlx-lm and as mtpd load the model, under MKL and OpenBLAS
+# 0. one forward of 1 / 2 / 3 / 4 / 9 rows, as mlx-lm and as mtpd load the model, under MKL and OpenBLAS
 .venv/bin/python bench/forward.py
 MTPD_BLAS=openblas .venv/bin/python bench/forward.py
 

@@ -102,16 +102,10 @@ def _sampling(args):
 def _load(args):
     import structlog
 
-    from daemon.blas import blas_in_use
-    from daemon.models import load
-    from daemon.row_major import copies
+    from daemon.models import describe, load
 
-    log = structlog.get_logger()
     lm = load(args.model, drafter=args.drafter, drafter_bits=args.drafter_bits)
-    log.info(
-        "model loaded", model=lm.name, path=lm.path, quantized=lm.quantized, drafter=lm.drafter_name,
-        phrases=len(lm.phrases or ()), blas=blas_in_use(), row_major_blocks=copies(lm.model.model.layers)
-    )
+    structlog.get_logger().info("model loaded", **describe(lm))
     return lm
 
 

@@ -30,6 +30,17 @@ class LoadedModel:
     phrases: object | None = None  # daemon.phrases.Phrasebook shipped with the drafter, if any
 
 
+def describe(lm: LoadedModel) -> dict:
+    """What the `model loaded` log line says about a loaded model."""
+    from daemon.blas import blas_in_use
+    from daemon.row_major import copies
+
+    return {
+        "model": lm.name, "path": lm.path, "quantized": lm.quantized, "drafter": lm.drafter_name,
+        "phrases": len(lm.phrases or ()), "blas": blas_in_use(), "row_major_blocks": copies(lm.model.model.layers),
+    }
+
+
 def on_metal() -> bool:
     return mx.metal.is_available()
 

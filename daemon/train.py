@@ -11,6 +11,7 @@ The target's answers also become its phrasebook (daemon.phrases), shipped beside
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from collections.abc import Callable
@@ -22,6 +23,7 @@ import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
+from mlx_lm.models.base import create_causal_mask
 
 from daemon import drafter as mtp
 from daemon.batch_greedy import greedy_batch
@@ -38,6 +40,8 @@ CATEGORIES = ("code", "prose", "math")
 class TrainSettings:
     tokens: int = 300_000  # target positions to train on (generated answers and stdlib text)
     steps: int = 800
+    chain_steps: int = 150  # then steps of the two-depth loss: the drafter also fed its own output
+    chain_weight: float = 1.0  # weight of the depth-2 term in those steps
     batch: int = 8
     generate_batch: int = 48  # prompts answered together
     window: int = 256  # tokens per training sequence
@@ -163,23 +167,83 @@ def subset_labels(labels: mx.array, head_vocab: list[int] | None, vocab: int) ->
     return mx.array(lookup)[labels]
 
 
-def loss_fn(drafter, target, hidden, tokens, labels, mask):
-    out, _ = drafter.features(hidden, tokens, None, target)
+def _cross_entropy(drafter, target, out, labels, mask) -> mx.array:
     logits = drafter.head_logits(out, target)
     valid = mask & (labels >= 0)
     ce = nn.losses.cross_entropy(logits, mx.maximum(labels, 0), reduction="none")
     return (ce * valid).sum() / mx.maximum(valid.sum(), 1)
 
 
-def evaluate(drafter, lm, f: dict, rows: np.ndarray, lookup_vocab, batch: int) -> dict[str, float]:
-    """Teacher-forced top-1 agreement with the target at draft position 1, per category: on the
-    target's own greedy text this is the greedy acceptance rate of the first draft."""
+def loss_fn(drafter, target, hidden, tokens, labels, mask):
+    out, _ = drafter.features(hidden, tokens, None, target)
+    return _cross_entropy(drafter, target, out, labels, mask)
+
+
+class _FirstDepth:
+    """A stand-in KV cache for a whole-sequence pass that keeps its keys and values."""
+
+    offset = 0
+
+    def update_and_fetch(self, keys, values):
+        self.keys, self.values = keys, values
+        return keys, values
+
+    def make_mask(self, n: int, return_array: bool = False, window_size=None):
+        return create_causal_mask(n) if return_array else "causal"
+
+
+class _SecondDepth:
+    """Row i drafts at depth 2 after position i: as when drafting, it sees the first depth's keys
+    up to position i (the drafter's cache of real hidden states) and its own key (position i + 1)."""
+
+    offset = 1
+
+    def __init__(self, first: _FirstDepth):
+        self.first = first
+
+    def update_and_fetch(self, keys, values):
+        return mx.concatenate([self.first.keys, keys], axis=2), mx.concatenate([self.first.values, values], axis=2)
+
+    def make_mask(self, n: int, return_array: bool = False, window_size=None):
+        return mx.concatenate([create_causal_mask(n), mx.eye(n, dtype=mx.bool_)], axis=1)
+
+
+def two_depths(drafter, target, hidden, tokens) -> tuple[mx.array, mx.array]:
+    """Teacher-forced drafts at depths 1 and 2. Depth 1 at position i reads (h_i, t_{i+1}); depth 2
+    reads the drafter's own block output there and t_{i+2}, as a chained draft does once the first
+    is accepted. Returns the shared_head.norm outputs [B, L, H] of both (depth 2's last row has no
+    token and is padding)."""
+    first = _FirstDepth()
+    out1, own = drafter.features(hidden, tokens, first, target)
+    out2, _ = drafter.features(own, mx.concatenate([tokens[:, 1:], tokens[:, -1:]], axis=1), _SecondDepth(first), target)
+    return out1, out2
+
+
+def _depth2(labels, mask):
+    """Labels and mask of depth 2: those of the next position, none for the last."""
+    return mx.concatenate([labels[:, 1:], labels[:, -1:]], axis=1), mx.concatenate([mask[:, 1:], mx.zeros_like(mask[:, -1:])], axis=1)
+
+
+def chained_loss_fn(drafter, target, hidden, tokens, labels, mask, weight: float):
+    out1, out2 = two_depths(drafter, target, hidden, tokens)
+    labels2, mask2 = _depth2(labels, mask)
+    return _cross_entropy(drafter, target, out1, labels, mask) + weight * _cross_entropy(drafter, target, out2, labels2, mask2)
+
+
+def evaluate(drafter, lm, f: dict, rows: np.ndarray, lookup_vocab, batch: int, depth: int = 1) -> dict[str, float]:
+    """Teacher-forced top-1 agreement with the target at draft position 1 (depth 2: position 2
+    after an accepted first draft), per category: on the target's own greedy text this is the
+    greedy acceptance rate of that draft."""
     hits = np.zeros(len(CATEGORIES))
     totals = np.zeros(len(CATEGORIES))
     for start in range(0, len(rows), batch):
         part = rows[start : start + batch]
         hidden, tokens, labels, mask = drafter_batch(f, part)
-        logits, _ = drafter(hidden, tokens, None, lm.model)
+        if depth == 1:
+            logits, _ = drafter(hidden, tokens, None, lm.model)
+        else:
+            logits = drafter._full_vocab(drafter.head_logits(two_depths(drafter, lm.model, hidden, tokens)[1], lm.model))
+            labels, mask = _depth2(labels, mask)
         correct = (mx.argmax(logits, axis=-1) == labels) & mask
         mx.eval(correct, mask)
         for row, c, m in zip(part, np.array(correct), np.array(mask)):
@@ -188,6 +252,22 @@ def evaluate(drafter, lm, f: dict, rows: np.ndarray, lookup_vocab, batch: int) -
     result = {name: float(hits[i] / totals[i]) for i, name in enumerate(CATEGORIES) if totals[i]}
     result["all"] = float(hits.sum() / max(totals.sum(), 1))
     return result
+
+
+def _stage(drafter, s: TrainSettings, second: bool):
+    """Optimizer and loss gradient of a stage. First: depth 1, warm-up then cosine decay over
+    `steps`. Second (from the first's weights): both depths, a short warm-up to 0.3x the rate and
+    cosine decay over `chain_steps`."""
+    if second:
+        peak, warm = s.learning_rate * 0.3, 20
+        schedule = optim.cosine_decay(peak, s.chain_steps, peak * 0.1)
+        loss = functools.partial(chained_loss_fn, weight=s.chain_weight)
+    else:
+        peak, warm = s.learning_rate, 50
+        schedule = optim.cosine_decay(peak, s.steps, peak * 0.05)
+        loss = loss_fn
+    rate = optim.join_schedules([optim.linear_schedule(1e-5, peak, warm), schedule], [warm])
+    return optim.AdamW(learning_rate=rate, weight_decay=0.0), nn.value_and_grad(drafter, loss)
 
 
 def _save_checkpoint(work: Path, drafter, optimizer, step: int, rng_state) -> None:
@@ -227,23 +307,27 @@ def train_drafter(
     head_vocab = choose_head_vocab({k: f[k][train_rows] for k in ("argmax", "tokens")}, s.head_vocab) if s.head_vocab else None
     coverage = _coverage(f, held, head_vocab)
     drafter = init_drafter(lm, head_vocab, s.hidden_source)
-    schedule = optim.cosine_decay(s.learning_rate, s.steps, s.learning_rate * 0.05)
-    optimizer = optim.AdamW(learning_rate=optim.join_schedules([optim.linear_schedule(1e-5, s.learning_rate, 50), schedule], [50]), weight_decay=0.0)
-    step = 0
+    step, saved = 0, None
     if resume and (work / "step.json").exists():
         drafter.load_weights(str(work / "ckpt.safetensors"))
-        optimizer.state = tree_unflatten(list(mx.load(str(work / "opt.safetensors")).items()))
         saved = json.loads((work / "step.json").read_text())
         step = saved["step"]
         rng.bit_generator.state = saved["rng"]
         progress(f"resumed at step {step}")
+    second = step >= s.steps
+    optimizer, value_and_grad = _stage(drafter, s, second)
+    if saved is not None and step != s.steps:  # at the boundary the saved state is the first stage's
+        optimizer.state = tree_unflatten(list(mx.load(str(work / "opt.safetensors")).items()))
 
     vocab = lm.config["vocab_size"]
-    value_and_grad = nn.value_and_grad(drafter, loss_fn)
+    total = s.steps + s.chain_steps
     tokens_seen = 0
     t0 = time.perf_counter()
     losses = []
-    while step < s.steps:
+    while step < total:
+        if step == s.steps and not second:
+            second = True
+            optimizer, value_and_grad = _stage(drafter, s, second)
         rows = rng.choice(train_rows, size=s.batch, replace=False)
         hidden, tokens, labels, mask = drafter_batch(f, rows)
         loss, grads = value_and_grad(drafter, lm.model, hidden, tokens, subset_labels(labels, head_vocab, vocab), mask)
@@ -253,12 +337,16 @@ def train_drafter(
         losses.append(loss.item())
         step += 1
         tokens_seen += int(np.array(mask).sum())
-        if step % 25 == 0 or step == s.steps:
+        stage_end = total if second else s.steps
+        if step % 25 == 0 or step == stage_end:
             rate = tokens_seen / (time.perf_counter() - t0)
-            progress(f"step {step}/{s.steps} loss {np.mean(losses[-25:]):.3f} ({rate:.0f} tok/s)")
-        if step % 100 == 0 or step == s.steps:
+            progress(f"step {step}/{total} loss {np.mean(losses[-25:]):.3f} ({rate:.0f} tok/s)")
+        if step % 100 == 0 or step == stage_end:
             accept = evaluate(drafter, lm, f, held, head_vocab, s.batch)
             progress(f"step {step}: held-out first-position acceptance {_fmt(accept)}")
+            if second:
+                accept = evaluate(drafter, lm, f, held, head_vocab, s.batch, depth=2)
+                progress(f"step {step}: held-out second-position acceptance (after an accepted first) {_fmt(accept)}")
             _save_checkpoint(work, drafter, optimizer, step, rng.bit_generator.state)
 
     acceptance = evaluate(drafter, lm, f, held, head_vocab, s.batch)
@@ -275,6 +363,7 @@ def train_drafter(
         "head_vocab_coverage_held_out": coverage,
         "phrasebook_ngrams": len(phrases),
         "held_out_first_position_acceptance": acceptance,
+        "held_out_second_position_acceptance": evaluate(drafter, lm, f, held, head_vocab, s.batch, depth=2),
         "data_seconds": round(data_seconds, 1),
         "wall_seconds": round(time.perf_counter() - started, 1),
     }

@@ -169,11 +169,11 @@ def load_for_serving(settings) -> Loaded:
     from mlx_lm.models.cache import make_prompt_cache
 
     from daemon.calibration import shared_estimates
-    from daemon.models import load
+    from daemon.models import describe, load
     from daemon.prompt_cache import cacheable
 
     lm = load(settings.model, drafter=settings.drafter, drafter_bits=settings.drafter_bits)
-    log.info("model loaded", model=lm.name, path=lm.path, drafter=lm.drafter_name, phrases=len(lm.phrases or ()))
+    log.info("model loaded", **describe(lm))
     shared = shared_estimates(lm, root=settings.cache_dir)
     prompt_cache = None
     if settings.prompt_cache_bytes and cacheable(make_prompt_cache(lm.model)):

@@ -2,6 +2,7 @@
 
 import pytest
 from conftest import Daemon
+from test_blas import EXPECTED_BLAS
 
 pytestmark = pytest.mark.real_model
 
@@ -28,6 +29,9 @@ def test_second_turn_and_restart_reuse_the_prompt_cache():
         assert two.usage.prompt_tokens_details.cached_tokens >= one.usage.prompt_tokens - 1
     finally:
         assert daemon.stop() == 0
+    loaded = next(r for r in daemon.log_records() if r.get("event") == "model loaded")
+    assert loaded["blas"].startswith(EXPECTED_BLAS) and loaded["drafter"] == "smollm2-135m-instruct"
+    assert loaded["row_major_blocks"] == (30 if EXPECTED_BLAS == "Intel MKL" else 0)
     restarted = Daemon(cache_dir=daemon.cache_dir)
     try:
         other = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "Sum a list."}]

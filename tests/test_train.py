@@ -10,7 +10,7 @@ from daemon.models import load
 from daemon.train import TrainSettings, choose_head_vocab, train_drafter
 from policies.fixed import Fixed
 
-SETTINGS = TrainSettings(tokens=3000, steps=60, batch=4, window=64, head_vocab=64, answer_tokens=24)
+SETTINGS = TrainSettings(tokens=3000, steps=60, chain_steps=20, batch=4, window=64, head_vocab=64, answer_tokens=24)
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +26,8 @@ def test_training_learns_the_targets_choices(trained):
     acceptance = record["held_out_first_position_acceptance"]
     assert acceptance["all"] > 0.15  # an untrained head over 64 tokens agrees ~2% of the time
     saved = json.loads((out / "training.json").read_text())
-    assert saved["steps"] == 60 and saved["head_vocab_size"] == 64
+    assert saved["steps"] == 80 and saved["head_vocab_size"] == 64
+    assert 0 <= saved["held_out_second_position_acceptance"]["all"] <= 1
     assert 0 < saved["head_vocab_coverage_held_out"] <= 1
 
 
@@ -65,8 +66,46 @@ def test_resume_continues_from_the_checkpoint(tmp_path, tiny_gguf):
     lines = []
     train_drafter(lm, tmp_path, dataclasses.replace(SETTINGS, steps=200), progress=lines.append)
     assert (tmp_path / "work" / "ckpt.safetensors").exists()
-    record = train_drafter(lm, tmp_path, dataclasses.replace(SETTINGS, steps=220), resume=True, progress=lines.append)
-    assert "resumed at step 200" in lines and record["steps"] == 220
+    record = train_drafter(lm, tmp_path, dataclasses.replace(SETTINGS, steps=200, chain_steps=40), resume=True,
+                           progress=lines.append)
+    assert "resumed at step 220" in lines and record["steps"] == 240
+
+
+def test_second_stage_teaches_depth_two(tmp_path, tiny_gguf):
+    """A first stage alone, then the same run resumed with the two-depth stage: depth-2 acceptance
+    (a draft fed the drafter's own output) rises."""
+    import mlx.core as mx
+
+    mx.random.seed(0)  # the drafter's initial weights
+    lm = load(str(tiny_gguf), drafter="none")
+    lines = []
+    first = train_drafter(lm, tmp_path, dataclasses.replace(SETTINGS, chain_steps=0), progress=lines.append)
+    both = train_drafter(lm, tmp_path, dataclasses.replace(SETTINGS, chain_steps=200), resume=True, progress=lines.append)
+    assert "resumed at step 60" in lines and both["steps"] == 260
+    depth2 = first["held_out_second_position_acceptance"]["all"], both["held_out_second_position_acceptance"]["all"]
+    assert depth2[1] > depth2[0], depth2
+
+
+def test_depth_two_rows_equal_chained_drafting(trained, tiny_gguf):
+    """two_depths' row i is what draft() gives when the cache holds positions 0..i and the drafter
+    is fed its own block output at i and the token after the next."""
+    import mlx.core as mx
+    import numpy as np
+
+    from daemon.train import two_depths
+
+    out, _ = trained
+    lm = load(str(tiny_gguf), drafter=str(out))
+    d = lm.drafter
+    hidden = mx.random.normal((1, 6, lm.config["hidden_size"]), key=mx.random.key(1))
+    tokens = mx.array([[3, 9, 4, 7, 5, 8]])
+    _, own = d.features(hidden, tokens, None, lm.model)
+    _, depth2 = two_depths(d, lm.model, hidden, tokens)
+    for i in range(5):
+        cache = d.make_cache()
+        d.features(hidden[:, : i + 1], tokens[:, : i + 1], cache, lm.model)
+        chained, _ = d.features(own[:, i : i + 1], tokens[:, i + 1 : i + 2], cache, lm.model)
+        np.testing.assert_allclose(np.array(chained[0, 0]), np.array(depth2[0, i]), rtol=1e-4, atol=1e-4)
 
 
 def test_head_vocabulary_is_the_most_frequent_predictions():
