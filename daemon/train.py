@@ -3,7 +3,9 @@
 Self-distillation: the drafter reads the target's own hidden state h_i and the next token t_{i+1},
 and learns the target's own greedy choice at position i+1 -- exactly what greedy verification
 accepts -- not the raw text. Its head is the target's, restricted to the most frequent predicted
-tokens (FR-Spec style), so a draft token costs a fraction of a target step.
+tokens (FR-Spec style), so a draft token costs a fraction of a target step. The steps come in two
+stages: depth 1 alone, then depths 1 and 2 together, depth 2 fed the drafter's own block output as
+a chained draft is (see `two_depths`).
 
 Stages, each saved under OUT/work so that a stopped run resumes: text -> features -> steps -> export.
 The target's answers also become its phrasebook (daemon.phrases), shipped beside the drafter.
