@@ -130,7 +130,8 @@ def target_embedding(model) -> nn.Module:
 
 def target_head(model):
     """The target's LM head as a function of post-norm hidden states."""
-    return model.lm_head if "lm_head" in model else model.model.embed_tokens.as_linear
+    layer = target_head_layer(model)
+    return layer if "lm_head" in model else layer.as_linear
 
 
 def target_head_layer(model) -> nn.Module:
