@@ -35,7 +35,7 @@ from daemon.phrases import Phrasebook
 from daemon.prompts import encode_chat
 from daemon.train_data import stdlib_chunks, training_prompts
 
-CATEGORIES = ("code", "prose", "math")
+CATEGORIES = ("code", "prose", "math", "stdlib")  # the kind of prompt answered; stdlib: library source, no prompt
 
 
 @dataclass
@@ -59,8 +59,9 @@ class TrainSettings:
 # --- data --------------------------------------------------------------------------------------
 
 
-def _pack(seqs: list[tuple[str, list[int], np.ndarray, np.ndarray]], window: int, hidden_size: int) -> dict[str, np.ndarray]:
-    """(category, ids, hidden [n, H], argmax [n]) sequences -> arrays right-padded to the window."""
+def _pack(seqs: list[tuple[str, list[int], np.ndarray, np.ndarray, int]], window: int, hidden_size: int) -> dict[str, np.ndarray]:
+    """(category, ids, hidden [n, H], argmax [n], where the answer starts in ids) sequences ->
+    arrays right-padded to the window."""
     n = len(seqs)
     f = {
         "hidden": np.zeros((n, window, hidden_size), np.float16),
@@ -68,11 +69,12 @@ def _pack(seqs: list[tuple[str, list[int], np.ndarray, np.ndarray]], window: int
         "argmax": np.zeros((n, window), np.int32),
         "lengths": np.zeros(n, np.int32),
         "category": np.zeros(n, np.int32),
+        "starts": np.zeros(n, np.int32),
     }
-    for r, (category, ids, hidden, argmax) in enumerate(seqs):
+    for r, (category, ids, hidden, argmax, start) in enumerate(seqs):
         m = min(len(ids), window)
         f["tokens"][r, :m], f["hidden"][r, :m], f["argmax"][r, :m] = ids[:m], hidden[:m], argmax[:m]
-        f["lengths"][r], f["category"][r] = m, CATEGORIES.index(category)
+        f["lengths"][r], f["category"][r], f["starts"][r] = m, CATEGORIES.index(category), start
     return f
 
 
@@ -95,7 +97,8 @@ def make_answers(lm: LoadedModel, s: TrainSettings, progress: Callable[[str], No
         group = prompts[start : start + s.generate_batch]
         ids = [encode_chat(lm.tokenizer, [{"role": "user", "content": m}])[: s.window // 2] for _, m in group]
         answered = greedy_batch(lm.model, ids, min(s.answer_tokens, s.window - max(map(len, ids))), eos, s.hidden_source)
-        parts.append(_pack([(c, a.ids, a.hidden, a.argmax) for (c, _), a in zip(group, answered)], s.window, lm.config["hidden_size"]))
+        packed = [(c, a.ids, a.hidden, a.argmax, len(p)) for (c, _), a, p in zip(group, answered, ids)]
+        parts.append(_pack(packed, s.window, lm.config["hidden_size"]))
         parts = [_concat(parts)]
         np.savez(partial.with_suffix(".tmp.npz"), **parts[0])
         partial.with_suffix(".tmp.npz").replace(partial)
@@ -123,7 +126,7 @@ def stdlib_features(lm: LoadedModel, s: TrainSettings, budget: int, progress) ->
         best = mx.argmax(logits, axis=-1)
         h = tap.hidden(s.hidden_source).astype(mx.float16)
         mx.eval(best, h)
-        seqs += [("code", r, np.array(h[i]), np.array(best[i])) for i, r in enumerate(rows)]
+        seqs += [("stdlib", r, np.array(h[i]), np.array(best[i]), 0) for i, r in enumerate(rows)]
         if (start // s.batch) % 10 == 0:
             progress(f"stdlib: {start + len(rows)}/{len(texts)} sequences")
     return _pack(seqs, s.window, lm.config["hidden_size"])
@@ -136,6 +139,12 @@ def drafter_batch(f: dict, rows: np.ndarray):
     labels = mx.array(f["argmax"][rows, 1:])
     mask = mx.arange(hidden.shape[1])[None] < mx.array(f["lengths"][rows] - 1)[:, None]
     return hidden, tokens, labels, mask
+
+
+def answer_positions(f: dict, rows: np.ndarray, width: int) -> mx.array:
+    """[len(rows), width]: drafter position i drafts token i + 2 of the sequence; True where that
+    token belongs to the answer (from `starts`), not to the prompt."""
+    return mx.arange(width)[None] + 2 >= mx.array(f["starts"][rows])[:, None]
 
 
 def choose_head_vocab(f: dict, size: int) -> list[int]:
@@ -234,13 +243,15 @@ def chained_loss_fn(drafter, target, hidden, tokens, labels, mask, weight: float
 
 def evaluate(drafter, lm, f: dict, rows: np.ndarray, lookup_vocab, batch: int, depth: int = 1) -> dict[str, float]:
     """Teacher-forced top-1 agreement with the target at draft position 1 (depth 2: position 2
-    after an accepted first draft), per category: on the target's own greedy text this is the
-    greedy acceptance rate of that draft."""
+    after an accepted first draft), per category, counted where the drafted token belongs to the
+    answer (a prompt's tokens are never drafted when serving): on the target's own greedy text
+    this is the greedy acceptance rate of that draft."""
     hits = np.zeros(len(CATEGORIES))
     totals = np.zeros(len(CATEGORIES))
     for start in range(0, len(rows), batch):
         part = rows[start : start + batch]
         hidden, tokens, labels, mask = drafter_batch(f, part)
+        mask = mask & answer_positions(f, part, mask.shape[1])
         if depth == 1:
             logits, _ = drafter(hidden, tokens, None, lm.model)
         else:
@@ -364,6 +375,7 @@ def train_drafter(
         "head_vocab_size": len(head_vocab) if head_vocab else vocab,
         "head_vocab_coverage_held_out": coverage,
         "phrasebook_ngrams": len(phrases),
+        "acceptance_counts": "teacher-forced drafts of answer tokens (the prompt's are never drafted)",
         "held_out_first_position_acceptance": acceptance,
         "held_out_second_position_acceptance": evaluate(drafter, lm, f, held, head_vocab, s.batch, depth=2),
         "data_seconds": round(data_seconds, 1),

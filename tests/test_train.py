@@ -3,11 +3,12 @@
 import dataclasses
 import json
 
+import numpy as np
 import pytest
 
 from daemon.engine import Request, generate
 from daemon.models import load
-from daemon.train import TrainSettings, choose_head_vocab, train_drafter
+from daemon.train import TrainSettings, answer_positions, choose_head_vocab, drafter_batch, train_drafter
 from policies.fixed import Fixed
 
 SETTINGS = TrainSettings(tokens=3000, steps=60, chain_steps=20, batch=4, window=64, head_vocab=64, answer_tokens=24)
@@ -24,11 +25,27 @@ def trained(tmp_path_factory, tiny_gguf):
 def test_training_learns_the_targets_choices(trained):
     out, record = trained
     acceptance = record["held_out_first_position_acceptance"]
-    assert acceptance["all"] > 0.15  # an untrained head over 64 tokens agrees ~2% of the time
+    assert acceptance["all"] > 0.07  # an untrained head over 64 tokens agrees ~2% of the time (0.12 measured)
     saved = json.loads((out / "training.json").read_text())
     assert saved["steps"] == 80 and saved["head_vocab_size"] == 64
     assert 0 <= saved["held_out_second_position_acceptance"]["all"] <= 1
     assert 0 < saved["head_vocab_coverage_held_out"] <= 1
+    with np.load(out / "work" / "features.npz") as f:  # answers start after their prompts; stdlib at 0
+        assert 0 < f["starts"].max() < f["lengths"].max() and f["starts"].min() == 0
+
+
+def test_acceptance_counts_answer_tokens_only():
+    """Position i drafts token i + 2: with the answer starting at token 3 of 6, positions 1-4 count;
+    a sequence without a prompt (standard-library text) counts every position."""
+
+    f = {"hidden": np.zeros((2, 8, 4), np.float16), "tokens": np.zeros((2, 8), np.int32),
+         "argmax": np.zeros((2, 8), np.int32), "lengths": np.array([6, 4]), "starts": np.array([3, 0])}
+    rows = np.array([0, 1])
+    mask = drafter_batch(f, rows)[3] & answer_positions(f, rows, 7)
+    assert np.array(mask).tolist() == [
+        [False, True, True, True, True, False, False],
+        [True, True, True, False, False, False, False],
+    ]
 
 
 def test_trained_drafter_loads_and_stays_lossless(trained, tiny_gguf):
@@ -47,7 +64,6 @@ def test_draft_is_the_last_row_of_a_full_call(trained, tiny_gguf):
     """draft() runs the head on the last position alone; its logits are the full call's last row
     (impossible, -inf, outside the head's vocabulary), and its block output is the same."""
     import mlx.core as mx
-    import numpy as np
 
     out, _ = trained
     lm = load(str(tiny_gguf), drafter=str(out))
@@ -79,8 +95,9 @@ def test_second_stage_teaches_depth_two(tmp_path, tiny_gguf):
     mx.random.seed(0)  # the drafter's initial weights
     lm = load(str(tiny_gguf), drafter="none")
     lines = []
-    first = train_drafter(lm, tmp_path, dataclasses.replace(SETTINGS, chain_steps=0), progress=lines.append)
-    both = train_drafter(lm, tmp_path, dataclasses.replace(SETTINGS, chain_steps=200), resume=True, progress=lines.append)
+    settings = dataclasses.replace(SETTINGS, held_out=0.25)  # enough answer tokens held out to compare
+    first = train_drafter(lm, tmp_path, dataclasses.replace(settings, chain_steps=0), progress=lines.append)
+    both = train_drafter(lm, tmp_path, dataclasses.replace(settings, chain_steps=200), resume=True, progress=lines.append)
     assert "resumed at step 60" in lines and both["steps"] == 260
     depth2 = first["held_out_second_position_acceptance"]["all"], both["held_out_second_position_acceptance"]["all"]
     assert depth2[1] > depth2[0], depth2
@@ -90,7 +107,6 @@ def test_depth_two_rows_equal_chained_drafting(trained, tiny_gguf):
     """two_depths' row i is what draft() gives when the cache holds positions 0..i and the drafter
     is fed its own block output at i and the token after the next."""
     import mlx.core as mx
-    import numpy as np
 
     from daemon.train import two_depths
 
@@ -109,7 +125,6 @@ def test_depth_two_rows_equal_chained_drafting(trained, tiny_gguf):
 
 
 def test_head_vocabulary_is_the_most_frequent_predictions():
-    import numpy as np
 
     f = {"argmax": np.array([[5, 5, 5, 7, 7, 9]]), "tokens": np.array([[1, 1, 1, 1, 1, 1]])}
     assert choose_head_vocab(f, 2) == [5, 7]
@@ -117,7 +132,6 @@ def test_head_vocabulary_is_the_most_frequent_predictions():
 
 def test_batched_answers_equal_one_by_one_greedy_with_their_hidden_states(tiny_gguf):
     import mlx.core as mx
-    import numpy as np
 
     from daemon.batch_greedy import greedy_batch
     from daemon.forward import hidden_tap
