@@ -24,7 +24,7 @@ class Answered:
 
 
 def greedy_batch(model, prompts: list[list[int]], max_tokens: int, eos: set[int], source: str) -> list[Answered]:
-    tap = hidden_tap(model)
+    tap = hidden_tap(model, source)
     pad = [max(map(len, prompts)) - len(p) for p in prompts]
     x = mx.array([[0] * n + list(p) for n, p in zip(pad, prompts)])
     cache = [BatchKVCache(pad) for _ in range(len(model.layers))]

@@ -15,6 +15,7 @@ import structlog
 from mlx_lm.models.cache import make_prompt_cache, trim_prompt_cache
 
 from daemon.blas import blas_in_use
+from daemon.forward import source_parts
 from daemon.models import LoadedModel, on_metal
 from daemon.settings import default_cache_dir
 from policies.adaptive import K_MAX, SharedEstimates
@@ -66,7 +67,8 @@ def probe_costs(lm: LoadedModel, k_max: int = K_MAX, verify_penalty: float = 0.0
     # more rows never cost less: a slow outlier at n is capped by what any larger n took
     t_verify = list(itertools.accumulate(reversed(measured), min))[::-1]
     dcache = drafter.make_cache()
-    hidden = mx.zeros((1, PROBE_CONTEXT, model.args.hidden_size))
+    width = model.args.hidden_size * (1 + len(source_parts(drafter.config.source)[1]))  # the blocks it reads
+    hidden = mx.zeros((1, PROBE_CONTEXT, width))
     mx.eval(drafter.draft(hidden, context, dcache, model)[0])
 
     def draft():

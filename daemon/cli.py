@@ -89,6 +89,8 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--tokens", type=int, default=None, help="target positions to train on")
     t.add_argument("--steps", type=int, default=None)
     t.add_argument("--head-vocab", type=int, default=None, help="size of the draft head's vocabulary (0: full)")
+    t.add_argument("--feature-layers", type=_blocks, default=None, metavar="N,M|none",
+                   help="target blocks whose outputs the drafter also reads, e.g. 9,19 (default: none)")
     t.add_argument("--resume", action="store_true", help="continue a stopped run in --out")
     return root
 
@@ -175,13 +177,23 @@ def cmd_bench(args) -> None:
         )
 
 
+def _blocks(text: str) -> tuple[int, ...]:
+    """`--feature-layers`: "9,19" or "none"."""
+    if text == "none":
+        return ()
+    try:
+        return tuple(int(b) for b in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected block numbers like 9,19 or none, not {text!r}") from None
+
+
 def cmd_train_drafter(args) -> None:
     import dataclasses
 
     from daemon.models import load
     from daemon.train import TrainSettings, train_drafter
 
-    overrides = {"tokens": args.tokens, "steps": args.steps, "head_vocab": args.head_vocab}
+    overrides = {"tokens": args.tokens, "steps": args.steps, "head_vocab": args.head_vocab, "feature_layers": args.feature_layers}
     settings = dataclasses.replace(TrainSettings(), **{k: v for k, v in overrides.items() if v is not None})
     lm = load(args.model, drafter="none")
     record = train_drafter(

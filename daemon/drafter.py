@@ -6,6 +6,11 @@ For target position i it reads the target's hidden state h_i and the next token 
     logits = head(shared_head.norm(x))                   # head shared with the target by default
 and predicts t_{i+2}. For k > 1 the same module is fed its own block output and the token it just
 drafted. It has its own KV cache, aligned with the target's positions.
+
+A drafter we train may also read the outputs of some of the target's blocks at position i
+(`feature_layers`, EAGLE-3's lower- and middle-layer features), each behind its own norm
+(`fnorms`) after hnorm(h_i) in eh_proj's input; a chained draft keeps those of the last real
+position.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_map
 from mlx_lm.models.base import create_attention_mask
 
+from daemon.forward import feature_source
 from daemon.models import column_major_matrix
 
 HIDDEN_SOURCES = ("post_norm", "pre_norm")
@@ -34,10 +40,18 @@ class DrafterConfig:
     hidden_source: str = "post_norm"  # which target hidden state h_i is: after or before its final norm
     own_head: bool = False  # the drafter ships `shared_head.head` (else the target's head is used)
     head_vocab: list[int] | None = field(default=None, repr=False)  # own head over these token ids
+    feature_layers: list[int] = field(default_factory=list)  # target blocks whose outputs it also reads
 
     def __post_init__(self):
         if self.hidden_source not in HIDDEN_SOURCES:
             raise ValueError(f"hidden_source must be one of {HIDDEN_SOURCES}, not {self.hidden_source!r}")
+        if any(not 0 <= b < self.target["num_hidden_layers"] for b in self.feature_layers):
+            raise ValueError(f"feature_layers {self.feature_layers} must be blocks of the target (0..{self.target['num_hidden_layers'] - 1})")
+
+    @property
+    def source(self) -> str:
+        """What it reads from the target's forward (daemon.forward.HiddenTap.hidden)."""
+        return feature_source(self.hidden_source, self.feature_layers)
 
 
 def make_block(target: dict, layer_index: int) -> nn.Module:
@@ -69,7 +83,9 @@ class MTPDrafter(nn.Module):
         hidden, eps = config.target["hidden_size"], config.target["rms_norm_eps"]
         self.enorm = nn.RMSNorm(hidden, eps=eps)
         self.hnorm = nn.RMSNorm(hidden, eps=eps)
-        self.eh_proj = nn.Linear(2 * hidden, hidden, bias=False)
+        if config.feature_layers:
+            self.fnorms = [nn.RMSNorm(hidden, eps=eps) for _ in config.feature_layers]
+        self.eh_proj = nn.Linear((2 + len(config.feature_layers)) * hidden, hidden, bias=False)
         self.block = make_block(config.target, config.layer_index)
         vocab = None
         if config.own_head:
@@ -80,13 +96,27 @@ class MTPDrafter(nn.Module):
         object.__setattr__(self, "_subset_head", None)  # (target, its head rows for head_vocab)
 
     def features(self, hidden: mx.array, tokens: mx.array, cache, target) -> tuple[mx.array, mx.array]:
-        """hidden: [B, L, H] target (or own) hidden states; tokens: [B, L] the tokens after them.
-        Returns (shared_head.norm output [B, L, H], block output [B, L, H] for chaining)."""
+        """hidden: [B, L, H * (1 + len(feature_layers))] target (or own, see `chained`) hidden
+        states; tokens: [B, L] the tokens after them. Returns (shared_head.norm output [B, L, H],
+        block output [B, L, H] for chaining)."""
         embed = target_embedding(target)
-        x = self.eh_proj(mx.concatenate([self.enorm(embed(tokens)), self.hnorm(hidden)], axis=-1))
+        parts = [self.enorm(embed(tokens))]
+        if "fnorms" in self:
+            pieces = mx.split(hidden, len(self.fnorms) + 1, axis=-1)
+            parts += [self.hnorm(pieces[0])] + [norm(p) for norm, p in zip(self.fnorms, pieces[1:])]
+        else:
+            parts.append(self.hnorm(hidden))
+        x = self.eh_proj(mx.concatenate(parts, axis=-1))
         mask = create_attention_mask(x, cache, return_array=self._array_mask)
         x = self.block(x, mask, cache)
         return self.shared_head.norm(x), x
+
+    def chained(self, own: mx.array, hidden: mx.array) -> mx.array:
+        """The hidden input of a chained draft: its own block output [B, L, H] in place of the final
+        state, the block features of `hidden` (the same rows' real hidden input) kept."""
+        if "fnorms" not in self:
+            return own
+        return mx.concatenate([own, hidden[..., own.shape[-1] :]], axis=-1)
 
     def head_logits(self, out: mx.array, target) -> mx.array:
         """Logits over the head's vocabulary: `head_vocab` when set, else the full one."""
@@ -209,6 +239,7 @@ def load_folder(folder: str | Path, target_config: dict) -> MTPDrafter:
         target=meta.get("target", target_config),
         layer_index=meta.get("layer_index", target_config["num_hidden_layers"]),
         hidden_source=meta.get("hidden_source", "post_norm"),
+        feature_layers=meta.get("feature_layers", []),
         own_head=any(k.endswith("shared_head.head.weight") for k in weights),
         head_vocab=meta.get("head_vocab"),
     )

@@ -80,12 +80,12 @@ def _prefill(lm: LoadedModel, request: Request, prompt_cache: PromptCache | None
     Returns (cache, last logits [1, V], hidden states over the prompt or None, cached tokens).
     The hidden states the drafter reads are kept whenever there is a drafter."""
     model, ids = lm.model, request.prompt_ids
-    source = lm.drafter.config.hidden_source if lm.drafter is not None else None
+    source = lm.drafter.config.source if lm.drafter is not None else None
     reuse = prompt_cache.lookup(ids, source) if prompt_cache is not None else None
     cache = reuse.cache if reuse else make_prompt_cache(model)
     cached = reuse.length if reuse else 0
     chunks = [reuse.hidden] if reuse and reuse.hidden is not None else []
-    tap = hidden_tap(model) if source is not None else None
+    tap = hidden_tap(model, source) if source is not None else None
 
     def on_chunk():
         if tap is not None:

@@ -1,6 +1,8 @@
-"""Target forward passes: prefill in fixed chunks, and a tap on the final norm for hidden states."""
+"""Target forward passes: prefill in fixed chunks, and taps for the hidden states a drafter reads."""
 
 from __future__ import annotations
+
+import functools
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -8,13 +10,25 @@ import mlx.nn as nn
 PREFILL_CHUNK = 512
 
 
+def source_parts(source: str) -> tuple[str, tuple[int, ...]]:
+    """A drafter's hidden source: the final state ("post_norm" or "pre_norm"), then the outputs
+    of the blocks it names: "post_norm+9+19" -> ("post_norm", (9, 19))."""
+    final, *blocks = source.split("+")
+    return final, tuple(int(b) for b in blocks)
+
+
+def feature_source(final: str, blocks) -> str:
+    return final + "".join(f"+{b}" for b in blocks)
+
+
 class HiddenTap(nn.Module):
     """Wraps the target's final norm and remembers its input (pre-norm) and output (post-norm)."""
 
-    def __init__(self, norm: nn.Module):
+    def __init__(self, norm: nn.Module, blocks: list):
         super().__init__()
         self.norm = norm
         object.__setattr__(self, "_seen", None)  # not a parameter
+        object.__setattr__(self, "_blocks", blocks)
 
     def __call__(self, x: mx.array) -> mx.array:
         y = self.norm(x)
@@ -22,15 +36,37 @@ class HiddenTap(nn.Module):
         return y
 
     def hidden(self, source: str) -> mx.array:
-        """[1, L, H] of the last forward: "pre_norm" or "post_norm"."""
+        """[B, L, H * (1 + blocks)] of the last forward: the final state `source` names, then the
+        named blocks' outputs."""
+        final, blocks = source_parts(source)
         pre, post = self._seen
-        return pre if source == "pre_norm" else post
+        h = pre if final == "pre_norm" else post
+        return mx.concatenate([h, *(self._blocks[b]._out for b in blocks)], axis=-1) if blocks else h
 
 
-def hidden_tap(model) -> HiddenTap:
-    """Installs the tap once; it changes no numerics."""
+@functools.cache
+def _recording(cls: type) -> type:
+    """The block class that also remembers its last output (same computation)."""
+
+    class Recording(cls):
+        records = True
+
+        def __call__(self, *args, **kwargs):
+            out = super().__call__(*args, **kwargs)
+            object.__setattr__(self, "_out", out)
+            return out
+
+    return Recording
+
+
+def hidden_tap(model, source: str = "post_norm") -> HiddenTap:
+    """Installs the tap once, and a recording on each block `source` names; no numerics change."""
+    layers = model.model.layers
     if not isinstance(model.model.norm, HiddenTap):
-        model.model.norm = HiddenTap(model.model.norm)
+        model.model.norm = HiddenTap(model.model.norm, layers)
+    for b in source_parts(source)[1]:
+        if not getattr(type(layers[b]), "records", False):
+            layers[b].__class__ = _recording(type(layers[b]))
     return model.model.norm
 
 

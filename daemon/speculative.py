@@ -56,8 +56,8 @@ def speculative_steps(
     lose); the policy is told every step's draft length, acceptance and time. `logprobs`: report
     each token's log-probability and the top n (None: no). `phrases`: the target's phrasebook,
     offered where the context has nothing to copy."""
-    tap = hidden_tap(model)
-    source = drafter.config.hidden_source
+    source = drafter.config.source
+    tap = hidden_tap(model, source)
     dcache = drafter.make_cache()
     index = NgramIndex()  # also the text so far: index.tokens is the prompt and every emitted token
     index.extend(prompt_ids)
@@ -178,7 +178,7 @@ def _mtp_drafts(drafter, model, dcache, pending_hidden, pending_tokens, k, sampl
             q_rows.append(mx.exp(q_logprobs))
         drafts.append(d)
         if j < k - 1:
-            d_logits, own = drafter.draft(own[:, -1:], d[None], dcache, model)
+            d_logits, own = drafter.draft(drafter.chained(own[:, -1:], unseen[:, -1:]), d[None], dcache, model)
     return mx.concatenate(drafts), q_rows, key
 
 

@@ -27,7 +27,7 @@ class RuleDrafter:
     `rule(prefix) -> logits [V]` decides what it proposes after `prefix`."""
 
     def __init__(self, first_token: int, rule, hidden_size: int):
-        self.config = SimpleNamespace(hidden_source="post_norm")
+        self.config = SimpleNamespace(source="post_norm")
         self.first_token = first_token
         self.rule = rule
         self.hidden_size = hidden_size
@@ -35,6 +35,9 @@ class RuleDrafter:
     def make_cache(self):
         self.sequence = [self.first_token]
         return TrimmableOffset()
+
+    def chained(self, own, hidden):
+        return own
 
     def draft(self, hidden, tokens, cache, target):
         """The MTP drafter's draft(): the pairs fill the sequence, the rule runs on the last

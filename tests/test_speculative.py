@@ -58,6 +58,41 @@ def test_mtp_drafter_with_random_weights_gives_plain_output(tiny_gguf, plain_ids
     assert done.token_ids == plain_ids and done.drafted > 0
 
 
+def test_block_features_tap_changes_nothing_and_reads_the_block(tiny_lm):
+    """A drafter reading block 0's output: the recording tap leaves the logits as they were, and
+    what it reads is that block's output."""
+    from mlx_lm.models.base import create_attention_mask
+
+    model = tiny_lm.model
+    x = mx.array([list(PROMPT)])
+    before = model(x)
+    tap = hidden_tap(model, "post_norm+0")
+    after = model(x)
+    assert mx.array_equal(before, after)
+    h = model.model.embed_tokens(x)
+    block0 = model.model.layers[0](h, create_attention_mask(h, None), None)
+    width = tiny_lm.config["hidden_size"]
+    np.testing.assert_allclose(np.array(tap.hidden("post_norm+0")[..., width:]), np.array(block0), atol=1e-5)
+    np.testing.assert_array_equal(np.array(tap.hidden("post_norm+0")[..., :width]), np.array(tap.hidden("post_norm")))
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_drafter_with_block_features_gives_plain_output(tiny_gguf, plain_ids, tmp_path, k):
+    """A random drafter that also reads block 0: saved, loaded back, lossless (chained drafts
+    keep the block features of the last real position)."""
+    from daemon import drafter as mtp
+    from daemon.models import load
+
+    lm = load(str(tiny_gguf), drafter="none")
+    mx.random.seed(4)
+    config = mtp.DrafterConfig(lm.config, lm.config["num_hidden_layers"], feature_layers=[0])
+    mtp.save(mtp.build(config), tmp_path)
+    lm = load(str(tiny_gguf), drafter=str(tmp_path))
+    assert lm.drafter.config.feature_layers == [0] and lm.drafter.config.source == "post_norm+0"
+    done = finished(lm, Request(PROMPT, max_tokens=80), Fixed(k))
+    assert done.token_ids == plain_ids and done.drafted > 0
+
+
 def test_tie_guard_everywhere_changes_nothing(tiny_lm, plain_ids):
     """margin = inf sends every position through the canonical recomputation."""
     done = finished(tiny_lm, Request(PROMPT, max_tokens=20), Fixed(0), tie_margin=math.inf)

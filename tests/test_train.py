@@ -3,6 +3,7 @@
 import dataclasses
 import json
 
+import mlx.core as mx
 import numpy as np
 import pytest
 
@@ -11,14 +12,26 @@ from daemon.models import load
 from daemon.train import TrainSettings, answer_positions, choose_head_vocab, drafter_batch, train_drafter
 from policies.fixed import Fixed
 
-SETTINGS = TrainSettings(tokens=3000, steps=60, chain_steps=20, batch=4, window=64, head_vocab=64, answer_tokens=24)
+# a quarter held out: enough answer tokens to measure acceptance on
+SETTINGS = TrainSettings(tokens=3000, steps=60, chain_steps=20, batch=4, window=64, head_vocab=64, answer_tokens=24, held_out=0.25)
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, tiny_gguf):
     out = tmp_path_factory.mktemp("drafter")
     lm = load(str(tiny_gguf), drafter="none")
+    mx.random.seed(0)  # the drafter's initial weights
     record = train_drafter(lm, out, SETTINGS, progress=lambda _: None)
+    return out, record
+
+
+@pytest.fixture(scope="module")
+def trained_with_blocks(tmp_path_factory, tiny_gguf):
+    """A drafter that also reads the output of the tiny target's block 0 (of 2)."""
+    out = tmp_path_factory.mktemp("drafter-blocks")
+    lm = load(str(tiny_gguf), drafter="none")
+    mx.random.seed(0)
+    record = train_drafter(lm, out, dataclasses.replace(SETTINGS, feature_layers=(0,)), progress=lambda _: None)
     return out, record
 
 
@@ -48,8 +61,9 @@ def test_acceptance_counts_answer_tokens_only():
     ]
 
 
-def test_trained_drafter_loads_and_stays_lossless(trained, tiny_gguf):
-    out, record = trained
+@pytest.mark.parametrize("which", ["trained", "trained_with_blocks"])
+def test_trained_drafter_loads_and_stays_lossless(which, request, tiny_gguf):
+    out, record = request.getfixturevalue(which)
     lm = load(str(tiny_gguf), drafter=str(out))
     assert len(lm.drafter.config.head_vocab) == 64
     assert len(lm.phrases) == record["phrasebook_ngrams"] > 0  # from the target's answers, shipped beside it
@@ -63,11 +77,11 @@ def test_trained_drafter_loads_and_stays_lossless(trained, tiny_gguf):
 def test_draft_is_the_last_row_of_a_full_call(trained, tiny_gguf):
     """draft() runs the head on the last position alone; its logits are the full call's last row
     (impossible, -inf, outside the head's vocabulary), and its block output is the same."""
-    import mlx.core as mx
 
     out, _ = trained
     lm = load(str(tiny_gguf), drafter=str(out))
-    hidden = mx.random.normal((1, 5, lm.config["hidden_size"]), key=mx.random.key(0))
+    width = lm.config["hidden_size"] * (1 + len(lm.drafter.config.feature_layers))
+    hidden = mx.random.normal((1, 5, width), key=mx.random.key(0))
     tokens = mx.array([[3, 4, 5, 6, 7]])
     full, own = lm.drafter(hidden, tokens, lm.drafter.make_cache(), lm.model)
     last, own_last = lm.drafter.draft(hidden, tokens, lm.drafter.make_cache(), lm.model)
@@ -90,38 +104,55 @@ def test_resume_continues_from_the_checkpoint(tmp_path, tiny_gguf):
 def test_second_stage_teaches_depth_two(tmp_path, tiny_gguf):
     """A first stage alone, then the same run resumed with the two-depth stage: depth-2 acceptance
     (a draft fed the drafter's own output) rises."""
-    import mlx.core as mx
 
     mx.random.seed(0)  # the drafter's initial weights
     lm = load(str(tiny_gguf), drafter="none")
     lines = []
-    settings = dataclasses.replace(SETTINGS, held_out=0.25)  # enough answer tokens held out to compare
-    first = train_drafter(lm, tmp_path, dataclasses.replace(settings, chain_steps=0), progress=lines.append)
-    both = train_drafter(lm, tmp_path, dataclasses.replace(settings, chain_steps=200), resume=True, progress=lines.append)
+    first = train_drafter(lm, tmp_path, dataclasses.replace(SETTINGS, chain_steps=0), progress=lines.append)
+    both = train_drafter(lm, tmp_path, dataclasses.replace(SETTINGS, chain_steps=200), resume=True, progress=lines.append)
     assert "resumed at step 60" in lines and both["steps"] == 260
     depth2 = first["held_out_second_position_acceptance"]["all"], both["held_out_second_position_acceptance"]["all"]
     assert depth2[1] > depth2[0], depth2
 
 
-def test_depth_two_rows_equal_chained_drafting(trained, tiny_gguf):
+@pytest.mark.parametrize("which", ["trained", "trained_with_blocks"])
+def test_depth_two_rows_equal_chained_drafting(which, request, tiny_gguf):
     """two_depths' row i is what draft() gives when the cache holds positions 0..i and the drafter
-    is fed its own block output at i and the token after the next."""
-    import mlx.core as mx
+    is fed its own block output at i (with the block features of position i, if it reads any) and
+    the token after the next."""
 
     from daemon.train import two_depths
 
-    out, _ = trained
+    out, record = request.getfixturevalue(which)
     lm = load(str(tiny_gguf), drafter=str(out))
     d = lm.drafter
-    hidden = mx.random.normal((1, 6, lm.config["hidden_size"]), key=mx.random.key(1))
+    assert d.config.feature_layers == list(record["settings"]["feature_layers"])
+    width = lm.config["hidden_size"] * (1 + len(d.config.feature_layers))
+    hidden = mx.random.normal((1, 6, width), key=mx.random.key(1))
     tokens = mx.array([[3, 9, 4, 7, 5, 8]])
     _, own = d.features(hidden, tokens, None, lm.model)
     _, depth2 = two_depths(d, lm.model, hidden, tokens)
     for i in range(5):
         cache = d.make_cache()
         d.features(hidden[:, : i + 1], tokens[:, : i + 1], cache, lm.model)
-        chained, _ = d.features(own[:, i : i + 1], tokens[:, i + 1 : i + 2], cache, lm.model)
+        chained, _ = d.features(d.chained(own[:, i : i + 1], hidden[:, i : i + 1]), tokens[:, i + 1 : i + 2], cache, lm.model)
         np.testing.assert_allclose(np.array(chained[0, 0]), np.array(depth2[0, i]), rtol=1e-4, atol=1e-4)
+
+
+def test_reading_block_features_learns_too(trained_with_blocks):
+    out, record = trained_with_blocks
+    assert record["held_out_first_position_acceptance"]["all"] > 0.07  # chance: ~2%
+    config = json.loads((out / "config.json").read_text())
+    assert config["feature_layers"] == [0]
+    with np.load(out / "work" / "features.npz") as f:
+        assert f["hidden"].shape[-1] == 2 * config["target"]["hidden_size"]
+
+
+def test_bad_feature_layers_fail_before_any_work(tmp_path, tiny_gguf):
+    lm = load(str(tiny_gguf), drafter="none")
+    with pytest.raises(ValueError, match="feature_layers"):
+        train_drafter(lm, tmp_path, dataclasses.replace(SETTINGS, feature_layers=(5,)), progress=lambda _: None)
+    assert not (tmp_path / "work" / "answers.npz").exists()
 
 
 def test_head_vocabulary_is_the_most_frequent_predictions():
@@ -131,18 +162,18 @@ def test_head_vocabulary_is_the_most_frequent_predictions():
 
 
 def test_batched_answers_equal_one_by_one_greedy_with_their_hidden_states(tiny_gguf):
-    import mlx.core as mx
 
     from daemon.batch_greedy import greedy_batch
     from daemon.forward import hidden_tap
 
     lm = load(str(tiny_gguf), drafter="none")
     prompts = [lm.tokenizer.encode(t) for t in ("def add(a, b):", "Once upon a time there was", "2 + 2 =")]
-    answered = greedy_batch(lm.model, prompts, 12, set(), "post_norm")
+    answered = greedy_batch(lm.model, prompts, 12, set(), "post_norm+0")  # block 0's output too
     for prompt, a in zip(prompts, answered):
         alone = list(generate(lm, Request(tuple(prompt), max_tokens=12), Fixed(0)))[-1]
         assert a.ids == prompt + list(alone.token_ids)
         lm.model(mx.array([a.ids]))
-        h = np.array(hidden_tap(lm.model).hidden("post_norm")[0])
+        h = np.array(hidden_tap(lm.model, "post_norm+0").hidden("post_norm+0")[0])
+        assert h.shape == (len(a.ids), 2 * lm.config["hidden_size"])
         assert np.abs(a.hidden.astype(np.float32) - h).max() < 2e-2
         assert a.argmax[len(prompt) - 1 : -1].tolist() == list(alone.token_ids)[: len(a.ids) - len(prompt)]
