@@ -68,7 +68,7 @@ def source_of(s: TrainSettings) -> str:
 
 
 def _pack(seqs: list[tuple[str, list[int], np.ndarray, np.ndarray, int]], window: int, width: int) -> dict[str, np.ndarray]:
-    """(category, ids, hidden [n, H], argmax [n], where the answer starts in ids) sequences ->
+    """(category, ids, hidden [n, width], argmax [n], where the answer starts in ids) sequences ->
     arrays right-padded to the window."""
     n = len(seqs)
     f = {
@@ -167,11 +167,16 @@ def choose_head_vocab(f: dict, size: int) -> list[int]:
 # --- model and training ------------------------------------------------------------------------
 
 
+def drafter_config(lm: LoadedModel, s: TrainSettings, head_vocab: list[int] | None = None) -> mtp.DrafterConfig:
+    """The configuration of the drafter these settings train (making it checks them)."""
+    return mtp.DrafterConfig(lm.config, lm.config["num_hidden_layers"], s.hidden_source, head_vocab=head_vocab,
+                             feature_layers=list(s.feature_layers))
+
+
 def init_drafter(lm: LoadedModel, head_vocab: list[int] | None, s: TrainSettings) -> mtp.MTPDrafter:
     """Random eh_proj; the block starts as a copy of the target's last layer and shared_head.norm
     as its final norm, so training starts from the target's own representations."""
-    config = mtp.DrafterConfig(lm.config, lm.config["num_hidden_layers"], s.hidden_source, head_vocab=head_vocab,
-                               feature_layers=list(s.feature_layers))
+    config = drafter_config(lm, s, head_vocab)
     drafter = mtp.MTPDrafter(config)
     drafter.block.update(lm.model.model.layers[-1].parameters())
     norm = lm.model.model.norm
@@ -308,7 +313,7 @@ def train_drafter(
 ) -> dict:
     """Runs (or resumes) every stage and writes the drafter folder `out`. Returns the record."""
     started = time.perf_counter()
-    mtp.DrafterConfig(lm.config, lm.config["num_hidden_layers"], s.hidden_source, feature_layers=list(s.feature_layers))  # fail now, not after the data
+    drafter_config(lm, s)  # bad settings fail now, not after the data
     work = out / "work"
     work.mkdir(parents=True, exist_ok=True)
     if not resume:
