@@ -17,7 +17,7 @@ import functools
 import json
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import mlx.core as mx
@@ -53,10 +53,9 @@ class TrainSettings:
     stdlib_share: float = 0.25  # share of `tokens` taken from the standard library's source
     held_out: float = 0.05
     hidden_source: str = "post_norm"
-    # target blocks whose outputs the drafter also reads (EAGLE-3 style). Blocks 9 and 19 of the default
-    # model's 30 raised held-out acceptance by ~0.025 at step 400 of a first stage, same data and
-    # schedule; not yet the default (the whole two-stage run is still to measure)
-    feature_layers: tuple[int, ...] = ()
+    # target blocks whose outputs the drafter also reads (EAGLE-3 style); None: default_feature_layers,
+    # () : the final hidden state alone
+    feature_layers: tuple[int, ...] | None = None
     seed: int = 0
 
 
@@ -161,6 +160,12 @@ def choose_head_vocab(f: dict, size: int) -> list[int]:
 
 
 # --- model and training ------------------------------------------------------------------------
+
+
+def default_feature_layers(blocks: int) -> tuple[int, ...]:
+    """The blocks a third and two thirds of the way up a target of `blocks` blocks (9 and 19 of the
+    default model's 30), once each."""
+    return tuple(sorted({max(0, blocks // 3 - 1), max(0, 2 * blocks // 3 - 1)}))
 
 
 def drafter_config(lm: LoadedModel, s: TrainSettings, head_vocab: list[int] | None = None) -> mtp.DrafterConfig:
@@ -309,6 +314,8 @@ def train_drafter(
 ) -> dict:
     """Runs (or resumes) every stage and writes the drafter folder `out`. Returns the record."""
     started = time.perf_counter()
+    if s.feature_layers is None:
+        s = replace(s, feature_layers=default_feature_layers(lm.config["num_hidden_layers"]))
     drafter_config(lm, s)  # bad settings fail now, not after the data
     work = out / "work"
     work.mkdir(parents=True, exist_ok=True)

@@ -9,11 +9,14 @@ import pytest
 
 from daemon.engine import Request, generate
 from daemon.models import load
-from daemon.train import TrainSettings, answer_positions, choose_head_vocab, drafter_batch, train_drafter
+from daemon.train import (
+    TrainSettings, answer_positions, choose_head_vocab, default_feature_layers, drafter_batch, train_drafter,
+)
 from policies.fixed import Fixed
 
-# a quarter held out: enough answer tokens to measure acceptance on
-SETTINGS = TrainSettings(tokens=3000, steps=60, chain_steps=20, batch=4, window=64, head_vocab=64, answer_tokens=24, held_out=0.25)
+# a quarter held out: enough answer tokens to measure acceptance on; the final hidden state alone
+SETTINGS = TrainSettings(tokens=3000, steps=60, chain_steps=20, batch=4, window=64, head_vocab=64, answer_tokens=24,
+                         held_out=0.25, feature_layers=())
 
 
 @pytest.fixture(scope="module")
@@ -146,6 +149,12 @@ def test_reading_block_features_learns_too(trained_with_blocks):
     assert config["feature_layers"] == [0]
     with np.load(out / "work" / "features.npz") as f:
         assert f["hidden"].shape[-1] == 2 * config["target"]["hidden_size"]
+
+
+def test_default_feature_layers_are_a_third_and_two_thirds_up():
+    assert default_feature_layers(30) == (9, 19)  # the default model's
+    assert default_feature_layers(2) == (0,)  # the tiny test model's, once
+    assert default_feature_layers(1) == (0,)
 
 
 def test_bad_feature_layers_fail_before_any_work(tmp_path, tiny_gguf):
