@@ -36,3 +36,6 @@ $mtpd bench --prompts $prompts --spec fixed:4 --max-tokens 48 --json $out/drafte
 # 4. verification made expensive on purpose: adaptive must turn itself off
 $mtpd bench --prompts $prompts --spec off --spec adaptive --verify-penalty-ms 60 --max-tokens 64 \
   --json $out/expensive-verify.json
+
+# 5. teacher-forced acceptance of the shipped drafter on the target's greedy answers to the prompts
+.venv/bin/python bench/acceptance.py --json $out/acceptance.json

@@ -62,7 +62,7 @@ class TrainSettings:
 # --- data --------------------------------------------------------------------------------------
 
 
-def _pack(seqs: list[tuple[str, list[int], np.ndarray, np.ndarray, int]], window: int, width: int) -> dict[str, np.ndarray]:
+def pack(seqs: list[tuple[str, list[int], np.ndarray, np.ndarray, int]], window: int, width: int) -> dict[str, np.ndarray]:
     """(category, ids, hidden [n, width], argmax [n], where the answer starts in ids) sequences ->
     arrays right-padded to the window."""
     n = len(seqs)
@@ -102,7 +102,7 @@ def make_answers(lm: LoadedModel, s: TrainSettings, progress: Callable[[str], No
         ids = [encode_chat(lm.tokenizer, [{"role": "user", "content": m}])[: s.window // 2] for _, m in group]
         answered = greedy_batch(lm.model, ids, min(s.answer_tokens, s.window - max(map(len, ids))), eos, source)
         packed = [(c, a.ids, a.hidden, a.argmax, len(p)) for (c, _), a, p in zip(group, answered, ids)]
-        parts.append(_pack(packed, s.window, answered[0].hidden.shape[-1]))
+        parts.append(pack(packed, s.window, answered[0].hidden.shape[-1]))
         parts = [_concat(parts)]
         np.savez(partial.with_suffix(".tmp.npz"), **parts[0])
         partial.with_suffix(".tmp.npz").replace(partial)
@@ -134,7 +134,7 @@ def stdlib_features(lm: LoadedModel, s: TrainSettings, budget: int, progress) ->
         seqs += [("stdlib", r, np.array(h[i]), np.array(best[i]), 0) for i, r in enumerate(rows)]
         if (start // s.batch) % 10 == 0:
             progress(f"stdlib: {start + len(rows)}/{len(texts)} sequences")
-    return _pack(seqs, s.window, seqs[0][2].shape[-1])
+    return pack(seqs, s.window, seqs[0][2].shape[-1])
 
 
 def drafter_batch(f: dict, rows: np.ndarray):

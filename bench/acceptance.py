@@ -1,0 +1,60 @@
+"""Teacher-forced greedy acceptance of a drafter on the target's own answers to bench/prompts.jsonl.
+
+    python bench/acceptance.py [DRAFTER_FOLDER] [--max-tokens N] [--json FILE]
+
+The target answers every prompt greedily (batched); the drafter then drafts at every answer
+position from the target's real hidden states, as `train-drafter` measures its held-out split:
+position 1, and position 2 after an accepted first. Without a folder: the shipped drafter.
+"""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from daemon.blas import reexec_with_blas
+
+PROMPTS = Path(__file__).with_name("prompts.jsonl")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("drafter", nargs="?", default=None)
+    parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args()
+    reexec_with_blas(sys.argv)
+
+    import numpy as np
+
+    from daemon.batch_greedy import greedy_batch
+    from daemon.models import load
+    from daemon.prompts import encode_chat
+    from daemon.train import evaluate, pack
+
+    lm = load(None, drafter=args.drafter)
+    drafter = lm.drafter
+    prompts = [json.loads(line) for line in PROMPTS.read_text().splitlines() if line.strip()]
+    eos = set(lm.tokenizer.eos_token_ids)
+    seqs = []
+    for start in range(0, len(prompts), 8):
+        ids = [encode_chat(lm.tokenizer, p["messages"]) for p in prompts[start : start + 8]]
+        answered = greedy_batch(lm.model, ids, args.max_tokens, eos, drafter.config.source)
+        seqs += [("code", a.ids, a.hidden, a.argmax, len(i)) for a, i in zip(answered, ids)]
+    f = pack(seqs, max(len(s[1]) for s in seqs), seqs[0][2].shape[-1])
+    groups = {c: np.array([i for i, p in enumerate(prompts) if p["category"] == c]) for c in sorted({p["category"] for p in prompts})}
+    groups["all"] = np.arange(len(prompts))
+    hv = drafter.config.head_vocab
+    report = {
+        "drafter": args.drafter or "shipped",
+        "max_tokens": args.max_tokens,
+        "position_1": {c: round(evaluate(drafter, lm, f, rows, hv, 8)["all"], 4) for c, rows in groups.items()},
+        "position_2_after_first": {c: round(evaluate(drafter, lm, f, rows, hv, 8, depth=2)["all"], 4) for c, rows in groups.items()},
+    }
+    print(json.dumps(report, indent=1))
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
