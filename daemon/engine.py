@@ -33,12 +33,12 @@ def plain_steps(
     model, cache, prompt_ids, logits: mx.array, sampling: SamplingParams, guard, key, logprobs: int | None = None
 ) -> Iterator[Step]:
     """One token per step. On Metal the next forward is queued before the current token is read (one
-    host sync per token, overlapped with GPU compute), as in mlx-lm's generate_step; on a CPU the
+    host sync per token, overlapped with GPU compute), as in mlx-lm's generate_step; on a CPU a
     queued forward only competes with the current one for the cores (plain decoding measured 7%
-    slower that way on the 2-core CI machine), so each forward is evaluated before the next is
-    built. Greedy tokens go through the near-tie guard, so they equal speculative decoding's."""
+    slower that way on the 2-core CI machine), so there each token is read, checked and yielded
+    before the next forward is built. Greedy tokens go through the near-tie guard, so they equal
+    speculative decoding's."""
     history = list(prompt_ids)
-    schedule = mx.async_eval if on_metal() else mx.eval
 
     def draw(logits):
         nonlocal key
@@ -47,12 +47,23 @@ def plain_steps(
         key, sub = mx.random.split(key)
         return sample(logits, sampling, sub), None
 
+    if not on_metal():
+        while True:
+            y, margin = draw(logits)
+            mx.eval(y, margin)
+            token = y.item()
+            if margin is not None:
+                token = guard.token(history, token, margin.item())
+            history.append(token)
+            yield Step((token,), logprobs=token_logprobs(logits, [token], logprobs))
+            logits = model(mx.array([[token]]), cache=cache)[:, -1, :]
+
     y, margin = draw(logits)
-    schedule(y, margin)
+    mx.async_eval(y, margin)
     while True:
         next_logits = model(y[:, None], cache=cache)[:, -1, :]
         next_y, next_margin = draw(next_logits)
-        schedule(next_y, next_margin)
+        mx.async_eval(next_y, next_margin)
         token = y.item()
         if margin is not None:
             checked = guard.token(history, token, margin.item())
@@ -61,7 +72,7 @@ def plain_steps(
                 trim_prompt_cache(cache, 1)
                 next_logits = model(y[:, None], cache=cache)[:, -1, :]
                 next_y, next_margin = draw(next_logits)
-                schedule(next_y, next_margin)
+                mx.async_eval(next_y, next_margin)
         history.append(token)
         yield Step((token,), logprobs=token_logprobs(logits, [token], logprobs))
         logits, y, margin = next_logits, next_y, next_margin
