@@ -32,13 +32,18 @@ PROMPT_CONTEXT = 64  # prompt tokens the content classifier reads
 def plain_steps(
     model, cache, prompt_ids, logits: mx.array, sampling: SamplingParams, guard, key, logprobs: int | None = None
 ) -> Iterator[Step]:
-    """One token per step. On Metal the next forward is queued before the current token is read (one
-    host sync per token, overlapped with GPU compute), as in mlx-lm's generate_step; on a CPU a
-    queued forward only competes with the current one for the cores (plain decoding measured 7%
-    slower that way on the 2-core CI machine), so there each token is read, checked and yielded
-    before the next forward is built. Greedy tokens go through the near-tie guard, so they equal
-    speculative decoding's."""
-    history = list(prompt_ids)
+    """One token per step. Greedy tokens go through the near-tie guard, so they equal speculative
+    decoding's. On Metal the next forward is queued before the current token is read (one host sync
+    per token, overlapped with GPU compute), as in mlx-lm's generate_step; on a CPU a queued forward
+    only competes with the current one for the cores (plain decoding measured 7% slower that way on
+    the 2-core CI machine), so there each token is read, checked and yielded before the next forward
+    is built."""
+    steps = _queued_steps if on_metal() else _eager_steps
+    return steps(model, cache, list(prompt_ids), logits, _drawer(sampling, key), guard, logprobs)
+
+
+def _drawer(sampling: SamplingParams, key):
+    """logits [1, V] -> (token [1], greedy margin or None); sampling splits its own key."""
 
     def draw(logits):
         nonlocal key
@@ -47,17 +52,22 @@ def plain_steps(
         key, sub = mx.random.split(key)
         return sample(logits, sampling, sub), None
 
-    if not on_metal():
-        while True:
-            y, margin = draw(logits)
-            mx.eval(y, margin)
-            token = y.item()
-            if margin is not None:
-                token = guard.token(history, token, margin.item())
-            history.append(token)
-            yield Step((token,), logprobs=token_logprobs(logits, [token], logprobs))
-            logits = model(mx.array([[token]]), cache=cache)[:, -1, :]
+    return draw
 
+
+def _eager_steps(model, cache, history, logits, draw, guard, logprobs) -> Iterator[Step]:
+    while True:
+        y, margin = draw(logits)
+        mx.eval(y, margin)
+        token = y.item()
+        if margin is not None:
+            token = guard.token(history, token, margin.item())
+        history.append(token)
+        yield Step((token,), logprobs=token_logprobs(logits, [token], logprobs))
+        logits = model(mx.array([[token]]), cache=cache)[:, -1, :]
+
+
+def _queued_steps(model, cache, history, logits, draw, guard, logprobs) -> Iterator[Step]:
     y, margin = draw(logits)
     mx.async_eval(y, margin)
     while True:

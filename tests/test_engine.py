@@ -4,6 +4,7 @@ import dataclasses
 import mlx.core as mx
 import pytest
 
+from daemon import engine
 from daemon.engine import Delta, Finished, Request, generate
 from daemon.sampling import SamplingParams
 
@@ -35,6 +36,16 @@ def test_greedy_matches_uncached_reference(tiny_lm):
     assert list(done.token_ids) == expected
     assert done.finish_reason == reason
     assert done.completion_tokens == len(expected) and done.prompt_tokens == len(PROMPT)
+
+
+@pytest.mark.parametrize("metal", [False, True])
+def test_both_plain_loops_match_the_reference(tiny_lm, monkeypatch, metal):
+    """The CPU loop (read, then build the next forward) and Metal's (queue the next forward first)
+    give the same greedy tokens; the queued one runs here too, on the CPU."""
+    monkeypatch.setattr(engine, "on_metal", lambda: metal)
+    expected, _ = reference_greedy(tiny_lm.model, PROMPT, 24)
+    deltas, _ = run(tiny_lm, Request(PROMPT, max_tokens=24))
+    assert [t for d in deltas for t in d.token_ids] == expected
 
 
 def test_max_tokens_ends_with_length(tiny_lm):
