@@ -3,8 +3,9 @@
 MLX's Linux wheel bundles a reference BLAS. Intel's MKL (the `mkl` wheel, installed with mtpd on
 Linux x86_64) and Debian's OpenBLAS are both ~30x faster for fp32 matmul; MKL also runs the
 few-row products of decoding and verification faster on an Intel CPU (plain decode of the default
-model ~1.5x OpenBLAS's on a 2-core Xeon), while on an AMD EPYC OpenBLAS is the faster of the two. The process re-executes itself once with the chosen library
-preloaded. On macOS MLX uses Metal and Accelerate and nothing is done.
+model ~1.5x OpenBLAS's on a 2-core Xeon), while on an AMD EPYC OpenBLAS is the faster of the two.
+The process re-executes itself once with the chosen library preloaded. On macOS MLX uses Metal and
+Accelerate and nothing is done.
 
 MTPD_BLAS picks one: `mkl`, `openblas`, `reference` (MLX's own), or unset (on an Intel CPU MKL, else
 OpenBLAS; on others the reverse).
