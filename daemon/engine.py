@@ -55,13 +55,17 @@ def _drawer(sampling: SamplingParams, key):
     return draw
 
 
+def _read(y: mx.array, margin, guard, history: list[int]) -> tuple[int, int]:
+    """(the drawn token, the token to emit): greedy tokens go through the near-tie guard."""
+    token = y.item()
+    return token, token if margin is None else guard.token(history, token, margin.item())
+
+
 def _eager_steps(model, cache, history, logits, draw, guard, logprobs) -> Iterator[Step]:
     while True:
         y, margin = draw(logits)
         mx.eval(y, margin)
-        token = y.item()
-        if margin is not None:
-            token = guard.token(history, token, margin.item())
+        _, token = _read(y, margin, guard, history)
         history.append(token)
         yield Step((token,), logprobs=token_logprobs(logits, [token], logprobs))
         logits = model(mx.array([[token]]), cache=cache)[:, -1, :]
@@ -74,15 +78,13 @@ def _queued_steps(model, cache, history, logits, draw, guard, logprobs) -> Itera
         next_logits = model(y[:, None], cache=cache)[:, -1, :]
         next_y, next_margin = draw(next_logits)
         mx.async_eval(next_y, next_margin)
-        token = y.item()
-        if margin is not None:
-            checked = guard.token(history, token, margin.item())
-            if checked != token:  # the queued step read the wrong token: redo it
-                token, y = checked, mx.array([checked])
-                trim_prompt_cache(cache, 1)
-                next_logits = model(y[:, None], cache=cache)[:, -1, :]
-                next_y, next_margin = draw(next_logits)
-                mx.async_eval(next_y, next_margin)
+        token, checked = _read(y, margin, guard, history)
+        if checked != token:  # the queued step read the wrong token: redo it
+            token, y = checked, mx.array([checked])
+            trim_prompt_cache(cache, 1)
+            next_logits = model(y[:, None], cache=cache)[:, -1, :]
+            next_y, next_margin = draw(next_logits)
+            mx.async_eval(next_y, next_margin)
         history.append(token)
         yield Step((token,), logprobs=token_logprobs(logits, [token], logprobs))
         logits, y, margin = next_logits, next_y, next_margin
