@@ -15,6 +15,7 @@ import structlog
 from mlx_lm.models.cache import make_prompt_cache, trim_prompt_cache
 
 from daemon.blas import blas_in_use
+from daemon.drafter import offer_arrays
 from daemon.forward import source_parts
 from daemon.models import LoadedModel, on_metal
 from daemon.settings import default_cache_dir
@@ -69,10 +70,11 @@ def probe_costs(lm: LoadedModel, k_max: int = K_MAX, verify_penalty: float = 0.0
     dcache = drafter.make_cache()
     width = model.args.hidden_size * (1 + len(source_parts(drafter.config.source)[1]))  # the blocks it reads
     hidden = mx.zeros((1, PROBE_CONTEXT, width))
-    mx.eval(drafter.draft(hidden, context, dcache, model)[0])
+    offers = offer_arrays(drafter, [(11, 2)] * PROBE_CONTEXT)  # a drafter that reads offers gets one everywhere
+    mx.eval(drafter.draft(hidden, context, dcache, model, offers)[0])
 
     def draft():
-        mx.eval(drafter.draft(hidden[:, :1], context[:, :1], dcache, model)[0])
+        mx.eval(drafter.draft(hidden[:, :1], context[:, :1], dcache, model, offers and tuple(a[:, :1] for a in offers))[0])
         trim_prompt_cache([dcache], 1)
 
     draft()

@@ -92,6 +92,8 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--feature-layers", type=_blocks, default=None, metavar="N,M|none",
                    help="target blocks whose outputs the drafter also reads (default: a third and two thirds "
                         "up, 9,19 for the default model; none: the final hidden state alone)")
+    t.add_argument("--read-offers", action=argparse.BooleanOptionalAction, default=None,
+                   help="the drafter also reads what the context lookup offers as the token it drafts")
     t.add_argument("--resume", action="store_true", help="continue a stopped run in --out")
     return root
 
@@ -194,7 +196,8 @@ def cmd_train_drafter(args) -> None:
     from daemon.models import load
     from daemon.train import TrainSettings, train_drafter
 
-    overrides = {"tokens": args.tokens, "steps": args.steps, "head_vocab": args.head_vocab, "feature_layers": args.feature_layers}
+    overrides = {"tokens": args.tokens, "steps": args.steps, "head_vocab": args.head_vocab, "feature_layers": args.feature_layers,
+                 "read_offers": args.read_offers}
     settings = dataclasses.replace(TrainSettings(), **{k: v for k, v in overrides.items() if v is not None})
     lm = load(args.model, drafter="none")
     record = train_drafter(

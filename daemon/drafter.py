@@ -10,7 +10,9 @@ drafted. It has its own KV cache, aligned with the target's positions.
 A drafter we train may also read the outputs of some of the target's blocks at position i
 (`feature_layers`, EAGLE-3's lower- and middle-layer features), each behind its own norm
 (`fnorms`) after hnorm(h_i) in eh_proj's input; a chained draft keeps those of the last real
-position.
+position. It may also read what the context lookup offers as the token it drafts (`reads_offers`:
+onorm(embed(offered token)) + match_embed(n-gram length), last in eh_proj's input; zero when the
+lookup offers nothing), so that it learns when copying from the context is right.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from daemon.models import column_major_matrix
 
 HIDDEN_SOURCES = ("post_norm", "pre_norm")
 BLOCK_PARTS = ("input_layernorm", "self_attn", "post_attention_layernorm", "mlp")
+MATCH_CLASSES = 5  # offer match lengths 0 (none) .. 4 (daemon.lookup.NgramIndex's n_max)
 _LAYER_PREFIX = re.compile(r"^model\.layers\.\d+\.")
 
 
@@ -41,6 +44,7 @@ class DrafterConfig:
     own_head: bool = False  # the drafter ships `shared_head.head` (else the target's head is used)
     head_vocab: list[int] | None = field(default=None, repr=False)  # own head over these token ids
     feature_layers: list[int] = field(default_factory=list)  # target blocks whose outputs it also reads
+    reads_offers: bool = False  # it also reads the context lookup's offer (daemon.lookup.NgramIndex.offers)
 
     def __post_init__(self):
         if self.hidden_source not in HIDDEN_SOURCES:
@@ -85,7 +89,10 @@ class MTPDrafter(nn.Module):
         self.hnorm = nn.RMSNorm(hidden, eps=eps)
         if config.feature_layers:
             self.fnorms = [nn.RMSNorm(hidden, eps=eps) for _ in config.feature_layers]
-        self.eh_proj = nn.Linear((2 + len(config.feature_layers)) * hidden, hidden, bias=False)
+        if config.reads_offers:
+            self.onorm = nn.RMSNorm(hidden, eps=eps)
+            self.match_embed = nn.Embedding(MATCH_CLASSES, hidden)
+        self.eh_proj = nn.Linear((2 + len(config.feature_layers) + config.reads_offers) * hidden, hidden, bias=False)
         self.block = make_block(config.target, config.layer_index)
         vocab = None
         if config.own_head:
@@ -95,10 +102,11 @@ class MTPDrafter(nn.Module):
         self._vocab_map = mx.array(config.head_vocab) if config.head_vocab else None
         object.__setattr__(self, "_subset_head", None)  # (target, its head rows for head_vocab)
 
-    def features(self, hidden: mx.array, tokens: mx.array, cache, target) -> tuple[mx.array, mx.array]:
+    def features(self, hidden: mx.array, tokens: mx.array, cache, target, offers=None) -> tuple[mx.array, mx.array]:
         """hidden: [B, L, H * (1 + len(feature_layers))] target (or own, see `chained`) hidden
-        states; tokens: [B, L] the tokens after them. Returns (shared_head.norm output [B, L, H],
-        block output [B, L, H] for chaining)."""
+        states; tokens: [B, L] the tokens after them; offers: (offered tokens [B, L], match
+        lengths [B, L], 0 where none) when it reads offers. Returns (shared_head.norm output
+        [B, L, H], block output [B, L, H] for chaining)."""
         embed = target_embedding(target)
         parts = [self.enorm(embed(tokens))]
         if "fnorms" in self:
@@ -106,6 +114,9 @@ class MTPDrafter(nn.Module):
             parts += [self.hnorm(pieces[0])] + [norm(p) for norm, p in zip(self.fnorms, pieces[1:])]
         else:
             parts.append(self.hnorm(hidden))
+        if self.config.reads_offers:
+            offered, match = offers
+            parts.append(self.onorm(embed(offered)) * (match > 0)[..., None] + self.match_embed(match))
         x = self.eh_proj(mx.concatenate(parts, axis=-1))
         mask = create_attention_mask(x, cache, return_array=self._array_mask)
         x = self.block(x, mask, cache)
@@ -130,15 +141,15 @@ class MTPDrafter(nn.Module):
             object.__setattr__(self, "_subset_head", (target, rows))
         return out @ self._subset_head[1].T
 
-    def __call__(self, hidden: mx.array, tokens: mx.array, cache, target) -> tuple[mx.array, mx.array]:
+    def __call__(self, hidden: mx.array, tokens: mx.array, cache, target, offers=None) -> tuple[mx.array, mx.array]:
         """Returns (logits [B, L, V] over the full vocabulary, block output [B, L, H])."""
-        out, x = self.features(hidden, tokens, cache, target)
+        out, x = self.features(hidden, tokens, cache, target, offers)
         return self._full_vocab(self.head_logits(out, target)), x
 
-    def draft(self, hidden: mx.array, tokens: mx.array, cache, target) -> tuple[mx.array, mx.array]:
+    def draft(self, hidden: mx.array, tokens: mx.array, cache, target, offers=None) -> tuple[mx.array, mx.array]:
         """Like calling the drafter, but the head runs on the last position alone (the one a draft
         is taken from; the others only fill the cache). Returns (logits [B, V], block output [B, L, H])."""
-        out, x = self.features(hidden, tokens, cache, target)
+        out, x = self.features(hidden, tokens, cache, target, offers)
         return self._full_vocab(self.head_logits(out[:, -1], target)), x
 
     def _full_vocab(self, logits: mx.array) -> mx.array:
@@ -152,6 +163,14 @@ class MTPDrafter(nn.Module):
         from mlx_lm.models.cache import KVCache
 
         return KVCache()
+
+
+def offer_arrays(drafter, offers: list[tuple[int, int]]):
+    """A drafter's `offers` argument for one row of (token, match) pairs (daemon.lookup); None
+    when it does not read them."""
+    if not drafter.config.reads_offers:
+        return None
+    return mx.array([[t for t, _ in offers]]), mx.array([[min(n, MATCH_CLASSES - 1) for _, n in offers]])
 
 
 def target_embedding(model) -> nn.Module:
@@ -240,6 +259,7 @@ def load_folder(folder: str | Path, target_config: dict) -> MTPDrafter:
         layer_index=meta.get("layer_index", target_config["num_hidden_layers"]),
         hidden_source=meta.get("hidden_source", "post_norm"),
         feature_layers=meta.get("feature_layers", []),
+        reads_offers=meta.get("reads_offers", False),
         own_head=any(k.endswith("shared_head.head.weight") for k in weights),
         head_vocab=meta.get("head_vocab"),
     )

@@ -25,6 +25,7 @@ from mlx_lm.models.cache import trim_prompt_cache
 
 from daemon.records import Step
 from daemon.forward import PREFILL_CHUNK, hidden_tap
+from daemon.drafter import offer_arrays
 from daemon.lookup import NgramIndex
 from daemon.phrases import Phrasebook
 from daemon.sampling import SamplingParams, sample, target_logprobs, token_logprobs
@@ -76,7 +77,7 @@ def speculative_steps(
     # the drafter reads the prompt's pairs now, as part of the prefill (all but the last, which
     # needs the first token), so that no decoding round carries a prompt-long catch-up
     if len(prompt_ids) > 1:
-        mx.eval(_catch_up(drafter, model, dcache, prompt_hidden[:, :-1], prompt_ids[1:])[1])  # cache only
+        mx.eval(_catch_up(drafter, model, dcache, prompt_hidden[:, :-1], prompt_ids[1:], index.offers[1:])[1])  # cache only
     t = choose(first_logits[0], index.tokens)
     # pairs the drafter has not seen yet: hidden-state chunks [1, m_i, H] and the tokens after them
     pending_hidden, pending_tokens = [prompt_hidden[:, -1:]], [t]
@@ -110,7 +111,7 @@ def speculative_steps(
             draft_ids = mx.array(offer.tokens[:k])
             q_rows = [] if sampling.greedy else [mx.zeros(vocab).at[d].add(1.0) for d in offer.tokens[:k]]
         else:
-            draft_ids, q_rows, key = _mtp_drafts(drafter, model, dcache, pending_hidden, pending_tokens, k, sampling, key)
+            draft_ids, q_rows, key = _mtp_drafts(drafter, model, dcache, pending_hidden, pending_tokens, k, sampling, key, index)
 
         # 2. verify k+1 positions in one forward
         logits = model(mx.concatenate([mx.array([t]), draft_ids])[None], cache=cache)[0]
@@ -160,12 +161,12 @@ def speculative_steps(
         yield Step(tuple(out), drafted=k, accepted=accepted, logprobs=token_logprobs(logits, out, logprobs), lookup=plan.lookup)
 
 
-def _mtp_drafts(drafter, model, dcache, pending_hidden, pending_tokens, k, sampling, key):
+def _mtp_drafts(drafter, model, dcache, pending_hidden, pending_tokens, k, sampling, key, index: NgramIndex):
     """The drafter catches up on the (hidden state, next token) pairs it has not seen, then chains
     k drafts on its own output. Returns (draft ids [k], the drafter's probabilities per draft when
-    sampling, the new random key)."""
+    sampling, the new random key). The pending tokens are the last of `index.tokens`."""
     unseen = mx.concatenate(pending_hidden, axis=1) if len(pending_hidden) > 1 else pending_hidden[0]
-    d_logits, own = _catch_up(drafter, model, dcache, unseen, pending_tokens)
+    d_logits, own = _catch_up(drafter, model, dcache, unseen, pending_tokens, index.offers[-len(pending_tokens) :])
     drafts, q_rows = [], []
     for j in range(k):
         row = d_logits[0]
@@ -178,15 +179,18 @@ def _mtp_drafts(drafter, model, dcache, pending_hidden, pending_tokens, k, sampl
             q_rows.append(mx.exp(q_logprobs))
         drafts.append(d)
         if j < k - 1:
-            d_logits, own = drafter.draft(drafter.chained(own[:, -1:], unseen[:, -1:]), d[None], dcache, model)
+            offers = offer_arrays(drafter, [index.offer_after(tuple(mx.concatenate(drafts).tolist()))]) if drafter.config.reads_offers else None
+            d_logits, own = drafter.draft(drafter.chained(own[:, -1:], unseen[:, -1:]), d[None], dcache, model, offers)
     return mx.concatenate(drafts), q_rows, key
 
 
-def _catch_up(drafter, model, dcache, hidden: mx.array, tokens) -> tuple[mx.array, mx.array]:
-    """The drafter reads (hidden state [1, m, H], next token) pairs into its cache, in chunks.
-    Returns its draft logits [1, V] and block output after the last pair."""
+def _catch_up(drafter, model, dcache, hidden: mx.array, tokens, offers) -> tuple[mx.array, mx.array]:
+    """The drafter reads (hidden state [1, m, H], next token) pairs into its cache, in chunks, with
+    the lookup's offers beside the tokens if it reads them. Returns its draft logits [1, V] and
+    block output after the last pair."""
     for start in range(0, len(tokens), PREFILL_CHUNK):
+        chunk = slice(start, start + PREFILL_CHUNK)
         d_logits, own = drafter.draft(
-            hidden[:, start : start + PREFILL_CHUNK], mx.array([tokens[start : start + PREFILL_CHUNK]]), dcache, model
+            hidden[:, chunk], mx.array([tokens[chunk]]), dcache, model, offer_arrays(drafter, offers[chunk])
         )
     return d_logits, own

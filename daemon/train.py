@@ -30,6 +30,7 @@ from mlx_lm.models.base import create_causal_mask
 from daemon import drafter as mtp
 from daemon.batch_greedy import greedy_batch
 from daemon.forward import hidden_tap
+from daemon.lookup import NgramIndex
 from daemon.models import LoadedModel
 from daemon.phrases import Phrasebook
 from daemon.prompts import encode_chat
@@ -56,6 +57,7 @@ class TrainSettings:
     # target blocks whose outputs the drafter also reads (EAGLE-3 style); None: default_feature_layers,
     # () : the final hidden state alone
     feature_layers: tuple[int, ...] | None = None
+    read_offers: bool = False  # the drafter also reads the context lookup's offer for the token it drafts
     seed: int = 0
 
 
@@ -146,6 +148,25 @@ def drafter_batch(f: dict, rows: np.ndarray):
     return hidden, tokens, labels, mask
 
 
+def context_offers(f: dict, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """What the context lookup offers at drafter positions i = 0..window-2 of `rows` (as serving
+    sees it: the offer once token i + 1 was appended, daemon.lookup.NgramIndex.offers): offered
+    tokens and match lengths [len(rows), window - 1], 0 where none."""
+    offered = np.zeros((len(rows), f["tokens"].shape[1] - 1), np.int32)
+    match = np.zeros_like(offered)
+    for r, row in enumerate(rows):
+        index = NgramIndex()
+        index.extend(f["tokens"][row, : f["lengths"][row]].tolist())
+        pairs = np.array(index.offers[1:], np.int32).reshape(-1, 2)
+        offered[r, : len(pairs)], match[r, : len(pairs)] = pairs[:, 0], np.minimum(pairs[:, 1], mtp.MATCH_CLASSES - 1)
+    return offered, match
+
+
+def _offer_rows(offers: tuple[np.ndarray, np.ndarray] | None, rows: np.ndarray):
+    """The drafter's `offers` argument for training rows from context_offers over every row."""
+    return None if offers is None else (mx.array(offers[0][rows]), mx.array(offers[1][rows]))
+
+
 def answer_positions(f: dict, rows: np.ndarray, width: int) -> mx.array:
     """[len(rows), width]: drafter position i drafts token i + 2 of the sequence; True where that
     token belongs to the answer (from `starts`), not to the prompt."""
@@ -171,7 +192,7 @@ def default_feature_layers(blocks: int) -> tuple[int, ...]:
 def drafter_config(lm: LoadedModel, s: TrainSettings, head_vocab: list[int] | None = None) -> mtp.DrafterConfig:
     """The configuration of the drafter these settings train (making it checks them)."""
     return mtp.DrafterConfig(lm.config, lm.config["num_hidden_layers"], s.hidden_source, head_vocab=head_vocab,
-                             feature_layers=list(s.feature_layers))
+                             feature_layers=list(s.feature_layers), reads_offers=s.read_offers)
 
 
 def init_drafter(lm: LoadedModel, head_vocab: list[int] | None, s: TrainSettings) -> mtp.MTPDrafter:
@@ -182,6 +203,10 @@ def init_drafter(lm: LoadedModel, head_vocab: list[int] | None, s: TrainSettings
     drafter.block.update(lm.model.model.layers[-1].parameters())
     norm = lm.model.model.norm
     drafter.shared_head.norm.weight = mx.array(getattr(norm, "norm", norm).weight)
+    if s.read_offers:  # it starts blind to the offers (zero weights on them) and learns what they are worth
+        width = lm.config["hidden_size"]
+        drafter.eh_proj.weight = mx.concatenate([drafter.eh_proj.weight[:, :-width], mx.zeros((width, width))], axis=1)
+        drafter.match_embed.weight = mx.zeros_like(drafter.match_embed.weight)
     mx.eval(drafter.parameters())
     return drafter
 
@@ -202,8 +227,8 @@ def _cross_entropy(drafter, target, out, labels, mask) -> mx.array:
     return (ce * valid).sum() / mx.maximum(valid.sum(), 1)
 
 
-def loss_fn(drafter, target, hidden, tokens, labels, mask):
-    out, _ = drafter.features(hidden, tokens, None, target)
+def loss_fn(drafter, target, hidden, tokens, labels, mask, offers):
+    out, _ = drafter.features(hidden, tokens, None, target, offers)
     return _cross_entropy(drafter, target, out, labels, mask)
 
 
@@ -236,25 +261,30 @@ class _SecondDepth:
         return mx.concatenate([create_causal_mask(n), mx.eye(n, dtype=mx.bool_)], axis=1)
 
 
-def two_depths(drafter, target, hidden, tokens) -> tuple[mx.array, mx.array]:
+def _next(x: mx.array) -> mx.array:
+    """Depth 2's copy of a per-position array: the next position's, the last repeated (padding)."""
+    return mx.concatenate([x[:, 1:], x[:, -1:]], axis=1)
+
+
+def two_depths(drafter, target, hidden, tokens, offers=None) -> tuple[mx.array, mx.array]:
     """Teacher-forced drafts at depths 1 and 2. Depth 1 at position i reads (h_i, t_{i+1}); depth 2
-    reads the drafter's own block output there and t_{i+2}, as a chained draft does once the first
-    is accepted. Returns the shared_head.norm outputs [B, L, H] of both (depth 2's last row has no
-    token and is padding)."""
+    reads the drafter's own block output there and t_{i+2} (and the lookup's offer after t_{i+2}),
+    as a chained draft does once the first is accepted. Returns the shared_head.norm outputs
+    [B, L, H] of both (depth 2's last row has no token and is padding)."""
     first = _FirstDepth()
-    out1, own = drafter.features(hidden, tokens, first, target)
-    tokens2 = mx.concatenate([tokens[:, 1:], tokens[:, -1:]], axis=1)
-    out2, _ = drafter.features(drafter.chained(own, hidden), tokens2, _SecondDepth(first), target)
+    out1, own = drafter.features(hidden, tokens, first, target, offers)
+    offers2 = None if offers is None else tuple(map(_next, offers))
+    out2, _ = drafter.features(drafter.chained(own, hidden), _next(tokens), _SecondDepth(first), target, offers2)
     return out1, out2
 
 
 def _depth2(labels, mask):
     """Labels and mask of depth 2: those of the next position, none for the last."""
-    return mx.concatenate([labels[:, 1:], labels[:, -1:]], axis=1), mx.concatenate([mask[:, 1:], mx.zeros_like(mask[:, -1:])], axis=1)
+    return _next(labels), mx.concatenate([mask[:, 1:], mx.zeros_like(mask[:, -1:])], axis=1)
 
 
-def chained_loss_fn(drafter, target, hidden, tokens, labels, mask, weight: float):
-    out1, out2 = two_depths(drafter, target, hidden, tokens)
+def chained_loss_fn(drafter, target, hidden, tokens, labels, mask, offers, weight: float):
+    out1, out2 = two_depths(drafter, target, hidden, tokens, offers)
     labels2, mask2 = _depth2(labels, mask)
     return _cross_entropy(drafter, target, out1, labels, mask) + weight * _cross_entropy(drafter, target, out2, labels2, mask2)
 
@@ -270,10 +300,11 @@ def evaluate(drafter, lm, f: dict, rows: np.ndarray, lookup_vocab, batch: int, d
         part = rows[start : start + batch]
         hidden, tokens, labels, mask = drafter_batch(f, part)
         mask = mask & answer_positions(f, part, mask.shape[1])
+        offers = tuple(map(mx.array, context_offers(f, part))) if drafter.config.reads_offers else None
         if depth == 1:
-            logits, _ = drafter(hidden, tokens, None, lm.model)
+            logits, _ = drafter(hidden, tokens, None, lm.model, offers)
         else:
-            logits = drafter._full_vocab(drafter.head_logits(two_depths(drafter, lm.model, hidden, tokens)[1], lm.model))
+            logits = drafter._full_vocab(drafter.head_logits(two_depths(drafter, lm.model, hidden, tokens, offers)[1], lm.model))
             labels, mask = _depth2(labels, mask)
         correct = (mx.argmax(logits, axis=-1) == labels) & mask
         mx.eval(correct, mask)
@@ -341,6 +372,7 @@ def train_drafter(
     head_vocab = choose_head_vocab({k: f[k][train_rows] for k in ("argmax", "tokens")}, s.head_vocab) if s.head_vocab else None
     coverage = _coverage(f, held, head_vocab)
     drafter = init_drafter(lm, head_vocab, s)
+    offers = context_offers(f, np.arange(len(f["lengths"]))) if s.read_offers else None
     step, saved = 0, None
     if resume and (work / "step.json").exists():
         drafter.load_weights(str(work / "ckpt.safetensors"))
@@ -364,7 +396,8 @@ def train_drafter(
             optimizer, value_and_grad = _stage(drafter, s, second)
         rows = rng.choice(train_rows, size=s.batch, replace=False)
         hidden, tokens, labels, mask = drafter_batch(f, rows)
-        loss, grads = value_and_grad(drafter, lm.model, hidden, tokens, subset_labels(labels, head_vocab, vocab), mask)
+        loss, grads = value_and_grad(drafter, lm.model, hidden, tokens, subset_labels(labels, head_vocab, vocab), mask,
+                                     _offer_rows(offers, rows))
         grads, _ = optim.clip_grad_norm(grads, 1.0)
         optimizer.update(drafter, grads)
         mx.eval(loss, drafter.parameters(), optimizer.state)

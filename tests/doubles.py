@@ -27,7 +27,7 @@ class RuleDrafter:
     `rule(prefix) -> logits [V]` decides what it proposes after `prefix`."""
 
     def __init__(self, first_token: int, rule, hidden_size: int):
-        self.config = SimpleNamespace(source="post_norm")
+        self.config = SimpleNamespace(source="post_norm", reads_offers=False)
         self.first_token = first_token
         self.rule = rule
         self.hidden_size = hidden_size
@@ -39,7 +39,7 @@ class RuleDrafter:
     def chained(self, own, hidden):
         return own
 
-    def draft(self, hidden, tokens, cache, target):
+    def draft(self, hidden, tokens, cache, target, offers=None):
         """The MTP drafter's draft(): the pairs fill the sequence, the rule runs on the last
         position alone. Returns (logits [1, V], block output [1, L, H])."""
         del self.sequence[cache.offset + 1 :]  # forget trimmed positions

@@ -33,6 +33,24 @@ def test_offer_stops_at_the_end_of_the_text():
     assert index.propose(8) == Proposal((6, 4, 5), 2)
 
 
+def test_offers_per_position_and_after_drafts_are_what_propose_would_say():
+    """offers[j] is propose(1) once token j was appended; offer_after(drafts) is propose(1) after
+    appending them, without appending them."""
+    tokens = [1, 2, 3, 4, 9, 9, 2, 3, 7, 8, 1, 2, 3, 5, 1, 2]
+    index = NgramIndex()
+    index.extend(tokens)
+    for j in range(len(tokens)):
+        alone = NgramIndex()
+        alone.extend(tokens[: j + 1])
+        expected = alone.propose(1)
+        assert index.offers[j] == ((expected.tokens[0], expected.match) if expected.tokens else (0, 0))
+    for drafts in [(), (3,), (3, 5), (7, 8, 1, 2, 3), (6,)]:
+        ahead = NgramIndex()
+        ahead.extend(tokens + list(drafts))
+        assert index.offer_after(drafts) == ahead.offers[-1], drafts
+    assert index.offer_after((3,)) == (5, 3) and index.offer_after((6,)) == (0, 0)
+
+
 def test_copied_drafts_keep_greedy_output_identical(small_vocab_lm):  # noqa: F811
     """Eight tokens: two-token patterns recur, so the lookup offers often and is often wrong."""
     small_vocab_lm.tokenizer._eos_token_ids = set()

@@ -9,8 +9,10 @@ import pytest
 
 from daemon.engine import Request, generate
 from daemon.models import load
+from daemon.lookup import NgramIndex
 from daemon.train import (
-    TrainSettings, answer_positions, choose_head_vocab, default_feature_layers, drafter_batch, train_drafter,
+    TrainSettings, answer_positions, choose_head_vocab, context_offers, default_feature_layers, drafter_batch,
+    train_drafter,
 )
 from policies.fixed import Fixed
 
@@ -35,6 +37,16 @@ def trained_with_blocks(tmp_path_factory, tiny_gguf):
     lm = load(str(tiny_gguf), drafter="none")
     mx.random.seed(0)
     record = train_drafter(lm, out, dataclasses.replace(SETTINGS, feature_layers=(0,)), progress=lambda _: None)
+    return out, record
+
+
+@pytest.fixture(scope="module")
+def trained_with_offers(tmp_path_factory, tiny_gguf):
+    """A drafter that also reads the context lookup's offers."""
+    out = tmp_path_factory.mktemp("drafter-offers")
+    lm = load(str(tiny_gguf), drafter="none")
+    mx.random.seed(0)
+    record = train_drafter(lm, out, dataclasses.replace(SETTINGS, read_offers=True), progress=lambda _: None)
     return out, record
 
 
@@ -64,7 +76,7 @@ def test_acceptance_counts_answer_tokens_only():
     ]
 
 
-@pytest.mark.parametrize("which", ["trained", "trained_with_blocks"])
+@pytest.mark.parametrize("which", ["trained", "trained_with_blocks", "trained_with_offers"])
 def test_trained_drafter_loads_and_stays_lossless(which, request, tiny_gguf):
     out, record = request.getfixturevalue(which)
     lm = load(str(tiny_gguf), drafter=str(out))
@@ -118,11 +130,11 @@ def test_second_stage_teaches_depth_two(tmp_path, tiny_gguf):
     assert depth2[1] > depth2[0], depth2
 
 
-@pytest.mark.parametrize("which", ["trained", "trained_with_blocks"])
+@pytest.mark.parametrize("which", ["trained", "trained_with_blocks", "trained_with_offers"])
 def test_depth_two_rows_equal_chained_drafting(which, request, tiny_gguf):
     """two_depths' row i is what draft() gives when the cache holds positions 0..i and the drafter
     is fed its own block output at i (with the block features of position i, if it reads any) and
-    the token after the next."""
+    the token after the next (with the offer after that token, if it reads offers)."""
 
     from daemon.train import two_depths
 
@@ -133,12 +145,18 @@ def test_depth_two_rows_equal_chained_drafting(which, request, tiny_gguf):
     width = lm.config["hidden_size"] * (1 + len(d.config.feature_layers))
     hidden = mx.random.normal((1, 6, width), key=mx.random.key(1))
     tokens = mx.array([[3, 9, 4, 7, 5, 8]])
-    _, own = d.features(hidden, tokens, None, lm.model)
-    _, depth2 = two_depths(d, lm.model, hidden, tokens)
+    offers = (mx.array([[0, 4, 7, 0, 8, 2]]), mx.array([[0, 2, 3, 0, 4, 2]])) if d.config.reads_offers else None
+
+    def at(i, j):
+        return offers and tuple(a[:, i:j] for a in offers)
+
+    _, own = d.features(hidden, tokens, None, lm.model, offers)
+    _, depth2 = two_depths(d, lm.model, hidden, tokens, offers)
     for i in range(5):
         cache = d.make_cache()
-        d.features(hidden[:, : i + 1], tokens[:, : i + 1], cache, lm.model)
-        chained, _ = d.features(d.chained(own[:, i : i + 1], hidden[:, i : i + 1]), tokens[:, i + 1 : i + 2], cache, lm.model)
+        d.features(hidden[:, : i + 1], tokens[:, : i + 1], cache, lm.model, at(0, i + 1))
+        chained, _ = d.features(d.chained(own[:, i : i + 1], hidden[:, i : i + 1]), tokens[:, i + 1 : i + 2], cache, lm.model,
+                                at(i + 1, i + 2))
         np.testing.assert_allclose(np.array(chained[0, 0]), np.array(depth2[0, i]), rtol=1e-4, atol=1e-4)
 
 
@@ -149,6 +167,28 @@ def test_reading_block_features_learns_too(trained_with_blocks):
     assert config["feature_layers"] == [0]
     with np.load(out / "work" / "features.npz") as f:
         assert f["hidden"].shape[-1] == 2 * config["target"]["hidden_size"]
+
+
+def test_reading_offers_learns_too(trained_with_offers):
+    out, record = trained_with_offers
+    assert record["held_out_first_position_acceptance"]["all"] > 0.07  # chance: ~2%
+    assert json.loads((out / "config.json").read_text())["reads_offers"] is True
+
+
+def test_offers_at_a_position_are_the_lookups_after_the_token_it_reads(trained):
+    """Drafter position i reads token i + 1 and drafts i + 2: its offer is what the context lookup
+    offers after tokens 0..i+1, as serving sees it; zero past the sequence."""
+    out, _ = trained
+    with np.load(out / "work" / "features.npz") as f:
+        f = {k: f[k][:2] for k in f}
+    offered, match = context_offers(f, np.array([1]))
+    n = int(f["lengths"][1])
+    for i in range(n - 1):
+        index = NgramIndex()
+        index.extend(f["tokens"][1, : i + 2].tolist())
+        proposal = index.propose(1)
+        assert (offered[0, i], match[0, i]) == ((proposal.tokens[0], proposal.match) if proposal.tokens else (0, 0))
+    assert not match[0, n - 1 :].any() and match[0].any()
 
 
 def test_default_feature_layers_are_a_third_and_two_thirds_up():
