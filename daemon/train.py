@@ -57,7 +57,7 @@ class TrainSettings:
     # target blocks whose outputs the drafter also reads (EAGLE-3 style); None: default_feature_layers,
     # () : the final hidden state alone
     feature_layers: tuple[int, ...] | None = None
-    read_offers: bool = False  # the drafter also reads the context lookup's offer for the token it drafts
+    read_offers: bool = True  # the drafter also reads the context lookup's offer for the token it drafts
     seed: int = 0
 
 

@@ -41,12 +41,12 @@ def trained_with_blocks(tmp_path_factory, tiny_gguf):
 
 
 @pytest.fixture(scope="module")
-def trained_with_offers(tmp_path_factory, tiny_gguf):
-    """A drafter that also reads the context lookup's offers."""
-    out = tmp_path_factory.mktemp("drafter-offers")
+def trained_without_offers(tmp_path_factory, tiny_gguf):
+    """A drafter that does not read the context lookup's offers (as an MTP model's own does not)."""
+    out = tmp_path_factory.mktemp("drafter-no-offers")
     lm = load(str(tiny_gguf), drafter="none")
     mx.random.seed(0)
-    record = train_drafter(lm, out, dataclasses.replace(SETTINGS, read_offers=True), progress=lambda _: None)
+    record = train_drafter(lm, out, dataclasses.replace(SETTINGS, read_offers=False), progress=lambda _: None)
     return out, record
 
 
@@ -76,7 +76,7 @@ def test_acceptance_counts_answer_tokens_only():
     ]
 
 
-@pytest.mark.parametrize("which", ["trained", "trained_with_blocks", "trained_with_offers"])
+@pytest.mark.parametrize("which", ["trained", "trained_with_blocks", "trained_without_offers"])
 def test_trained_drafter_loads_and_stays_lossless(which, request, tiny_gguf):
     out, record = request.getfixturevalue(which)
     lm = load(str(tiny_gguf), drafter=str(out))
@@ -98,8 +98,9 @@ def test_draft_is_the_last_row_of_a_full_call(trained, tiny_gguf):
     width = lm.config["hidden_size"] * (1 + len(lm.drafter.config.feature_layers))
     hidden = mx.random.normal((1, 5, width), key=mx.random.key(0))
     tokens = mx.array([[3, 4, 5, 6, 7]])
-    full, own = lm.drafter(hidden, tokens, lm.drafter.make_cache(), lm.model)
-    last, own_last = lm.drafter.draft(hidden, tokens, lm.drafter.make_cache(), lm.model)
+    offers = (mx.array([[0, 5, 6, 0, 8]]), mx.array([[0, 2, 4, 0, 3]]))  # it reads them (the default)
+    full, own = lm.drafter(hidden, tokens, lm.drafter.make_cache(), lm.model, offers)
+    last, own_last = lm.drafter.draft(hidden, tokens, lm.drafter.make_cache(), lm.model, offers)
     assert last.shape == (1, lm.config["vocab_size"])
     assert int(mx.isfinite(last).sum()) == SETTINGS.head_vocab
     np.testing.assert_allclose(np.array(last), np.array(full[:, -1]), rtol=1e-5, atol=1e-5)
@@ -130,7 +131,7 @@ def test_second_stage_teaches_depth_two(tmp_path, tiny_gguf):
     assert depth2[1] > depth2[0], depth2
 
 
-@pytest.mark.parametrize("which", ["trained", "trained_with_blocks", "trained_with_offers"])
+@pytest.mark.parametrize("which", ["trained", "trained_with_blocks", "trained_without_offers"])
 def test_depth_two_rows_equal_chained_drafting(which, request, tiny_gguf):
     """two_depths' row i is what draft() gives when the cache holds positions 0..i and the drafter
     is fed its own block output at i (with the block features of position i, if it reads any) and
@@ -169,10 +170,12 @@ def test_reading_block_features_learns_too(trained_with_blocks):
         assert f["hidden"].shape[-1] == 2 * config["target"]["hidden_size"]
 
 
-def test_reading_offers_learns_too(trained_with_offers):
-    out, record = trained_with_offers
+@pytest.mark.parametrize("which", ["trained", "trained_without_offers"])
+def test_drafters_learn_with_and_without_the_lookups_offers(which, request):
+    out, record = request.getfixturevalue(which)
     assert record["held_out_first_position_acceptance"]["all"] > 0.07  # chance: ~2%
-    assert json.loads((out / "config.json").read_text())["reads_offers"] is True
+    reads = json.loads((out / "config.json").read_text())["reads_offers"]
+    assert reads is (which == "trained") is record["settings"]["read_offers"]
 
 
 def test_offers_at_a_position_are_the_lookups_after_the_token_it_reads(trained):
