@@ -70,11 +70,12 @@ def probe_costs(lm: LoadedModel, k_max: int = K_MAX, verify_penalty: float = 0.0
     dcache = drafter.make_cache()
     width = model.args.hidden_size * (1 + len(source_parts(drafter.config.source)[1]))  # the blocks it reads
     hidden = mx.zeros((1, PROBE_CONTEXT, width))
-    offers = offer_arrays(drafter, [(11, 2)] * PROBE_CONTEXT)  # a drafter that reads offers gets one everywhere
-    mx.eval(drafter.draft(hidden, context, dcache, model, offers)[0])
+    # a drafter that reads offers gets one everywhere
+    mx.eval(drafter.draft(hidden, context, dcache, model, offer_arrays(drafter, [(11, 2)] * PROBE_CONTEXT))[0])
+    one_offer = offer_arrays(drafter, [(11, 2)])
 
     def draft():
-        mx.eval(drafter.draft(hidden[:, :1], context[:, :1], dcache, model, offers and tuple(a[:, :1] for a in offers))[0])
+        mx.eval(drafter.draft(hidden[:, :1], context[:, :1], dcache, model, one_offer)[0])
         trim_prompt_cache([dcache], 1)
 
     draft()

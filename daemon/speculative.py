@@ -168,6 +168,7 @@ def _mtp_drafts(drafter, model, dcache, pending_hidden, pending_tokens, k, sampl
     unseen = mx.concatenate(pending_hidden, axis=1) if len(pending_hidden) > 1 else pending_hidden[0]
     d_logits, own = _catch_up(drafter, model, dcache, unseen, pending_tokens, index.offers[-len(pending_tokens) :])
     drafts, q_rows = [], []
+    drafted: list[int] = []  # the drafts as ints, for the lookup's offer after them (drafters that read offers)
     for j in range(k):
         row = d_logits[0]
         if sampling.greedy:
@@ -179,7 +180,10 @@ def _mtp_drafts(drafter, model, dcache, pending_hidden, pending_tokens, k, sampl
             q_rows.append(mx.exp(q_logprobs))
         drafts.append(d)
         if j < k - 1:
-            offers = offer_arrays(drafter, [index.offer_after(tuple(mx.concatenate(drafts).tolist()))]) if drafter.config.reads_offers else None
+            offers = None
+            if drafter.config.reads_offers:
+                drafted.append(d.item())
+                offers = offer_arrays(drafter, [index.offer_after(tuple(drafted))])
             d_logits, own = drafter.draft(drafter.chained(own[:, -1:], unseen[:, -1:]), d[None], dcache, model, offers)
     return mx.concatenate(drafts), q_rows, key
 
