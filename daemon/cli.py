@@ -93,7 +93,8 @@ def parser() -> argparse.ArgumentParser:
                    help="target blocks whose outputs the drafter also reads (default: a third and two thirds "
                         "up, 9,19 for the default model; none: the final hidden state alone)")
     t.add_argument("--read-offers", action=argparse.BooleanOptionalAction, default=None,
-                   help="the drafter also reads what the context lookup offers as the token it drafts")
+                   help="the drafter also reads what the context lookup offers as the token it drafts "
+                        "(default: on; --no-read-offers for the plain MTP layout)")
     t.add_argument("--resume", action="store_true", help="continue a stopped run in --out")
     return root
 
