@@ -26,6 +26,9 @@ $mtpd bench --prompts $prompts --spec off --spec fixed:1 --spec fixed:2 --spec f
   --spec fixed:5 --spec fixed:6 --spec adaptive:mtp --spec adaptive --max-tokens 128 \
   --json $out/policies.json --plot $out/policies.png
 
+# 2b. acceptance by draft position of the shipped drafter (its fixed:4 rows alone)
+$mtpd bench --prompts $prompts --spec fixed:4 --max-tokens 128 --json $out/positions.json
+
 # 3. acceptance with the drafter quantized on its own
 for bits in 8 4 3; do
   $mtpd bench --prompts $prompts --spec fixed:4 --drafter-bits $bits --max-tokens 48 \
