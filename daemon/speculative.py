@@ -8,7 +8,13 @@ Round, for the last emitted token t (not yet in the target's cache):
    sampling: rejection sampling with the residual max(0, p - q) (see daemon.verify);
 4. both caches are trimmed: the target keeps t and the accepted drafts, the drafter drops its
    chained positions and will recompute them from the target's real hidden states.
-k comes from the policy every round; k = 0 is a plain target step. The policy may instead take the
+k comes from the policy every round; k = 0 is a plain target step. The policy may also name a
+minimum confidence: the drafter stops at the first draft it gives a lower probability (its own q of
+that token), which is dropped; dropped before the first, the round is a plain step. That decision
+reads the drafter alone, never the target, so greedy output stays the target's; when sampling, a
+kept draft was drawn from q restricted to the tokens at or above the floor, and that restricted,
+renormalised q is what verification divides by, so sampling keeps the target's distribution
+(dropped, the position is sampled from the target itself). The policy may instead take the
 k drafts from a lookup's offer (the context, daemon.lookup, else the target's phrasebook,
 daemon.phrases): then the drafter does not run, and it catches up on those positions in its next
 round. Verification is the same for every source (a lookup draft is a drafter whose q is one-hot
@@ -93,7 +99,21 @@ def speculative_steps(
             offer = phrases.propose(index.tokens, limit)
         plan = policy.plan(offer)
         k = min(plan.k, len(offer.tokens) if plan.lookup else room)
-        started = time.perf_counter()
+        started, stopped = time.perf_counter(), False
+        if k > 0:
+            # 1. draft: copy the lookup's offer, or let the drafter catch up on unseen pairs and
+            #    then chain on its own output (stopping where its confidence falls)
+            if plan.lookup:
+                drafts = list(offer.tokens[:k])
+                q_rows = [] if sampling.greedy else [mx.zeros(vocab).at[d].add(1.0) for d in drafts]
+            else:
+                drafts, q_rows, key, chained = _mtp_drafts(
+                    drafter, model, dcache, pending_hidden, pending_tokens, k, sampling, key, index, plan.min_confidence
+                )
+                stopped = len(drafts) < k
+                if not drafts:  # the drafter has read the pending pairs: none are left for it
+                    pending_hidden, pending_tokens = [], []
+            k = len(drafts)
         if k <= 0:
             logits = model(mx.array([[t]]), cache=cache)
             pending_hidden.append(tap.hidden(source))
@@ -101,20 +121,12 @@ def speculative_steps(
             pending_tokens.append(t)
             index.extend([t])
             emitted += 1
-            policy.observe(0, 0, time.perf_counter() - started)
+            policy.observe(0, 0, time.perf_counter() - started, stopped)
             yield Step((t,), logprobs=token_logprobs(logits[0], [t], logprobs))
             continue
 
-        # 1. draft: copy the lookup's offer, or let the drafter catch up on unseen pairs and then
-        #    chain on its own output
-        if plan.lookup:
-            draft_ids = mx.array(offer.tokens[:k])
-            q_rows = [] if sampling.greedy else [mx.zeros(vocab).at[d].add(1.0) for d in offer.tokens[:k]]
-        else:
-            draft_ids, q_rows, key = _mtp_drafts(drafter, model, dcache, pending_hidden, pending_tokens, k, sampling, key, index)
-
         # 2. verify k+1 positions in one forward
-        logits = model(mx.concatenate([mx.array([t]), draft_ids])[None], cache=cache)[0]
+        logits = model(mx.array([[t, *drafts]]), cache=cache)[0]
         hidden = tap.hidden(source)
         if verify_penalty:
             mx.eval(logits)
@@ -123,8 +135,8 @@ def speculative_steps(
         # 3. accept
         if sampling.greedy:
             target, margins = greedy_with_margin(logits)
-            mx.eval(draft_ids, target, margins)
-            draft_list, target, margins = draft_ids.tolist(), target.tolist(), margins.tolist()
+            mx.eval(target, margins)
+            draft_list, target, margins = drafts, target.tolist(), margins.tolist()
             out = []
             for i in range(k + 1):
                 token = guard.token(index.tokens + out, target[i], margins[i])
@@ -134,13 +146,13 @@ def speculative_steps(
             accepted = greedy_accepted(draft_list, out)
         else:
             logp = target_logprobs(logits, sampling)
-            q = mx.stack(q_rows)
+            q, draft_ids = mx.stack(q_rows), mx.array(drafts)
             rows = mx.arange(k)
             p_draft, q_draft = mx.exp(logp[rows, draft_ids]), q[rows, draft_ids]
             key, k_uniform, k_last = mx.random.split(key, 3)
             uniform = mx.random.uniform(shape=(k,), key=k_uniform)
-            mx.eval(draft_ids, p_draft, q_draft, uniform)
-            draft_list = draft_ids.tolist()
+            mx.eval(p_draft, q_draft, uniform)
+            draft_list = drafts
             accepted = sampled_accepted(p_draft.tolist(), q_draft.tolist(), uniform.tolist())
             last = residual_logprobs(mx.exp(logp[accepted]), q[accepted]) if accepted < k else logp[k]
             out = draft_list[:accepted] + [mx.random.categorical(last, key=k_last).item()]
@@ -152,40 +164,49 @@ def speculative_steps(
             pending_hidden.append(hidden[:, : accepted + 1])
             pending_tokens.extend(out)
         else:
-            trim_prompt_cache([dcache], k - 1)
+            trim_prompt_cache([dcache], chained)
             pending_hidden, pending_tokens = [hidden[:, : accepted + 1]], list(out)
         t = out[-1]
         index.extend(out)
         emitted += len(out)
-        policy.observe(k, accepted, time.perf_counter() - started)
+        policy.observe(k, accepted, time.perf_counter() - started, stopped)
         yield Step(tuple(out), drafted=k, accepted=accepted, logprobs=token_logprobs(logits, out, logprobs), lookup=plan.lookup)
 
 
-def _mtp_drafts(drafter, model, dcache, pending_hidden, pending_tokens, k, sampling, key, index: NgramIndex):
+def _mtp_drafts(drafter, model, dcache, pending_hidden, pending_tokens, k, sampling, key, index: NgramIndex,
+                min_confidence: float = 0.0):
     """The drafter catches up on the (hidden state, next token) pairs it has not seen, then chains
-    k drafts on its own output. Returns (draft ids [k], the drafter's probabilities per draft when
-    sampling, the new random key). The pending tokens are the last of `index.tokens`."""
+    up to k drafts on its own output, stopping at the first it gives a probability below
+    `min_confidence` (dropped). Returns (the drafts, the drafter's probabilities per draft when
+    sampling, the new random key, how many chained positions its cache holds beyond the pairs).
+    The pending tokens are the last of `index.tokens`."""
     unseen = mx.concatenate(pending_hidden, axis=1) if len(pending_hidden) > 1 else pending_hidden[0]
     d_logits, own = _catch_up(drafter, model, dcache, unseen, pending_tokens, index.offers[-len(pending_tokens) :])
-    drafts, q_rows = [], []
-    drafted: list[int] = []  # the drafts as ints, for the lookup's offer after them (drafters that read offers)
+    drafts: list[int] = []
+    q_rows = []
     for j in range(k):
         row = d_logits[0]
         if sampling.greedy:
             d = mx.argmax(row, keepdims=True)
+            confidence = mx.softmax(row, precise=True)[d] if min_confidence else None
         else:
             key, sub = mx.random.split(key)
             q_logprobs = target_logprobs(row, sampling)
             d = mx.random.categorical(q_logprobs, key=sub)[None]
-            q_rows.append(mx.exp(q_logprobs))
-        drafts.append(d)
+            confidence = mx.exp(q_logprobs[d]) if min_confidence else None
+        if confidence is not None and confidence.item() < min_confidence:
+            return drafts, q_rows, key, j
+        drafts.append(d.item())
+        if not sampling.greedy:
+            q = mx.exp(q_logprobs)
+            if min_confidence:  # what a kept draft was drawn from: q on the tokens at or above the floor
+                q = mx.where(q >= min_confidence, q, 0.0)
+                q = q / q.sum()
+            q_rows.append(q)
         if j < k - 1:
-            offers = None
-            if drafter.config.reads_offers:
-                drafted.append(d.item())
-                offers = offer_arrays(drafter, [index.offer_after(tuple(drafted))])
+            offers = offer_arrays(drafter, [index.offer_after(tuple(drafts))]) if drafter.config.reads_offers else None
             d_logits, own = drafter.draft(drafter.chained(own[:, -1:], unseen[:, -1:]), d[None], dcache, model, offers)
-    return mx.concatenate(drafts), q_rows, key
+    return drafts, q_rows, key, k - 1
 
 
 def _catch_up(drafter, model, dcache, hidden: mx.array, tokens, offers) -> tuple[mx.array, mx.array]:

@@ -7,7 +7,10 @@ with k = 1 now and then (backing off while probes keep losing), so it switches b
 content changes; while on, it now and then tries one more draft so deeper positions keep estimates.
 When a lookup offers a continuation (the context, else the target's phrasebook), its own estimates
 (per class, source and match length) and its cheaper rounds decide whether copying beats the
-drafter, and how many tokens to copy.
+drafter, and how many tokens to copy. Its MTP plans carry a confidence floor: a draft the drafter
+itself gives less probability than the floor is dropped, the floor being what one more verified row
+costs in tokens at the plan's expected speed (`confidence_floor`); a dropped draft counts as a
+rejected one, so a floor that drops most drafts turns drafting off.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import numpy as np
 
 from policies.acceptance import LOOKUP_KEYS, AcceptanceCounts, RequestAcceptance, lookup_key, lookup_prior
 from policies.classifier import ContentTracker
-from policies.cost import StepCosts, best_draft_length, best_lookup_length, save_json, throughput
+from policies.cost import StepCosts, best_draft_length, best_lookup_length, confidence_floor, save_json, throughput
 from policies.plan import NO_OFFER, Plan, Proposal
 
 K_MAX = 8
@@ -125,16 +128,19 @@ class AdaptivePolicy:
         self.probe_every = self.base_probe_every
         self.steps_on += 1
         if self.steps_on % self.explore_every == 0 and k < self.k_max:
-            return Plan(k + 1)
-        return Plan(k)
+            k += 1
+        return Plan(k, min_confidence=confidence_floor(self.acceptance.rates(self.klass), k, self.shared.costs))
 
-    def observe(self, drafted: int, accepted: int, seconds: float) -> None:
+    def observe(self, drafted: int, accepted: int, seconds: float, stopped: bool = False) -> None:
+        """`stopped`: the drafter dropped a draft below the confidence floor; it counts as rejected,
+        and the round, which paid for one more draft than it verified, is not timed."""
         copied = self.lookup_key is not None
-        self.shared.costs.observe(drafted, seconds, lookup=copied)
+        if not stopped:
+            self.shared.costs.observe(drafted, seconds, lookup=copied)
         if copied:
             self.lookup.observe(self.lookup_key, drafted, accepted)
             return
-        if drafted:
-            self.acceptance.observe(self.klass, drafted, accepted)
+        if drafted or stopped:
+            self.acceptance.observe(self.klass, drafted + stopped, accepted)
         if self.probing and self._best() == 0:
             self.probe_every = min(self.probe_every * 2, 32)  # probes keep losing: probe less often

@@ -72,6 +72,16 @@ def throughput(rates, k: int, costs: StepCosts, lookup: bool = False) -> float:
     return expected_tokens(rates[:k]) / costs.predict(k, lookup)
 
 
+def confidence_floor(rates, k: int, costs: StepCosts) -> float:
+    """The drafter probability below which a draft does not pay for its verified row: the average
+    time one more verified row adds at k drafts, times the tokens per second that k is expected to
+    give (a draft accepted with probability p brings p tokens)."""
+    if k < 1:
+        return 0.0
+    row = (costs.t_verify[k] - costs.t_verify[0]) / k
+    return row * throughput(rates, k, costs)
+
+
 def best_lookup_length(rates, costs: StepCosts, offered: int) -> int:
     """argmax_k E(k) / T(k) for a lookup draft of k = 1 .. offered tokens."""
     return max(range(1, min(offered, costs.k_max) + 1), key=lambda k: throughput(rates, k, costs, lookup=True))

@@ -20,8 +20,9 @@ class Fixed:
         """The next step. `offer`: what a lookup (the context or the phrasebook) offers to copy."""
         return Plan(self.k)
 
-    def observe(self, drafted: int, accepted: int, seconds: float) -> None:
-        """Told after every step how many drafted tokens the target accepted, and its time."""
+    def observe(self, drafted: int, accepted: int, seconds: float, stopped: bool = False) -> None:
+        """Told after every step how many drafted tokens the target accepted, and its time;
+        `stopped`: the drafter stopped below the plan's min_confidence (one more draft made, dropped)."""
 
     def observe_text(self, text: str) -> None:
         """Told the prompt's text, then the text of every step."""

@@ -21,3 +21,6 @@ NO_OFFER = Proposal()
 class Plan:
     k: int = 0  # tokens to draft (0: a plain decode step)
     lookup: bool = False  # take them from the offered Proposal instead of the MTP drafter
+    # stop drafting at the first MTP draft the drafter itself gives less than this probability
+    # (the draft is dropped; before the first one the step is a plain one); 0: never stop
+    min_confidence: float = 0.0

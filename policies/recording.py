@@ -42,9 +42,9 @@ class Recording:
             self._expected = self.shared.expected_speedup(self._class, self._plan, offer)
         return self._plan
 
-    def observe(self, drafted: int, accepted: int, seconds: float) -> None:
+    def observe(self, drafted: int, accepted: int, seconds: float, stopped: bool = False) -> None:
         self.steps.append(StepRecord(self._class, drafted, accepted, seconds, self._expected, self._plan.lookup))
-        self.policy.observe(drafted, accepted, seconds)
+        self.policy.observe(drafted, accepted, seconds, stopped)
 
     def observe_text(self, text: str) -> None:
         self.tracker.feed(text)

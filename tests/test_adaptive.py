@@ -131,3 +131,36 @@ def test_early_rejections_do_not_keep_speculation_off():
     chosen = simulate(policy, lambda i: [0.0] * 8 if i < 60 else [0.45, 0.1] + [0.05] * 6, cost, 180)
     assert chosen[:60].count(0) >= 10  # the rejections did switch it off
     assert np.mean([k == 0 for k in chosen[80:]]) < 0.1, chosen
+
+
+def test_confidence_floor_is_a_rows_cost_in_tokens_at_the_plans_speed():
+    from policies.cost import confidence_floor
+
+    rates = np.full(8, 0.6)
+    cheap, dear = costs(0.007), costs(0.035)
+    floor = confidence_floor(rates, 2, cheap)
+    assert floor == pytest.approx(0.007 * throughput(rates, 2, cheap))
+    assert 0 < floor < confidence_floor(rates, 2, dear) < 1  # dearer rows: surer drafts needed
+    assert confidence_floor(rates, 0, cheap) == 0.0
+    assert confidence_floor(rates, 1, costs(0.2)) > 1  # a row dearer than a plain step: nothing pays
+
+
+def test_plans_carry_the_floor_and_a_dropped_draft_counts_as_rejected():
+    policy = fresh(costs(0.007))
+    plan = policy.plan()
+    assert plan.k > 0 and 0 < plan.min_confidence < 1
+    before = policy.acceptance.rates(policy.klass)[0]
+    observations = list(policy.shared.costs.observations)
+    for _ in range(10):
+        policy.plan()
+        policy.observe(0, 0, 5.0, stopped=True)  # dropped before the first draft, an absurd time
+    assert policy.acceptance.rates(policy.klass)[0] < before
+    assert policy.shared.costs.observations == observations  # a stopped round is not timed
+
+
+def test_a_floor_that_drops_every_draft_turns_drafting_off():
+    policy = fresh(costs(0.007))
+    for _ in range(200):
+        plan = policy.plan()
+        policy.observe(0, 0, T_PLAIN + T_DRAFT, stopped=plan.k > 0)
+    assert policy.plan().k == 0

@@ -194,7 +194,7 @@ class CopyAlways(Fixed):
         return Plan(len(offer.tokens), lookup=True) if offer.tokens else Plan(0)
 
 
-@pytest.mark.parametrize("case", ["q_equals_p", "disjoint_supports", "one_hot_q", "lookup"])
+@pytest.mark.parametrize("case", ["q_equals_p", "disjoint_supports", "one_hot_q", "lookup", "floored"])
 def test_sampling_reproduces_joint_distribution(small_vocab_lm, case):
     model = small_vocab_lm.model
     # the lookup case: every token but 5 follows a 5 in the prompt, so most steps get an offer
@@ -205,8 +205,9 @@ def test_sampling_reproduces_joint_distribution(small_vocab_lm, case):
         "disjoint_supports": disjoint_from_top3(model, params),
         "one_hot_q": one_hot_at_target_argmax(model),
         "lookup": target_logits(model),
+        "floored": target_logits(model),
     }[case]
-    policy = CopyAlways(0) if case == "lookup" else Fixed(2)
+    policy = {"lookup": CopyAlways(0), "floored": Floored(2, 0.45)}.get(case, Fixed(2))
     lm = with_drafter(small_vocab_lm, RuleDrafter(prompt[0], rule, 32))
     lm.tokenizer._eos_token_ids = set()  # every token id is ordinary here
     runs = 2500
@@ -233,6 +234,8 @@ def test_sampling_reproduces_joint_distribution(small_vocab_lm, case):
         assert accepted == 0
     if case == "lookup":
         assert drafted > runs / 2 and 0 < copied == accepted < drafted
+    if case == "floored":  # some drafts dropped; a kept one is checked against q above the floor, renormalised
+        assert 0 < accepted < drafted < 2 * runs and any(stopped for _, stopped in policy.stops)
 
 
 def test_adaptive_is_lossless_and_turns_off_when_verification_is_expensive(tiny_lm, plain_ids, tmp_path, monkeypatch):
@@ -253,3 +256,69 @@ def test_adaptive_is_lossless_and_turns_off_when_verification_is_expensive(tiny_
     costly = finished(lm, Request(PROMPT, max_tokens=80), make_policy("adaptive", costly_shared), verify_penalty=penalty)
     assert costly.token_ids == plain_ids
     assert sum(k == 0 for k in costly.draft_lengths) > 0.8 * len(costly.draft_lengths)
+
+
+# --- a confidence floor stops drafts the drafter is unsure of ------------------------------------
+
+
+def unsure_where_wrong(model, wrong_at, vocab: int):
+    """Target's argmax, sure of it (p ~ 1); at sequence lengths in `wrong_at` another token, unsure
+    (p ~ 0.1 on a vocabulary of hundreds)."""
+
+    def rule(prefix):
+        logits = model(mx.array([prefix]))[0, -1]
+        best = mx.argmax(logits).item()
+        if len(prefix) in wrong_at:
+            return mx.where(mx.arange(vocab) == (best + 1) % vocab, 4.0, 0.0)
+        return mx.where(mx.arange(vocab) == best, 20.0, -20.0)
+
+    return rule
+
+
+class Floored(Fixed):
+    """fixed:k with a confidence floor; remembers which steps stopped early."""
+
+    def __init__(self, k: int, floor: float):
+        super().__init__(k)
+        self.floor, self.stops = floor, []
+
+    def plan(self, offer=NO_OFFER):
+        return Plan(self.k, min_confidence=self.floor)
+
+    def observe(self, drafted, accepted, seconds, stopped=False):
+        self.stops.append((drafted, stopped))
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_floor_drops_the_unsure_drafts_and_output_stays_plain(tiny_lm, plain_ids, k):
+    vocab = tiny_lm.config["vocab_size"]
+    wrong_at = set(np.flatnonzero(np.random.default_rng(k).random(200) < 0.3).tolist())
+    drafter = RuleDrafter(PROMPT[0], unsure_where_wrong(tiny_lm.model, wrong_at, vocab), 64)
+    policy = Floored(k, 0.5)
+    done = finished(with_drafter(tiny_lm, drafter), Request(PROMPT, max_tokens=80), policy)
+    assert done.token_ids == plain_ids
+    assert done.drafted > 0 and done.accepted == done.drafted  # every wrong draft was dropped, none verified
+    assert any(stopped and drafted == 0 for drafted, stopped in policy.stops)  # a first draft dropped: a plain step
+    if k > 1:
+        assert any(stopped and 0 < drafted < k for drafted, stopped in policy.stops)
+
+
+def test_without_a_floor_the_same_drafts_are_verified_and_rejected(tiny_lm, plain_ids):
+    vocab = tiny_lm.config["vocab_size"]
+    wrong_at = set(np.flatnonzero(np.random.default_rng(3).random(200) < 0.3).tolist())
+    drafter = RuleDrafter(PROMPT[0], unsure_where_wrong(tiny_lm.model, wrong_at, vocab), 64)
+    policy = Floored(3, 0.0)
+    done = finished(with_drafter(tiny_lm, drafter), Request(PROMPT, max_tokens=80), policy)
+    assert done.token_ids == plain_ids and done.accepted < done.drafted
+    assert not any(stopped for _, stopped in policy.stops)
+
+
+def test_floor_above_one_drops_every_mtp_draft(tiny_gguf, plain_ids):
+    from daemon.models import load
+
+    lm = load(str(tiny_gguf), drafter="random")
+    policy = Floored(2, 1.5)
+    done = finished(lm, Request(PROMPT, max_tokens=80), policy)
+    assert done.token_ids == plain_ids and done.drafted == 0
+    assert all(drafted == 0 for drafted, _ in policy.stops)
+    assert all(stopped for _, stopped in policy.stops[:-1])  # the last step has no room to draft
