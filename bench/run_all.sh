@@ -36,6 +36,9 @@ for bits in 8 4 3; do
 done
 $mtpd bench --prompts $prompts --spec fixed:4 --max-tokens 48 --json $out/drafter-16-bit.json
 
+# 3b. the adaptive policy's confidence floor, A/B
+.venv/bin/python bench/floor_ab.py --json $out/floor-ab.json
+
 # 4. verification made expensive on purpose: adaptive must turn itself off
 $mtpd bench --prompts $prompts --spec off --spec adaptive --verify-penalty-ms 60 --max-tokens 64 \
   --json $out/expensive-verify.json
