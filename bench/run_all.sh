@@ -31,6 +31,9 @@ grep '"category": "code"' $prompts > "$MTPD_CACHE_DIR/code.jsonl"
 $mtpd bench --prompts "$MTPD_CACHE_DIR/code.jsonl" --spec off --spec fixed:1 --spec fixed:2 --spec adaptive \
   --max-tokens 256 --json $out/amd-code-256.json
 
+$mtpd bench --prompts $prompts --spec off --spec fixed:1 --spec fixed:2 --spec adaptive --max-tokens 256 \
+  --json $out/amd-all-256.json
+
 # 2b. acceptance by draft position of the shipped drafter (its fixed:4 rows alone)
 $mtpd bench --prompts $prompts --spec fixed:4 --max-tokens 128 --json $out/positions.json
 
