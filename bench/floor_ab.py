@@ -1,5 +1,6 @@
 """Interleaved A/B of the adaptive policy's confidence floor: `off`, `adaptive`, and `adaptive` with
-the floor at 0 (each with estimates of its own), prompt by prompt; speed-ups over `off` per category.
+the floor at 0 (each with estimates of its own), prompt by prompt; speed-ups over `off` per category
+(daemon.bench.summarize, as `mtpd bench` reports them; `python bench/table.py` reads the JSON).
 
     .venv/bin/python bench/floor_ab.py --json bench/results/floor-ab.json [--max-tokens 96]
 """
@@ -14,9 +15,6 @@ from pathlib import Path
 
 from daemon.blas import reexec_with_blas
 
-CATEGORIES = ("code", "math", "mixed", "prose", "all")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--prompts", default="bench/prompts.jsonl")
@@ -25,8 +23,8 @@ def main() -> None:
     args = parser.parse_args()
     reexec_with_blas(sys.argv)
 
-    from daemon.bench import WARMUP_TOKENS, read_prompts, run_engine
-    from daemon.calibration import shared_estimates
+    from daemon.bench import WARMUP_TOKENS, read_prompts, run_engine, summarize
+    from daemon.calibration import machine, shared_estimates
     from daemon.models import load
     from daemon.prompts import encode_chat, encode_text
     from daemon.records import Request
@@ -53,20 +51,15 @@ def main() -> None:
             r = run_engine(lm, make(), request, None, 0.0)
             results.append({"id": p["id"], "category": p["category"], "spec": name, **r})
             print(f"{p['id']} {name}: {r['completion_tokens'] / r['seconds']:.1f} tok/s", file=sys.stderr, flush=True)
-    totals = collections.defaultdict(lambda: [0, 0.0])
-    for r in results:
-        for c in (r["category"], "all"):
-            totals[c, r["spec"]][0] += r["completion_tokens"]
-            totals[c, r["spec"]][1] += r["seconds"]
-    speedups = {c: {s: totals[c, s][0] / totals[c, s][1] / (totals[c, "off"][0] / totals[c, "off"][1]) for s in policies}
-                for c in CATEGORIES if totals[c, "off"][1]}
+    summary = summarize(results, list(policies))
     answers = collections.defaultdict(set)
     for r in results:
         answers[r["id"]].add(tuple(r["token_ids"]))
     identical = sum(len(a) == 1 for a in answers.values())
-    Path(args.json).write_text(json.dumps({"speedup_vs_off": speedups, "identical": identical, "results": results}))
-    for c, row in speedups.items():
-        print(f"{c:6} " + "  ".join(f"{s} x{v:.3f}" for s, v in row.items()))
+    report = {"machine": machine(), "summary": summary, "identical": identical, "results": results}
+    Path(args.json).write_text(json.dumps(report))
+    for row in summary:
+        print(f"{row['category']:6} {row['spec']:9} x{row['speedup_vs_off']:.3f}")
     print(f"token ids identical across the three for {identical}/{len(answers)} prompts")
 
 
