@@ -95,6 +95,9 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--read-offers", action=argparse.BooleanOptionalAction, default=None,
                    help="the drafter also reads what the context lookup offers as the token it drafts "
                         "(default: on; --no-read-offers for the plain MTP layout)")
+    t.add_argument("--generate-workers", type=int, default=None, metavar="N",
+                   help="processes answering the training prompts at once, one BLAS thread each "
+                        "(default: one per core on the CPU, one on Metal)")
     t.add_argument("--resume", action="store_true", help="continue a stopped run in --out")
     return root
 
@@ -198,7 +201,7 @@ def cmd_train_drafter(args) -> None:
     from daemon.train import TrainSettings, train_drafter
 
     overrides = {"tokens": args.tokens, "steps": args.steps, "head_vocab": args.head_vocab, "feature_layers": args.feature_layers,
-                 "read_offers": args.read_offers}
+                 "read_offers": args.read_offers, "generate_workers": args.generate_workers}
     settings = dataclasses.replace(TrainSettings(), **{k: v for k, v in overrides.items() if v is not None})
     lm = load(args.model, drafter="none")
     record = train_drafter(

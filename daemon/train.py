@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import functools
 import json
+import os
+import socket
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
@@ -24,14 +26,15 @@ import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
-from mlx.utils import tree_flatten, tree_unflatten
+from mlx.utils import tree_flatten, tree_map, tree_unflatten
 from mlx_lm.models.base import create_causal_mask
 
+from daemon import cpu_workers
 from daemon import drafter as mtp
 from daemon.batch_greedy import greedy_batch
 from daemon.forward import hidden_tap
 from daemon.lookup import NgramIndex
-from daemon.models import LoadedModel
+from daemon.models import LoadedModel, load
 from daemon.phrases import Phrasebook
 from daemon.prompts import encode_chat
 from daemon.train_data import stdlib_chunks, training_prompts
@@ -47,6 +50,8 @@ class TrainSettings:
     chain_weight: float = 1.0  # weight of the depth-2 term in those steps
     batch: int = 8
     generate_batch: int = 48  # prompts answered together
+    generate_workers: int = 0  # processes answering at once; 0: one per core on the CPU, one on Metal
+    train_workers: int = 0  # processes sharing each batch (data-parallel); 0: as generate_workers
     window: int = 256  # tokens per training sequence
     learning_rate: float = 1e-3
     head_vocab: int = 8192  # 0: the full vocabulary
@@ -87,18 +92,22 @@ def _concat(parts: list[dict]) -> dict[str, np.ndarray]:
     return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
 
-def make_answers(lm: LoadedModel, s: TrainSettings, progress: Callable[[str], None], partial: Path) -> dict:
-    """The target's greedy answers to our prompts, generated in batches, with the hidden states and
-    argmaxes of the same pass. Saved to `partial` after every batch, so a stopped run keeps them."""
+def answer_share(lm: LoadedModel, s: TrainSettings, worker: int, workers: int, partial: Path,
+                 report: Callable[[int, int], None]) -> None:
+    """Worker `worker` of `workers`: the target's greedy answers to prompt batches worker,
+    worker + workers, ... up to its share of the answer budget, with the hidden states and argmaxes
+    of the same pass. Saved to `partial` after every batch (and resumed from it); `report(tokens,
+    prompts)` after every batch."""
     parts = [dict(np.load(partial))] if partial.exists() else []
     done_prompts = len(parts[0]["lengths"]) if parts else 0
     done = int(parts[0]["lengths"].sum()) if parts else 0
-    budget = int(s.tokens * (1 - s.stdlib_share))
+    share = -(-int(s.tokens * (1 - s.stdlib_share)) // workers)
     prompts = training_prompts(s.seed)
     eos = set(lm.tokenizer.eos_token_ids)
     source = drafter_config(lm, s).source
-    for start in range(done_prompts, len(prompts), s.generate_batch):
-        if done >= budget:
+    mine = range(worker * s.generate_batch, len(prompts), workers * s.generate_batch)
+    for start in mine[-(-done_prompts // s.generate_batch) :]:
+        if done >= share:
             break
         group = prompts[start : start + s.generate_batch]
         ids = [encode_chat(lm.tokenizer, [{"role": "user", "content": m}])[: s.window // 2] for _, m in group]
@@ -109,8 +118,44 @@ def make_answers(lm: LoadedModel, s: TrainSettings, progress: Callable[[str], No
         np.savez(partial.with_suffix(".tmp.npz"), **parts[0])
         partial.with_suffix(".tmp.npz").replace(partial)
         done = int(parts[0]["lengths"].sum())
-        progress(f"answers: {done}/{budget} tokens from {len(parts[0]['lengths'])} prompts")
-    return parts[0]
+        report(done, len(parts[0]["lengths"]))
+
+
+def _answer_worker(spec: str, s: TrainSettings, worker: int, workers: int, partial: Path, messages) -> None:
+    """A worker process of make_answers: loads the target itself."""
+    lm = load(spec, drafter="none")
+    answer_share(lm, s, worker, workers, partial, lambda tokens, prompts: messages.put((worker, tokens, prompts)))
+
+
+def make_answers(lm: LoadedModel, s: TrainSettings, progress: Callable[[str], None], work: Path) -> dict:
+    """The target's greedy answers to our prompts (`work/answers.npz`), made by `generate_workers`
+    processes at once (daemon.cpu_workers), each keeping its own partial file until all are done."""
+    final = work / "answers.npz"
+    if final.exists():
+        return dict(np.load(final))
+    plan = work / "answers.json"  # a resumed run keeps the split it started with
+    workers = json.loads(plan.read_text())["workers"] if plan.exists() else cpu_workers.count(s.generate_workers)
+    plan.write_text(json.dumps({"workers": workers}))
+    partials = [work / f"answers.{k}.npz" for k in range(workers)]
+    budget = int(s.tokens * (1 - s.stdlib_share))
+    counts: dict[int, tuple[int, int]] = {}
+
+    def report(message: tuple[int, int, int]) -> None:
+        worker, tokens, prompts = message
+        counts[worker] = (tokens, prompts)
+        done, answered = map(sum, zip(*counts.values()))
+        progress(f"answers: {done}/{budget} tokens from {answered} prompts ({workers} worker processes)")
+
+    if workers == 1:
+        answer_share(lm, s, 0, 1, partials[0], lambda tokens, prompts: report((0, tokens, prompts)))
+    else:
+        cpu_workers.run(_answer_worker, [(lm.path, s, k, workers, partials[k]) for k in range(workers)], report)
+    answers = _concat([dict(np.load(p)) for p in partials if p.exists()])
+    np.savez(work / "answers.tmp.npz", **answers)
+    (work / "answers.tmp.npz").replace(final)
+    for stale in (*partials, plan):
+        stale.unlink(missing_ok=True)
+    return answers
 
 
 def stdlib_features(lm: LoadedModel, s: TrainSettings, budget: int, progress) -> dict | None:
@@ -333,56 +378,73 @@ def _stage(drafter, s: TrainSettings, second: bool):
 
 
 def _save_checkpoint(work: Path, drafter, optimizer, step: int, rng_state) -> None:
+    """The drafter's weights, the optimizer's state (none at step 0) and the batch sampler's state."""
     mx.save_safetensors(str(work / "ckpt.tmp.safetensors"), dict(tree_flatten(drafter.parameters())))
-    mx.save_safetensors(str(work / "opt.tmp.safetensors"), dict(tree_flatten(optimizer.state)))
     (work / "ckpt.tmp.safetensors").replace(work / "ckpt.safetensors")
-    (work / "opt.tmp.safetensors").replace(work / "opt.safetensors")
+    if optimizer is not None:
+        mx.save_safetensors(str(work / "opt.tmp.safetensors"), dict(tree_flatten(optimizer.state)))
+        (work / "opt.tmp.safetensors").replace(work / "opt.safetensors")
     (work / "step.json").write_text(json.dumps({"step": step, "rng": rng_state}))
 
 
-def train_drafter(
-    lm: LoadedModel, out: Path, s: TrainSettings, resume: bool = False, progress: Callable[[str], None] = print
-) -> dict:
-    """Runs (or resumes) every stage and writes the drafter folder `out`. Returns the record."""
-    started = time.perf_counter()
-    if s.feature_layers is None:
-        s = replace(s, feature_layers=default_feature_layers(lm.config["num_hidden_layers"]))
-    drafter_config(lm, s)  # bad settings fail now, not after the data
-    work = out / "work"
-    work.mkdir(parents=True, exist_ok=True)
-    if not resume:
-        for stale in work.iterdir():
-            stale.unlink()
-    feature_file = work / "features.npz"
-    if not feature_file.exists():
-        answers = make_answers(lm, s, progress, work / "answers.npz")
-        stdlib = stdlib_features(lm, s, s.tokens - int(answers["lengths"].sum()), progress)
-        np.savez(work / "features.tmp.npz", **(_concat([answers, stdlib]) if stdlib else answers))
-        (work / "features.tmp.npz").replace(feature_file)
-    f = dict(np.load(feature_file))
-    with np.load(work / "answers.npz") as answers:
-        phrases = Phrasebook.build(t[:n] for t, n in zip(answers["tokens"].tolist(), answers["lengths"].tolist()))
-    progress(f"phrasebook: {len(phrases)} n-grams from the target's answers")
-    data_seconds = time.perf_counter() - started
+@dataclass
+class _Data:
+    """The features and what is derived from them, the same in every process that trains."""
 
-    rng = np.random.default_rng(s.seed)
-    order = rng.permutation(len(f["lengths"]))
-    n_held = max(1, int(len(order) * s.held_out))
-    held, train_rows = order[:n_held], order[n_held:]
-    head_vocab = choose_head_vocab({k: f[k][train_rows] for k in ("argmax", "tokens")}, s.head_vocab) if s.head_vocab else None
-    coverage = _coverage(f, held, head_vocab)
-    drafter = init_drafter(lm, head_vocab, s)
+    f: dict
+    held: np.ndarray
+    train_rows: np.ndarray
+    head_vocab: list[int] | None
+    rng_state: dict  # the batch sampler's, after the split
+
+    @classmethod
+    def load(cls, work: Path, s: TrainSettings) -> _Data:
+        f = dict(np.load(work / "features.npz"))
+        rng = np.random.default_rng(s.seed)
+        order = rng.permutation(len(f["lengths"]))
+        n_held = max(1, int(len(order) * s.held_out))
+        held, train_rows = order[:n_held], order[n_held:]
+        head_vocab = choose_head_vocab({k: f[k][train_rows] for k in ("argmax", "tokens")}, s.head_vocab) if s.head_vocab else None
+        return cls(f, held, train_rows, head_vocab, rng.bit_generator.state)
+
+
+def _free_ports(n: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(n)]
+    for sock in sockets:
+        sock.bind(("127.0.0.1", 0))
+    ports = [sock.getsockname()[1] for sock in sockets]
+    for sock in sockets:
+        sock.close()
+    return ports
+
+
+def _train_worker(spec: str, s: TrainSettings, work: Path, rank: int, hostfile: Path, messages) -> None:
+    """A process of a data-parallel run (daemon.cpu_workers): a share of every batch's rows, gradients
+    averaged over the group by mx.distributed's ring backend on loopback; rank 0 reports."""
+    os.environ.update(MLX_HOSTFILE=str(hostfile), MLX_RANK=str(rank))
+    group = mx.distributed.init(backend="ring", strict=True)
+    lm = load(spec, drafter="none")
+    data = _Data.load(work, s)
+    drafter = init_drafter(lm, data.head_vocab, s)  # its weights come from the checkpoint
+    _train_steps(lm, drafter, data, s, work, messages.put if rank == 0 else lambda _: None, group)
+
+
+def _train_steps(lm: LoadedModel, drafter, data: _Data, s: TrainSettings, work: Path, progress: Callable[[str], None],
+                 group=None) -> None:
+    """From the checkpoint in `work` to the last step, checkpointing every 100 steps. With `group`
+    (mx.distributed), this process takes its share of every batch's rows, the gradients are averaged
+    over the group, and rank 0 alone evaluates, checkpoints and reports."""
+    rank, size = (group.rank(), group.size()) if group is not None else (0, 1)
+    f, held, head_vocab = data.f, data.held, data.head_vocab
     offers = context_offers(f, np.arange(len(f["lengths"]))) if s.read_offers else None
-    step, saved = 0, None
-    if resume and (work / "step.json").exists():
-        drafter.load_weights(str(work / "ckpt.safetensors"))
-        saved = json.loads((work / "step.json").read_text())
-        step = saved["step"]
-        rng.bit_generator.state = saved["rng"]
-        progress(f"resumed at step {step}")
+    saved = json.loads((work / "step.json").read_text())
+    drafter.load_weights(str(work / "ckpt.safetensors"))
+    step = saved["step"]
+    rng = np.random.default_rng()
+    rng.bit_generator.state = saved["rng"]
     second = step >= s.steps
     optimizer, value_and_grad = _stage(drafter, s, second)
-    if saved is not None and step != s.steps:  # at the boundary the saved state is the first stage's
+    if step not in (0, s.steps):  # at the boundary the saved state is the first stage's
         optimizer.state = tree_unflatten(list(mx.load(str(work / "opt.safetensors")).items()))
 
     vocab = lm.config["vocab_size"]
@@ -394,17 +456,22 @@ def train_drafter(
         if step == s.steps and not second:
             second = True
             optimizer, value_and_grad = _stage(drafter, s, second)
-        rows = rng.choice(train_rows, size=s.batch, replace=False)
-        hidden, tokens, labels, mask = drafter_batch(f, rows)
+        rows = rng.choice(data.train_rows, size=s.batch, replace=False)
+        mine = rows[rank::size]
+        hidden, tokens, labels, mask = drafter_batch(f, mine)
         loss, grads = value_and_grad(drafter, lm.model, hidden, tokens, subset_labels(labels, head_vocab, vocab), mask,
-                                     _offer_rows(offers, rows))
+                                     _offer_rows(offers, mine))
+        if group is not None:
+            loss, grads = tree_map(lambda g: mx.distributed.all_sum(g, group=group) / size, (loss, grads))
         grads, _ = optim.clip_grad_norm(grads, 1.0)
         optimizer.update(drafter, grads)
         mx.eval(loss, drafter.parameters(), optimizer.state)
         losses.append(loss.item())
         step += 1
-        tokens_seen += int(np.array(mask).sum())
+        tokens_seen += int((f["lengths"][rows] - 1).sum())
         stage_end = total if second else s.steps
+        if rank != 0:
+            continue
         if step % 25 == 0 or step == stage_end:
             rate = tokens_seen / (time.perf_counter() - t0)
             progress(f"step {step}/{total} loss {np.mean(losses[-25:]):.3f} ({rate:.0f} tok/s)")
@@ -415,6 +482,50 @@ def train_drafter(
                 accept = evaluate(drafter, lm, f, held, head_vocab, s.batch, depth=2)
                 progress(f"step {step}: held-out second-position acceptance (after an accepted first) {_fmt(accept)}")
             _save_checkpoint(work, drafter, optimizer, step, rng.bit_generator.state)
+
+
+def train_drafter(
+    lm: LoadedModel, out: Path, s: TrainSettings, resume: bool = False, progress: Callable[[str], None] = print
+) -> dict:
+    """Runs (or resumes) every stage and writes the drafter folder `out`. Returns the record.
+    The steps run in `train_workers` processes at once (data-parallel) or in this one."""
+    started = time.perf_counter()
+    if s.feature_layers is None:
+        s = replace(s, feature_layers=default_feature_layers(lm.config["num_hidden_layers"]))
+    drafter_config(lm, s)  # bad settings fail now, not after the data
+    work = out / "work"
+    work.mkdir(parents=True, exist_ok=True)
+    if not resume:
+        for stale in work.iterdir():
+            stale.unlink()
+    feature_file = work / "features.npz"
+    if not feature_file.exists():
+        answers = make_answers(lm, s, progress, work)
+        stdlib = stdlib_features(lm, s, s.tokens - int(answers["lengths"].sum()), progress)
+        np.savez(work / "features.tmp.npz", **(_concat([answers, stdlib]) if stdlib else answers))
+        (work / "features.tmp.npz").replace(feature_file)
+    with np.load(work / "answers.npz") as answers:
+        phrases = Phrasebook.build(t[:n] for t, n in zip(answers["tokens"].tolist(), answers["lengths"].tolist()))
+    progress(f"phrasebook: {len(phrases)} n-grams from the target's answers")
+    data_seconds = time.perf_counter() - started
+
+    data = _Data.load(work, s)
+    f, held, train_rows, head_vocab = data.f, data.held, data.train_rows, data.head_vocab
+    coverage = _coverage(f, held, head_vocab)
+    drafter = init_drafter(lm, head_vocab, s)
+    if (work / "step.json").exists():
+        progress(f"resumed at step {json.loads((work / 'step.json').read_text())['step']}")
+    else:
+        _save_checkpoint(work, drafter, None, 0, data.rng_state)
+    workers = min(cpu_workers.count(s.train_workers), s.batch)
+    if workers == 1:
+        _train_steps(lm, drafter, data, s, work, progress)
+    else:
+        hostfile = work / "hosts.json"
+        hostfile.write_text(json.dumps([[f"127.0.0.1:{port}"] for port in _free_ports(workers)]))
+        cpu_workers.run(_train_worker, [(lm.path, s, work, rank, hostfile) for rank in range(workers)], progress)
+        drafter.load_weights(str(work / "ckpt.safetensors"))
+    step = json.loads((work / "step.json").read_text())["step"]
 
     acceptance = evaluate(drafter, lm, f, held, head_vocab, s.batch)
     record = {

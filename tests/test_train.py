@@ -18,7 +18,7 @@ from policies.fixed import Fixed
 
 # a quarter held out: enough answer tokens to measure acceptance on; the final hidden state alone
 SETTINGS = TrainSettings(tokens=3000, steps=60, chain_steps=20, batch=4, window=64, head_vocab=64, answer_tokens=24,
-                         held_out=0.25, feature_layers=())
+                         held_out=0.25, feature_layers=(), generate_workers=1, train_workers=1)
 
 
 @pytest.fixture(scope="module")
@@ -60,6 +60,19 @@ def test_training_learns_the_targets_choices(trained):
     assert 0 < saved["head_vocab_coverage_held_out"] <= 1
     with np.load(out / "work" / "features.npz") as f:  # answers start after their prompts; stdlib at 0
         assert 0 < f["starts"].max() < f["lengths"].max() and f["starts"].min() == 0
+
+
+def test_data_parallel_processes_train_the_drafter(tmp_path, tiny_gguf):
+    """Two processes sharing every batch (gradients averaged over mx.distributed's ring on loopback)
+    learn as one does; the parent process writes the drafter from their checkpoint."""
+    lm = load(str(tiny_gguf), drafter="none")
+    mx.random.seed(0)
+    lines = []
+    record = train_drafter(lm, tmp_path, dataclasses.replace(SETTINGS, train_workers=2), progress=lines.append)
+    assert record["held_out_first_position_acceptance"]["all"] > 0.07
+    assert record["steps"] == 80 and "step 80/80" in " ".join(lines)
+    drafter = load(str(tiny_gguf), drafter=str(tmp_path)).drafter
+    assert drafter.config.head_vocab == json.loads((tmp_path / "config.json").read_text())["head_vocab"]
 
 
 def test_acceptance_counts_answer_tokens_only():
@@ -211,6 +224,29 @@ def test_head_vocabulary_is_the_most_frequent_predictions():
 
     f = {"argmax": np.array([[5, 5, 5, 7, 7, 9]]), "tokens": np.array([[1, 1, 1, 1, 1, 1]])}
     assert choose_head_vocab(f, 2) == [5, 7]
+
+
+def test_worker_processes_answer_as_one_process_does(tmp_path, tiny_gguf):
+    """Two worker processes take every other batch of prompts; together they give one process's
+    answers to the same prompts, and leave a single answers file."""
+    from daemon.train import make_answers
+
+    lm = load(str(tiny_gguf), drafter="none")
+    one_budget = dataclasses.replace(SETTINGS, tokens=1, stdlib_share=0.0)  # a batch per process
+    (tmp_path / "two").mkdir()
+    (tmp_path / "one").mkdir()
+    lines = []
+    two = make_answers(lm, dataclasses.replace(one_budget, generate_batch=2, generate_workers=2), lines.append,
+                       tmp_path / "two")
+    one = make_answers(lm, dataclasses.replace(one_budget, generate_batch=4, generate_workers=1), lambda _: None,
+                       tmp_path / "one")
+    assert len(two["lengths"]) == 4
+    assert two["lengths"].tolist() == one["lengths"].tolist()
+    assert two["tokens"].tolist() == one["tokens"].tolist()
+    assert two["argmax"].tolist() == one["argmax"].tolist()
+    assert np.abs(two["hidden"].astype(np.float32) - one["hidden"].astype(np.float32)).max() < 2e-2
+    assert lines[-1].endswith("from 4 prompts (2 worker processes)")
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == ["answers.npz"]
 
 
 def test_batched_answers_equal_one_by_one_greedy_with_their_hidden_states(tiny_gguf):

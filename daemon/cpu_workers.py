@@ -1,0 +1,54 @@
+"""Work split over processes with one BLAS thread each, for a model on the CPU.
+
+One MLX process with every core on its BLAS leaves cores idle through the single-threaded parts of a
+forward (everything but the matrix products); as many processes as cores, one BLAS thread each,
+keep them busy. Measured on the 2-core AMD VM, batched greedy answers of the default model: ~97
+answer tokens/s from two such processes against ~74 from one process on both cores.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import queue
+from collections.abc import Callable
+
+from daemon.models import on_metal
+
+MAX_WORKERS = 8  # each holds its own copy of the target
+_ONE_THREAD = {"OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}
+
+
+def count(requested: int) -> int:
+    """`requested` when positive; else one per core on the CPU (at most MAX_WORKERS), one on Metal."""
+    if requested > 0:
+        return requested
+    return 1 if on_metal() else max(1, min(os.cpu_count() or 1, MAX_WORKERS))
+
+
+def run(target: Callable, jobs: list[tuple], on_message: Callable[[object], None]) -> None:
+    """Runs `target(*job, messages)` for every job, each in its own spawned process with one BLAS
+    thread; what a job puts on `messages` reaches `on_message` here, in order. Returns when all have
+    ended; raises if any failed (its traceback is on stderr)."""
+    context = multiprocessing.get_context("spawn")
+    messages = context.Queue()
+    saved = {name: os.environ.get(name) for name in _ONE_THREAD}
+    os.environ.update(_ONE_THREAD)  # read by the BLAS when a child loads it, so set before the start
+    try:
+        processes = [context.Process(target=target, args=(*job, messages), daemon=True) for job in jobs]
+        for process in processes:
+            process.start()
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name)
+            else:
+                os.environ[name] = value
+    while any(p.is_alive() for p in processes) or not messages.empty():
+        try:
+            on_message(messages.get(timeout=0.5))
+        except queue.Empty:
+            pass
+    failed = [p.exitcode for p in processes if p.exitcode != 0]
+    if failed:
+        raise RuntimeError(f"{len(failed)} of {len(processes)} worker processes failed (exit codes {failed})")
