@@ -29,7 +29,7 @@ def count(requested: int) -> int:
 def run(target: Callable, jobs: list[tuple], on_message: Callable[[object], None]) -> None:
     """Runs `target(*job, messages)` for every job, each in its own spawned process with one BLAS
     thread; what a job puts on `messages` reaches `on_message` here, in order. Returns when all have
-    ended; raises if any failed (its traceback is on stderr)."""
+    ended; as soon as one fails, stops the others and raises (its traceback is on stderr)."""
     context = multiprocessing.get_context("spawn")
     messages = context.Queue()
     saved = {name: os.environ.get(name) for name in _ONE_THREAD}
@@ -49,6 +49,8 @@ def run(target: Callable, jobs: list[tuple], on_message: Callable[[object], None
             on_message(messages.get(timeout=0.5))
         except queue.Empty:
             pass
-    failed = [p.exitcode for p in processes if p.exitcode != 0]
-    if failed:
-        raise RuntimeError(f"{len(failed)} of {len(processes)} worker processes failed (exit codes {failed})")
+        failed = [p.exitcode for p in processes if p.exitcode not in (None, 0)]
+        if failed:  # the others may be waiting on it (a data-parallel step): stop them
+            for process in processes:
+                process.terminate()
+            raise RuntimeError(f"{len(failed)} of {len(processes)} worker processes failed (exit codes {failed})")

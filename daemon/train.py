@@ -44,14 +44,14 @@ CATEGORIES = ("code", "prose", "math", "stdlib")  # the kind of prompt answered;
 
 @dataclass
 class TrainSettings:
-    tokens: int = 300_000  # target positions to train on (generated answers and stdlib text)
-    steps: int = 800
-    chain_steps: int = 150  # then steps of the two-depth loss: the drafter also fed its own output
+    tokens: int = 200_000  # target positions to train on (generated answers and stdlib text)
+    steps: int = 500
+    chain_steps: int = 100  # then steps of the two-depth loss: the drafter also fed its own output
     chain_weight: float = 1.0  # weight of the depth-2 term in those steps
     batch: int = 8
     generate_batch: int = 48  # prompts answered together
     generate_workers: int = 0  # processes answering at once; 0: one per core on the CPU, one on Metal
-    train_workers: int = 0  # processes sharing each batch (data-parallel); 0: as generate_workers
+    train_workers: int = 0  # processes sharing each batch (data-parallel); 0: one per core on the CPU, one on Metal
     window: int = 256  # tokens per training sequence
     learning_rate: float = 1e-3
     head_vocab: int = 8192  # 0: the full vocabulary
