@@ -95,7 +95,7 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--read-offers", action=argparse.BooleanOptionalAction, default=None,
                    help="the drafter also reads what the context lookup offers as the token it drafts "
                         "(default: on; --no-read-offers for the plain MTP layout)")
-    t.add_argument("--generate-workers", type=int, default=None, metavar="N",
+    t.add_argument("--generate-workers", type=_at_least_one, default=None, metavar="N",
                    help="processes answering the training prompts at once, one BLAS thread each "
                         "(default: one per core on the CPU, one on Metal)")
     t.add_argument("--resume", action="store_true", help="continue a stopped run in --out")
@@ -182,6 +182,13 @@ def cmd_bench(args) -> None:
             + (f"  x{speedup:.3f} vs off" if speedup is not None else ""),
             file=sys.stderr,
         )
+
+
+def _at_least_one(text: str) -> int:
+    """A count of processes: a whole number >= 1."""
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, not {text!r}")
+    return int(text)
 
 
 def _blocks(text: str) -> tuple[int, ...]:

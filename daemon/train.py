@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 import socket
 import time
@@ -101,12 +102,12 @@ def answer_share(lm: LoadedModel, s: TrainSettings, worker: int, workers: int, p
     parts = [dict(np.load(partial))] if partial.exists() else []
     done_prompts = len(parts[0]["lengths"]) if parts else 0
     done = int(parts[0]["lengths"].sum()) if parts else 0
-    share = -(-int(s.tokens * (1 - s.stdlib_share)) // workers)
+    share = math.ceil(int(s.tokens * (1 - s.stdlib_share)) / workers)
     prompts = training_prompts(s.seed)
     eos = set(lm.tokenizer.eos_token_ids)
     source = drafter_config(lm, s).source
     mine = range(worker * s.generate_batch, len(prompts), workers * s.generate_batch)
-    for start in mine[-(-done_prompts // s.generate_batch) :]:
+    for start in mine[math.ceil(done_prompts / s.generate_batch) :]:  # batches already in `partial` skipped
         if done >= share:
             break
         group = prompts[start : start + s.generate_batch]

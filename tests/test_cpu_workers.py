@@ -30,3 +30,4 @@ def test_a_failed_worker_stops_the_others_and_raises():
     with pytest.raises(RuntimeError, match=r"1 of 2 worker processes failed \(exit codes \[3\]\)"):
         cpu_workers.run(_fail_or_wait, [(False,), (True,)], lambda _: None)
     assert time.monotonic() - started < 60
+

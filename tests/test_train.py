@@ -265,3 +265,13 @@ def test_batched_answers_equal_one_by_one_greedy_with_their_hidden_states(tiny_g
         assert h.shape == (len(a.ids), 2 * lm.config["hidden_size"])
         assert np.abs(a.hidden.astype(np.float32) - h).max() < 2e-2
         assert a.argmax[len(prompt) - 1 : -1].tolist() == list(alone.token_ids)[: len(a.ids) - len(prompt)]
+
+
+@pytest.mark.parametrize("bad", ["0", "-2", "two"])
+def test_train_drafter_rejects_a_bad_worker_count(bad, capsys):
+    from daemon.cli import main
+
+    with pytest.raises(SystemExit) as stop:
+        main(["train-drafter", "--out", "unused", "--generate-workers", bad])
+    assert stop.value.code == 2
+    assert f"expected a whole number >= 1, not {bad!r}" in capsys.readouterr().err
