@@ -12,7 +12,7 @@ import json
 import sys
 from pathlib import Path
 
-from daemon.blas import reexec_with_blas
+from daemon.cpu.blas import reexec_with_blas
 
 PROMPTS = Path(__file__).with_name("prompts.jsonl")
 
@@ -27,10 +27,10 @@ def main() -> None:
 
     import numpy as np
 
-    from daemon.batch_greedy import greedy_batch
-    from daemon.models import load
-    from daemon.prompts import encode_chat
-    from daemon.train import evaluate, pack
+    from daemon.models.loading import load
+    from daemon.models.prompts import encode_chat
+    from daemon.training.batch_greedy import greedy_batch
+    from daemon.training.train import evaluate, pack
 
     lm = load(None, drafter=args.drafter)
     drafter = lm.drafter

@@ -1,6 +1,6 @@
 """Interleaved A/B of the adaptive policy's confidence floor: `off`, `adaptive`, and `adaptive` with
 the floor at 0 (each with estimates of its own), prompt by prompt; speed-ups over `off` per category
-(daemon.bench.summarize, as `mtpd bench` reports them; `python bench/table.py` reads the JSON).
+(daemon.bench.run.summarize, as `mtpd bench` reports them; `python bench/table.py` reads the JSON).
 
     .venv/bin/python bench/floor_ab.py --json bench/results/floor-ab.json [--max-tokens 96]
 """
@@ -13,7 +13,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from daemon.blas import reexec_with_blas
+from daemon.cpu.blas import reexec_with_blas
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -23,11 +24,11 @@ def main() -> None:
     args = parser.parse_args()
     reexec_with_blas(sys.argv)
 
-    from daemon.bench import WARMUP_TOKENS, read_prompts, run_engine, summarize
-    from daemon.calibration import machine, shared_estimates
-    from daemon.models import load
-    from daemon.prompts import encode_chat, encode_text
-    from daemon.records import Request
+    from daemon.bench.run import WARMUP_TOKENS, read_prompts, run_engine, summarize
+    from daemon.engine.calibration import machine, shared_estimates
+    from daemon.engine.records import Request
+    from daemon.models.loading import load
+    from daemon.models.prompts import encode_chat, encode_text
     from policies.adaptive import AdaptivePolicy, SharedEstimates
     from policies.fixed import Fixed
 

@@ -12,7 +12,7 @@ import statistics
 import sys
 import time
 
-from daemon.blas import blas_in_use, reexec_with_blas
+from daemon.cpu.blas import blas_in_use, reexec_with_blas
 
 ROWS = (1, 2, 3, 4, 9)
 
@@ -26,7 +26,7 @@ def main() -> None:
     import mlx.core as mx
     from mlx_lm.models.cache import make_prompt_cache, trim_prompt_cache
 
-    from daemon.models import load
+    from daemon.models.loading import load
 
     models = {"stock": load(None, drafter="none", stock=True).model, "mtpd": load(None, drafter="none").model}
     caches = {}

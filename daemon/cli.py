@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from daemon.blas import reexec_with_blas
+from daemon.cpu.blas import reexec_with_blas
 
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:
@@ -103,7 +103,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def _sampling(args):
-    from daemon.sampling import SamplingParams
+    from daemon.engine.sampling import SamplingParams
 
     return SamplingParams(args.temperature, args.top_p, args.top_k, args.seed)
 
@@ -111,7 +111,7 @@ def _sampling(args):
 def _load(args):
     import structlog
 
-    from daemon.models import describe, load
+    from daemon.models.loading import describe, load
 
     lm = load(args.model, drafter=args.drafter, drafter_bits=args.drafter_bits)
     structlog.get_logger().info("model loaded", **describe(lm))
@@ -119,9 +119,10 @@ def _load(args):
 
 
 def cmd_generate(args) -> None:
-    from daemon.engine import Finished, Request, generate
-    from daemon.calibration import shared_estimates
-    from daemon.prompts import encode_chat, encode_text
+    from daemon.engine.calibration import shared_estimates
+    from daemon.engine.generate import generate
+    from daemon.engine.records import Finished, Request
+    from daemon.models.prompts import encode_chat, encode_text
     from policies.registry import ADAPTIVE, make_policy
 
     lm = _load(args)
@@ -152,8 +153,8 @@ def cmd_generate(args) -> None:
 
 
 def cmd_bench(args) -> None:
-    from daemon.bench import read_prompts, run_bench
-    from daemon.models import load
+    from daemon.bench.run import read_prompts, run_bench
+    from daemon.models.loading import load
 
     prompts = read_prompts(args.prompts)
     lm = _load(args)
@@ -172,7 +173,7 @@ def cmd_bench(args) -> None:
     )
     args.json_out.write_text(json.dumps(report, indent=1))
     if args.plot:
-        from daemon.plot import plot_report
+        from daemon.bench.plot import plot_report
 
         plot_report(report, args.plot)
     for row in report["summary"]:
@@ -204,8 +205,8 @@ def _blocks(text: str) -> tuple[int, ...]:
 def cmd_train_drafter(args) -> None:
     import dataclasses
 
-    from daemon.models import load
-    from daemon.train import TrainSettings, train_drafter
+    from daemon.models.loading import load
+    from daemon.training.train import TrainSettings, train_drafter
 
     overrides = {"tokens": args.tokens, "steps": args.steps, "head_vocab": args.head_vocab, "feature_layers": args.feature_layers,
                  "read_offers": args.read_offers, "generate_workers": args.generate_workers}
@@ -223,11 +224,11 @@ SERVE_FLAGS = ("host", "port", "model", "drafter", "drafter_bits", "speculation"
 def cmd_serve(args) -> None:
     import asyncio
 
-    from daemon import logs
-    from daemon.metrics import Metrics
-    from daemon.server import Service, build_app, serve
+    from daemon.server.app import Service, build_app, serve
+    from daemon.server.metrics import Metrics
+    from daemon.server.worker import Worker, load_for_serving
     from daemon.settings import load_settings
-    from daemon.worker import Worker, load_for_serving
+    from daemon.system import logs
 
     settings, _ = load_settings(args.config, {name: getattr(args, name) for name in SERVE_FLAGS})
     logs.configure(settings.log_level)
@@ -244,8 +245,8 @@ def cmd_serve(args) -> None:
 def cmd_service(args) -> None:
     import subprocess
 
-    from daemon.service import default_manager, describe, execute, service_plan
     from daemon.settings import load_settings
+    from daemon.system.service import default_manager, describe, execute, service_plan
 
     settings, _ = load_settings(args.config)
     env = {}
@@ -311,7 +312,7 @@ COMMANDS = {
 
 def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv)
-    from daemon import logs
+    from daemon.system import logs
 
     try:
         if argv is None:

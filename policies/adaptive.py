@@ -19,9 +19,22 @@ from pathlib import Path
 
 import numpy as np
 
-from policies.acceptance import LOOKUP_KEYS, AcceptanceCounts, RequestAcceptance, lookup_key, lookup_prior
+from policies.acceptance import (
+    LOOKUP_KEYS,
+    AcceptanceCounts,
+    RequestAcceptance,
+    lookup_key,
+    lookup_prior,
+)
 from policies.classifier import ContentTracker
-from policies.cost import StepCosts, best_draft_length, best_lookup_length, confidence_floor, save_json, throughput
+from policies.cost import (
+    StepCosts,
+    best_draft_length,
+    best_lookup_length,
+    confidence_floor,
+    save_json,
+    throughput,
+)
 from policies.plan import NO_OFFER, Plan, Proposal
 
 K_MAX = 8

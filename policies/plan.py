@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class Proposal:
-    """Tokens a lookup offers to copy as drafts (daemon.lookup, daemon.phrases)."""
+    """Tokens a lookup offers to copy as drafts (daemon.drafting.lookup, daemon.drafting.phrases)."""
 
     tokens: tuple[int, ...] = ()
     match: int = 0  # length of the n-gram the offer continues (0: none)

@@ -20,7 +20,7 @@ def tiny_gguf(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_lm(tiny_gguf):
-    from daemon.models import load
+    from daemon.models.loading import load
 
     return load(str(tiny_gguf))
 

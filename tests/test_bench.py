@@ -3,8 +3,8 @@ import json
 import pytest
 from conftest import run_mtpd
 
-from daemon.bench import read_prompts, run_bench, summarize
-from daemon.models import load
+from daemon.bench.run import read_prompts, run_bench, summarize
+from daemon.models.loading import load
 
 PROMPTS = [
     {"id": "a", "category": "code", "messages": [{"role": "user", "content": "def f"}]},
@@ -104,7 +104,7 @@ def test_speculative_policy_without_a_drafter_is_refused(tmp_path, tiny_gguf):
 
 
 def test_bench_reports_acceptance_by_position(tiny_gguf):
-    from daemon.models import load
+    from daemon.models.loading import load
 
     lm = load(str(tiny_gguf), drafter="random")
     report = run_bench(lm, PROMPTS[:1], ["off", "fixed:3"], max_tokens=12)

@@ -6,7 +6,7 @@ import sys
 import pytest
 from conftest import run_mtpd
 
-from daemon import blas
+from daemon.cpu import blas
 
 LINUX = sys.platform.startswith("linux")
 EXPECTED_BLAS = (

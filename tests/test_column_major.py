@@ -3,7 +3,8 @@
 import mlx.core as mx
 from mlx.utils import tree_flatten, tree_map
 
-from daemon.models import column_major, load
+from daemon.cpu.layout import column_major
+from daemon.models.loading import load
 
 
 def test_column_major_keeps_shapes_values_and_outputs(tiny_gguf):

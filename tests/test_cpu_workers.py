@@ -4,7 +4,7 @@ import time
 
 import pytest
 
-from daemon import cpu_workers
+from daemon.cpu import workers as cpu_workers
 
 
 def _count_to(name: str, n: int, messages) -> None:

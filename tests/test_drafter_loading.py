@@ -9,9 +9,10 @@ import pytest
 from mlx.utils import tree_flatten, tree_map
 from mlx_lm.models import deepseek_v3 as ds
 
-from daemon import drafter as mtp
-from daemon.engine import Request, generate
-from daemon.models import load
+from daemon.engine.generate import generate
+from daemon.engine.records import Request
+from daemon.models import drafter_io, mtp
+from daemon.models.loading import load
 from policies.fixed import Fixed
 
 PROMPT = (1, 80, 120, 7, 200, 33, 150)
@@ -95,7 +96,7 @@ def test_deepseek_checkpoint_keeps_its_mtp_layer(deepseek_folder):
 
 def test_drafter_folder_round_trip(tmp_path, tiny_gguf):
     lm = load(str(tiny_gguf), drafter="random")
-    mtp.save(lm.drafter, tmp_path / "d", extra={"note": "test"})
+    drafter_io.save(lm.drafter, tmp_path / "d", extra={"note": "test"})
     saved = mx.load(str(tmp_path / "d" / "model.safetensors"))
     assert "eh_proj.weight" in saved and "self_attn.q_proj.weight" in saved  # extracted-MTP names
     again = load(str(tiny_gguf), drafter=str(tmp_path / "d"))
@@ -108,7 +109,7 @@ def test_drafter_folder_round_trip(tmp_path, tiny_gguf):
 
 def test_drafter_folder_with_checkpoint_prefix(tmp_path, tiny_gguf):
     lm = load(str(tiny_gguf), drafter="random")
-    weights = {f"model.layers.2.{k}": v for k, v in mtp.checkpoint_keys(dict(tree_flatten(lm.drafter.parameters()))).items()}
+    weights = {f"model.layers.2.{k}": v for k, v in drafter_io.checkpoint_keys(dict(tree_flatten(lm.drafter.parameters()))).items()}
     (tmp_path / "d").mkdir()
     mx.save_safetensors(str(tmp_path / "d" / "mtp.safetensors"), weights)
     (tmp_path / "d" / "config.json").write_text(json.dumps({"hidden_source": "post_norm"}))
@@ -118,7 +119,7 @@ def test_drafter_folder_with_checkpoint_prefix(tmp_path, tiny_gguf):
 
 def test_pre_norm_hidden_source(tiny_gguf):
     lm = load(str(tiny_gguf), drafter="none")
-    lm.drafter = mtp.random_drafter(lm.config, hidden_source="pre_norm")
+    lm.drafter = drafter_io.random_drafter(lm.config, hidden_source="pre_norm")
     plain = list(generate(lm, Request(PROMPT, max_tokens=16), Fixed(0)))[-1]
     spec = list(generate(lm, Request(PROMPT, max_tokens=16), Fixed(3)))[-1]
     assert spec.token_ids == plain.token_ids and spec.drafted > 0

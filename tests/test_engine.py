@@ -4,9 +4,10 @@ import dataclasses
 import mlx.core as mx
 import pytest
 
-from daemon import engine
-from daemon.engine import Delta, Finished, Request, generate
-from daemon.sampling import SamplingParams
+from daemon.engine import generate as engine
+from daemon.engine.generate import generate
+from daemon.engine.records import Delta, Finished, Request
+from daemon.engine.sampling import SamplingParams
 
 PROMPT = (1, 80, 120, 7, 200, 33, 150)
 

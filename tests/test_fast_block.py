@@ -6,7 +6,14 @@ from mlx_lm.models import llama
 from mlx_lm.models.base import create_attention_mask
 from mlx_lm.models.cache import KVCache
 
-from daemon.fast_block import MAX_ROWS, FastBlock, causal_mask, fused_attention, grouped_attention, install
+from daemon.cpu.fast_block import (
+    MAX_ROWS,
+    FastBlock,
+    causal_mask,
+    fused_attention,
+    grouped_attention,
+    install,
+)
 
 
 def run_block(call, layer, chunks):

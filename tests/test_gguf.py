@@ -5,7 +5,7 @@ import tiny
 from mlx.utils import tree_flatten
 from mlx_lm.models import llama
 
-from daemon.gguf_loader import load_gguf, quantized_bits, rename
+from daemon.models.gguf import load_gguf, quantized_bits, rename
 
 
 def test_rename_maps_every_block_tensor():
@@ -68,7 +68,7 @@ def test_tokenizer_from_metadata(tiny_lm):
 
 
 def test_chat_template_from_metadata(tiny_lm):
-    from daemon.prompts import encode_chat
+    from daemon.models.prompts import encode_chat
 
     ids = encode_chat(tiny_lm.tokenizer, [{"role": "user", "content": "hi"}])
     assert tiny_lm.tokenizer.decode(ids) == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"

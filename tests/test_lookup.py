@@ -7,13 +7,13 @@ import numpy as np
 from doubles import RuleDrafter, planted_errors
 from test_speculative import CopyAlways, finished, small_vocab_lm  # noqa: F401 (fixture)
 
-from daemon.engine import Request
-from daemon.lookup import NgramIndex
-from daemon.phrases import Phrasebook
-from policies.plan import NO_OFFER, Proposal
-from policies.fixed import Fixed
+from daemon.drafting.lookup import NgramIndex
+from daemon.drafting.phrases import Phrasebook
+from daemon.engine.records import Request
 from policies.adaptive import AdaptivePolicy, SharedEstimates
 from policies.cost import StepCosts
+from policies.fixed import Fixed
+from policies.plan import NO_OFFER, Proposal
 
 
 def test_offers_what_followed_the_latest_occurrence_of_the_longest_match():

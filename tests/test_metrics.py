@@ -5,8 +5,8 @@ from pathlib import Path
 
 from prometheus_client import generate_latest
 
-from daemon.metrics import Metrics
-from daemon.records import Finished
+from daemon.engine.records import Finished
+from daemon.server.metrics import Metrics
 from policies.recording import StepRecord
 
 README = Path(__file__).parent.parent / "README.md"

@@ -1,4 +1,4 @@
-from daemon.plot import plot_report
+from daemon.bench.plot import plot_report
 
 
 def test_plot_writes_a_png_with_the_adaptive_trace(tmp_path):

@@ -5,10 +5,11 @@ import math
 import mlx.core as mx
 import pytest
 
-from daemon.engine import Finished, Request, generate
-from daemon.models import load
-from daemon.prompt_cache import PromptCache, common_prefix
-from daemon.sampling import SamplingParams
+from daemon.engine.generate import generate
+from daemon.engine.prompt_cache import PromptCache, common_prefix
+from daemon.engine.records import Finished, Request
+from daemon.engine.sampling import SamplingParams
+from daemon.models.loading import load
 from policies.fixed import Fixed
 
 SYSTEM = tuple(range(40, 140))  # a "system prompt" of 100 tokens

@@ -7,11 +7,13 @@ import pytest
 from mlx_lm.models import llama
 from mlx_lm.models.cache import KVCache
 
-from daemon import row_major
-from daemon.drafter import target_head_layer
-from daemon.engine import Request, generate
-from daemon.fast_block import FEW_ROWS, FastBlock
-from daemon.models import column_major, load
+from daemon.cpu import row_major
+from daemon.cpu.fast_block import FEW_ROWS, FastBlock
+from daemon.cpu.layout import column_major
+from daemon.engine.generate import generate
+from daemon.engine.records import Request
+from daemon.models.loading import load
+from daemon.models.target import target_head_layer
 from policies.fixed import Fixed
 
 PROMPT = (1, 80, 120, 7, 200, 33, 150)
@@ -33,7 +35,7 @@ def test_in_process_tests_run_without_copies(tiny_lm):
 
 
 def test_worth_it_under_mkl_for_fp32_weights(tiny_lm, monkeypatch):
-    monkeypatch.setattr("daemon.blas.blas_in_use", lambda: "Intel MKL (/x/libmkl_rt.so.3)")
+    monkeypatch.setattr("daemon.cpu.blas.blas_in_use", lambda: "Intel MKL (/x/libmkl_rt.so.3)")
     assert row_major.worth_it(tiny_lm.model)
     monkeypatch.setattr(row_major, "MEMORY_SHARE", 10**12)  # as if the weights were huge
     assert not row_major.worth_it(tiny_lm.model)

@@ -4,7 +4,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from daemon.sampling import SamplingParams, new_key, sample, target_logprobs
+from daemon.engine.sampling import SamplingParams, new_key, sample, target_logprobs
 
 LOGITS = mx.array([[2.0, 1.0, 0.5, -1.0, 0.0]])
 

@@ -11,7 +11,7 @@ import openai
 import pytest
 from conftest import Daemon
 
-from daemon.prompts import encode_chat
+from daemon.models.prompts import encode_chat
 
 HELLO = [{"role": "user", "content": "Say something about the sea."}]
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from conftest import Daemon, free_port, run_mtpd
 
-from daemon.service import LABEL, launchd_plist, service_plan, systemd_unit
+from daemon.system.service import LABEL, launchd_plist, service_plan, systemd_unit
 
 FAKE = """#!/bin/sh
 echo "$(basename "$0") $*" >> "{log}"

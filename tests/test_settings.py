@@ -7,7 +7,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 from conftest import run_mtpd
 
-from daemon.server import errors
+from daemon.server.app import errors
 from daemon.settings import load_settings
 
 

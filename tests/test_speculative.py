@@ -11,12 +11,13 @@ from mlx.utils import tree_map
 from mlx_lm.models import llama
 from mlx_lm.models.cache import make_prompt_cache
 
-from daemon.engine import Finished, Request, generate
-from daemon.forward import hidden_tap, prefill
-from daemon.models import LoadedModel
-from daemon.sampling import SamplingParams, new_key
-from daemon.speculative import speculative_steps
-from daemon.ties import NearTieGuard
+from daemon.engine.forward import hidden_tap, prefill
+from daemon.engine.generate import generate
+from daemon.engine.records import Finished, Request
+from daemon.engine.sampling import SamplingParams, new_key
+from daemon.engine.speculative import speculative_steps
+from daemon.engine.ties import NearTieGuard
+from daemon.models.loading import LoadedModel
 from policies.fixed import Fixed
 from policies.plan import NO_OFFER, Plan
 
@@ -51,7 +52,7 @@ def test_greedy_identical_with_rejections_at_every_position(tiny_lm, plain_ids, 
 
 @pytest.mark.parametrize("k", [1, 3, 6])
 def test_mtp_drafter_with_random_weights_gives_plain_output(tiny_gguf, plain_ids, k):
-    from daemon.models import load
+    from daemon.models.loading import load
 
     lm = load(str(tiny_gguf), drafter="random")
     done = finished(lm, Request(PROMPT, max_tokens=80), Fixed(k))
@@ -80,13 +81,13 @@ def test_block_features_tap_changes_nothing_and_reads_the_block(tiny_lm):
 def test_drafter_with_block_features_gives_plain_output(tiny_gguf, plain_ids, tmp_path, k):
     """A random drafter that also reads block 0: saved, loaded back, lossless (chained drafts
     keep the block features of the last real position)."""
-    from daemon import drafter as mtp
-    from daemon.models import load
+    from daemon.models import drafter_io, mtp
+    from daemon.models.loading import load
 
     lm = load(str(tiny_gguf), drafter="none")
     mx.random.seed(4)
     config = mtp.DrafterConfig(lm.config, lm.config["num_hidden_layers"], feature_layers=[0])
-    mtp.save(mtp.build(config), tmp_path)
+    drafter_io.save(drafter_io.build(config), tmp_path)
     lm = load(str(tiny_gguf), drafter=str(tmp_path))
     assert lm.drafter.config.feature_layers == [0] and lm.drafter.config.source == "post_norm+0"
     done = finished(lm, Request(PROMPT, max_tokens=80), Fixed(k))
@@ -148,7 +149,7 @@ def small_vocab_lm(tiny_lm):
 
 def exact_joint(model, prompt, params):
     """P(t2, t3) after the prompt, summed over t1, from the target alone. [V, V]"""
-    from daemon.sampling import target_logprobs
+    from daemon.engine.sampling import target_logprobs
 
     def p(prefix):
         return np.exp(np.array(target_logprobs(model(mx.array([prefix]))[0, -1], params)))
@@ -239,7 +240,7 @@ def test_sampling_reproduces_joint_distribution(small_vocab_lm, case):
 
 
 def test_adaptive_is_lossless_and_turns_off_when_verification_is_expensive(tiny_lm, plain_ids, tmp_path, monkeypatch):
-    from daemon.calibration import shared_estimates
+    from daemon.engine.calibration import shared_estimates
     from policies.registry import make_policy
 
     monkeypatch.setenv("MTPD_CACHE_DIR", str(tmp_path))
@@ -314,7 +315,7 @@ def test_without_a_floor_the_same_drafts_are_verified_and_rejected(tiny_lm, plai
 
 
 def test_floor_above_one_drops_every_mtp_draft(tiny_gguf, plain_ids):
-    from daemon.models import load
+    from daemon.models.loading import load
 
     lm = load(str(tiny_gguf), drafter="random")
     policy = Floored(2, 1.5)

@@ -1,4 +1,4 @@
-from daemon.stops import StopText
+from daemon.engine.stops import StopText
 
 
 def feed_all(stop: StopText, pieces):

@@ -3,7 +3,7 @@
 import mlx.core as mx
 import numpy as np
 
-from daemon.ties import greedy_with_margin
+from daemon.engine.ties import greedy_with_margin
 
 
 def test_argmax_and_margin_equal_a_sort_per_row():

@@ -7,11 +7,17 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from daemon.engine import Request, generate
-from daemon.models import load
-from daemon.lookup import NgramIndex
-from daemon.train import (
-    TrainSettings, answer_positions, choose_head_vocab, context_offers, default_feature_layers, drafter_batch,
+from daemon.drafting.lookup import NgramIndex
+from daemon.engine.generate import generate
+from daemon.engine.records import Request
+from daemon.models.loading import load
+from daemon.training.train import (
+    TrainSettings,
+    answer_positions,
+    choose_head_vocab,
+    context_offers,
+    default_feature_layers,
+    drafter_batch,
     train_drafter,
 )
 from policies.fixed import Fixed
@@ -150,7 +156,7 @@ def test_depth_two_rows_equal_chained_drafting(which, request, tiny_gguf):
     is fed its own block output at i (with the block features of position i, if it reads any) and
     the token after the next (with the offer after that token, if it reads offers)."""
 
-    from daemon.train import two_depths
+    from daemon.training.train import two_depths
 
     out, record = request.getfixturevalue(which)
     lm = load(str(tiny_gguf), drafter=str(out))
@@ -229,7 +235,7 @@ def test_head_vocabulary_is_the_most_frequent_predictions():
 def test_worker_processes_answer_as_one_process_does(tmp_path, tiny_gguf):
     """Two worker processes take every other batch of prompts; together they give one process's
     answers to the same prompts, and leave a single answers file."""
-    from daemon.train import make_answers
+    from daemon.training.train import make_answers
 
     lm = load(str(tiny_gguf), drafter="none")
     one_budget = dataclasses.replace(SETTINGS, tokens=1, stdlib_share=0.0)  # a batch per process
@@ -251,8 +257,8 @@ def test_worker_processes_answer_as_one_process_does(tmp_path, tiny_gguf):
 
 def test_batched_answers_equal_one_by_one_greedy_with_their_hidden_states(tiny_gguf):
 
-    from daemon.batch_greedy import greedy_batch
-    from daemon.forward import hidden_tap
+    from daemon.engine.forward import hidden_tap
+    from daemon.training.batch_greedy import greedy_batch
 
     lm = load(str(tiny_gguf), drafter="none")
     prompts = [lm.tokenizer.encode(t) for t in ("def add(a, b):", "Once upon a time there was", "2 + 2 =")]

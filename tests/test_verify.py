@@ -2,7 +2,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from daemon.verify import greedy_accepted, residual_logprobs, sampled_accepted
+from daemon.engine.verify import greedy_accepted, residual_logprobs, sampled_accepted
 from policies.registry import make_policy
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from daemon.sampling import SamplingParams, TokenLogprob
+from daemon.engine.sampling import SamplingParams, TokenLogprob
 
 
 @dataclass(frozen=True)

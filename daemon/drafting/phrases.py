@@ -1,7 +1,7 @@
 """The target's phrasebook: what the target model itself tends to write next, as a static n-gram
 table built from its own greedy answers when its drafter is trained, and shipped with the drafter.
 
-Where the context lookup (daemon.lookup) has nothing to copy, the phrasebook offers the target's
+Where the context lookup (daemon.drafting.lookup) has nothing to copy, the phrasebook offers the target's
 habitual continuation: the boilerplate of its code (`if __name__ == "__main__":`, fences, the
 opening of a docstring), of its explanations and of its worked answers. Each offered token is the
 one that most often followed the longest n-gram (n_max down to n_min) the text ends with, kept only

@@ -14,10 +14,10 @@ import mlx.core as mx
 import structlog
 from mlx_lm.models.cache import make_prompt_cache, trim_prompt_cache
 
-from daemon.blas import blas_in_use
-from daemon.drafter import offer_arrays
-from daemon.forward import source_parts
-from daemon.models import LoadedModel, on_metal
+from daemon.cpu.blas import blas_in_use
+from daemon.engine.forward import source_parts
+from daemon.models.loading import LoadedModel, on_metal
+from daemon.models.mtp import offer_arrays
 from daemon.settings import default_cache_dir
 from policies.adaptive import K_MAX, SharedEstimates
 from policies.cost import StepCosts

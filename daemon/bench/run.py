@@ -13,11 +13,12 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from daemon.calibration import machine, shared_estimates
-from daemon.engine import Finished, Request, generate
-from daemon.models import LoadedModel
-from daemon.prompts import encode_chat, encode_text
-from daemon.sampling import SamplingParams
+from daemon.engine.calibration import machine, shared_estimates
+from daemon.engine.generate import generate
+from daemon.engine.records import Finished, Request
+from daemon.engine.sampling import SamplingParams
+from daemon.models.loading import LoadedModel
+from daemon.models.prompts import encode_chat, encode_text
 from policies.registry import ADAPTIVE, make_policy
 
 BASELINE = "mlx-lm"

@@ -13,7 +13,7 @@ import mlx.core as mx
 import numpy as np
 from mlx_lm.models.cache import BatchKVCache
 
-from daemon.forward import hidden_tap
+from daemon.engine.forward import hidden_tap
 
 
 @dataclass

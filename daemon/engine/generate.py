@@ -14,17 +14,22 @@ from collections.abc import Iterator
 import mlx.core as mx
 from mlx_lm.models.cache import make_prompt_cache, trim_prompt_cache
 
-from daemon.forward import extend, hidden_tap, prefill
-from daemon.models import LoadedModel, on_metal
-from daemon.records import Delta, Finished, Request, Step
-from daemon.prompt_cache import PromptCache, snapshot
-from daemon.sampling import SamplingParams, new_key, sample, token_logprobs
-from daemon.speculative import speculative_steps
-from daemon.stops import StopText
-from daemon.ties import DEFAULT_MARGIN_FP32, DEFAULT_MARGIN_HALF, NearTieGuard, greedy_with_margin
+from daemon.engine.forward import extend, hidden_tap, prefill
+from daemon.engine.prompt_cache import PromptCache, snapshot
+from daemon.engine.records import Delta, Finished, Request, Step
+from daemon.engine.sampling import SamplingParams, new_key, sample, token_logprobs
+from daemon.engine.speculative import speculative_steps
+from daemon.engine.stops import StopText
+from daemon.engine.ties import (
+    DEFAULT_MARGIN_FP32,
+    DEFAULT_MARGIN_HALF,
+    NearTieGuard,
+    greedy_with_margin,
+)
+from daemon.models.loading import LoadedModel, on_metal
 from policies.fixed import Fixed
 
-__all__ = ["Delta", "Finished", "Request", "Step", "generate"]
+__all__ = ["generate"]
 
 PROMPT_CONTEXT = 64  # prompt tokens the content classifier reads
 

@@ -84,7 +84,7 @@ def prefill(model, cache, prompt_ids, on_chunk=None) -> mx.array:
     """Runs the prompt through the model in fixed chunks, filling `cache`; the last token goes
     alone. Returns the last position's logits [1, V]. `on_chunk()` is called after every forward
     (for reading a HiddenTap). The chunking depends only on the length: the canonical recomputation
-    in `daemon.ties` relies on it."""
+    in `daemon.engine.ties` relies on it."""
     if len(prompt_ids) > 1:
         extend(model, cache, prompt_ids[:-1], on_chunk)
     logits = model(mx.array(prompt_ids[-1:])[None], cache=cache)[:, -1, :]

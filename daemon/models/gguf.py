@@ -14,7 +14,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models import llama
 
-from daemon.tokenizer import tokenizer_from_gguf
+from daemon.models.tokenizer import tokenizer_from_gguf
 
 GROUP_SIZE = 32
 _BLOCK = {

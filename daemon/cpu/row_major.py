@@ -1,9 +1,9 @@
 """Row-major copies of the weights for inputs of a few rows, under Intel MKL (CPU, fp32).
 
-The column-major layout (daemon.models.column_major) suits OpenBLAS at every row count and MKL at
+The column-major layout (daemon.models.loading.column_major) suits OpenBLAS at every row count and MKL at
 one row or at four and more; for 2-3 rows MKL streams a row-major matrix nearly as fast as for
 one row. A decode step (1 row) and the commonest verifications (2-3 rows) dominate decoding, so
-under MKL the blocks (daemon.fast_block.FastBlock.add_row_major) and the LM head get a second,
+under MKL the blocks (daemon.cpu.fast_block.FastBlock.add_row_major) and the LM head get a second,
 row-major copy used for inputs of up to FEW_ROWS rows. Measured on the default model (MKL, ~200
 tokens of context, median of 13): a forward of 1 / 2 / 3 rows 39.0 / 47.0 / 50.0 ms -> 34.9 / 38.5 /
 42.9 ms; a 2-row verification went from 1.21x to 1.10x a one-row step. The copies double the
@@ -19,7 +19,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from daemon.fast_block import FEW_ROWS, FastBlock
+from daemon.cpu.fast_block import FEW_ROWS, FastBlock
 
 MEMORY_SHARE = 8  # the copies may take at most 1/8 of physical memory
 
@@ -44,7 +44,7 @@ class RowMajorLinear(nn.Linear):
 
 def worth_it(module: nn.Module) -> bool:
     """Under MKL, for fp32 weights taking at most 1/MEMORY_SHARE of physical memory."""
-    from daemon.blas import blas_in_use
+    from daemon.cpu.blas import blas_in_use
 
     if not blas_in_use().startswith("Intel MKL"):
         return False

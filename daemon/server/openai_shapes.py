@@ -7,8 +7,8 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from daemon.records import Finished
-from daemon.sampling import TokenLogprob
+from daemon.engine.records import Finished
+from daemon.engine.sampling import TokenLogprob
 
 
 class ApiError(Exception):

@@ -20,7 +20,7 @@ class NgramIndex:
         self.tokens: list[int] = []
         self._next: dict[tuple[int, ...], int] = {}  # n-gram -> index of the token after its latest occurrence
         # offers[j]: (token, match) the index offered once tokens[j] was appended ((0, 0): none); an
-        # MTP drafter that reads offers (daemon.drafter) sees offers[j] beside token j
+        # MTP drafter that reads offers (daemon.models.mtp) sees offers[j] beside token j
         self.offers: list[tuple[int, int]] = []
 
     def extend(self, tokens: Iterable[int]) -> None:

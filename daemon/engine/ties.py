@@ -14,7 +14,7 @@ from __future__ import annotations
 import mlx.core as mx
 from mlx_lm.models.cache import make_prompt_cache
 
-from daemon.forward import prefill
+from daemon.engine.forward import prefill
 
 DEFAULT_MARGIN_FP32 = 2e-3
 DEFAULT_MARGIN_HALF = 5e-2  # fp16 / bf16 / quantized activations drift more

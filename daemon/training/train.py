@@ -8,7 +8,7 @@ stages: depth 1 alone, then depths 1 and 2 together, depth 2 fed the drafter's o
 a chained draft is (see `two_depths`).
 
 Stages, each saved under OUT/work so that a stopped run resumes: text -> features -> steps -> export.
-The target's answers also become its phrasebook (daemon.phrases), shipped beside the drafter.
+The target's answers also become its phrasebook (daemon.drafting.phrases), shipped beside the drafter.
 """
 
 from __future__ import annotations
@@ -30,15 +30,15 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 from mlx_lm.models.base import create_causal_mask
 
-from daemon import cpu_workers
-from daemon import drafter as mtp
-from daemon.batch_greedy import greedy_batch
-from daemon.forward import hidden_tap
-from daemon.lookup import NgramIndex
-from daemon.models import LoadedModel, load
-from daemon.phrases import Phrasebook
-from daemon.prompts import encode_chat
-from daemon.train_data import stdlib_chunks, training_prompts
+from daemon.cpu import workers as cpu_workers
+from daemon.drafting.lookup import NgramIndex
+from daemon.drafting.phrases import Phrasebook
+from daemon.engine.forward import hidden_tap
+from daemon.models import drafter_io, mtp
+from daemon.models.loading import LoadedModel, load
+from daemon.models.prompts import encode_chat
+from daemon.training.batch_greedy import greedy_batch
+from daemon.training.prompts import stdlib_chunks, training_prompts
 
 CATEGORIES = ("code", "prose", "math", "stdlib")  # the kind of prompt answered; stdlib: library source, no prompt
 
@@ -130,7 +130,7 @@ def _answer_worker(spec: str, s: TrainSettings, worker: int, workers: int, parti
 
 def make_answers(lm: LoadedModel, s: TrainSettings, progress: Callable[[str], None], work: Path) -> dict:
     """The target's greedy answers to our prompts (`work/answers.npz`), made by `generate_workers`
-    processes at once (daemon.cpu_workers), each keeping its own partial file until all are done."""
+    processes at once (daemon.cpu.workers), each keeping its own partial file until all are done."""
     final = work / "answers.npz"
     if final.exists():
         return dict(np.load(final))
@@ -196,7 +196,7 @@ def drafter_batch(f: dict, rows: np.ndarray):
 
 def context_offers(f: dict, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """What the context lookup offers at drafter positions i = 0..window-2 of `rows` (as serving
-    sees it: the offer once token i + 1 was appended, daemon.lookup.NgramIndex.offers): offered
+    sees it: the offer once token i + 1 was appended, daemon.drafting.lookup.NgramIndex.offers): offered
     tokens and match lengths [len(rows), window - 1], 0 where none."""
     offered = np.zeros((len(rows), f["tokens"].shape[1] - 1), np.int32)
     match = np.zeros_like(offered)
@@ -420,7 +420,7 @@ def _free_ports(n: int) -> list[int]:
 
 
 def _train_worker(spec: str, s: TrainSettings, work: Path, rank: int, hostfile: Path, messages) -> None:
-    """A process of a data-parallel run (daemon.cpu_workers): a share of every batch's rows, gradients
+    """A process of a data-parallel run (daemon.cpu.workers): a share of every batch's rows, gradients
     averaged over the group by mx.distributed's ring backend on loopback; rank 0 reports."""
     os.environ.update(MLX_HOSTFILE=str(hostfile), MLX_RANK=str(rank))
     group = mx.distributed.init(backend="ring", strict=True)
@@ -538,7 +538,7 @@ def train_drafter(
         "train_tokens": int(f["lengths"][train_rows].sum()),
         "data": "the target's greedy answers to generated prompts (code, prose, explanations, chat, math "
         "word problems) and Python standard-library source; no benchmark sets",
-        "head_vocab_size": len(head_vocab) if head_vocab else vocab,
+        "head_vocab_size": len(head_vocab) if head_vocab else lm.config["vocab_size"],
         "head_vocab_coverage_held_out": coverage,
         "phrasebook_ngrams": len(phrases),
         "acceptance_counts": "teacher-forced drafts of answer tokens (the prompt's are never drafted)",
@@ -555,7 +555,7 @@ def export(drafter, phrases: Phrasebook, out: Path, record: dict) -> None:
     """The drafter folder: fp16 weights (half the size; the loader casts back on a CPU) and the
     target's phrasebook."""
     drafter.update(tree_unflatten([(k, v.astype(mx.float16)) for k, v in tree_flatten(drafter.parameters())]))
-    mtp.save(drafter, out)
+    drafter_io.save(drafter, out)
     phrases.save(out)
     (out / "training.json").write_text(json.dumps(record, indent=1))
 

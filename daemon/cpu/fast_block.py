@@ -6,7 +6,7 @@ and after the KV cache (norm, projections, RoPE at an array offset; output proje
 MLP) run as compiled graphs, replayed from C++ with the elementwise ops fused: bit-identical to the
 plain block. On a CPU, attention folds the query heads that share a KV head into the rows of one
 matmul (a third of the BLAS calls of MLX's fallback for grouped heads) with a precomputed causal
-mask; it sums in another order, so its logits differ from the plain block's by ~1e-5 (daemon.ties
+mask; it sums in another order, so its logits differ from the plain block's by ~1e-5 (daemon.engine.ties
 keeps greedy output independent of that). On Metal, MLX's fused attention kernel stays. Measured
 on the default model (fp32, OpenBLAS): a forward of 1 / 2 / 4 / 9 rows takes ~67 / 76 / 92 / 127 ms
 against ~72 / 84 / 100 / 138 ms.
@@ -17,7 +17,7 @@ later weight update is never ignored.
 
 `add_row_major` gives a block a second, row-major copy of its matrices for inputs of up to
 `FEW_ROWS` rows, with the q/k/v and the gate/up projections each fused into one matrix (fewer BLAS
-calls); daemon.row_major says when and why.
+calls); daemon.cpu.row_major says when and why.
 """
 
 from __future__ import annotations

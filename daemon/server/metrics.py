@@ -10,9 +10,16 @@ from __future__ import annotations
 
 import platform
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, disable_created_metrics
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Info,
+    disable_created_metrics,
+)
 
-from daemon.records import Finished
+from daemon.engine.records import Finished
 from policies.classifier import CLASSES
 from policies.registry import MAX_DRAFT
 

@@ -5,7 +5,7 @@ Round, for the last emitted token t (not yet in the target's cache):
    chains k drafts on its own output;
 2. the target runs [t, d_1..d_k] in one forward (k+1 rows);
 3. greedy: accept the drafts its (tie-guarded) argmax agrees with, then emit its own token;
-   sampling: rejection sampling with the residual max(0, p - q) (see daemon.verify);
+   sampling: rejection sampling with the residual max(0, p - q) (see daemon.engine.verify);
 4. both caches are trimmed: the target keeps t and the accepted drafts, the drafter drops its
    chained positions and will recompute them from the target's real hidden states.
 k comes from the policy every round; k = 0 is a plain target step. The policy may also name a
@@ -15,8 +15,8 @@ reads the drafter alone, never the target, so greedy output stays the target's; 
 kept draft was drawn from q restricted to the tokens at or above the floor, and that restricted,
 renormalised q is what verification divides by, so sampling keeps the target's distribution
 (dropped, the position is sampled from the target itself). The policy may instead take the
-k drafts from a lookup's offer (the context, daemon.lookup, else the target's phrasebook,
-daemon.phrases): then the drafter does not run, and it catches up on those positions in its next
+k drafts from a lookup's offer (the context, daemon.drafting.lookup, else the target's phrasebook,
+daemon.drafting.phrases): then the drafter does not run, and it catches up on those positions in its next
 round. Verification is the same for every source (a lookup draft is a drafter whose q is one-hot
 on the copied token).
 """
@@ -29,15 +29,19 @@ from collections.abc import Iterator
 import mlx.core as mx
 from mlx_lm.models.cache import trim_prompt_cache
 
-from daemon.records import Step
-from daemon.forward import PREFILL_CHUNK, hidden_tap
-from daemon.drafter import offer_arrays
-from daemon.lookup import NgramIndex
-from daemon.phrases import Phrasebook
-from daemon.sampling import SamplingParams, sample, target_logprobs, token_logprobs
-from daemon.ties import NearTieGuard, greedy_with_margin
-from daemon.verify import greedy_accepted, residual_logprobs, sampled_accepted
-
+from daemon.drafting.lookup import NgramIndex
+from daemon.drafting.phrases import Phrasebook
+from daemon.engine.forward import PREFILL_CHUNK, hidden_tap
+from daemon.engine.records import Step
+from daemon.engine.sampling import (
+    SamplingParams,
+    sample,
+    target_logprobs,
+    token_logprobs,
+)
+from daemon.engine.ties import NearTieGuard, greedy_with_margin
+from daemon.engine.verify import greedy_accepted, residual_logprobs, sampled_accepted
+from daemon.models.mtp import offer_arrays
 
 LOOKUP_MAX = 8  # tokens a lookup (context or phrasebook) offers at most
 

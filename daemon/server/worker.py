@@ -18,11 +18,11 @@ from pathlib import Path
 import mlx.core as mx
 import structlog
 
-from daemon.engine import Finished, generate
-from daemon.metrics import Metrics
-from daemon.models import LoadedModel, on_metal
-from daemon.prompt_cache import PromptCache
-from daemon.records import Request
+from daemon.engine.generate import generate
+from daemon.engine.prompt_cache import PromptCache
+from daemon.engine.records import Finished, Request
+from daemon.models.loading import LoadedModel, on_metal
+from daemon.server.metrics import Metrics
 from policies.recording import Recording
 from policies.registry import make_policy
 
@@ -168,9 +168,9 @@ def load_for_serving(settings) -> Loaded:
     Runs on the engine thread."""
     from mlx_lm.models.cache import make_prompt_cache
 
-    from daemon.calibration import shared_estimates
-    from daemon.models import describe, load
-    from daemon.prompt_cache import cacheable
+    from daemon.engine.calibration import shared_estimates
+    from daemon.engine.prompt_cache import cacheable
+    from daemon.models.loading import describe, load
 
     lm = load(settings.model, drafter=settings.drafter, drafter_bits=settings.drafter_bits)
     log.info("model loaded", **describe(lm))

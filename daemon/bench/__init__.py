@@ -1,0 +1,1 @@
+"""`mtpd bench`: tokens/s per draft policy, interleaved, and its plot."""

@@ -1,0 +1,109 @@
+"""Drafter files: building an MTP drafter from checkpoint weights, saving, loading and quantizing it."""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import asdict
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten, tree_map
+
+from daemon.models.mtp import BLOCK_PARTS, DrafterConfig, MTPDrafter
+
+_LAYER_PREFIX = re.compile(r"^model\.layers\.\d+\.")
+
+
+def module_keys(weights: dict) -> dict:
+    """Checkpoint names (`model.layers.{N}.self_attn...`, or without the prefix) -> module names."""
+    renamed = {}
+    for key, value in weights.items():
+        key = _LAYER_PREFIX.sub("", key)
+        if key.startswith("embed_tokens."):  # the target's embedding, shipped again: use the target's
+            continue
+        if key.split(".")[0] in BLOCK_PARTS:
+            key = "block." + key
+        renamed[key] = value
+    return renamed
+
+
+def checkpoint_keys(weights: dict) -> dict:
+    """Module names -> the community's extracted-MTP layout (no `model.layers.N.` prefix)."""
+    return {k.removeprefix("block."): v for k, v in weights.items()}
+
+
+def build(config: DrafterConfig, weights: dict | None = None) -> MTPDrafter:
+    """A drafter from checkpoint weights, or randomly initialised when `weights` is None."""
+    drafter = MTPDrafter(config)
+    if weights is not None:
+        drafter.load_weights(list(module_keys(weights).items()), strict=True)
+    mx.eval(drafter.parameters())
+    drafter.eval()
+    return drafter
+
+
+def random_drafter(target_config: dict, seed: int = 0, hidden_source: str = "post_norm") -> MTPDrafter:
+    mx.random.seed(seed)
+    return build(DrafterConfig(target_config, target_config["num_hidden_layers"], hidden_source))
+
+
+def save(drafter: MTPDrafter, folder: str | Path, extra: dict | None = None) -> None:
+    """config.json + model.safetensors in the extracted-MTP layout, written atomically per file."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    config = {"model_type": "mtp_drafter", **asdict(drafter.config), **(extra or {})}
+    weights = checkpoint_keys(dict(tree_flatten(drafter.parameters())))
+    tmp = folder / "model.tmp.safetensors"
+    mx.save_safetensors(str(tmp), weights)
+    tmp.replace(folder / "model.safetensors")
+    (folder / "config.json.tmp").write_text(json.dumps(config, indent=1))
+    (folder / "config.json.tmp").replace(folder / "config.json")
+
+
+def load_folder(folder: str | Path, target_config: dict) -> MTPDrafter:
+    """A separate drafter folder: config.json (our fields, or a DeepSeek-style `num_hidden_layers`)
+    and one or more safetensors files with the MTP layer's weights."""
+    folder = Path(folder)
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"no drafter at {folder}: expected config.json and *.safetensors")
+    meta = json.loads((folder / "config.json").read_text())
+    weights = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        weights.update(mx.load(str(file)))
+    if not weights:
+        raise FileNotFoundError(f"no *.safetensors in drafter folder {folder}")
+    config = DrafterConfig(
+        target=meta.get("target", target_config),
+        layer_index=meta.get("layer_index", target_config["num_hidden_layers"]),
+        hidden_source=meta.get("hidden_source", "post_norm"),
+        feature_layers=meta.get("feature_layers", []),
+        reads_offers=meta.get("reads_offers", False),
+        own_head=any(k.endswith("shared_head.head.weight") for k in weights),
+        head_vocab=meta.get("head_vocab"),
+    )
+    if config.target["hidden_size"] != target_config["hidden_size"]:
+        raise ValueError(
+            f"drafter hidden size {config.target['hidden_size']} does not match the target's "
+            f"{target_config['hidden_size']}"
+        )
+    return build(config, weights)
+
+
+def quantize(drafter: MTPDrafter, bits: int, keep_quantized: bool, group_size: int = 64) -> None:
+    """Quantize the drafter on its own. On Metal the weights stay quantized; on a CPU they are
+    rounded to `bits` and kept as fp32 (same acceptance, fast fp32 matmuls)."""
+    if bits not in (3, 4, 8):
+        raise ValueError("drafter bits must be 8, 4 or 3")
+    if keep_quantized:
+        nn.quantize(drafter, group_size=group_size, bits=bits, class_predicate=lambda _, m: isinstance(m, nn.Linear))
+        return
+    rounded = [
+        (name, mx.dequantize(*mx.quantize(w.astype(mx.float32), group_size=group_size, bits=bits), group_size=group_size, bits=bits))
+        for name, w in tree_flatten(drafter.parameters())
+        if w.ndim == 2 and w.shape[-1] % group_size == 0
+    ]
+    drafter.load_weights(rounded, strict=False)
+    drafter.update(tree_map(lambda p: p.astype(mx.float32), drafter.parameters()))
+    mx.eval(drafter.parameters())

@@ -1,0 +1,1 @@
+"""`mtpd train-drafter`: training an MTP drafter for a model that ships none."""
