@@ -33,8 +33,8 @@ def main() -> None:
     from policies.fixed import Fixed
 
     class NoFloor(AdaptivePolicy):
-        def plan(self, *offer):
-            return dataclasses.replace(super().plan(*offer), min_confidence=0.0)
+        def plan(self, offer, content_class):
+            return dataclasses.replace(super().plan(offer, content_class), min_confidence=0.0)
 
     lm = load(None)
     shared = shared_estimates(lm, root=Path(tempfile.mkdtemp()))  # a fresh probe, as a new daemon's

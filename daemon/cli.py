@@ -143,7 +143,7 @@ def cmd_generate(args) -> None:
                 f"prompt tokens: {record.prompt_tokens}, completion tokens: {record.completion_tokens}, "
                 f"{record.tokens_per_second:.1f} tok/s, time to first token {record.ttft_seconds:.2f} s, "
                 f"finish: {record.finish_reason}"
-                + (f", drafted {record.drafted}, accepted {record.accepted}" if record.drafted else ""),
+                + (f", drafted {record.stats.drafted}, accepted {record.stats.accepted}" if record.stats.drafted else ""),
                 file=sys.stderr,
             )
         else:

@@ -26,7 +26,7 @@ from policies.acceptance import (
     lookup_key,
     lookup_prior,
 )
-from policies.classifier import ContentTracker
+from policies.classifier import PROSE
 from policies.cost import (
     StepCosts,
     best_draft_length,
@@ -35,7 +35,7 @@ from policies.cost import (
     save_json,
     throughput,
 )
-from policies.plan import NO_OFFER, Plan, Proposal
+from policies.plan import Plan, Proposal
 
 K_MAX = 8
 OPTIMISTIC_RATE = 0.9  # probing is pointless when even this acceptance at every position cannot pay
@@ -89,18 +89,12 @@ class AdaptivePolicy:
         self.acceptance = RequestAcceptance(shared.acceptance)
         self.lookup = RequestAcceptance(shared.lookup)
         self.lookup_key: str | None = None  # the current step copies a lookup's offer, with these estimates
-        self.tracker = ContentTracker()
         self.probe_every = self.base_probe_every = probe_every
         self.explore_every = explore_every
         self.steps_off = 0
         self.steps_on = 0
         self.probing = False
-        self.klass = self.tracker.current  # the class the current step was chosen for
-
-    def observe_text(self, text: str) -> None:
-        before = self.tracker.current
-        if self.tracker.feed(text) != before:
-            self.probe_every = self.base_probe_every  # new content: look again soon
+        self.klass = PROSE  # the content class the current step was planned for
 
     def _best(self) -> int:
         return best_draft_length(self.acceptance.rates(self.klass), self.shared.costs, self.k_max, OFF_MARGIN)
@@ -119,12 +113,14 @@ class AdaptivePolicy:
         rival = max(throughput(self.acceptance.rates(self.klass), mtp_k, costs), throughput(rates, 0, costs) * (1 + OFF_MARGIN))
         if throughput(rates, k, costs, lookup=True) > rival:
             self.lookup_key = key
-            return Plan(k, lookup=True)
+            return Plan(k, lookup=True, expected_speedup=self.shared.expected_speedup(self.klass, Plan(k, True), offer))
         self.lookup.relax(key)
         return None
 
-    def plan(self, offer: Proposal = NO_OFFER) -> Plan:
-        self.klass = self.tracker.current
+    def plan(self, offer: Proposal, content_class: str) -> Plan:
+        if content_class != self.klass:
+            self.probe_every = self.base_probe_every  # new content: look again soon
+        self.klass = content_class
         self.lookup_key = None
         self.probing = False
         k = self._best()
@@ -135,16 +131,18 @@ class AdaptivePolicy:
             self.steps_off += 1
             if self.steps_off >= self.probe_every and self._could_pay():
                 self.steps_off, self.probing = 0, True
-                return Plan(1)
+                return Plan(1, expected_speedup=self.shared.expected_speedup(self.klass, Plan(1), offer))
             return Plan(0)
         self.steps_off = 0
         self.probe_every = self.base_probe_every
         self.steps_on += 1
         if self.steps_on % self.explore_every == 0 and k < self.k_max:
             k += 1
-        return Plan(k, min_confidence=confidence_floor(self.acceptance.rates(self.klass), k, self.shared.costs))
+        rates = self.acceptance.rates(self.klass)
+        return Plan(k, min_confidence=confidence_floor(rates, k, self.shared.costs),
+                    expected_speedup=self.shared.expected_speedup(self.klass, Plan(k), offer))
 
-    def observe(self, drafted: int, accepted: int, seconds: float, stopped: bool = False) -> None:
+    def observe(self, drafted: int, accepted: int, seconds: float, stopped: bool) -> None:
         """`stopped`: the drafter dropped a draft below the confidence floor; it counts as rejected,
         and the round, which paid for one more draft than it verified, is not timed."""
         copied = self.lookup_key is not None

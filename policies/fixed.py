@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from policies.plan import NO_OFFER, Plan, Proposal
+from policies.plan import Plan, Proposal
 
 
 @dataclass
@@ -16,13 +16,8 @@ class Fixed:
     def name(self) -> str:
         return "off" if self.k == 0 else f"fixed:{self.k}"
 
-    def plan(self, offer: Proposal = NO_OFFER) -> Plan:
-        """The next step. `offer`: what a lookup (the context or the phrasebook) offers to copy."""
+    def plan(self, offer: Proposal, content_class: str) -> Plan:
         return Plan(self.k)
 
-    def observe(self, drafted: int, accepted: int, seconds: float, stopped: bool = False) -> None:
-        """Told after every step how many drafted tokens the target accepted, and its time;
-        `stopped`: the drafter stopped below the plan's min_confidence (one more draft made, dropped)."""
-
-    def observe_text(self, text: str) -> None:
-        """Told the prompt's text, then the text of every step."""
+    def observe(self, drafted: int, accepted: int, seconds: float, stopped: bool) -> None:
+        pass

@@ -1,8 +1,9 @@
-"""What a draft policy is offered and decides each step."""
+"""What a draft policy is offered and decides each step, and the interface every policy has."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 
 @dataclass(frozen=True)
@@ -24,3 +25,20 @@ class Plan:
     # stop drafting at the first MTP draft the drafter itself gives less than this probability
     # (the draft is dropped; before the first one the step is a plain one); 0: never stop
     min_confidence: float = 0.0
+    expected_speedup: float | None = None  # E(k)/T(k) over 1/T(0) by the policy's cost model (None: none)
+
+
+class DraftPolicy(Protocol):
+    """Chooses each step's drafts; one instance per request, on the engine thread."""
+
+    @property
+    def name(self) -> str: ...
+
+    def plan(self, offer: Proposal, content_class: str) -> Plan:
+        """The next step, given what a lookup offers to copy and the kind of text being written."""
+        ...
+
+    def observe(self, drafted: int, accepted: int, seconds: float, stopped: bool) -> None:
+        """After every step: how many drafts the target accepted and the step's time; `stopped`:
+        the drafter dropped a draft below the plan's min_confidence."""
+        ...

@@ -5,7 +5,9 @@ import pytest
 
 from policies.acceptance import AcceptanceCounts, expected_tokens, observed
 from policies.adaptive import AdaptivePolicy, SharedEstimates
+from policies.classifier import PROSE, ContentTracker
 from policies.cost import StepCosts, best_draft_length, throughput
+from policies.plan import NO_OFFER
 
 T_DRAFT, T_PLAIN = 0.004, 0.070
 
@@ -18,15 +20,15 @@ def simulate(policy, rate_of, cost: StepCosts, steps: int, seed: int = 0, text_o
     """Runs `steps` rounds: drafts are accepted position by position with rate_of(step)[j]; the
     round takes cost.predict(k) seconds. Returns the chosen k per step."""
     rng = np.random.default_rng(seed)
+    tracker = ContentTracker()
     chosen = []
     for i in range(steps):
-        policy.observe_text(text_of(i))
-        k = policy.plan().k
+        k = policy.plan(NO_OFFER, tracker.feed(text_of(i))).k
         rates = rate_of(i)
         accepted = 0
         while accepted < k and rng.random() < rates[accepted]:
             accepted += 1
-        policy.observe(k, accepted, cost.predict(k))
+        policy.observe(k, accepted, cost.predict(k), False)
         chosen.append(k)
     return chosen
 
@@ -147,12 +149,12 @@ def test_confidence_floor_is_a_rows_cost_in_tokens_at_the_plans_speed():
 
 def test_plans_carry_the_floor_and_a_dropped_draft_counts_as_rejected():
     policy = fresh(costs(0.007))
-    plan = policy.plan()
+    plan = policy.plan(NO_OFFER, PROSE)
     assert plan.k > 0 and 0 < plan.min_confidence < 1
     before = policy.acceptance.rates(policy.klass)[0]
     observations = list(policy.shared.costs.observations)
     for _ in range(10):
-        policy.plan()
+        policy.plan(NO_OFFER, PROSE)
         policy.observe(0, 0, 5.0, stopped=True)  # dropped before the first draft, an absurd time
     assert policy.acceptance.rates(policy.klass)[0] < before
     assert policy.shared.costs.observations == observations  # a stopped round is not timed
@@ -161,6 +163,6 @@ def test_plans_carry_the_floor_and_a_dropped_draft_counts_as_rejected():
 def test_a_floor_that_drops_every_draft_turns_drafting_off():
     policy = fresh(costs(0.007))
     for _ in range(200):
-        plan = policy.plan()
+        plan = policy.plan(NO_OFFER, PROSE)
         policy.observe(0, 0, T_PLAIN + T_DRAFT, stopped=plan.k > 0)
-    assert policy.plan().k == 0
+    assert policy.plan(NO_OFFER, PROSE).k == 0

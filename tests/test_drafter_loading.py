@@ -91,7 +91,7 @@ def test_deepseek_checkpoint_keeps_its_mtp_layer(deepseek_folder):
         np.testing.assert_allclose(np.array(ours[name]), np.array(value), atol=1e-6, err_msg=name)
     plain = list(generate(lm, Request(PROMPT, max_tokens=24), Fixed(0)))[-1]
     spec = list(generate(lm, Request(PROMPT, max_tokens=24), Fixed(2)))[-1]
-    assert spec.drafted > 0 and spec.token_ids == plain.token_ids
+    assert spec.stats.drafted > 0 and spec.token_ids == plain.token_ids
 
 
 def test_drafter_folder_round_trip(tmp_path, tiny_gguf):
@@ -104,7 +104,7 @@ def test_drafter_folder_round_trip(tmp_path, tiny_gguf):
         assert mx.array_equal(a, b), name
     first = list(generate(lm, Request(PROMPT, max_tokens=16), Fixed(3)))[-1]
     second = list(generate(again, Request(PROMPT, max_tokens=16), Fixed(3)))[-1]
-    assert first.token_ids == second.token_ids and first.accepted == second.accepted
+    assert first.token_ids == second.token_ids and first.stats.accepted == second.stats.accepted
 
 
 def test_drafter_folder_with_checkpoint_prefix(tmp_path, tiny_gguf):
@@ -122,7 +122,7 @@ def test_pre_norm_hidden_source(tiny_gguf):
     lm.drafter = drafter_io.random_drafter(lm.config, hidden_source="pre_norm")
     plain = list(generate(lm, Request(PROMPT, max_tokens=16), Fixed(0)))[-1]
     spec = list(generate(lm, Request(PROMPT, max_tokens=16), Fixed(3)))[-1]
-    assert spec.token_ids == plain.token_ids and spec.drafted > 0
+    assert spec.token_ids == plain.token_ids and spec.stats.drafted > 0
 
 
 @pytest.mark.parametrize("bits", [8, 4, 3])

@@ -4,7 +4,7 @@ import dataclasses
 import mlx.core as mx
 import pytest
 
-from daemon.engine import generate as engine
+from daemon.engine import plain
 from daemon.engine.generate import generate
 from daemon.engine.records import Delta, Finished, Request
 from daemon.engine.sampling import SamplingParams
@@ -43,7 +43,7 @@ def test_greedy_matches_uncached_reference(tiny_lm):
 def test_both_plain_loops_match_the_reference(tiny_lm, monkeypatch, metal):
     """The CPU loop (read, then build the next forward) and Metal's (queue the next forward first)
     give the same greedy tokens; the queued one runs here too, on the CPU."""
-    monkeypatch.setattr(engine, "on_metal", lambda: metal)
+    monkeypatch.setattr(plain, "on_metal", lambda: metal)
     expected, _ = reference_greedy(tiny_lm.model, PROMPT, 24)
     deltas, _ = run(tiny_lm, Request(PROMPT, max_tokens=24))
     assert [t for d in deltas for t in d.token_ids] == expected
@@ -82,7 +82,7 @@ def test_seeded_sampling_repeats_and_seeds_differ(tiny_lm):
     assert ids(3) != ids(4)
 
 
-@pytest.mark.parametrize("bad", [dict(prompt_ids=()), dict(prompt_ids=(1,), max_tokens=0)])
+@pytest.mark.parametrize("bad", [dict(prompt_ids=(), max_tokens=4), dict(prompt_ids=(1,), max_tokens=0)])
 def test_bad_requests_are_rejected(bad):
     with pytest.raises(ValueError):
         Request(**bad)

@@ -11,6 +11,7 @@ from daemon.drafting.lookup import NgramIndex
 from daemon.drafting.phrases import Phrasebook
 from daemon.engine.records import Request
 from policies.adaptive import AdaptivePolicy, SharedEstimates
+from policies.classifier import PROSE
 from policies.cost import StepCosts
 from policies.fixed import Fixed
 from policies.plan import NO_OFFER, Proposal
@@ -60,9 +61,9 @@ def test_copied_drafts_keep_greedy_output_identical(small_vocab_lm):  # noqa: F8
     reference = finished(lm, Request(prompt, max_tokens=60), Fixed(0))
     copied = finished(lm, Request(prompt, max_tokens=60), CopyAlways(0))
     assert copied.token_ids == reference.token_ids
-    assert copied.lookup_drafted == copied.drafted > 0
-    assert 0 < copied.lookup_accepted < copied.lookup_drafted
-    assert any(copied.lookup_steps) and not all(copied.lookup_steps)
+    assert copied.stats.lookup_drafted == copied.stats.drafted > 0
+    assert 0 < copied.stats.lookup_accepted < copied.stats.lookup_drafted
+    assert any(copied.stats.lookup_steps) and not all(copied.stats.lookup_steps)
 
 
 def test_phrasebook_keeps_the_majority_continuation_and_chains_it(tmp_path):
@@ -102,7 +103,7 @@ def test_phrasebook_drafts_keep_greedy_output_identical(small_vocab_lm):  # noqa
     copied = finished(lm, Request(prompt, max_tokens=60), CopyAlways(0))
     assert copied.token_ids == reference.token_ids
     assert book.offers > 0
-    assert 0 < copied.lookup_accepted < copied.lookup_drafted
+    assert 0 < copied.stats.lookup_accepted < copied.stats.lookup_drafted
 
 
 def test_adaptive_keeps_phrasebook_and_context_estimates_apart():
@@ -114,14 +115,14 @@ def test_adaptive_keeps_phrasebook_and_context_estimates_apart():
     rng = np.random.default_rng(0)
     for i in range(200):
         offer = phrases if i % 2 else context
-        plan = policy.plan(offer)
+        plan = policy.plan(offer, PROSE)
         if plan.lookup:
             accepted = plan.k if offer is context else 0
         else:
             accepted = int(plan.k > 0 and rng.random() < 0.5)
-        policy.observe(plan.k, accepted, cost.predict(plan.k, plan.lookup))
-    assert policy.plan(context).lookup
-    assert not policy.plan(phrases).lookup
+        policy.observe(plan.k, accepted, cost.predict(plan.k, plan.lookup), False)
+    assert policy.plan(context, PROSE).lookup
+    assert not policy.plan(phrases, PROSE).lookup
 
 
 def simulate_with_offers(policy, offers, rate_of, cost, steps, seed=0):
@@ -130,12 +131,12 @@ def simulate_with_offers(policy, offers, rate_of, cost, steps, seed=0):
     rng = np.random.default_rng(seed)
     plans = []
     for i in range(steps):
-        plan = policy.plan(Proposal(tuple(range(offers(i))), 3) if offers(i) else NO_OFFER)
+        plan = policy.plan(Proposal(tuple(range(offers(i))), 3) if offers(i) else NO_OFFER, PROSE)
         rates = rate_of(i, plan.lookup)
         accepted = 0
         while accepted < plan.k and rng.random() < rates[accepted]:
             accepted += 1
-        policy.observe(plan.k, accepted, cost.predict(plan.k, plan.lookup))
+        policy.observe(plan.k, accepted, cost.predict(plan.k, plan.lookup), False)
         plans.append(plan)
     return plans
 

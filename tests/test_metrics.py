@@ -3,11 +3,11 @@
 import re
 from pathlib import Path
 
+import pytest
 from prometheus_client import generate_latest
 
-from daemon.engine.records import Finished
+from daemon.engine.records import Finished, SpecStats, Step
 from daemon.server.metrics import Metrics
-from policies.recording import StepRecord
 
 README = Path(__file__).parent.parent / "README.md"
 
@@ -16,25 +16,31 @@ def value(m: Metrics, name: str, **labels) -> float:
     return m.registry.get_sample_value(name, labels)
 
 
-def known_request():
-    steps = [
-        StepRecord("code", 2, 2, 0.10, 1.5),
-        StepRecord("code", 2, 1, 0.10, 1.4),
-        StepRecord("code", 4, 3, 0.11, 1.9, lookup=True),
-        StepRecord("prose", 1, 0, 0.09, 1.1),
-        StepRecord("prose", 0, 0, 0.07, None),
-    ]
-    done = Finished("stop", prompt_tokens=30, completion_tokens=8, cached_tokens=12, ttft_seconds=0.2,
-                    decode_seconds=0.35, drafted=9, accepted=6, drafted_by_position=(4, 3, 1, 1),
-                    accepted_by_position=(3, 2, 1, 0), lookup_drafted=4, lookup_accepted=3)
-    return done, steps
+def finished(steps: list[tuple[str, Step]]) -> Finished:
+    stats = SpecStats()
+    for content_class, step in steps:
+        stats.observe_step(step, content_class)
+    return Finished("stop", prompt_tokens=30, completion_tokens=8, cached_tokens=12, ttft_seconds=0.2,
+                    decode_seconds=0.35, stats=stats)
+
+
+STEPS = [
+    ("code", Step((1, 2, 3), 2, 2, seconds=0.10, expected_speedup=1.5)),
+    ("code", Step((1, 2), 2, 1, seconds=0.10, expected_speedup=1.4)),
+    ("code", Step((1, 2, 3, 4), 4, 3, lookup=True, seconds=0.11, expected_speedup=1.9)),
+    ("prose", Step((1,), 1, 0, seconds=0.09, expected_speedup=1.1)),
+    ("prose", Step((1,), seconds=0.07)),
+]
 
 
 def test_values_follow_the_steps():
     m = Metrics()
-    done, steps = known_request()
-    m.observe_request(done, steps)
-    m.observe_request(done, steps)
+    done = finished(STEPS)
+    assert (done.stats.drafted, done.stats.accepted, done.stats.lookup_drafted, done.stats.lookup_accepted) == (9, 6, 4, 3)
+    assert done.stats.drafted_by_position == [4, 3, 1, 1] and done.stats.accepted_by_position == [3, 2, 1, 0]
+    assert done.stats.speculative_rate() == pytest.approx((6 + 4) / 0.40)  # accepted + one own token per step
+    m.observe_request(done)
+    m.observe_request(done)
     assert value(m, "mtpd_prompt_tokens_total") == 60 and value(m, "mtpd_completion_tokens_total") == 16
     assert value(m, "mtpd_cached_prompt_tokens_total") == 24
     assert value(m, "mtpd_prompt_cache_lookups_total", result="hit") == 2
@@ -53,7 +59,7 @@ def test_values_follow_the_steps():
     assert value(m, "mtpd_step_seconds_count", kind="speculative") == 8
     assert value(m, "mtpd_speculation_active") == 0  # the last step was plain
     assert abs(value(m, "mtpd_inter_token_latency_seconds_sum") - 2 * 0.35 / 7) < 1e-9
-    m.observe_request(done, steps[:1])
+    m.observe_request(finished(STEPS[:1]))
     assert value(m, "mtpd_speculation_active") == 1
 
 

@@ -88,6 +88,6 @@ def test_blocks_with_biases_get_no_copies(tiny_lm):
 def test_speculation_with_copies_gives_plain_output(copied_lm, tiny_lm, k):
     plain = list(generate(tiny_lm, Request(PROMPT, max_tokens=60), Fixed(0)))[-1].token_ids
     done = list(generate(copied_lm, Request(PROMPT, max_tokens=60), Fixed(k)))[-1]
-    assert done.token_ids == plain and done.drafted > 0
+    assert done.token_ids == plain and done.stats.drafted > 0
     off = list(generate(copied_lm, Request(PROMPT, max_tokens=60), Fixed(0)))[-1]
     assert off.token_ids == plain

@@ -11,15 +11,19 @@ from mlx.utils import tree_map
 from mlx_lm.models import llama
 from mlx_lm.models.cache import make_prompt_cache
 
+from daemon.drafting.lookup import NgramIndex
+from daemon.drafting.session import DraftingSession
+from daemon.engine.choose import TokenChooser
 from daemon.engine.forward import hidden_tap, prefill
 from daemon.engine.generate import generate
+from daemon.engine.plain import Decoding
 from daemon.engine.records import Finished, Request
 from daemon.engine.sampling import SamplingParams, new_key
 from daemon.engine.speculative import speculative_steps
 from daemon.engine.ties import NearTieGuard
 from daemon.models.loading import LoadedModel
 from policies.fixed import Fixed
-from policies.plan import NO_OFFER, Plan
+from policies.plan import Plan
 
 PROMPT = (1, 80, 120, 7, 200, 33, 150)
 
@@ -44,10 +48,10 @@ def test_greedy_identical_with_rejections_at_every_position(tiny_lm, plain_ids, 
     drafter = RuleDrafter(PROMPT[0], planted_errors(tiny_lm.model, wrong_at, vocab), 64)
     done = finished(with_drafter(tiny_lm, drafter), Request(PROMPT, max_tokens=80), Fixed(k))
     assert done.token_ids == plain_ids
-    assert len(done.drafted_by_position) == k
-    rejected = [d - a for d, a in zip(done.drafted_by_position, done.accepted_by_position)]
-    assert all(r > 0 for r in rejected), (done.drafted_by_position, done.accepted_by_position)
-    assert all(a > 0 for a in done.accepted_by_position)
+    assert len(done.stats.drafted_by_position) == k
+    rejected = [d - a for d, a in zip(done.stats.drafted_by_position, done.stats.accepted_by_position)]
+    assert all(r > 0 for r in rejected), (done.stats.drafted_by_position, done.stats.accepted_by_position)
+    assert all(a > 0 for a in done.stats.accepted_by_position)
 
 
 @pytest.mark.parametrize("k", [1, 3, 6])
@@ -56,7 +60,7 @@ def test_mtp_drafter_with_random_weights_gives_plain_output(tiny_gguf, plain_ids
 
     lm = load(str(tiny_gguf), drafter="random")
     done = finished(lm, Request(PROMPT, max_tokens=80), Fixed(k))
-    assert done.token_ids == plain_ids and done.drafted > 0
+    assert done.token_ids == plain_ids and done.stats.drafted > 0
 
 
 def test_block_features_tap_changes_nothing_and_reads_the_block(tiny_lm):
@@ -91,16 +95,16 @@ def test_drafter_with_block_features_gives_plain_output(tiny_gguf, plain_ids, tm
     lm = load(str(tiny_gguf), drafter=str(tmp_path))
     assert lm.drafter.config.feature_layers == [0] and lm.drafter.config.source == "post_norm+0"
     done = finished(lm, Request(PROMPT, max_tokens=80), Fixed(k))
-    assert done.token_ids == plain_ids and done.drafted > 0
+    assert done.token_ids == plain_ids and done.stats.drafted > 0
 
 
 def test_tie_guard_everywhere_changes_nothing(tiny_lm, plain_ids):
     """margin = inf sends every position through the canonical recomputation."""
     done = finished(tiny_lm, Request(PROMPT, max_tokens=20), Fixed(0), tie_margin=math.inf)
-    assert done.token_ids == plain_ids[:20] and done.tie_rechecks == 20
+    assert done.token_ids == plain_ids[:20] and done.stats.tie_rechecks == 20
     drafter = RuleDrafter(PROMPT[0], target_logits(tiny_lm.model), 64)
     done = finished(with_drafter(tiny_lm, drafter), Request(PROMPT, max_tokens=20), Fixed(3), tie_margin=math.inf)
-    assert done.token_ids == plain_ids[:20] and done.tie_rechecks >= 20
+    assert done.token_ids == plain_ids[:20] and done.stats.tie_rechecks >= 20
 
 
 def test_target_cache_after_speculation_equals_plain_prefill(tiny_lm):
@@ -110,10 +114,11 @@ def test_target_cache_after_speculation_equals_plain_prefill(tiny_lm):
     cache = make_prompt_cache(model)
     tap, chunks = hidden_tap(model), []
     logits = prefill(model, cache, PROMPT, on_chunk=lambda: chunks.append(tap.hidden("post_norm")))
-    steps = speculative_steps(
-        model, drafter, cache, PROMPT, logits, mx.concatenate(chunks, axis=1), SamplingParams(),
-        Fixed(4), NearTieGuard(model, 2e-3), 40, new_key(0),
-    )
+    index = NgramIndex()
+    index.extend(PROMPT)
+    dec = Decoding(model, cache, TokenChooser(SamplingParams(), new_key(0), NearTieGuard(model, 2e-3)), logits.shape[-1])
+    session = DraftingSession(drafter, model, index)
+    steps = speculative_steps(dec, session, tap, Fixed(4), lambda: "prose", 40, logits, mx.concatenate(chunks, axis=1))
     emitted = []
     for step in steps:
         emitted.extend(step.tokens)
@@ -191,7 +196,7 @@ class CopyAlways(Fixed):
 
     name = "copy-always"
 
-    def plan(self, offer=NO_OFFER):
+    def plan(self, offer, content_class):
         return Plan(len(offer.tokens), lookup=True) if offer.tokens else Plan(0)
 
 
@@ -218,8 +223,8 @@ def test_sampling_reproduces_joint_distribution(small_vocab_lm, case):
         sampling = dataclasses.replace(params, seed=seed)
         done = finished(lm, Request(tuple(prompt), max_tokens=3, sampling=sampling), policy)
         counts[done.token_ids[1], done.token_ids[2]] += 1
-        drafted, accepted = drafted + done.drafted, accepted + done.accepted
-        copied += done.lookup_accepted
+        drafted, accepted = drafted + done.stats.drafted, accepted + done.stats.accepted
+        copied += done.stats.lookup_accepted
     expected = exact_joint(model, prompt, params) * runs
     keep = expected >= 5
     observed_rest, expected_rest = counts[~keep].sum(), expected[~keep].sum()
@@ -250,13 +255,13 @@ def test_adaptive_is_lossless_and_turns_off_when_verification_is_expensive(tiny_
     shared = shared_estimates(lm)
     cheap = finished(lm, Request(PROMPT, max_tokens=80), make_policy("adaptive", shared))
     assert cheap.token_ids == plain_ids
-    assert sum(k > 0 for k in cheap.draft_lengths) > len(cheap.draft_lengths) / 2
+    assert sum(k > 0 for k in cheap.stats.draft_lengths) > len(cheap.stats.draft_lengths) / 2
 
     penalty = 0.005  # each extra verified row costs ~5 plain steps of this tiny model
     costly_shared = shared_estimates(lm, verify_penalty=penalty)
     costly = finished(lm, Request(PROMPT, max_tokens=80), make_policy("adaptive", costly_shared), verify_penalty=penalty)
     assert costly.token_ids == plain_ids
-    assert sum(k == 0 for k in costly.draft_lengths) > 0.8 * len(costly.draft_lengths)
+    assert sum(k == 0 for k in costly.stats.draft_lengths) > 0.8 * len(costly.stats.draft_lengths)
 
 
 # --- a confidence floor stops drafts the drafter is unsure of ------------------------------------
@@ -283,10 +288,10 @@ class Floored(Fixed):
         super().__init__(k)
         self.floor, self.stops = floor, []
 
-    def plan(self, offer=NO_OFFER):
+    def plan(self, offer, content_class):
         return Plan(self.k, min_confidence=self.floor)
 
-    def observe(self, drafted, accepted, seconds, stopped=False):
+    def observe(self, drafted, accepted, seconds, stopped):
         self.stops.append((drafted, stopped))
 
 
@@ -298,7 +303,7 @@ def test_floor_drops_the_unsure_drafts_and_output_stays_plain(tiny_lm, plain_ids
     policy = Floored(k, 0.5)
     done = finished(with_drafter(tiny_lm, drafter), Request(PROMPT, max_tokens=80), policy)
     assert done.token_ids == plain_ids
-    assert done.drafted > 0 and done.accepted == done.drafted  # every wrong draft was dropped, none verified
+    assert done.stats.drafted > 0 and done.stats.accepted == done.stats.drafted  # every wrong draft was dropped, none verified
     assert any(stopped and drafted == 0 for drafted, stopped in policy.stops)  # a first draft dropped: a plain step
     if k > 1:
         assert any(stopped and 0 < drafted < k for drafted, stopped in policy.stops)
@@ -310,7 +315,7 @@ def test_without_a_floor_the_same_drafts_are_verified_and_rejected(tiny_lm, plai
     drafter = RuleDrafter(PROMPT[0], unsure_where_wrong(tiny_lm.model, wrong_at, vocab), 64)
     policy = Floored(3, 0.0)
     done = finished(with_drafter(tiny_lm, drafter), Request(PROMPT, max_tokens=80), policy)
-    assert done.token_ids == plain_ids and done.accepted < done.drafted
+    assert done.token_ids == plain_ids and done.stats.accepted < done.stats.drafted
     assert not any(stopped for _, stopped in policy.stops)
 
 
@@ -320,6 +325,6 @@ def test_floor_above_one_drops_every_mtp_draft(tiny_gguf, plain_ids):
     lm = load(str(tiny_gguf), drafter="random")
     policy = Floored(2, 1.5)
     done = finished(lm, Request(PROMPT, max_tokens=80), policy)
-    assert done.token_ids == plain_ids and done.drafted == 0
+    assert done.token_ids == plain_ids and done.stats.drafted == 0
     assert all(drafted == 0 for drafted, _ in policy.stops)
     assert all(stopped for _, stopped in policy.stops[:-1])  # the last step has no room to draft

@@ -105,7 +105,7 @@ def test_trained_drafter_loads_and_stays_lossless(which, request, tiny_gguf):
     plain = list(generate(lm, Request(prompt, max_tokens=40), Fixed(0)))[-1]
     spec = list(generate(lm, Request(prompt, max_tokens=40), Fixed(3)))[-1]
     assert spec.token_ids == plain.token_ids
-    assert spec.accepted > 0
+    assert spec.stats.accepted > 0
 
 
 def test_draft_is_the_last_row_of_a_full_call(trained, tiny_gguf):

@@ -2,14 +2,22 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from daemon.engine.verify import greedy_accepted, residual_logprobs, sampled_accepted
+from daemon.engine.ties import NearTieGuard
+from daemon.engine.verify import residual_logprobs, sampled_accepted, verify_greedy
+from policies.classifier import PROSE
+from policies.plan import NO_OFFER
 from policies.registry import make_policy
 
 
-def test_greedy_accepts_the_agreeing_prefix():
-    assert greedy_accepted([5, 6, 7], [5, 6, 9, 1]) == 2
-    assert greedy_accepted([5, 6, 7], [4, 6, 7, 1]) == 0
-    assert greedy_accepted([5, 6, 7], [5, 6, 7, 1]) == 3
+def test_greedy_accepts_the_agreeing_prefix_then_emits_the_target_token():
+    def rows(argmaxes):
+        return mx.array([[10.0 if v == a else 0.0 for v in range(12)] for a in argmaxes])
+
+    guard = NearTieGuard(model=None, margin=1e-3)  # margins of 10: never a recomputation
+    assert verify_greedy(rows([5, 6, 9, 1]), [5, 6, 7], guard, []) == [5, 6, 9]
+    assert verify_greedy(rows([4, 6, 7, 1]), [5, 6, 7], guard, []) == [4]
+    assert verify_greedy(rows([5, 6, 7, 1]), [5, 6, 7], guard, []) == [5, 6, 7, 1]  # the bonus token
+    assert guard.rechecks == 0
 
 
 def test_sampled_acceptance_ratio():
@@ -29,8 +37,8 @@ def test_residual_is_normalized_positive_part():
 
 
 def test_policy_names():
-    assert make_policy("off").plan().k == 0
-    assert make_policy("fixed:6").plan().k == 6 and make_policy("fixed:6").name == "fixed:6"
+    assert make_policy("off").plan(NO_OFFER, PROSE).k == 0
+    assert make_policy("fixed:6").plan(NO_OFFER, PROSE).k == 6 and make_policy("fixed:6").name == "fixed:6"
     for bad in ("fixed:0", "fixed:x", "fixed:17", "sometimes"):
         with pytest.raises(ValueError, match="policy"):
             make_policy(bad)
@@ -46,8 +54,8 @@ def test_adaptive_names_and_check():
     both, alone = make_policy("adaptive", shared), make_policy("adaptive:mtp", shared)
     assert (both.name, alone.name) == ("adaptive", "adaptive:mtp")
     offer = Proposal(tuple(range(8)), 4)
-    assert both.plan(offer).lookup  # the prior says a long copy pays
-    assert not alone.plan(offer).lookup
+    assert both.plan(offer, PROSE).lookup  # the prior says a long copy pays
+    assert not alone.plan(offer, PROSE).lookup
     for name in ("adaptive", "adaptive:mtp", "off", "fixed:3"):
         check(name)
     with pytest.raises(ValueError, match="policy"):

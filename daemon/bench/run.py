@@ -15,7 +15,7 @@ import mlx.core as mx
 
 from daemon.engine.calibration import machine, shared_estimates
 from daemon.engine.generate import generate
-from daemon.engine.records import Finished, Request
+from daemon.engine.records import Finished, Request, SpecStats
 from daemon.engine.sampling import SamplingParams
 from daemon.models.loading import LoadedModel
 from daemon.models.prompts import encode_chat, encode_text
@@ -52,15 +52,9 @@ def run_engine(lm: LoadedModel, policy, request: Request, tie_margin: float | No
         "completion_tokens": finished.completion_tokens,
         "ttft_seconds": finished.ttft_seconds,
         "seconds": finished.decode_seconds,
-        "drafted": finished.drafted,
-        "accepted": finished.accepted,
-        "drafted_by_position": list(finished.drafted_by_position),
-        "accepted_by_position": list(finished.accepted_by_position),
-        "tie_rechecks": finished.tie_rechecks,
-        "draft_lengths": list(finished.draft_lengths),
-        "lookup_steps": list(finished.lookup_steps),
-        "lookup_drafted": finished.lookup_drafted,
-        "lookup_accepted": finished.lookup_accepted,
+        **finished.stats.summary(),
+        "draft_lengths": finished.stats.draft_lengths,
+        "lookup_steps": finished.stats.lookup_steps,
         "token_ids": list(finished.token_ids),
     }
 
@@ -89,11 +83,7 @@ def run_mlx_lm(lm: LoadedModel, request: Request) -> dict:
         "completion_tokens": len(tokens),
         "ttft_seconds": (first or end) - start,
         "seconds": end - (first or end),
-        "drafted": 0,
-        "accepted": 0,
-        "drafted_by_position": [],
-        "accepted_by_position": [],
-        "tie_rechecks": 0,
+        **SpecStats().summary(),
         "token_ids": tokens,
     }
 

@@ -1,4 +1,8 @@
-"""The typed records the engine takes and yields."""
+"""The typed records the engine takes and yields, and `SpecStats`: the one place drafts are counted.
+
+The engine observes every step once (`SpecStats.observe_step`); `Finished` carries the record;
+metrics, `/health`, the request log, the API's `mtpd` object and `mtpd bench` all read it.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +14,7 @@ from daemon.engine.sampling import SamplingParams, TokenLogprob
 @dataclass(frozen=True)
 class Request:
     prompt_ids: tuple[int, ...]
-    max_tokens: int = 256
+    max_tokens: int
     sampling: SamplingParams = SamplingParams()
     stop: tuple[str, ...] = ()
     logprobs: int | None = None  # None: none; n >= 0: each token's log-probability and the top n
@@ -31,7 +35,9 @@ class Step:
     drafted: int = 0
     accepted: int = 0
     logprobs: tuple[TokenLogprob, ...] = ()  # one per token, when the request asks for them
-    lookup: bool = False  # the drafts were copied from the context, not drafted by the MTP drafter
+    lookup: bool = False  # the drafts were copied by a lookup, not drafted by the MTP drafter
+    seconds: float = 0.0  # the step's time (0: not timed)
+    expected_speedup: float | None = None  # what the policy's cost model expected of its plan
 
 
 @dataclass(frozen=True)
@@ -43,6 +49,80 @@ class Delta:
     logprobs: tuple[TokenLogprob, ...] = ()  # one per kept token, when the request asks for them
 
 
+SOURCES = ("mtp", "lookup")  # the MTP drafter, or copied by lookup (the context or the phrasebook)
+
+
+@dataclass
+class SpecStats:
+    drafted_by_position: list[int] = field(default_factory=list)  # [j]: drafts made at draft position j+1
+    accepted_by_position: list[int] = field(default_factory=list)  # [j]: of those, accepted
+    # (content class, source) -> [speculative steps, drafted tokens, accepted tokens]
+    by_kind: dict[tuple[str, str], list[int]] = field(default_factory=dict)
+    draft_lengths: list[int] = field(default_factory=list)  # k at each step (0: a plain step)
+    lookup_steps: list[bool] = field(default_factory=list)  # at each step: drafts copied by lookup
+    step_seconds: list[float] = field(default_factory=list)  # each step's time (0: not timed)
+    expected_speedups: list[float] = field(default_factory=list)  # the policy's E(k)/T(k) over 1/T(0), where given
+    tie_rechecks: int = 0  # near-tie positions decided by canonical recomputation
+
+    def observe_step(self, step: Step, content_class: str) -> None:
+        self.draft_lengths.append(step.drafted)
+        self.lookup_steps.append(step.lookup)
+        self.step_seconds.append(step.seconds)
+        if step.expected_speedup is not None:
+            self.expected_speedups.append(step.expected_speedup)
+        if step.drafted:
+            self.observe_draft(step.drafted, step.accepted, content_class, "lookup" if step.lookup else "mtp")
+
+    def observe_draft(self, drafted: int, accepted: int, content_class: str, source: str) -> None:
+        """One verified draft of `drafted` tokens, the first `accepted` of them kept."""
+        for counts, n in ((self.drafted_by_position, drafted), (self.accepted_by_position, accepted)):
+            counts.extend([0] * (drafted - len(counts)))
+            for j in range(n):
+                counts[j] += 1
+        totals = self.by_kind.setdefault((content_class, source), [0, 0, 0])
+        totals[0] += 1
+        totals[1] += drafted
+        totals[2] += accepted
+
+    @property
+    def drafted(self) -> int:
+        return sum(self.drafted_by_position)
+
+    @property
+    def accepted(self) -> int:
+        return sum(self.accepted_by_position)
+
+    def _source(self, source: str, i: int) -> int:
+        return sum(v[i] for (_, s), v in self.by_kind.items() if s == source)
+
+    @property
+    def lookup_drafted(self) -> int:
+        return self._source("lookup", 1)
+
+    @property
+    def lookup_accepted(self) -> int:
+        return self._source("lookup", 2)
+
+    @property
+    def acceptance_rate(self) -> float | None:
+        return self.accepted / self.drafted if self.drafted else None
+
+    def speculative_rate(self) -> float | None:
+        """Tokens per second over the steps that drafted (each also emits one of the target's own)."""
+        seconds = sum(s for k, s in zip(self.draft_lengths, self.step_seconds) if k)
+        steps = sum(1 for k in self.draft_lengths if k)
+        return (self.accepted + steps) / seconds if seconds > 0 else None
+
+    def summary(self) -> dict:
+        """The counts as plain JSON (bench results, the request log)."""
+        return {
+            "drafted": self.drafted, "accepted": self.accepted,
+            "drafted_by_position": self.drafted_by_position, "accepted_by_position": self.accepted_by_position,
+            "lookup_drafted": self.lookup_drafted, "lookup_accepted": self.lookup_accepted,
+            "tie_rechecks": self.tie_rechecks,
+        }
+
+
 @dataclass(frozen=True)
 class Finished:
     finish_reason: str  # "stop" (EOS or stop string) | "length"
@@ -51,15 +131,7 @@ class Finished:
     cached_tokens: int  # prompt tokens taken from the prompt cache
     ttft_seconds: float  # request start -> first token
     decode_seconds: float  # first token -> last token
-    drafted: int = 0
-    accepted: int = 0
-    drafted_by_position: tuple[int, ...] = ()  # [j]: drafts made at draft position j+1
-    accepted_by_position: tuple[int, ...] = ()  # [j]: of those, accepted
-    lookup_drafted: int = 0  # of `drafted`, the tokens copied by lookup (context or phrasebook)
-    lookup_accepted: int = 0  # of `accepted`, the copied ones
-    draft_lengths: tuple[int, ...] = field(default=(), repr=False)  # k at each step (speculative runs)
-    lookup_steps: tuple[bool, ...] = field(default=(), repr=False)  # at each step: drafts copied by lookup
-    tie_rechecks: int = 0  # near-tie positions decided by canonical recomputation
+    stats: SpecStats = field(default_factory=SpecStats, repr=False)
     token_ids: tuple[int, ...] = field(default=(), repr=False)
 
     @property

@@ -1,6 +1,9 @@
-"""Stop strings over streamed text: emit what cannot be the start of a stop, cut at the first stop."""
+"""Where an answer ends: EOS, stop strings over streamed text (emit what cannot be the start of a
+stop, cut at the first one), max_tokens."""
 
 from __future__ import annotations
+
+from daemon.engine.records import Delta, Step
 
 
 class StopText:
@@ -31,3 +34,43 @@ class StopText:
             if text.endswith(stop[:n]):
                 return n
         return 0
+
+
+class Output:
+    """One answer's text: each step's tokens up to EOS, a stop string or max_tokens."""
+
+    def __init__(self, tokenizer, stops: tuple[str, ...], max_tokens: int):
+        self.detokenizer = tokenizer.detokenizer
+        self.eos = set(tokenizer.eos_token_ids)
+        self.stops = StopText(stops)
+        self.max_tokens = max_tokens
+        self.token_ids: list[int] = []
+        self.finish: str | None = None  # "stop" (EOS or a stop string) | "length", once it ends
+
+    def take(self, step: Step) -> Delta:
+        """The tokens of `step` the answer keeps and the text they add."""
+        kept, text, stopped = [], [], False
+        for token in step.tokens:
+            if token in self.eos:
+                self.finish = "stop"
+                break
+            kept.append(token)
+            self.detokenizer.add_token(token)
+            piece, stopped = self.stops.feed(self.detokenizer.last_segment)
+            text.append(piece)
+            if stopped:
+                self.finish = "stop"
+                break
+            if len(self.token_ids) + len(kept) >= self.max_tokens:
+                self.finish = "length"
+                break
+        self.token_ids.extend(kept)
+        if self.finish and not stopped:
+            text.append(self._final_text())
+        return Delta(tuple(kept), "".join(text), step.logprobs[: len(kept)])
+
+    def _final_text(self) -> str:
+        """Text still held by the detokenizer (partial UTF-8) and by the stop matcher, at the end."""
+        self.detokenizer.finalize()
+        piece, stopped = self.stops.feed(self.detokenizer.last_segment)
+        return piece if stopped else piece + self.stops.flush()

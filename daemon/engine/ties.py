@@ -11,6 +11,8 @@ canonical token at every position, as long as the drift stays below margin / 4.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import mlx.core as mx
 from mlx_lm.models.cache import make_prompt_cache
 
@@ -37,10 +39,11 @@ class NearTieGuard:
         self.margin = margin
         self.rechecks = 0
 
-    def token(self, ids: list[int], fast_token: int, fast_margin: float) -> int:
-        """The greedy token after `ids`, given the fast path's argmax and top-2 margin."""
+    def token(self, ids: Sequence[int], fast_token: int, fast_margin: float, extra: Sequence[int] = ()) -> int:
+        """The greedy token after `ids` + `extra`, given the fast path's argmax and top-2 margin
+        (the sequence is only put together for a recomputation)."""
         if fast_margin >= self.margin:
             return fast_token
         self.rechecks += 1
-        logits = prefill(self.model, make_prompt_cache(self.model), ids)
+        logits = prefill(self.model, make_prompt_cache(self.model), [*ids, *extra])
         return mx.argmax(logits, axis=-1).item()

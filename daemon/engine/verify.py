@@ -12,13 +12,8 @@ from collections.abc import Sequence
 
 import mlx.core as mx
 
-
-def greedy_accepted(drafts: Sequence[int], target: Sequence[int]) -> int:
-    """Length of the longest prefix of `drafts` equal to the target's own choices."""
-    n = 0
-    while n < len(drafts) and drafts[n] == target[n]:
-        n += 1
-    return n
+from daemon.engine.sampling import SamplingParams, target_logprobs
+from daemon.engine.ties import NearTieGuard, greedy_with_margin
 
 
 def sampled_accepted(p_draft: Sequence[float], q_draft: Sequence[float], uniform: Sequence[float]) -> int:
@@ -37,3 +32,33 @@ def residual_logprobs(p: mx.array, q: mx.array) -> mx.array:
     total = residual.sum()
     residual = mx.where(total > 0, residual / mx.maximum(total, 1e-30), p)
     return mx.log(residual)
+
+
+def verify_greedy(logits: mx.array, drafts: list[int], guard: NearTieGuard, history: list[int]) -> list[int]:
+    """The tokens greedy verification emits: the drafts the target's (tie-guarded) argmax agrees
+    with, then its own token. logits: [k+1, V], row i scoring the position after draft i."""
+    target, margins = greedy_with_margin(logits)
+    mx.eval(target, margins)
+    target, margins = target.tolist(), margins.tolist()
+    out: list[int] = []
+    for i in range(len(drafts) + 1):
+        out.append(guard.token(history, target[i], margins[i], extra=out))
+        if i == len(drafts) or drafts[i] != out[-1]:
+            break
+    return out
+
+
+def verify_sampled(logits: mx.array, drafts: list[int], q_rows: list[mx.array], sampling: SamplingParams,
+                   keys: list[mx.array]) -> list[int]:
+    """The tokens rejection sampling emits: the accepted drafts, then a recovered token from the
+    residual (at the first rejection) or a bonus token from p. logits: [k+1, V]; q_rows: the
+    drafter's q [V] per draft; keys: two PRNG keys (acceptance tests, the last token)."""
+    k = len(drafts)
+    logp = target_logprobs(logits, sampling)
+    q, ids, rows = mx.stack(q_rows), mx.array(drafts), mx.arange(k)
+    p_draft, q_draft = mx.exp(logp[rows, ids]), q[rows, ids]
+    uniform = mx.random.uniform(shape=(k,), key=keys[0])
+    mx.eval(p_draft, q_draft, uniform)
+    accepted = sampled_accepted(p_draft.tolist(), q_draft.tolist(), uniform.tolist())
+    last = residual_logprobs(mx.exp(logp[accepted]), q[accepted]) if accepted < k else logp[k]
+    return drafts[:accepted] + [mx.random.categorical(last, key=keys[1]).item()]

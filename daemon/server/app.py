@@ -13,6 +13,7 @@ import json
 import signal
 import time
 import uuid
+from collections import Counter
 from dataclasses import dataclass
 
 import structlog
@@ -136,9 +137,9 @@ class Service:
     def record(self, done: Finished, speculation: str) -> None:
         self.totals["requests"] += 1
         self.totals["completion_tokens"] += done.completion_tokens
-        self.totals["drafted_tokens"] += done.drafted
-        self.totals["accepted_tokens"] += done.accepted
-        self.last_speculation = {"policy": speculation, "drafted_steps": sum(1 for k in done.draft_lengths if k)}
+        self.totals["drafted_tokens"] += done.stats.drafted
+        self.totals["accepted_tokens"] += done.stats.accepted
+        self.last_speculation = {"policy": speculation, "drafted_steps": sum(1 for k in done.stats.draft_lengths if k)}
 
 
 # -- the bridge from the engine thread ---------------------------------------------------------------
@@ -185,16 +186,14 @@ def _log_request(service: Service, rid: str, prepared: Prepared, done: Finished 
     fields = {"id": rid, "endpoint": prepared.kind, "status": status, "stream": prepared.body.stream,
               "speculation": prepared.speculation, "prompt_tokens": len(prepared.request.prompt_ids)}
     if done is not None:
-        lengths = {}
-        for k in done.draft_lengths:
-            lengths[k] = lengths.get(k, 0) + 1
+        stats = done.stats
         fields.update(
             cached_tokens=done.cached_tokens, completion_tokens=done.completion_tokens,
             tokens_per_second=round(done.tokens_per_second, 2), ttft_s=round(done.ttft_seconds, 4),
-            drafted=done.drafted, accepted=done.accepted,
-            acceptance=round(done.accepted / done.drafted, 3) if done.drafted else None,
-            lookup_drafted=done.lookup_drafted, lookup_accepted=done.lookup_accepted,
-            draft_lengths=lengths, finish_reason=done.finish_reason,
+            drafted=stats.drafted, accepted=stats.accepted,
+            acceptance=None if stats.acceptance_rate is None else round(stats.acceptance_rate, 3),
+            lookup_drafted=stats.lookup_drafted, lookup_accepted=stats.lookup_accepted,
+            draft_lengths=dict(Counter(stats.draft_lengths)), finish_reason=done.finish_reason,
         )
     if service.settings.log_prompts:
         fields.update(prompt=service.lm.tokenizer.decode(list(prepared.request.prompt_ids)), answer=text)

@@ -19,12 +19,11 @@ from prometheus_client import (
     disable_created_metrics,
 )
 
-from daemon.engine.records import Finished
+from daemon.engine.records import SOURCES, Finished
 from policies.classifier import CLASSES
 from policies.registry import MAX_DRAFT
 
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
-SOURCES = ("mtp", "lookup")  # the MTP drafter, or copied by lookup (the context or the phrasebook)
 TOKEN_BUCKETS = (0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1)
 
 disable_created_metrics()  # no `_created` series: half the exposition, no use on a dashboard
@@ -86,8 +85,8 @@ class Metrics:
         self.info.info({"model": lm.name, "drafter": lm.drafter_name or "none", "backend": backend,
                         "machine": platform.machine()})
 
-    def observe_request(self, done: Finished, steps) -> None:
-        """After a request, on the engine thread. steps: the policy's StepRecords."""
+    def observe_request(self, done: Finished) -> None:
+        """After a request, on the engine thread: its counts, from its stats record."""
         self.prompt_tokens.inc(done.prompt_tokens)
         self.completion_tokens.inc(done.completion_tokens)
         self.cached_tokens.inc(done.cached_tokens)
@@ -95,18 +94,19 @@ class Metrics:
         self.ttft.observe(done.ttft_seconds)
         if done.completion_tokens > 1:
             self.itl.observe(done.decode_seconds / (done.completion_tokens - 1))
-        for j, (d, a) in enumerate(zip(done.drafted_by_position, done.accepted_by_position)):
+        stats = done.stats
+        for j, (d, a) in enumerate(zip(stats.drafted_by_position, stats.accepted_by_position)):
             self.drafted_at.labels(str(j + 1)).inc(d)
             self.accepted_at.labels(str(j + 1)).inc(a)
-        for s in steps:
-            self.draft_length.observe(s.drafted)
-            self.step_seconds.labels("speculative" if s.drafted else "plain").observe(s.seconds)
-            if s.drafted:
-                labels = (s.content_class, "lookup" if s.lookup else "mtp")
-                self.drafts.labels(*labels).inc()
-                self.draft_tokens.labels(*labels).inc(s.drafted)
-                self.accepted_tokens.labels(*labels).inc(s.accepted)
-        self.speculation_active.set(1 if steps and steps[-1].drafted else 0)
+        for k, seconds in zip(stats.draft_lengths, stats.step_seconds):
+            self.draft_length.observe(k)
+            if seconds > 0:
+                self.step_seconds.labels("speculative" if k else "plain").observe(seconds)
+        for labels, (steps, drafted, accepted) in stats.by_kind.items():
+            self.drafts.labels(*labels).inc(steps)
+            self.draft_tokens.labels(*labels).inc(drafted)
+            self.accepted_tokens.labels(*labels).inc(accepted)
+        self.speculation_active.set(1 if stats.draft_lengths and stats.draft_lengths[-1] else 0)
 
     def observe_speedups(self, expected: float | None, realised: float | None) -> None:
         if expected is not None:

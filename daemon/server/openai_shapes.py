@@ -137,15 +137,19 @@ def usage(done: Finished) -> dict:
     }
 
 
+def _rounded(value: float | None, digits: int) -> float | None:
+    return None if value is None else round(value, digits)
+
+
 def speculation_figures(done: Finished, policy: str) -> dict:
     """The extension object: what speculation did for this request."""
     return {
         "speculation": policy,
-        "drafted_tokens": done.drafted,
-        "accepted_tokens": done.accepted,
-        "acceptance_rate": round(done.accepted / done.drafted, 4) if done.drafted else None,
-        "lookup_drafted_tokens": done.lookup_drafted,
-        "lookup_accepted_tokens": done.lookup_accepted,
+        "drafted_tokens": done.stats.drafted,
+        "accepted_tokens": done.stats.accepted,
+        "acceptance_rate": _rounded(done.stats.acceptance_rate, 4),
+        "lookup_drafted_tokens": done.stats.lookup_drafted,
+        "lookup_accepted_tokens": done.stats.lookup_accepted,
         "time_to_first_token_s": round(done.ttft_seconds, 4),
         "tokens_per_second": round(done.tokens_per_second, 2),
     }

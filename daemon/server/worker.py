@@ -23,7 +23,6 @@ from daemon.engine.prompt_cache import PromptCache
 from daemon.engine.records import Finished, Request
 from daemon.models.loading import LoadedModel, on_metal
 from daemon.server.metrics import Metrics
-from policies.recording import Recording
 from policies.registry import make_policy
 
 log = structlog.get_logger()
@@ -121,16 +120,18 @@ class Worker:
             if self.shared is not None and self.served % SAVE_EVERY == 0:
                 self.shared.save()
 
-    def _measure(self, done: Finished | None = None, policy: Recording | None = None) -> None:
+    def _measure(self, done: Finished | None = None) -> None:
         if self.metrics is None:
             return
         m = self.metrics
         if done is None:
             m.describe_model(self.lm, "Metal" if on_metal() else "CPU")
         else:
-            m.observe_request(done, policy.steps)
-            expected = [s.expected_speedup for s in policy.steps if s.expected_speedup is not None]
-            m.observe_speedups(sum(expected) / len(expected) if expected else None, policy.realised_speedup())
+            m.observe_request(done)
+            expected = done.stats.expected_speedups
+            rate = done.stats.speculative_rate()
+            realised = rate * self.shared.costs.predict(0) if rate is not None and self.shared is not None else None
+            m.observe_speedups(sum(expected) / len(expected) if expected else None, realised)
         if self.shared is not None:
             m.observe_costs(self.shared.costs)
         if self.prompt_cache is not None:
@@ -145,12 +146,11 @@ class Worker:
             job.deliver(DeadlineExceeded("the request waited in the queue past its timeout"))
             return
         try:
-            policy = Recording(make_policy(job.speculation, self.shared), self.shared)
-            records = generate(self.lm, job.request, policy, prompt_cache=self.prompt_cache)
+            records = generate(self.lm, job.request, make_policy(job.speculation, self.shared), prompt_cache=self.prompt_cache)
             for record in records:
                 job.deliver(record)
                 if isinstance(record, Finished):
-                    self._measure(record, policy)
+                    self._measure(record)
                 elif job.cancelled.is_set():
                     records.close()
                     return

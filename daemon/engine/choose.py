@@ -1,0 +1,41 @@
+"""The target's own token at a position: greedy through the near-tie guard, or sampled.
+
+One `TokenChooser` per request holds its PRNG key, so every random draw of the request (plain
+sampling, drafts, acceptance tests) comes from one seeded sequence.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import mlx.core as mx
+
+from daemon.engine.sampling import SamplingParams, sample
+from daemon.engine.ties import NearTieGuard, greedy_with_margin
+
+
+class TokenChooser:
+    def __init__(self, sampling: SamplingParams, key: mx.array, guard: NearTieGuard):
+        self.sampling, self.key, self.guard = sampling, key, guard
+
+    def split(self, n: int = 1) -> list[mx.array]:
+        """n fresh subkeys; the request's key moves on."""
+        self.key, *subkeys = mx.random.split(self.key, n + 1)
+        return subkeys
+
+    def draw(self, logits: mx.array) -> tuple[mx.array, mx.array | None]:
+        """logits [..., V] -> (tokens [...], greedy top-2 margins [...] or None when sampling); lazy."""
+        if self.sampling.greedy:
+            return greedy_with_margin(logits)
+        return sample(logits, self.sampling, self.split()[0]), None
+
+    def read(self, y: mx.array, margin: mx.array | None, history: Sequence[int]) -> tuple[int, int]:
+        """(the drawn token, the token to emit after `history`): greedy ones pass the near-tie guard."""
+        token = y.item()
+        return token, token if margin is None else self.guard.token(history, token, margin.item())
+
+    def choose(self, logits: mx.array, history: Sequence[int]) -> int:
+        """The token after `history` from its logits [V] or [1, V]."""
+        y, margin = self.draw(logits)
+        mx.eval(y, margin)
+        return self.read(y, margin, history)[1]

@@ -1,0 +1,74 @@
+"""Plain decoding: one target forward and one token per step.
+
+Greedy tokens go through the near-tie guard, so they equal speculative decoding's. On Metal the
+next forward is queued before the current token is read (one host sync per token, overlapped with
+GPU compute), as in mlx-lm's generate_step; on a CPU a queued forward only competes with the
+current one for the cores, so there each token is read, checked and yielded before the next
+forward is built.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx_lm.models.cache import trim_prompt_cache
+
+from daemon.engine.choose import TokenChooser
+from daemon.engine.records import Step
+from daemon.engine.sampling import token_logprobs
+from daemon.models.loading import on_metal
+
+
+@dataclass
+class Decoding:
+    """What every step of one request works with."""
+
+    model: nn.Module
+    cache: list  # the target's KV cache, holding every emitted token but the last
+    chooser: TokenChooser
+    vocab: int  # the logits' width
+    logprobs: int | None = None  # report each token's log-probability and the top n (None: no)
+
+
+def plain_step(dec: Decoding, token: int, history: list[int]) -> tuple[int, mx.array]:
+    """Runs `token` (the last of `history`) through the target. Returns (the next token, its
+    logits [1, V])."""
+    logits = dec.model(mx.array([[token]]), cache=dec.cache)[:, -1, :]
+    return dec.chooser.choose(logits, history), logits
+
+
+def plain_steps(dec: Decoding, prompt_ids, logits: mx.array) -> Iterator[Step]:
+    """logits [1, V]: the prompt's last position."""
+    steps = _queued_steps if on_metal() else _eager_steps
+    return steps(dec, list(prompt_ids), logits)
+
+
+def _eager_steps(dec: Decoding, history: list[int], logits: mx.array) -> Iterator[Step]:
+    token = dec.chooser.choose(logits, history)
+    while True:
+        history.append(token)
+        yield Step((token,), logprobs=token_logprobs(logits, [token], dec.logprobs))
+        token, logits = plain_step(dec, token, history)
+
+
+def _queued_steps(dec: Decoding, history: list[int], logits: mx.array) -> Iterator[Step]:
+    model, cache, chooser = dec.model, dec.cache, dec.chooser
+    y, margin = chooser.draw(logits)
+    mx.async_eval(y, margin)
+    while True:
+        next_logits = model(y[:, None], cache=cache)[:, -1, :]
+        next_y, next_margin = chooser.draw(next_logits)
+        mx.async_eval(next_y, next_margin)
+        token, checked = chooser.read(y, margin, history)
+        if checked != token:  # the queued step read the wrong token: redo it
+            token, y = checked, mx.array([checked])
+            trim_prompt_cache(cache, 1)
+            next_logits = model(y[:, None], cache=cache)[:, -1, :]
+            next_y, next_margin = chooser.draw(next_logits)
+            mx.async_eval(next_y, next_margin)
+        history.append(token)
+        yield Step((token,), logprobs=token_logprobs(logits, [token], dec.logprobs))
+        logits, y, margin = next_logits, next_y, next_margin
