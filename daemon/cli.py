@@ -17,54 +17,54 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=None)
 
 
-def _drafter_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--drafter",
-        default=None,
-        help="MTP drafter folder; 'none' for no drafter; 'random' for random weights (testing). "
-        "Default: the MTP layer in the model's own checkpoint, if any",
-    )
+def _model_args(p: argparse.ArgumentParser) -> None:
+    """What serve, generate and bench share; unset flags fall back to the settings (TOML, MTPD_*)."""
+    p.add_argument("--model", default=None, help="GGUF file, mlx-lm folder or repo id on disk")
+    p.add_argument("--drafter", default=None,
+                   help="MTP drafter folder; 'none' for no drafter; 'random' for random weights (testing). "
+                        "Default: the MTP layer in the model's own checkpoint, if any")
     p.add_argument("--drafter-bits", type=int, choices=[8, 4, 3], default=None, help="quantize the drafter")
     p.add_argument("--tie-margin", type=float, default=None, help="near-tie guard margin (logits)")
+    p.add_argument("--config", type=Path, default=None, help="TOML file (default: ~/.config/mtpd/config.toml)")
 
 
-def parser() -> argparse.ArgumentParser:
-    root = argparse.ArgumentParser(prog="mtpd", description=__doc__)
-    sub = root.add_subparsers(dest="command", required=True)
-
+def _generate_parser(sub) -> None:
     g = sub.add_parser("generate", help="stream one answer to stdout")
     g.add_argument("prompt")
-    g.add_argument("--model", default=None, help="GGUF file, mlx-lm folder or repo id on disk")
-    _drafter_args(g)
-    g.add_argument("--spec", default="adaptive", help="draft policy: adaptive (default) | adaptive:mtp | off | fixed:K")
-    g.add_argument("--max-tokens", type=int, default=512)
+    _model_args(g)
+    g.add_argument("--spec", default=None, help="draft policy: adaptive | adaptive:mtp | off | fixed:K "
+                                                "(default: the speculation setting)")
+    g.add_argument("--max-tokens", type=_at_least_one, default=None, help="default: the default_max_tokens setting")
     g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     g.add_argument("--raw", action="store_true", help="send the prompt as raw text, no chat template")
     _sampling_args(g)
 
+
+def _bench_parser(sub) -> None:
     b = sub.add_parser("bench", help="tokens/s per draft policy, interleaved, as JSON")
     b.add_argument("--prompts", required=True, type=Path, help="JSONL: id, category, messages|prompt")
-    b.add_argument("--model", default=None)
-    _drafter_args(b)
+    _model_args(b)
     b.add_argument("--spec", action="append", required=True, help="draft policy: off | fixed:K | adaptive | adaptive:mtp (repeatable)")
-    b.add_argument("--verify-penalty-ms", type=float, default=0.0, help="test switch: add this per extra verified row")
-    b.add_argument("--max-tokens", type=int, default=256)
-    b.add_argument("--repeat", type=int, default=1)
+    b.add_argument("--verify-penalty-ms", type=float, default=0.0,
+                   help="simulate dear verification: count this many ms per verified draft (no waiting)")
+    b.add_argument("--max-tokens", type=_at_least_one, default=None, help="default: the default_max_tokens setting")
+    b.add_argument("--repeat", type=_at_least_one, default=1)
     b.add_argument("--baseline", choices=["mlx-lm"], default=None)
     b.add_argument("--json", required=True, type=Path, dest="json_out")
-    b.add_argument("--plot", type=Path, default=None, help="also draw the results into this PNG")
+    b.add_argument("--plot", type=Path, default=None, help="also draw the results into this PNG (the `plot` extra)")
     _sampling_args(b)
 
+
+def _serve_parser(sub) -> None:
     s = sub.add_parser("serve", help="the OpenAI-compatible HTTP daemon (settings: see `mtpd config show`)")
     s.add_argument("--host", default=None)
     s.add_argument("--port", type=int, default=None)
-    s.add_argument("--model", default=None)
-    s.add_argument("--drafter", default=None)
-    s.add_argument("--drafter-bits", type=int, default=None)
+    _model_args(s)
     s.add_argument("--speculation", default=None, help="default draft policy: adaptive | adaptive:mtp | off | fixed:K")
     s.add_argument("--log-level", default=None)
-    s.add_argument("--config", type=Path, default=None, help="TOML file (default: ~/.config/mtpd/config.toml)")
 
+
+def _service_parsers(sub) -> None:
     c = sub.add_parser("config", help="the daemon's settings")
     show = c.add_subparsers(dest="config_command", required=True).add_parser(
         "show", help="print the effective settings and where each comes from"
@@ -83,11 +83,13 @@ def parser() -> argparse.ArgumentParser:
     st.add_argument("--config", type=Path, default=None)
     st.add_argument("--port", type=int, default=None)
 
+
+def _train_parser(sub) -> None:
     t = sub.add_parser("train-drafter", help="train an MTP drafter for a model that has none")
     t.add_argument("--model", default=None)
     t.add_argument("--out", required=True, type=Path, help="drafter folder to write")
-    t.add_argument("--tokens", type=int, default=None, help="target positions to train on")
-    t.add_argument("--steps", type=int, default=None)
+    t.add_argument("--tokens", type=_at_least_one, default=None, help="target positions to train on")
+    t.add_argument("--steps", type=_at_least_one, default=None)
     t.add_argument("--head-vocab", type=int, default=None, help="size of the draft head's vocabulary (0: full)")
     t.add_argument("--feature-layers", type=_blocks, default=None, metavar="N,M|none",
                    help="target blocks whose outputs the drafter also reads (default: a third and two thirds "
@@ -99,6 +101,13 @@ def parser() -> argparse.ArgumentParser:
                    help="processes answering the training prompts at once, one BLAS thread each "
                         "(default: one per core on the CPU, one on Metal)")
     t.add_argument("--resume", action="store_true", help="continue a stopped run in --out")
+
+
+def parser() -> argparse.ArgumentParser:
+    root = argparse.ArgumentParser(prog="mtpd", description=__doc__)
+    sub = root.add_subparsers(dest="command", required=True)
+    for add in (_generate_parser, _bench_parser, _serve_parser, _service_parsers, _train_parser):
+        add(sub)
     return root
 
 
@@ -108,12 +117,22 @@ def _sampling(args):
     return SamplingParams(args.temperature, args.top_p, args.top_k, args.seed)
 
 
-def _load(args):
+MODEL_FLAGS = ("model", "drafter", "drafter_bits", "tie_margin")
+
+
+def _settings(args, *flags: str):
+    """The settings object serve uses, with the command line's flags on top."""
+    from daemon.settings import load_settings
+
+    return load_settings(args.config, {name: getattr(args, name) for name in MODEL_FLAGS + flags})[0]
+
+
+def _load(settings, **overrides):
     import structlog
 
     from daemon.models.loading import describe, load
 
-    lm = load(args.model, drafter=args.drafter, drafter_bits=args.drafter_bits)
+    lm = load(settings.model, drafter=settings.drafter, drafter_bits=settings.drafter_bits, **overrides)
     structlog.get_logger().info("model loaded", **describe(lm))
     return lm
 
@@ -125,9 +144,11 @@ def cmd_generate(args) -> None:
     from daemon.models.prompts import encode_chat, encode_text
     from policies.registry import ADAPTIVE, make_policy
 
-    lm = _load(args)
-    spec = args.spec if lm.drafter is not None or args.spec not in ADAPTIVE else "off"
-    shared = shared_estimates(lm) if spec in ADAPTIVE else None
+    settings = _settings(args)
+    lm = _load(settings)
+    spec = args.spec or settings.speculation
+    spec = spec if lm.drafter is not None or spec not in ADAPTIVE else "off"
+    shared = shared_estimates(lm, root=settings.cache_dir) if spec in ADAPTIVE else None
     policy = make_policy(spec, shared)
     if policy.name != "off" and lm.drafter is None:
         raise ValueError(f"--spec {spec} needs a drafter (--drafter)")
@@ -135,41 +156,47 @@ def cmd_generate(args) -> None:
         ids = encode_text(lm.tokenizer, args.prompt)
     else:
         ids = encode_chat(lm.tokenizer, [{"role": "user", "content": args.prompt}])
-    request = Request(tuple(ids), args.max_tokens, _sampling(args), tuple(args.stop))
-    for record in generate(lm, request, policy, tie_margin=args.tie_margin):
+    request = Request(tuple(ids), args.max_tokens or settings.default_max_tokens, _sampling(args), tuple(args.stop))
+    for record in generate(lm, request, policy, tie_margin=settings.tie_margin):
         if isinstance(record, Finished):
             print(flush=True)
-            print(
-                f"prompt tokens: {record.prompt_tokens}, completion tokens: {record.completion_tokens}, "
-                f"{record.tokens_per_second:.1f} tok/s, time to first token {record.ttft_seconds:.2f} s, "
-                f"finish: {record.finish_reason}"
-                + (f", drafted {record.stats.drafted}, accepted {record.stats.accepted}" if record.stats.drafted else ""),
-                file=sys.stderr,
-            )
+            print(_summary_line(record), file=sys.stderr)
         else:
             print(record.text, end="", flush=True)
     if shared is not None:
         shared.save()
 
 
+def _summary_line(done) -> str:
+    drafted = f", drafted {done.stats.drafted}, accepted {done.stats.accepted}" if done.stats.drafted else ""
+    return (f"prompt tokens: {done.prompt_tokens}, completion tokens: {done.completion_tokens}, "
+            f"{done.tokens_per_second:.1f} tok/s, time to first token {done.ttft_seconds:.2f} s, "
+            f"finish: {done.finish_reason}{drafted}")
+
+
 def cmd_bench(args) -> None:
     from daemon.bench.run import read_prompts, run_bench
-    from daemon.models.loading import load
 
+    if args.plot:
+        from daemon.bench.plot import pyplot
+
+        pyplot()  # a missing extra fails now, not after the run
+    settings = _settings(args)
     prompts = read_prompts(args.prompts)
-    lm = _load(args)
+    lm = _load(settings)
     specs = list(dict.fromkeys(args.spec + ([args.baseline] if args.baseline else [])))
     report = run_bench(
         lm,
         prompts,
         specs,
-        max_tokens=args.max_tokens,
+        max_tokens=args.max_tokens or settings.default_max_tokens,
         repeat=args.repeat,
         sampling=_sampling(args),
-        tie_margin=args.tie_margin,
+        tie_margin=settings.tie_margin,
         verify_penalty=args.verify_penalty_ms / 1000,
         progress=lambda line: print(line, file=sys.stderr, flush=True),
-        baseline=load(args.model, drafter="none", stock=True) if args.baseline else None,
+        baseline=_load(settings, stock=True, drafter="none") if args.baseline else None,
+        cache_dir=settings.cache_dir,
     )
     args.json_out.write_text(json.dumps(report, indent=1))
     if args.plot:
@@ -218,28 +245,19 @@ def cmd_train_drafter(args) -> None:
     print(json.dumps(record["held_out_first_position_acceptance"]))
 
 
-SERVE_FLAGS = ("host", "port", "model", "drafter", "drafter_bits", "speculation", "log_level")
-
-
 def cmd_serve(args) -> None:
     import asyncio
 
-    from daemon.server.app import Service, build_app, serve
+    from daemon.server.app import init_app, serve
     from daemon.server.metrics import Metrics
     from daemon.server.worker import Worker, load_for_serving
-    from daemon.settings import load_settings
     from daemon.system import logs
 
-    settings, _ = load_settings(args.config, {name: getattr(args, name) for name in SERVE_FLAGS})
+    settings = _settings(args, "host", "port", "speculation", "log_level")
     logs.configure(settings.log_level)
     metrics = Metrics()
     worker = Worker(lambda: load_for_serving(settings), settings.max_queue, metrics)
-    worker.start()
-    service = Service(settings, worker, metrics)
-    try:
-        asyncio.run(serve(service, build_app(service)))
-    finally:
-        worker.stop(timeout=settings.shutdown_timeout_s)
+    asyncio.run(serve(init_app(settings, worker, metrics)))
 
 
 def cmd_service(args) -> None:

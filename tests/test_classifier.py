@@ -32,4 +32,4 @@ def test_unfenced_code_is_detected():
 def test_feed_cost(benchmark):
     """`pytest --benchmark-enable -k feed_cost` reports the cost of one step's update."""
     tracker = ContentTracker(PROSE[0] * 3)
-    assert benchmark(tracker.feed, " x") in (C, P)
+    assert benchmark(tracker.feed, " x") == P  # a short word keeps prose prose

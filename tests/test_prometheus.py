@@ -46,6 +46,27 @@ def query(url: str, expr: str) -> list:
     return answer["data"]["result"]
 
 
+def until(condition, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "Prometheus did not catch up in time"
+        time.sleep(0.2)
+
+
+def scraped_tokens(url: str) -> float | None:
+    """What Prometheus last scraped of the daemon's completion-token counter (None: nothing yet)."""
+    try:
+        result = query(url, "mtpd_completion_tokens_total")
+    except OSError:
+        return None
+    return float(result[0]["value"][1]) if result else None
+
+
+def exposed_tokens(daemon: Daemon) -> float:
+    with urllib.request.urlopen(daemon.url + "/metrics") as r:
+        return float(re.search(r"^mtpd_completion_tokens_total (\S+)$", r.read().decode(), re.M).group(1))
+
+
 @pytest.fixture(scope="module")
 def scraped(tiny_gguf):
     binary = shutil.which("prometheus")
@@ -67,19 +88,10 @@ def scraped(tiny_gguf):
     )
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:  # until Prometheus has scraped the daemon once
-            try:
-                if query(url, 'up{job="mtpd"}'):
-                    break
-            except OSError:
-                pass
-            time.sleep(0.3)
-        time.sleep(1.5)
-        workload(daemon)
-        time.sleep(3)
-        workload(daemon)
-        time.sleep(4)
+        until(lambda: scraped_tokens(url) == 0.0)  # up, and scraped once before any work
+        for _ in range(2):  # two workloads, each scraped: every rate has an increase to show
+            workload(daemon)
+            until(lambda: scraped_tokens(url) == exposed_tokens(daemon))
         yield url, daemon
     finally:
         prom.terminate()

@@ -1,4 +1,5 @@
-"""The HTTP daemon, through the official `openai` client against a real server on loopback."""
+"""The HTTP daemon, through the official `openai` client against a real server on loopback (the
+error cases run in-process: test_server_app.py)."""
 
 import concurrent.futures
 import json
@@ -23,6 +24,20 @@ def post(url: str, body: bytes, headers: dict | None = None) -> tuple[int, dict,
             return r.status, dict(r.headers), json.loads(r.read())
     except urllib.error.HTTPError as e:
         return e.code, dict(e.headers), json.loads(e.read())
+
+
+def until(condition, timeout: float = 30.0):
+    """Polls `condition()` until it is truthy; returns its value."""
+    deadline = time.monotonic() + timeout
+    while not (value := condition()):
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.02)
+    return value
+
+
+def health(daemon) -> dict:
+    with urllib.request.urlopen(daemon.url + "/health") as r:
+        return json.loads(r.read())
 
 
 def chat(daemon, **kw):
@@ -108,55 +123,6 @@ def test_logprobs(tiny_daemon):
     assert lp.text_offset[0] == 0 and all(len(t) == 3 for t in lp.top_logprobs)
 
 
-@pytest.mark.parametrize(
-    "body, status, param",
-    [
-        (b"{not json", 400, None),
-        (b'{"messages": "hi"}', 400, "messages"),
-        (b'{"messages": [{"role": "user", "content": "hi"}], "temperature": "hot"}', 400, "temperature"),
-        (b'{"messages": [{"role": "wizard", "content": "hi"}]}', 400, "messages.0.role"),
-        (b'{"messages": [{"role": "user", "content": "hi"}], "n": 2}', 400, "n"),
-        (b'{"messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}', 400, "max_tokens"),
-        (b'{"messages": [{"role": "user", "content": "hi"}], "speculation": "fixed:99"}', 400, "speculation"),
-        (b'{"messages": [{"role": "user", "content": "hi"}], "model": "gpt-9"}', 404, "model"),
-        (b'{"messages": []}', 400, "messages"),
-        (b"[1, 2]", 400, None),
-    ],
-)
-def test_bad_requests_get_openai_errors_and_the_daemon_goes_on(tiny_daemon, body, status, param):
-    code, _, answer = post(tiny_daemon.url + "/v1/chat/completions", body)
-    assert code == status
-    assert set(answer["error"]) == {"message", "type", "param", "code"} and answer["error"]["message"]
-    assert answer["error"]["param"] == param
-    assert "Traceback" not in json.dumps(answer)
-    assert chat(tiny_daemon, max_tokens=3).usage.completion_tokens >= 1
-
-
-def test_prompt_longer_than_the_context(tiny_daemon):
-    with pytest.raises(openai.BadRequestError) as e:
-        chat(tiny_daemon, max_tokens=5, messages=[{"role": "user", "content": "word " * 600}])
-    assert e.value.code == "context_length_exceeded"
-    assert chat(tiny_daemon, max_tokens=3).usage.completion_tokens >= 1
-
-
-def test_body_too_large_is_413(tiny_daemon):
-    big = json.dumps({"messages": [{"role": "user", "content": "x" * (5 << 20)}]}).encode()
-    code, _, answer = post(tiny_daemon.url + "/v1/chat/completions", big)
-    assert code == 413 and answer["error"]["code"] == "body_too_large"
-    assert chat(tiny_daemon, max_tokens=3).usage.completion_tokens >= 1
-
-
-def test_models_and_health(tiny_daemon):
-    models = tiny_daemon.client().models.list()
-    assert [m.id for m in models.data] == ["tiny"]
-    assert tiny_daemon.client().models.retrieve("tiny").id == "tiny"
-    with pytest.raises(openai.NotFoundError):
-        tiny_daemon.client().models.retrieve("gpt-9")
-    with urllib.request.urlopen(tiny_daemon.url + "/health") as r:
-        health = json.loads(r.read())
-    assert health["status"] == "ok" and health["model"] == "tiny" and health["drafter"] == "random"
-
-
 def test_concurrent_mixed_clients_lose_nothing(tiny_daemon):
     def one(i):
         kw = dict(max_tokens=10 + i % 7, temperature=0, messages=[{"role": "user", "content": f"Tell me {i}."}])
@@ -186,36 +152,8 @@ def test_client_disconnect_frees_the_engine(tiny_daemon):
     conn.sock.close()
     conn.close()
     assert chat(tiny_daemon, max_tokens=3).usage.completion_tokens >= 1
-    time.sleep(0.5)
-    gone = [r for r in tiny_daemon.log_records() if r.get("status") == "client_gone"]
-    assert gone and gone[-1]["stream"] is True
-
-
-def test_api_key_and_queue_limit(tiny_gguf):
-    daemon = Daemon("--model", str(tiny_gguf), "--drafter", "none",
-                    env={"MTPD_API_KEY": "s3cret", "MTPD_MAX_QUEUE": "1"})
-    try:
-        with pytest.raises(openai.AuthenticationError):
-            chat(daemon, max_tokens=2)
-        with pytest.raises(openai.AuthenticationError):
-            daemon.client(api_key="wrong").models.list()
-        client = daemon.client(api_key="s3cret")
-        assert client.chat.completions.create(model="tiny", messages=HELLO, max_tokens=2).usage.completion_tokens >= 1
-        with urllib.request.urlopen(daemon.url + "/health") as r:
-            assert r.status == 200  # health needs no key
-
-        body = json.dumps({"messages": HELLO, "max_tokens": 400, "temperature": 0}).encode()
-        auth = {"Authorization": "Bearer s3cret"}
-        with concurrent.futures.ThreadPoolExecutor(6) as pool:
-            answers = list(pool.map(lambda _: post(daemon.url + "/v1/chat/completions", body, auth), range(6)))
-        codes = sorted(code for code, _, _ in answers)
-        assert codes.count(200) >= 2 and 503 in codes and set(codes) <= {200, 503}, codes
-        for code, headers, answer in answers:
-            if code == 503:
-                assert headers["Retry-After"] == "1" and answer["error"]["code"] == "queue_full"
-        assert client.chat.completions.create(model="tiny", messages=HELLO, max_tokens=2).usage.completion_tokens >= 1
-    finally:
-        assert daemon.stop() == 0
+    gone = until(lambda: [r for r in tiny_daemon.log_records() if r.get("status") == "client_gone"])
+    assert gone[-1]["stream"] is True
 
 
 def test_sigterm_lets_the_request_in_flight_finish(tiny_gguf):
@@ -227,7 +165,7 @@ def test_sigterm_lets_the_request_in_flight_finish(tiny_gguf):
 
     worker = threading.Thread(target=slow)
     worker.start()
-    time.sleep(0.3)
+    until(lambda: health(daemon)["busy"])  # the request is being answered
     assert daemon.stop(15) == 0
     worker.join(30)
     assert result["answer"].usage.completion_tokens >= 1

@@ -244,21 +244,20 @@ def test_sampling_reproduces_joint_distribution(small_vocab_lm, case):
         assert 0 < accepted < drafted < 2 * runs and any(stopped for _, stopped in policy.stops)
 
 
-def test_adaptive_is_lossless_and_turns_off_when_verification_is_expensive(tiny_lm, plain_ids, tmp_path, monkeypatch):
+def test_adaptive_is_lossless_and_turns_off_when_verification_is_expensive(tiny_lm, plain_ids):
     from daemon.engine.calibration import shared_estimates
     from policies.registry import make_policy
 
-    monkeypatch.setenv("MTPD_CACHE_DIR", str(tmp_path))
     sequence = list(PROMPT) + list(plain_ids)
     drafter = RuleDrafter(PROMPT[0], known_sequence(sequence, tiny_lm.config["vocab_size"]), 64)  # always right
     lm = with_drafter(tiny_lm, drafter)
-    shared = shared_estimates(lm)
+    shared = shared_estimates(lm, None)
     cheap = finished(lm, Request(PROMPT, max_tokens=80), make_policy("adaptive", shared))
     assert cheap.token_ids == plain_ids
     assert sum(k > 0 for k in cheap.stats.draft_lengths) > len(cheap.stats.draft_lengths) / 2
 
     penalty = 0.005  # each extra verified row costs ~5 plain steps of this tiny model
-    costly_shared = shared_estimates(lm, verify_penalty=penalty)
+    costly_shared = shared_estimates(lm, None, verify_penalty=penalty)
     costly = finished(lm, Request(PROMPT, max_tokens=80), make_policy("adaptive", costly_shared), verify_penalty=penalty)
     assert costly.token_ids == plain_ids
     assert sum(k == 0 for k in costly.stats.draft_lengths) > 0.8 * len(costly.stats.draft_lengths)

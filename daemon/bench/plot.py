@@ -6,12 +6,22 @@ from __future__ import annotations
 from pathlib import Path
 
 
-def plot_report(report: dict, path: str | Path) -> None:
-    import matplotlib
-
+def pyplot():
+    """matplotlib's pyplot, off screen; a clear error where the `plot` extra is not installed."""
+    try:
+        import matplotlib
+    except ImportError:
+        raise ValueError("--plot needs matplotlib: pip install 'mtpd[plot]'") from None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_report(report: dict, path: str | Path) -> None:
     import numpy as np
+
+    plt = pyplot()
 
     summary = report["summary"]
     specs = list(dict.fromkeys(r["spec"] for r in summary))

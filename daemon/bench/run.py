@@ -144,13 +144,15 @@ def run_bench(
     verify_penalty: float = 0.0,
     progress: Callable[[str], None] = lambda _: None,
     baseline: LoadedModel | None = None,
+    cache_dir: Path | None = None,
 ) -> dict:
     """`specs` may include "mlx-lm" for the baseline (on `baseline`: the same weights loaded with
     `stock=True`, as mlx-lm runs them; default `lm`); each prompt runs every spec in turn.
-    `verify_penalty` (seconds per extra verified row) makes speculation expensive on purpose."""
+    `verify_penalty` (seconds counted per verified draft) makes speculation expensive on purpose.
+    `cache_dir`: where the adaptive policy's calibration is kept (None: a fresh probe)."""
     if lm.drafter is None and any(s not in ("off", BASELINE) for s in specs):
         raise ValueError(f"--spec {next(s for s in specs if s not in ('off', BASELINE))} needs a drafter (--drafter)")
-    shared = shared_estimates(lm, verify_penalty) if any(s in ADAPTIVE for s in specs) else None
+    shared = shared_estimates(lm, cache_dir, verify_penalty) if any(s in ADAPTIVE for s in specs) else None
     for spec in specs:
         if spec != BASELINE:
             make_policy(spec, shared)  # reject bad names before any work

@@ -18,7 +18,6 @@ from daemon.cpu.blas import blas_in_use
 from daemon.engine.forward import source_parts
 from daemon.models.loading import LoadedModel, on_metal
 from daemon.models.mtp import offer_arrays
-from daemon.settings import default_cache_dir
 from policies.adaptive import K_MAX, SharedEstimates
 from policies.cost import StepCosts
 
@@ -32,13 +31,9 @@ def machine() -> str:
     return f"{platform.system()} {platform.machine()}, {os.cpu_count()} cores, {backend}, {blas_in_use()}"
 
 
-def cache_dir() -> Path:
-    return Path(os.environ.get("MTPD_CACHE_DIR", default_cache_dir()))
-
-
-def estimates_path(lm: LoadedModel, verify_penalty: float = 0.0, root: Path | None = None) -> Path:
+def estimates_path(lm: LoadedModel, root: Path, verify_penalty: float = 0.0) -> Path:
     key = f"{lm.path}|{lm.drafter_name}|{machine()}|{verify_penalty}|{COST_FORMS}"
-    return (root or cache_dir()) / "calibration" / (hashlib.sha1(key.encode()).hexdigest()[:16] + ".json")
+    return root / "calibration" / (hashlib.sha1(key.encode()).hexdigest()[:16] + ".json")
 
 
 def _fastest_seconds(run, repeats: int = PROBE_REPEATS) -> float:
@@ -52,7 +47,8 @@ def _fastest_seconds(run, repeats: int = PROBE_REPEATS) -> float:
 
 
 def probe_costs(lm: LoadedModel, k_max: int = K_MAX, verify_penalty: float = 0.0) -> StepCosts:
-    """Times a target forward over n = 1 .. k_max + 1 positions and one drafter step."""
+    """Times a target forward over n = 1 .. k_max + 1 positions and one drafter step.
+    `verify_penalty`: seconds counted on top for each row past the first (daemon.engine.generate)."""
     model, drafter = lm.model, lm.drafter
     cache = make_prompt_cache(model)
     context = mx.array([[(i * 37) % 1000 + 10 for i in range(PROBE_CONTEXT)]])
@@ -61,10 +57,9 @@ def probe_costs(lm: LoadedModel, k_max: int = K_MAX, verify_penalty: float = 0.0
     def verify(n):
         mx.eval(model(mx.full((1, n), 11), cache=cache))
         trim_prompt_cache(cache, n)
-        time.sleep(verify_penalty * (n - 1))
 
     verify(k_max + 1)  # warm-up
-    measured = [_fastest_seconds(lambda n=n: verify(n)) for n in range(1, k_max + 2)]
+    measured = [_fastest_seconds(lambda n=n: verify(n)) + verify_penalty * (n - 1) for n in range(1, k_max + 2)]
     # more rows never cost less: a slow outlier at n is capped by what any larger n took
     t_verify = list(itertools.accumulate(reversed(measured), min))[::-1]
     dcache = drafter.make_cache()
@@ -82,13 +77,14 @@ def probe_costs(lm: LoadedModel, k_max: int = K_MAX, verify_penalty: float = 0.0
     return StepCosts(_fastest_seconds(draft), t_verify)
 
 
-def shared_estimates(lm: LoadedModel, verify_penalty: float = 0.0, root: Path | None = None) -> SharedEstimates | None:
-    """The saved estimates for this model, drafter and machine, or a fresh probe (then saved).
-    None without a drafter. root: the cache folder (default: MTPD_CACHE_DIR or ~/.cache/mtpd)."""
+def shared_estimates(lm: LoadedModel, root: Path | None, verify_penalty: float = 0.0) -> SharedEstimates | None:
+    """The saved estimates for this model, drafter and machine under `root` (the settings'
+    cache_dir), or a fresh probe, then saved there (root None: kept in memory only). None without
+    a drafter."""
     if lm.drafter is None:
         return None
-    path = estimates_path(lm, verify_penalty, root)
-    shared = SharedEstimates.load(path)
+    path = estimates_path(lm, root, verify_penalty) if root is not None else None
+    shared = SharedEstimates.load(path) if path is not None else None
     if shared is None:
         shared = SharedEstimates(probe_costs(lm, verify_penalty=verify_penalty), path=path)
         shared.save()

@@ -77,7 +77,9 @@ def generate(
     prompt_cache: PromptCache | None = None,
 ) -> Iterator[Delta | Finished]:
     """`policy`: None or `off` decodes plainly, and so does any policy when the model has no
-    drafter. `verify_penalty`: seconds per extra verified row (a test switch). `prompt_cache`:
+    drafter. `verify_penalty`: seconds counted for each verified draft, in the steps' times and the
+    decode time, without waiting (a switch that simulates a machine where verification rows are
+    dear, so speculation must lose). `prompt_cache`:
     reuse and remember prompt prefixes."""
     policy = policy or Fixed(0)
     start = time.perf_counter()
@@ -116,7 +118,7 @@ def generate(
         completion_tokens=len(output.token_ids),
         cached_tokens=cached,
         ttft_seconds=(first_token_at or end) - start,
-        decode_seconds=end - (first_token_at or end),
+        decode_seconds=end - (first_token_at or end) + verify_penalty * stats.drafted,
         stats=stats,
         token_ids=tuple(output.token_ids),
     )

@@ -50,13 +50,9 @@ def draft(session: DraftingSession, plan: Plan, offer: Proposal, room: int, dec:
     return session.draft(min(plan.k, room), dec.chooser.sampling, dec.chooser.split, plan.min_confidence)
 
 
-def verify(dec: Decoding, t: int, drafts: Drafts, history: list[int], penalty: float) -> tuple[list[int], mx.array]:
-    """One target forward over [t, *drafts]; returns (the tokens it emits, logits [k+1, V]).
-    `penalty`: seconds added per extra verified row (a test switch that makes speculation lose)."""
+def verify(dec: Decoding, t: int, drafts: Drafts, history: list[int]) -> tuple[list[int], mx.array]:
+    """One target forward over [t, *drafts]; returns (the tokens it emits, logits [k+1, V])."""
     logits = dec.model(mx.array([[t, *drafts.tokens]]), cache=dec.cache)[0]
-    if penalty:
-        mx.eval(logits)
-        time.sleep(penalty * len(drafts.tokens))
     if dec.chooser.sampling.greedy:
         return verify_greedy(logits, drafts.tokens, dec.chooser.guard, history), logits
     return verify_sampled(logits, drafts.tokens, drafts.q_rows, dec.chooser.sampling, dec.chooser.split(2)), logits
@@ -76,7 +72,8 @@ def speculative_steps(
 ) -> Iterator[Step]:
     """first_logits [1, V] and prompt_hidden [1, n, H]: the prompt's last logits and the target's
     hidden states over it (the drafter's source). The policy plans every round from the lookup's
-    offer and `content_class()`, and is told each round's draft length, acceptance and time."""
+    offer and `content_class()`, and is told each round's draft length, acceptance and time
+    (with `verify_penalty` seconds counted per verified draft: see daemon.engine.generate)."""
     index, source = session.index, session.drafter.config.source
     t = dec.chooser.choose(first_logits, index.tokens)
     session.start(prompt_hidden, t)
@@ -97,7 +94,7 @@ def speculative_steps(
         else:
             accepted = -1  # verification failed: the whole round goes
             try:
-                out, logits = verify(dec, t, drafts, index.tokens, verify_penalty)
+                out, logits = verify(dec, t, drafts, index.tokens)
                 accepted = len(out) - 1
             finally:  # the target keeps t and the accepted drafts
                 trim_prompt_cache(dec.cache, k - accepted)
@@ -109,7 +106,7 @@ def speculative_steps(
             t = out[-1]
         index.extend(out)
         emitted += len(out)
-        seconds = time.perf_counter() - started
+        seconds = time.perf_counter() - started + verify_penalty * k
         policy.observe(k, accepted, seconds, drafts.stopped)
         yield Step(tuple(out), k, accepted, token_logprobs(logits, out, dec.logprobs), plan.lookup and k > 0,
                    seconds, plan.expected_speedup if k else None)

@@ -46,6 +46,22 @@ class Job:
     cancelled: threading.Event = field(default_factory=threading.Event)
 
 
+@dataclass(frozen=True)
+class ServedModel:
+    """What the HTTP side knows of the loaded model: names, its tokenizer and limits; no MLX."""
+
+    name: str
+    tokenizer: object  # mlx_lm TokenizerWrapper
+    vocab_size: int
+    context_length: int
+    drafter: str | None  # the drafter's name; None: it has none
+
+    @classmethod
+    def of(cls, lm: LoadedModel) -> ServedModel:
+        context = int(lm.config.get("max_position_embeddings", 4096))
+        return cls(lm.name, lm.tokenizer, lm.config["vocab_size"], context, lm.drafter_name if lm.drafter else None)
+
+
 @dataclass
 class Loaded:
     """What the engine thread works with, made on that thread by the set-up callable."""
@@ -53,6 +69,7 @@ class Loaded:
     lm: LoadedModel
     shared: object | None  # the adaptive policy's SharedEstimates (None without a drafter)
     prompt_cache: PromptCache | None
+    tie_margin: float | None = None  # the near-tie guard's margin (None: by the model's precision)
 
 
 class Worker:
@@ -66,9 +83,10 @@ class Worker:
         self._ready = threading.Event()
         self._failed: BaseException | None = None
         self.busy = False
-        self.served = 0
+        self.jobs_done = 0
         self.lm: LoadedModel | None = None
-        self.shared = self.prompt_cache = None
+        self.served: ServedModel | None = None  # once started
+        self.shared = self.prompt_cache = self._tie_margin = None
 
     @property
     def waiting(self) -> int:
@@ -104,6 +122,8 @@ class Worker:
         try:
             loaded = self._setup()
             self.lm, self.shared, self.prompt_cache = loaded.lm, loaded.shared, loaded.prompt_cache
+            self._tie_margin = loaded.tie_margin
+            self.served = ServedModel.of(loaded.lm)
             self._measure()
         except BaseException as e:  # handed to start()
             self._failed = e
@@ -116,8 +136,8 @@ class Worker:
                 self._serve(job)
             finally:
                 self.busy = False
-                self.served += 1
-            if self.shared is not None and self.served % SAVE_EVERY == 0:
+                self.jobs_done += 1
+            if self.shared is not None and self.jobs_done % SAVE_EVERY == 0:
                 self.shared.save()
 
     def _measure(self, done: Finished | None = None) -> None:
@@ -146,7 +166,8 @@ class Worker:
             job.deliver(DeadlineExceeded("the request waited in the queue past its timeout"))
             return
         try:
-            records = generate(self.lm, job.request, make_policy(job.speculation, self.shared), prompt_cache=self.prompt_cache)
+            policy = make_policy(job.speculation, self.shared)
+            records = generate(self.lm, job.request, policy, self._tie_margin, prompt_cache=self.prompt_cache)
             for record in records:
                 job.deliver(record)
                 if isinstance(record, Finished):
@@ -181,7 +202,7 @@ def load_for_serving(settings) -> Loaded:
         if settings.prompt_cache_disk_bytes:
             disk = settings.cache_dir / "prompts" / model_key(lm.path)
         prompt_cache = PromptCache(settings.prompt_cache_bytes, disk, settings.prompt_cache_disk_bytes)
-    return Loaded(lm, shared, prompt_cache)
+    return Loaded(lm, shared, prompt_cache, settings.tie_margin)
 
 
 def model_key(path: str) -> str:

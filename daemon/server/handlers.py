@@ -1,0 +1,121 @@
+"""The routes' handlers: thin, they validate, hand the work to the engine thread and shape replies.
+Domain errors are ApiErrors, which the app's error middleware turns into OpenAI's error JSON."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections import Counter
+
+import structlog
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from daemon.engine.records import Finished
+from daemon.server.keys import METRICS, SETTINGS, TOTALS, WORKER
+from daemon.server.openai_shapes import ApiError, ChatRequest, CompletionRequest, parse
+from daemon.server.prepare import Prepared, default_speculation, prepare
+from daemon.server.streaming import ClientGone, Reply, records, submit
+
+log = structlog.get_logger()
+
+
+def _log_request(http: web.Request, rid: str, prepared: Prepared, done: Finished | None, status: str, text: str):
+    fields = {"id": rid, "endpoint": prepared.kind, "status": status, "stream": prepared.body.stream,
+              "speculation": prepared.speculation, "prompt_tokens": len(prepared.request.prompt_ids)}
+    if done is not None:
+        stats = done.stats
+        fields.update(
+            cached_tokens=done.cached_tokens, completion_tokens=done.completion_tokens,
+            tokens_per_second=round(done.tokens_per_second, 2), ttft_s=round(done.ttft_seconds, 4),
+            drafted=stats.drafted, accepted=stats.accepted,
+            acceptance=None if stats.acceptance_rate is None else round(stats.acceptance_rate, 3),
+            lookup_drafted=stats.lookup_drafted, lookup_accepted=stats.lookup_accepted,
+            draft_lengths=dict(Counter(stats.draft_lengths)), finish_reason=done.finish_reason,
+        )
+    if http.app[SETTINGS].log_prompts:
+        fields.update(prompt=http.app[WORKER].served.tokenizer.decode(list(prepared.request.prompt_ids)), answer=text)
+    log.info("request", **fields)
+
+
+async def _complete(http: web.Request, model: type) -> web.StreamResponse:
+    settings, worker = http.app[SETTINGS], http.app[WORKER]
+    served = worker.served
+    body = parse(model, await http.read())
+    prepared = await asyncio.get_running_loop().run_in_executor(None, prepare, body, served, settings)
+    rid = ("chatcmpl-" if prepared.kind == "chat" else "cmpl-") + uuid.uuid4().hex[:24]
+    reply = Reply(prepared, (rid, int(time.time()), served.name), lambda t: served.tokenizer.decode([t]))
+    job, out = submit(worker, prepared, settings.request_timeout_s)
+    status = "ok"
+    try:
+        if body.stream:
+            response, status = await reply.stream(http, records(http, job, out))
+        else:
+            response = await reply.collect(records(http, job, out))
+        return response
+    except ClientGone:
+        status = "client_gone"
+        raise
+    except ApiError as e:
+        status = str(e.status)
+        raise
+    finally:
+        job.cancelled.set()  # no-op when the job has finished
+        if reply.done is not None:
+            http.app[TOTALS].add(reply.done, prepared.speculation)
+        _log_request(http, rid, prepared, reply.done, status, "".join(reply.text))
+
+
+async def chat_completions(http: web.Request) -> web.StreamResponse:
+    return await _complete(http, ChatRequest)
+
+
+async def completions(http: web.Request) -> web.StreamResponse:
+    return await _complete(http, CompletionRequest)
+
+
+def _model_card(app: web.Application) -> dict:
+    served = app[WORKER].served
+    return {"id": served.name, "object": "model", "created": int(app[TOTALS].started), "owned_by": "mtpd",
+            "mtpd": {"drafter": served.drafter, "context_length": served.context_length}}
+
+
+async def list_models(http: web.Request) -> web.Response:
+    return web.json_response({"object": "list", "data": [_model_card(http.app)]})
+
+
+async def get_model(http: web.Request) -> web.Response:
+    if http.match_info["model"].lower() != http.app[WORKER].served.name.lower():
+        raise ApiError(404, f"the model {http.match_info['model']!r} does not exist", "model", "model_not_found")
+    return web.json_response(_model_card(http.app))
+
+
+async def health(http: web.Request) -> web.Response:
+    worker, totals = http.app[WORKER], http.app[TOTALS]
+    return web.json_response({
+        "status": "ok",
+        "model": worker.served.name,
+        "drafter": worker.served.drafter,
+        "speculation": default_speculation(worker.served, http.app[SETTINGS]),
+        "uptime_s": round(time.time() - totals.started, 1),
+        "requests_served": totals.requests,
+        "completion_tokens": totals.completion_tokens,
+        "acceptance_rate": totals.acceptance_rate,
+        "last_request_speculation": totals.last_speculation,
+        "queue": worker.waiting,
+        "busy": worker.busy,
+    })
+
+
+async def metrics(http: web.Request) -> web.Response:
+    return web.Response(body=generate_latest(http.app[METRICS].registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+def setup_routes(app: web.Application) -> None:
+    app.router.add_post("/v1/chat/completions", chat_completions)
+    app.router.add_post("/v1/completions", completions)
+    app.router.add_get("/v1/models", list_models)
+    app.router.add_get("/v1/models/{model}", get_model)
+    app.router.add_get("/health", health)
+    app.router.add_get("/metrics", metrics)

@@ -1,0 +1,76 @@
+"""An API request body turned into an engine `Request`: prompt ids, limits, sampling, draft policy.
+Every problem is an ApiError naming the parameter."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from daemon.engine.records import Request
+from daemon.engine.sampling import SamplingParams
+from daemon.models.prompts import encode_chat, encode_text, system_prefix_length
+from daemon.server.openai_shapes import ApiError, ChatRequest, CompletionRequest
+from daemon.server.worker import ServedModel
+from daemon.settings import Settings
+from policies.registry import check as check_policy
+
+
+@dataclass
+class Prepared:
+    """A validated API request, ready for the engine."""
+
+    body: ChatRequest | CompletionRequest
+    request: Request
+    speculation: str
+    kind: str  # "chat" | "completion"
+
+
+def default_speculation(served: ServedModel, settings: Settings) -> str:
+    return settings.speculation if served.drafter is not None else "off"
+
+
+def _chat_ids(served: ServedModel, body: ChatRequest, settings: Settings) -> tuple[list[int], int]:
+    """The prompt ids, and how many leading ones are a system prompt worth keeping on disk."""
+    messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
+    ids = encode_chat(served.tokenizer, messages)
+    length = system_prefix_length(served.tokenizer, messages, ids)
+    return ids, length if length >= settings.prompt_cache_min_tokens else 0
+
+
+def _completion_ids(served: ServedModel, body: CompletionRequest) -> list[int]:
+    prompt = body.prompt[0] if isinstance(body.prompt, list) and isinstance(body.prompt[0], str) else body.prompt
+    if isinstance(prompt, str):
+        return encode_text(served.tokenizer, prompt)
+    if any(not 0 <= t < served.vocab_size for t in prompt):
+        raise ApiError(400, f"prompt: token ids must be in [0, {served.vocab_size})", "prompt")
+    return list(prompt)
+
+
+def _speculation(served: ServedModel, body, settings: Settings) -> str:
+    speculation = body.speculation or default_speculation(served, settings)
+    try:
+        check_policy(speculation)
+    except ValueError as e:
+        raise ApiError(400, f"speculation: {e}", "speculation") from None
+    if speculation != "off" and served.drafter is None:
+        raise ApiError(400, "speculation: this model has no drafter; use 'off'", "speculation")
+    return speculation
+
+
+def prepare(body: ChatRequest | CompletionRequest, served: ServedModel, settings: Settings) -> Prepared:
+    if body.model and body.model.lower() != served.name.lower():
+        raise ApiError(404, f"the model {body.model!r} does not exist; this daemon serves {served.name!r}",
+                       "model", "model_not_found")
+    chat = isinstance(body, ChatRequest)
+    ids, persist = _chat_ids(served, body, settings) if chat else (_completion_ids(served, body), 0)
+    param = "messages" if chat else "prompt"
+    if not ids:
+        raise ApiError(400, "the prompt is empty", param)
+    room = served.context_length - len(ids)
+    if room < 1:
+        raise ApiError(400, f"the prompt has {len(ids)} tokens; this model's context is {served.context_length} tokens",
+                       param, "context_length_exceeded")
+    max_tokens = min(body.token_limit() or settings.default_max_tokens, room)
+    sampling = SamplingParams(1.0 if body.temperature is None else body.temperature, body.top_p or 1.0, body.top_k or 0,
+                              body.seed)
+    request = Request(tuple(ids), max_tokens, sampling, body.stops, body.logprob_count(), persist)
+    return Prepared(body, request, _speculation(served, body, settings), "chat" if chat else "completion")

@@ -1,0 +1,225 @@
+"""The HTTP app in-process (aiohttp's `aiohttp_client`) with a fake engine worker: how every
+failure maps to a status code and OpenAI's error JSON, and that the app goes on serving."""
+
+import json
+
+import pytest
+
+from daemon.engine.records import Delta, Finished, SpecStats
+from daemon.server.app import init_app
+from daemon.server.metrics import Metrics
+from daemon.server.worker import DeadlineExceeded, QueueFull, ServedModel
+from daemon.settings import Settings
+
+HI = [{"role": "user", "content": "hi"}]
+
+
+class CharTokenizer:
+    """One token per character (ids 0..255), no chat template."""
+
+    has_chat_template = False
+    eos_token_ids = ()
+
+    def encode(self, text):
+        return [ord(c) % 256 for c in text]
+
+    def decode(self, ids):
+        return "".join(chr(i) for i in ids)
+
+
+class FakeWorker:
+    """Answers each job at once on the calling thread with `answer(job)`: a list of records."""
+
+    def __init__(self, answer=None, drafter: str | None = "fake-drafter", context: int = 64):
+        self.served = ServedModel("tiny", CharTokenizer(), 256, context, drafter)
+        self.answer = answer or echo
+        self.jobs = []
+        self.waiting, self.busy, self.started, self.stopped = 0, False, False, False
+
+    def start(self):
+        self.started = True
+
+    def stop(self, timeout=None):
+        self.stopped = True
+
+    def submit(self, job):
+        self.jobs.append(job)
+        for record in self.answer(job):
+            job.deliver(record)
+
+
+def echo(job):
+    """The prompt's last three characters, one per step, then Finished."""
+    ids = job.request.prompt_ids[-3:][: job.request.max_tokens]
+    stats = SpecStats()
+    yield from (Delta((t,), chr(t)) for t in ids)
+    yield Finished("length", len(job.request.prompt_ids), len(ids), 0, 0.01, 0.02, stats, tuple(ids))
+
+
+def app_with(worker=None, **settings):
+    return init_app(Settings(**settings), worker or FakeWorker(), Metrics())
+
+
+def chat_body(**kw) -> dict:
+    return {"messages": HI, **kw}
+
+
+async def test_a_chat_answer_and_the_worker_opened_and_closed(aiohttp_client):
+    worker = FakeWorker()
+    client = await aiohttp_client(app_with(worker))
+    assert worker.started
+    r = await client.post("/v1/chat/completions", json=chat_body(max_tokens=5))
+    assert r.status == 200
+    body = await r.json()
+    assert body["choices"][0]["message"]["content"] == "hi"  # the fake echoes the prompt's end
+    assert body["usage"]["completion_tokens"] == 2 and body["mtpd"]["speculation"] == "adaptive"
+    assert worker.jobs[0].request.max_tokens == 5
+    await client.close()
+    assert worker.stopped
+
+
+@pytest.mark.parametrize(
+    "body, status, param",
+    [
+        (b"{not json", 400, None),
+        (b'{"messages": "hi"}', 400, "messages"),
+        (b'{"messages": [{"role": "user", "content": "hi"}], "temperature": "hot"}', 400, "temperature"),
+        (b'{"messages": [{"role": "wizard", "content": "hi"}]}', 400, "messages.0.role"),
+        (b'{"messages": [{"role": "user", "content": "hi"}], "n": 2}', 400, "n"),
+        (b'{"messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}', 400, "max_tokens"),
+        (b'{"messages": [{"role": "user", "content": "hi"}], "speculation": "fixed:99"}', 400, "speculation"),
+        (b'{"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2}', 400, "top_logprobs"),
+        (b'{"messages": [{"role": "user", "content": "hi"}], "model": "gpt-9"}', 404, "model"),
+        (b'{"messages": []}', 400, "messages"),
+        (b"[1, 2]", 400, None),
+    ],
+)
+async def test_bad_bodies_get_openai_errors(aiohttp_client, body, status, param):
+    worker = FakeWorker()
+    client = await aiohttp_client(app_with(worker))
+    r = await client.post("/v1/chat/completions", data=body, headers={"Content-Type": "application/json"})
+    assert r.status == status
+    error = (await r.json())["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["message"]
+    assert error["param"] == param and error["type"] == ("not_found_error" if status == 404 else "invalid_request_error")
+    assert not worker.jobs  # refused before the engine
+
+
+async def test_limits_of_the_model(aiohttp_client):
+    client = await aiohttp_client(app_with(FakeWorker(drafter=None, context=64)))
+    r = await client.post("/v1/chat/completions", json=chat_body(messages=[{"role": "user", "content": "x" * 80}]))
+    assert r.status == 400 and (await r.json())["error"]["code"] == "context_length_exceeded"
+    r = await client.post("/v1/completions", json={"prompt": [1, 999]})
+    assert r.status == 400 and (await r.json())["error"]["param"] == "prompt"
+    r = await client.post("/v1/chat/completions", json=chat_body(speculation="fixed:2"))
+    assert r.status == 400 and "no drafter" in (await r.json())["error"]["message"]
+    r = await client.post("/v1/chat/completions", json=chat_body())
+    assert r.status == 200 and (await r.json())["mtpd"]["speculation"] == "off"
+
+
+async def test_max_tokens_is_clamped_to_the_room_left(aiohttp_client):
+    worker = FakeWorker(context=64)
+    client = await aiohttp_client(app_with(worker))
+    r = await client.post("/v1/completions", json={"prompt": "x" * 60, "max_tokens": 1000})
+    assert r.status == 200 and worker.jobs[0].request.max_tokens == 4
+    await client.post("/v1/completions", json={"prompt": "x"})
+    assert worker.jobs[1].request.max_tokens == 63  # the default (1024) clamped too
+
+
+async def test_body_too_large_and_unknown_routes(aiohttp_client):
+    client = await aiohttp_client(app_with(max_body_bytes=2048))
+    r = await client.post("/v1/chat/completions", data=json.dumps(chat_body(stop="x" * 4096)))
+    assert r.status == 413 and (await r.json())["error"]["code"] == "body_too_large"
+    r = await client.get("/v1/nothing")
+    assert r.status == 404 and (await r.json())["error"]["code"] == "not_found"
+    r = await client.get("/v1/chat/completions")
+    assert r.status == 405 and (await r.json())["error"]["code"] == "method_not_allowed"
+    r = await client.get("/v1/models/gpt-9")
+    assert r.status == 404 and (await r.json())["error"]["code"] == "model_not_found"
+
+
+async def test_api_key(aiohttp_client):
+    client = await aiohttp_client(app_with(api_key="s3cret"))
+    r = await client.post("/v1/chat/completions", json=chat_body())
+    assert r.status == 401 and (await r.json())["error"]["type"] == "authentication_error"
+    r = await client.get("/v1/models", headers={"Authorization": "Bearer wrong"})
+    assert r.status == 401
+    r = await client.get("/v1/models", headers={"Authorization": "Bearer s3cret"})
+    assert r.status == 200 and [m["id"] for m in (await r.json())["data"]] == ["tiny"]
+    assert (await client.get("/health")).status == 200  # health needs no key
+
+
+def failing(record):
+    def answer(job):
+        yield record
+
+    return answer
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_engine_failures(aiohttp_client, stream):
+    worker = FakeWorker()
+    client = await aiohttp_client(app_with(worker))
+    worker.answer = failing(RuntimeError("secret internals"))
+    r = await client.post("/v1/chat/completions", json=chat_body(stream=stream))
+    assert r.status == 500 and "secret" not in await r.text()
+    assert (await r.json())["error"]["type"] == "server_error"
+    worker.answer = failing(DeadlineExceeded("the request waited in the queue past its timeout"))
+    r = await client.post("/v1/chat/completions", json=chat_body(stream=stream))
+    assert r.status == 504 and (await r.json())["error"]["code"] == "timeout"
+    worker.answer = echo
+    assert (await client.post("/v1/chat/completions", json=chat_body(stream=stream))).status == 200
+
+
+async def test_queue_full_is_503_with_retry_after(aiohttp_client):
+    worker = FakeWorker()
+    client = await aiohttp_client(app_with(worker))
+
+    def full(job):
+        raise QueueFull
+
+    worker.answer = full
+    r = await client.post("/v1/chat/completions", json=chat_body())
+    assert r.status == 503 and r.headers["Retry-After"] == "1"
+    assert (await r.json())["error"]["code"] == "queue_full"
+
+
+async def test_an_engine_that_never_answers_times_out(aiohttp_client, monkeypatch):
+    monkeypatch.setattr("daemon.server.streaming.GRACE_SECONDS", 0.0)
+    worker = FakeWorker(answer=lambda job: iter(()))
+    client = await aiohttp_client(app_with(worker, request_timeout_s=0.2))
+    r = await client.post("/v1/chat/completions", json=chat_body())
+    assert r.status == 504 and (await r.json())["error"]["code"] == "timeout"
+
+
+async def test_an_error_after_the_first_token_goes_in_the_stream(aiohttp_client):
+    def half(job):
+        yield Delta((104,), "h")
+        yield DeadlineExceeded("the request ran past its timeout")
+
+    client = await aiohttp_client(app_with(FakeWorker(answer=half)))
+    r = await client.post("/v1/chat/completions", json=chat_body(stream=True))
+    assert r.status == 200
+    events = [line.removeprefix("data: ") for line in (await r.text()).splitlines() if line]
+    assert events[-1] == "[DONE]" and json.loads(events[-2])["error"]["code"] == "timeout"
+    assert json.loads(events[1])["choices"][0]["delta"]["content"] == "h"
+
+
+async def test_health_counts_what_was_served(aiohttp_client):
+    def drafted(job):
+        stats = SpecStats()
+        stats.observe_draft(4, 3, "code", "mtp")
+        stats.draft_lengths += [4, 0]
+        yield Finished("stop", 3, 5, 0, 0.01, 0.02, stats, (1, 2, 3, 4, 5))
+
+    client = await aiohttp_client(app_with(FakeWorker(answer=drafted)))
+    for _ in range(2):
+        assert (await client.post("/v1/chat/completions", json=chat_body())).status == 200
+    health = await (await client.get("/health")).json()
+    assert health["requests_served"] == 2 and health["completion_tokens"] == 10
+    assert health["acceptance_rate"] == 0.75
+    assert health["last_request_speculation"] == {"policy": "adaptive", "drafted_steps": 1}
+    assert health["model"] == "tiny" and health["drafter"] == "fake-drafter" and health["queue"] == 0
+    metrics = await (await client.get("/metrics")).text()
+    assert 'mtpd_requests_total{endpoint="chat",status="200"} 2.0' in metrics
+
