@@ -30,7 +30,8 @@ def main() -> None:
     from daemon.models.loading import load
     from daemon.models.prompts import encode_chat
     from daemon.training.batch_greedy import greedy_batch
-    from daemon.training.train import evaluate, pack
+    from daemon.training.data import pack
+    from daemon.training.loss import evaluate
 
     lm = load(None, drafter=args.drafter)
     drafter = lm.drafter
@@ -42,14 +43,17 @@ def main() -> None:
         answered = greedy_batch(lm.model, ids, args.max_tokens, eos, drafter.config.source)
         seqs += [("code", a.ids, a.hidden, a.argmax, len(i)) for a, i in zip(answered, ids)]
     f = pack(seqs, max(len(s[1]) for s in seqs), seqs[0][2].shape[-1])
-    groups = {c: np.array([i for i, p in enumerate(prompts) if p["category"] == c]) for c in sorted({p["category"] for p in prompts})}
+    categories = sorted({p["category"] for p in prompts})
+    groups = {c: np.array([i for i, p in enumerate(prompts) if p["category"] == c]) for c in categories}
     groups["all"] = np.arange(len(prompts))
     hv = drafter.config.head_vocab
     report = {
         "drafter": args.drafter or "shipped",
         "max_tokens": args.max_tokens,
         "position_1": {c: round(evaluate(drafter, lm, f, rows, hv, 8)["all"], 4) for c, rows in groups.items()},
-        "position_2_after_first": {c: round(evaluate(drafter, lm, f, rows, hv, 8, depth=2)["all"], 4) for c, rows in groups.items()},
+        "position_2_after_first": {
+            c: round(evaluate(drafter, lm, f, rows, hv, 8, depth=2)["all"], 4) for c, rows in groups.items()
+        },
     }
     print(json.dumps(report, indent=1))
     if args.json:

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Reproduces every figure in the README's benchmark section (about an hour on 2 cores).
+# Reproduces the README's headline table and the figures in docs/benchmarks.md and bench/results/HISTORY.md
+# (a few hours on 2 cores).
 # Each run is interleaved (A B A B ...); quote ratios from within one run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -20,6 +21,10 @@ $mtpd bench --prompts $prompts --drafter none --spec off --baseline mlx-lm --max
 # 1b. the default policy against mlx-lm's loop, in one run
 $mtpd bench --prompts $prompts --spec off --spec adaptive --baseline mlx-lm --max-tokens 128 \
   --json $out/adaptive-vs-mlx-lm.json
+
+# 1c. the README's headline table
+$mtpd bench --prompts $prompts --spec off --spec fixed:1 --spec adaptive --max-tokens 128 \
+  --json $out/headline.json
 
 # 2. every policy with the shipped drafter (adaptive: drafter and lookup copies; adaptive:mtp: drafter alone)
 $mtpd bench --prompts $prompts --spec off --spec fixed:1 --spec fixed:2 --spec fixed:3 --spec fixed:4 \

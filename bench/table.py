@@ -33,7 +33,8 @@ def lookup_table(report: dict) -> str:
     """For policies that copy from the context: what share of the drafts were copies, and how often
     copies and MTP drafts were accepted."""
     rows = [r for r in report["summary"] if r.get("lookup_share")]
-    lines = ["| policy | category | copied share of drafts | copies accepted | MTP drafts accepted |", "| --- | --- | --- | --- | --- |"]
+    lines = ["| policy | category | copied share of drafts | copies accepted | MTP drafts accepted |",
+             "| --- | --- | --- | --- | --- |"]
     for r in rows:
         fmt = [f"{r[k]:.2f}" if r.get(k) is not None else "" for k in ("lookup_share", "lookup_acceptance", "mtp_acceptance")]
         lines.append(f"| {r['spec']} | {r['category']} | " + " | ".join(fmt) + " |")
@@ -51,4 +52,5 @@ def identical(report: dict) -> str:
 if __name__ == "__main__":
     for path in sys.argv[1:]:
         report = json.load(open(path))
-        print(f"### {path}\n\n{report['machine']}\n\n{speed_table(report)}\n\n{acceptance_table(report)}\n\n{lookup_table(report)}\n\n{identical(report)}\n")
+        tables = (speed_table(report), acceptance_table(report), lookup_table(report), identical(report))
+        print(f"### {path}\n\n{report['machine']}\n\n" + "\n\n".join(tables) + "\n")

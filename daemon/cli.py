@@ -44,7 +44,8 @@ def _bench_parser(sub) -> None:
     b = sub.add_parser("bench", help="tokens/s per draft policy, interleaved, as JSON")
     b.add_argument("--prompts", required=True, type=Path, help="JSONL: id, category, messages|prompt")
     _model_args(b)
-    b.add_argument("--spec", action="append", required=True, help="draft policy: off | fixed:K | adaptive | adaptive:mtp (repeatable)")
+    b.add_argument("--spec", action="append", required=True,
+                   help="draft policy: off | fixed:K | adaptive | adaptive:mtp (repeatable)")
     b.add_argument("--verify-penalty-ms", type=float, default=0.0,
                    help="simulate dear verification: count this many ms per verified draft (no waiting)")
     b.add_argument("--max-tokens", type=_at_least_one, default=None, help="default: the default_max_tokens setting")
@@ -233,7 +234,8 @@ def cmd_train_drafter(args) -> None:
     import dataclasses
 
     from daemon.models.loading import load
-    from daemon.training.train import TrainSettings, train_drafter
+    from daemon.training.settings import TrainSettings
+    from daemon.training.train import train_drafter
 
     overrides = {"tokens": args.tokens, "steps": args.steps, "head_vocab": args.head_vocab, "feature_layers": args.feature_layers,
                  "read_offers": args.read_offers, "generate_workers": args.generate_workers}

@@ -1,8 +1,8 @@
 """What kind of content is being written: code or prose, from the text seen so far.
 
 Inside a fenced block (```) it is code; outside, a cheap score over the last few hundred characters
-decides (symbol density, code keywords, indented lines). `ContentTracker.feed` runs every step in
-a few microseconds, so an answer that opens a code fence switches class inside it and back after.
+decides (symbol density, code keywords, indented lines). `ContentTracker.feed` is cheap enough to run
+every step, so an answer that opens a code fence switches class inside it and back after.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ _CALL = re.compile(r"\w\(|\)\s*[{:;]|->|=>|==|!=|\+=|::")
 
 
 def code_score(text: str) -> float:
-    """> 0 means code. Pure function of the text; ~10 µs for a window."""
+    """> 0 means code. A pure function of the text."""
     if not text.strip():
         return -1.0
     n = len(text)

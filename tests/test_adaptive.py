@@ -90,7 +90,8 @@ def test_content_class_keeps_separate_estimates():
     is_code = lambda i: (i // 60) % 2 == 1  # noqa: E731
     rates = lambda i: [0.85] * 8 if is_code(i) else [0.05] * 8  # noqa: E731
     text = lambda i: ("\n```python\n" if i % 60 == 0 and is_code(i) else "\n```\n" if i % 60 == 0 and i else "")  # noqa: E731
-    chosen = np.array(simulate(policy, rates, cost, 480, text_of=lambda i: text(i) + ("x = f(y)\n" if is_code(i) else "and then the ")))
+    words = lambda i: text(i) + ("x = f(y)\n" if is_code(i) else "and then the ")  # noqa: E731
+    chosen = np.array(simulate(policy, rates, cost, 480, text_of=words))
     code_steps = np.array([is_code(i) for i in range(480)])
     late = np.arange(480) >= 240
     assert np.mean(chosen[code_steps & late] >= 2) > 0.9

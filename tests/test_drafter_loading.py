@@ -109,7 +109,8 @@ def test_drafter_folder_round_trip(tmp_path, tiny_gguf):
 
 def test_drafter_folder_with_checkpoint_prefix(tmp_path, tiny_gguf):
     lm = load(str(tiny_gguf), drafter="random")
-    weights = {f"model.layers.2.{k}": v for k, v in drafter_io.checkpoint_keys(dict(tree_flatten(lm.drafter.parameters()))).items()}
+    extracted = drafter_io.checkpoint_keys(dict(tree_flatten(lm.drafter.parameters())))
+    weights = {f"model.layers.2.{k}": v for k, v in extracted.items()}
     (tmp_path / "d").mkdir()
     mx.save_safetensors(str(tmp_path / "d" / "mtp.safetensors"), weights)
     (tmp_path / "d" / "config.json").write_text(json.dumps({"hidden_source": "post_norm"}))

@@ -46,7 +46,7 @@ def test_no_import_cycle():
 
 
 def test_http_side_never_imports_mlx():
-    """Only the worker (the engine thread) and the metrics' memory reading may reach MLX."""
+    """Of the server's modules only the worker, the engine thread, imports MLX."""
     for path in (ROOT / "daemon" / "server").glob("*.py"):
         if path.stem == "worker":
             continue

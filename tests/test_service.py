@@ -87,7 +87,8 @@ def test_every_action_drives_the_manager(fake_managers, manager):
     target = f"gui/{uid}/{LABEL}"
     expected = {
         "launchd": {
-            "install": [f"launchctl bootout {target}", f"launchctl bootstrap gui/{uid} {home}/Library/LaunchAgents/{LABEL}.plist"],
+            "install": [f"launchctl bootout {target}",
+                        f"launchctl bootstrap gui/{uid} {home}/Library/LaunchAgents/{LABEL}.plist"],
             "start": [f"launchctl kickstart {target}"],
             "stop": [f"launchctl kill SIGTERM {target}"],
             "restart": [f"launchctl kickstart -k {target}"],

@@ -11,15 +11,14 @@ from daemon.drafting.lookup import NgramIndex
 from daemon.engine.generate import generate
 from daemon.engine.records import Request
 from daemon.models.loading import load
-from daemon.training.train import (
-    TrainSettings,
+from daemon.training.data import (
     answer_positions,
     choose_head_vocab,
     context_offers,
-    default_feature_layers,
     drafter_batch,
-    train_drafter,
 )
+from daemon.training.settings import TrainSettings, default_feature_layers
+from daemon.training.train import train_drafter
 from policies.fixed import Fixed
 
 # a quarter held out: enough answer tokens to measure acceptance on; the final hidden state alone
@@ -101,7 +100,8 @@ def test_trained_drafter_loads_and_stays_lossless(which, request, tiny_gguf):
     lm = load(str(tiny_gguf), drafter=str(out))
     assert len(lm.drafter.config.head_vocab) == 64
     assert len(lm.phrases) == record["phrasebook_ngrams"] > 0  # from the target's answers, shipped beside it
-    prompt = tuple(lm.tokenizer.apply_chat_template([{"role": "user", "content": "Write a function."}], add_generation_prompt=True))
+    messages = [{"role": "user", "content": "Write a function."}]
+    prompt = tuple(lm.tokenizer.apply_chat_template(messages, add_generation_prompt=True))
     plain = list(generate(lm, Request(prompt, max_tokens=40), Fixed(0)))[-1]
     spec = list(generate(lm, Request(prompt, max_tokens=40), Fixed(3)))[-1]
     assert spec.token_ids == plain.token_ids
@@ -156,7 +156,7 @@ def test_depth_two_rows_equal_chained_drafting(which, request, tiny_gguf):
     is fed its own block output at i (with the block features of position i, if it reads any) and
     the token after the next (with the offer after that token, if it reads offers)."""
 
-    from daemon.training.train import two_depths
+    from daemon.training.loss import two_depths
 
     out, record = request.getfixturevalue(which)
     lm = load(str(tiny_gguf), drafter=str(out))
@@ -235,7 +235,7 @@ def test_head_vocabulary_is_the_most_frequent_predictions():
 def test_worker_processes_answer_as_one_process_does(tmp_path, tiny_gguf):
     """Two worker processes take every other batch of prompts; together they give one process's
     answers to the same prompts, and leave a single answers file."""
-    from daemon.training.train import make_answers
+    from daemon.training.data import make_answers
 
     lm = load(str(tiny_gguf), drafter="none")
     one_budget = dataclasses.replace(SETTINGS, tokens=1, stdlib_share=0.0)  # a batch per process

@@ -133,11 +133,27 @@ def summarize(results: list[dict], specs: list[str]) -> list[dict]:
     return rows
 
 
+def _runners(lm: LoadedModel, specs: list[str], shared, tie_margin, verify_penalty: float, baseline) -> dict:
+    """spec -> a function that answers a Request and returns its result row; bad names fail here."""
+    if lm.drafter is None and any(s not in ("off", BASELINE) for s in specs):
+        raise ValueError(f"--spec {next(s for s in specs if s not in ('off', BASELINE))} needs a drafter (--drafter)")
+    for spec in specs:
+        if spec != BASELINE:
+            make_policy(spec, shared)  # reject bad names before any work
+
+    def runner(spec):
+        if spec == BASELINE:
+            return lambda req: run_mlx_lm(baseline or lm, req)
+        return lambda req: run_engine(lm, make_policy(spec, shared), req, tie_margin, verify_penalty)
+
+    return {spec: runner(spec) for spec in specs}
+
+
 def run_bench(
     lm: LoadedModel,
     prompts: list[dict],
     specs: list[str],
-    max_tokens: int = 256,
+    max_tokens: int,
     repeat: int = 1,
     sampling: SamplingParams = SamplingParams(),
     tie_margin: float | None = None,
@@ -150,19 +166,8 @@ def run_bench(
     `stock=True`, as mlx-lm runs them; default `lm`); each prompt runs every spec in turn.
     `verify_penalty` (seconds counted per verified draft) makes speculation expensive on purpose.
     `cache_dir`: where the adaptive policy's calibration is kept (None: a fresh probe)."""
-    if lm.drafter is None and any(s not in ("off", BASELINE) for s in specs):
-        raise ValueError(f"--spec {next(s for s in specs if s not in ('off', BASELINE))} needs a drafter (--drafter)")
     shared = shared_estimates(lm, cache_dir, verify_penalty) if any(s in ADAPTIVE for s in specs) else None
-    for spec in specs:
-        if spec != BASELINE:
-            make_policy(spec, shared)  # reject bad names before any work
-
-    def runner(spec):
-        if spec == BASELINE:
-            return lambda req: run_mlx_lm(baseline or lm, req)
-        return lambda req: run_engine(lm, make_policy(spec, shared), req, tie_margin, verify_penalty)
-
-    runners = {spec: runner(spec) for spec in specs}
+    runners = _runners(lm, specs, shared, tie_margin, verify_penalty, baseline)
     requests = []
     for p in prompts:
         ids = encode_chat(lm.tokenizer, p["messages"]) if "messages" in p else encode_text(lm.tokenizer, p["prompt"])

@@ -65,7 +65,7 @@ def intel_cpu() -> bool:
 
 def find_blas() -> str | None:
     """The library to preload under MTPD_BLAS, or None (reference BLAS). Unset: MKL first on an
-    Intel CPU, OpenBLAS first on others (both measured, on a Xeon and on an AMD EPYC: README)."""
+    Intel CPU, OpenBLAS first on others (both measured, on a Xeon and on an AMD EPYC: docs/cpu.md)."""
     wanted = choice()
     if wanted == "reference":
         return None

@@ -7,9 +7,7 @@ MLP) run as compiled graphs, replayed from C++ with the elementwise ops fused: b
 plain block. On a CPU, attention folds the query heads that share a KV head into the rows of one
 matmul (a third of the BLAS calls of MLX's fallback for grouped heads) with a precomputed causal
 mask; it sums in another order, so its logits differ from the plain block's by ~1e-5 (daemon.engine.ties
-keeps greedy output independent of that). On Metal, MLX's fused attention kernel stays. Measured
-on the default model (fp32, OpenBLAS): a forward of 1 / 2 / 4 / 9 rows takes ~67 / 76 / 92 / 127 ms
-against ~72 / 84 / 100 / 138 ms.
+keeps greedy output independent of that). On Metal, MLX's fused attention kernel stays.
 
 Each distinct row count is traced once per block, so only inputs of up to `MAX_ROWS` rows take
 this path (prefill chunks go the plain way). Weights are read live at every call (`inputs=`), so a

@@ -1,13 +1,11 @@
 """Row-major copies of the weights for inputs of a few rows, under Intel MKL (CPU, fp32).
 
-The column-major layout (daemon.models.loading.column_major) suits OpenBLAS at every row count and MKL at
-one row or at four and more; for 2-3 rows MKL streams a row-major matrix nearly as fast as for
-one row. A decode step (1 row) and the commonest verifications (2-3 rows) dominate decoding, so
-under MKL the blocks (daemon.cpu.fast_block.FastBlock.add_row_major) and the LM head get a second,
-row-major copy used for inputs of up to FEW_ROWS rows. Measured on the default model (MKL, ~200
-tokens of context, median of 13): a forward of 1 / 2 / 3 rows 39.0 / 47.0 / 50.0 ms -> 34.9 / 38.5 /
-42.9 ms; a 2-row verification went from 1.21x to 1.10x a one-row step. The copies double the
-memory of the weights, so they are made only where they take at most an eighth of the machine's
+The column-major layout (daemon.cpu.layout) suits OpenBLAS at every row count and MKL at one row
+or at four and more; for 2-3 rows MKL streams a row-major matrix nearly as fast as for one row. A
+decode step (1 row) and the commonest verifications (2-3 rows) dominate decoding, so under MKL the
+blocks (daemon.cpu.fast_block.FastBlock.add_row_major) and the LM head get a second, row-major copy
+used for inputs of up to FEW_ROWS rows (timings: docs/cpu.md). The copies double the memory of the
+weights, so they are made only where they take at most an eighth of the machine's
 memory. They are a snapshot: a weight update after `install` reaches only longer inputs.
 """
 
@@ -50,7 +48,8 @@ def worth_it(module: nn.Module) -> bool:
         return False
     weights = [w for _, w in tree_flatten(module.parameters())]
     size = sum(w.nbytes for w in weights)
-    return all(w.dtype == mx.float32 for w in weights) and size * MEMORY_SHARE <= os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return all(w.dtype == mx.float32 for w in weights) and size * MEMORY_SHARE <= memory
 
 
 def install(blocks: list, head: nn.Module | None = None) -> int:

@@ -2,8 +2,7 @@
 
 One MLX process with every core on its BLAS leaves cores idle through the single-threaded parts of a
 forward (everything but the matrix products); as many processes as cores, one BLAS thread each,
-keep them busy. Measured on the 2-core AMD VM, batched greedy answers of the default model: ~97
-answer tokens/s from two such processes against ~74 from one process on both cores.
+keep them busy (docs/training.md has the figures).
 """
 
 from __future__ import annotations

@@ -76,9 +76,11 @@ class DraftingSession:
             if q is not None:
                 out.q_rows.append(q)
             if j < k - 1:
-                offers = offer_arrays(drafter, [self.index.offer_after(tuple(out.tokens))]) if drafter.config.reads_offers else None
+                offers = None
+                if drafter.config.reads_offers:  # the lookup's offer after the drafts so far
+                    offers = offer_arrays(drafter, [self.index.offer_after(tuple(out.tokens))])
                 logits, own = drafter.draft(drafter.chained(own[:, -1:], unseen[:, -1:]), d[None], self.cache, self.model, offers)
-        self.chained = len(out.tokens) - (not out.stopped)  # the last kept draft was never read
+        self.chained = len(out.tokens) - (not out.stopped)  # a full chain never reads its last draft
         return out
 
     def _catch_up(self, hidden: mx.array, tokens, offers) -> tuple[mx.array, mx.array]:

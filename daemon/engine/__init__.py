@@ -1,1 +1,2 @@
-"""Decoding: prompt ids in, typed records out. Plain and speculative steps, verification, sampling, stops, the near-tie guard, the prompt cache."""
+"""Decoding: prompt ids in, typed records out. Plain and speculative steps, verification, sampling,
+stops, the near-tie guard, the prompt cache."""

@@ -24,8 +24,7 @@ DEFAULT_MARGIN_HALF = 5e-2  # fp16 / bf16 / quantized activations drift more
 
 def greedy_with_margin(logits: mx.array) -> tuple[mx.array, mx.array]:
     """[..., V] -> ([...] argmax, [...] gap between the two largest logits). The second largest is
-    the maximum with the argmax's entry masked out (a tie gives 0): ~2.5x faster than mx.topk on a
-    CPU for two or more rows (0.46 against 1.13 ms for 2 x 49,152 logits)."""
+    the maximum with the argmax's entry masked out (a tie gives 0): cheaper than mx.topk on a CPU."""
     logits = logits.astype(mx.float32)
     best = mx.argmax(logits, axis=-1, keepdims=True)
     top = mx.take_along_axis(logits, best, axis=-1)

@@ -100,7 +100,8 @@ def quantize(drafter: MTPDrafter, bits: int, keep_quantized: bool, group_size: i
         nn.quantize(drafter, group_size=group_size, bits=bits, class_predicate=lambda _, m: isinstance(m, nn.Linear))
         return
     rounded = [
-        (name, mx.dequantize(*mx.quantize(w.astype(mx.float32), group_size=group_size, bits=bits), group_size=group_size, bits=bits))
+        (name, mx.dequantize(*mx.quantize(w.astype(mx.float32), group_size=group_size, bits=bits),
+                             group_size=group_size, bits=bits))
         for name, w in tree_flatten(drafter.parameters())
         if w.ndim == 2 and w.shape[-1] % group_size == 0
     ]

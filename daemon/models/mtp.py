@@ -48,7 +48,8 @@ class DrafterConfig:
         if self.hidden_source not in HIDDEN_SOURCES:
             raise ValueError(f"hidden_source must be one of {HIDDEN_SOURCES}, not {self.hidden_source!r}")
         if any(not 0 <= b < self.target["num_hidden_layers"] for b in self.feature_layers):
-            raise ValueError(f"feature_layers {self.feature_layers} must be blocks of the target (0..{self.target['num_hidden_layers'] - 1})")
+            top = self.target["num_hidden_layers"] - 1
+            raise ValueError(f"feature_layers {self.feature_layers} must be blocks of the target (0..{top})")
 
     @property
     def source(self) -> str:

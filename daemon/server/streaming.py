@@ -106,7 +106,10 @@ class Reply:
 
     def _last_chunks(self) -> list[dict]:
         finish = self.done.finish_reason
-        chunks = [chat_chunk(self.head, {}, finish_reason=finish) if self.chat else completion_chunk(self.head, "", finish_reason=finish)]
+        if self.chat:
+            chunks = [chat_chunk(self.head, {}, finish_reason=finish)]
+        else:
+            chunks = [completion_chunk(self.head, "", finish_reason=finish)]
         if self.prepared.body.include_usage:
             obj = "chat.completion.chunk" if self.chat else "text_completion"
             chunks.append(usage_chunk(self.head, obj, self.done, self.extension()))

@@ -84,7 +84,8 @@ CODE_EXPLAIN = [
     "Compare {algo} with a simpler approach, and show {lang} code for it.",
 ]
 ALGORITHMS = [
-    "merge sort", "quicksort", "heap sort", "depth-first search", "breadth-first search", "dynamic programming for the knapsack problem",
+    "merge sort", "quicksort", "heap sort", "depth-first search", "breadth-first search",
+    "dynamic programming for the knapsack problem",
     "the two-pointer technique", "a sliding window maximum", "union-find", "topological sorting", "Dijkstra's algorithm",
     "the sieve of Eratosthenes", "counting sort", "a hash table lookup", "binary tree traversal",
 ]

@@ -1,0 +1,48 @@
+"""What `mtpd train-drafter` trains and how: its settings and the drafter configuration they give."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from daemon.models import mtp
+from daemon.models.loading import LoadedModel
+
+CATEGORIES = ("code", "prose", "math", "stdlib")  # the kind of prompt answered; stdlib: library source, no prompt
+
+
+@dataclass
+class TrainSettings:
+    tokens: int = 200_000  # target positions to train on (generated answers and stdlib text)
+    steps: int = 500
+    chain_steps: int = 100  # then steps of the two-depth loss: the drafter also fed its own output
+    chain_weight: float = 1.0  # weight of the depth-2 term in those steps
+    batch: int = 8
+    generate_batch: int = 48  # prompts answered together
+    generate_workers: int = 0  # processes answering at once; 0: one per core on the CPU, one on Metal
+    train_workers: int = 0  # processes sharing each batch (data-parallel); 0: one per core on the CPU, one on Metal
+    window: int = 256  # tokens per training sequence
+    learning_rate: float = 1e-3
+    head_vocab: int = 8192  # 0: the full vocabulary
+    answer_tokens: int = 160  # max tokens of each generated answer (shorter: more prompts per token)
+    stdlib_share: float = 0.25  # share of `tokens` taken from the standard library's source
+    held_out: float = 0.05
+    hidden_source: str = "post_norm"
+    # target blocks whose outputs the drafter also reads (EAGLE-3 style); None: default_feature_layers,
+    # () : the final hidden state alone
+    feature_layers: tuple[int, ...] | None = None
+    read_offers: bool = True  # the drafter also reads the context lookup's offer for the token it drafts
+    seed: int = 0
+
+
+def default_feature_layers(blocks: int) -> tuple[int, ...]:
+    """The blocks a third and two thirds of the way up a target of `blocks` blocks (9 and 19 of the
+    default model's 30), once each."""
+    return tuple(sorted({max(0, blocks // 3 - 1), max(0, 2 * blocks // 3 - 1)}))
+
+
+def drafter_config(lm: LoadedModel, s: TrainSettings, head_vocab: list[int] | None = None) -> mtp.DrafterConfig:
+    """The configuration of the drafter these settings train (making it checks them)."""
+    return mtp.DrafterConfig(lm.config, lm.config["num_hidden_layers"], s.hidden_source, head_vocab=head_vocab,
+                             feature_layers=list(s.feature_layers), reads_offers=s.read_offers)
+
+
