@@ -33,10 +33,13 @@ class Decoding:
     logprobs: int | None = None  # report each token's log-probability and the top n (None: no)
 
 
-def plain_step(dec: Decoding, token: int, history: list[int]) -> tuple[int, mx.array]:
+def plain_step(dec: Decoding, token: int, history: list[int], after_forward=None) -> tuple[int, mx.array]:
     """Runs `token` (the last of `history`) through the target. Returns (the next token, its
-    logits [1, V])."""
+    logits [1, V]). `after_forward()` runs before the token is chosen (a near-tie recomputation
+    runs the model again)."""
     logits = dec.model(mx.array([[token]]), cache=dec.cache)[:, -1, :]
+    if after_forward is not None:
+        after_forward()
     return dec.chooser.choose(logits, history), logits
 
 

@@ -50,12 +50,15 @@ def draft(session: DraftingSession, plan: Plan, offer: Proposal, room: int, dec:
     return session.draft(min(plan.k, room), dec.chooser.sampling, dec.chooser.split, plan.min_confidence)
 
 
-def verify(dec: Decoding, t: int, drafts: Drafts, history: list[int]) -> tuple[list[int], mx.array]:
-    """One target forward over [t, *drafts]; returns (the tokens it emits, logits [k+1, V])."""
+def verify(dec: Decoding, t: int, drafts: Drafts, history: list[int], tap: HiddenTap, source: str):
+    """One target forward over [t, *drafts]; returns (the tokens it emits, logits [k+1, V], its
+    hidden states [1, k+1, H], read before a near-tie recomputation can run the model again)."""
     logits = dec.model(mx.array([[t, *drafts.tokens]]), cache=dec.cache)[0]
+    hidden = tap.hidden(source)
     if dec.chooser.sampling.greedy:
-        return verify_greedy(logits, drafts.tokens, dec.chooser.guard, history), logits
-    return verify_sampled(logits, drafts.tokens, drafts.q_rows, dec.chooser.sampling, dec.chooser.split(2)), logits
+        return verify_greedy(logits, drafts.tokens, dec.chooser.guard, history), logits, hidden
+    keys = dec.chooser.split(2)
+    return verify_sampled(logits, drafts.tokens, drafts.q_rows, dec.chooser.sampling, keys), logits, hidden
 
 
 def speculative_steps(
@@ -88,17 +91,18 @@ def speculative_steps(
         drafts = draft(session, plan, offer, room, dec) if plan.k > 0 and room > 0 else Drafts()
         k = len(drafts.tokens)
         if k == 0:
-            t, logits = plain_step(dec, t, index.tokens)
-            session.read(tap.hidden(source), [t])
+            seen = []
+            t, logits = plain_step(dec, t, index.tokens, lambda seen=seen: seen.append(tap.hidden(source)))
+            session.read(seen[0], [t])
             out, accepted = [t], 0
         else:
             accepted = -1  # verification failed: the whole round goes
             try:
-                out, logits = verify(dec, t, drafts, index.tokens)
+                out, logits, hidden = verify(dec, t, drafts, index.tokens, tap, source)
                 accepted = len(out) - 1
             finally:  # the target keeps t and the accepted drafts
                 trim_prompt_cache(dec.cache, k - accepted)
-            hidden = tap.hidden(source)[:, : accepted + 1]
+            hidden = hidden[:, : accepted + 1]
             if plan.lookup:  # the drafter has not seen these positions: it reads them next round
                 session.read(hidden, out)
             else:
