@@ -41,7 +41,9 @@ class RuleDrafter:
 
     def draft(self, hidden, tokens, cache, target, offers=None):
         """The MTP drafter's draft(): the pairs fill the sequence, the rule runs on the last
-        position alone. Returns (logits [1, V], block output [1, L, H])."""
+        position alone. Returns (logits [1, V], block output [1, L, H]). Like the MTP drafter's
+        concatenation it needs one hidden row per token."""
+        assert hidden.shape[:2] == tokens.shape, (hidden.shape, tokens.shape)
         del self.sequence[cache.offset + 1 :]  # forget trimmed positions
         self.sequence.extend(tokens[0].tolist())
         cache.offset += tokens.shape[1]
