@@ -11,7 +11,7 @@ from mlx_lm.models import deepseek_v3 as ds
 
 from daemon.engine.generate import generate
 from daemon.engine.records import Request
-from daemon.models import drafter_io, mtp
+from daemon.models import drafter_io, family, mtp
 from daemon.models.loading import load
 from policies.fixed import Fixed
 
@@ -141,4 +141,4 @@ def test_bad_drafter_inputs_are_clear(tmp_path, tiny_gguf):
     with pytest.raises(ValueError, match="hidden_source"):
         mtp.DrafterConfig({"model_type": "llama"}, 2, hidden_source="middle")
     with pytest.raises(ValueError, match="no MTP drafter support"):
-        mtp.make_block({"model_type": "mamba"}, 0)
+        family.block({"model_type": "mamba"}, 0)

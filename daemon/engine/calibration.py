@@ -63,7 +63,7 @@ def probe_costs(lm: LoadedModel, k_max: int = K_MAX, verify_penalty: float = 0.0
     # more rows never cost less: a slow outlier at n is capped by what any larger n took
     t_verify = list(itertools.accumulate(reversed(measured), min))[::-1]
     dcache = drafter.make_cache()
-    width = model.args.hidden_size * (1 + len(source_parts(drafter.config.source)[1]))  # the blocks it reads
+    width = lm.config["hidden_size"] * (1 + len(source_parts(drafter.config.source)[1]))  # the blocks it reads
     hidden = mx.zeros((1, PROBE_CONTEXT, width))
     # a drafter that reads offers gets one everywhere
     mx.eval(drafter.draft(hidden, context, dcache, model, offer_arrays(drafter, [(11, 2)] * PROBE_CONTEXT))[0])

@@ -7,6 +7,8 @@ import functools
 import mlx.core as mx
 import mlx.nn as nn
 
+from daemon.models.target import trunk
+
 PREFILL_CHUNK = 512
 
 
@@ -61,13 +63,14 @@ def _recording(cls: type) -> type:
 
 def hidden_tap(model, source: str = "post_norm") -> HiddenTap:
     """Installs the tap once, and a recording on each block `source` names; no numerics change."""
-    layers = model.model.layers
-    if not isinstance(model.model.norm, HiddenTap):
-        model.model.norm = HiddenTap(model.model.norm, layers)
+    body = trunk(model)
+    layers = body.layers
+    if not isinstance(body.norm, HiddenTap):
+        body.norm = HiddenTap(body.norm, layers)
     for b in source_parts(source)[1]:
         if not getattr(type(layers[b]), "records", False):
             layers[b].__class__ = _recording(type(layers[b]))
-    return model.model.norm
+    return body.norm
 
 
 def extend(model, cache, ids, on_chunk=None) -> None:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx_lm.models.cache import trim_prompt_cache
+from mlx_lm.models.cache import can_trim_prompt_cache, trim_prompt_cache
 
 from daemon.engine.choose import TokenChooser
 from daemon.engine.records import Step
@@ -45,7 +45,7 @@ def plain_step(dec: Decoding, token: int, history: list[int], after_forward=None
 
 def plain_steps(dec: Decoding, prompt_ids, logits: mx.array) -> Iterator[Step]:
     """logits [1, V]: the prompt's last position."""
-    steps = _queued_steps if on_metal() else _eager_steps
+    steps = _queued_steps if on_metal() and can_trim_prompt_cache(dec.cache) else _eager_steps  # it may redo a step
     return steps(dec, list(prompt_ids), logits)
 
 

@@ -18,7 +18,6 @@ import time
 from collections.abc import Callable, Iterator
 
 import mlx.core as mx
-from mlx_lm.models.cache import trim_prompt_cache
 
 from daemon.drafting.lookup import NgramIndex
 from daemon.drafting.phrases import Phrasebook
@@ -26,6 +25,7 @@ from daemon.drafting.session import DraftingSession, Drafts
 from daemon.engine.forward import HiddenTap
 from daemon.engine.plain import Decoding, plain_step
 from daemon.engine.records import Step
+from daemon.engine.rollback import keep_states, take_back
 from daemon.engine.sampling import token_logprobs
 from daemon.engine.verify import verify_greedy, verify_sampled
 from policies.plan import DraftPolicy, Plan, Proposal
@@ -97,11 +97,12 @@ def speculative_steps(
             out, accepted = [t], 0
         else:
             accepted = -1  # verification failed: the whole round goes
+            states = keep_states(dec.cache)
             try:
                 out, logits, hidden = verify(dec, t, drafts, index.tokens, tap, source)
                 accepted = len(out) - 1
             finally:  # the target keeps t and the accepted drafts
-                trim_prompt_cache(dec.cache, k - accepted)
+                take_back(dec.model, dec.cache, states, [t, *drafts.tokens], accepted + 1)
             hidden = hidden[:, : accepted + 1]
             if plan.lookup:  # the drafter has not seen these positions: it reads them next round
                 session.read(hidden, out)

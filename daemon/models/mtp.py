@@ -1,11 +1,12 @@
 """The MTP drafter: DeepSeek-V3's multi-token-prediction module, chained on its own output.
 
 For target position i it reads the target's hidden state h_i and the next token t_{i+1}:
-    x = eh_proj([enorm(embed(t_{i+1})); hnorm(h_i)])     # embedding first, hidden second
+    x = eh_proj([enorm(embed(t_{i+1})); hnorm(h_i)])     # embedding first (MiMo: hidden first)
     x = block(x)                                         # one decoder block of the target's family
     logits = head(shared_head.norm(x))                   # head shared with the target by default
 and predicts t_{i+2}. For k > 1 the same module is fed its own block output and the token it just
-drafted. It has its own KV cache, aligned with the target's positions.
+drafted. It has its own KV cache, aligned with the target's positions. The families' own MTP
+layers map onto these names (daemon.models.families states each one's forward).
 
 A drafter we train may also read the outputs of some of the target's blocks at position i
 (`feature_layers`, EAGLE-3's lower- and middle-layer features), each behind its own norm
@@ -17,7 +18,6 @@ lookup offers nothing), so that it learns when copying from the context is right
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 
 import mlx.core as mx
@@ -26,12 +26,13 @@ from mlx_lm.models.base import create_attention_mask
 
 from daemon.cpu.layout import column_major_matrix
 from daemon.engine.forward import feature_source
+from daemon.models import family
 from daemon.models.target import target_embedding, target_head, target_head_weight
 
 HIDDEN_SOURCES = ("post_norm", "pre_norm")
+COMBINES = ("embedding_first", "hidden_first")
 BLOCK_PARTS = ("input_layernorm", "self_attn", "post_attention_layernorm", "mlp")
 MATCH_CLASSES = 5  # offer match lengths 0 (none) .. 4 (daemon.drafting.lookup.NgramIndex's n_max)
-_LAYER_PREFIX = re.compile(r"^model\.layers\.\d+\.")
 
 
 @dataclass
@@ -43,10 +44,13 @@ class DrafterConfig:
     head_vocab: list[int] | None = field(default=None, repr=False)  # own head over these token ids
     feature_layers: list[int] = field(default_factory=list)  # target blocks whose outputs it also reads
     reads_offers: bool = False  # it also reads the context lookup's offer (daemon.drafting.lookup.NgramIndex.offers)
+    combine: str = "embedding_first"  # eh_proj's input order: [e; h] (DeepSeek, Qwen) or [h; e] (MiMo)
 
     def __post_init__(self):
         if self.hidden_source not in HIDDEN_SOURCES:
             raise ValueError(f"hidden_source must be one of {HIDDEN_SOURCES}, not {self.hidden_source!r}")
+        if self.combine not in COMBINES:
+            raise ValueError(f"combine must be one of {COMBINES}, not {self.combine!r}")
         if any(not 0 <= b < self.target["num_hidden_layers"] for b in self.feature_layers):
             top = self.target["num_hidden_layers"] - 1
             raise ValueError(f"feature_layers {self.feature_layers} must be blocks of the target (0..{top})")
@@ -55,20 +59,6 @@ class DrafterConfig:
     def source(self) -> str:
         """What it reads from the target's forward (daemon.engine.forward.HiddenTap.hidden)."""
         return feature_source(self.hidden_source, self.feature_layers)
-
-
-def make_block(target: dict, layer_index: int) -> nn.Module:
-    """One decoder block of the target's family, as mlx-lm builds it."""
-    family = target["model_type"]
-    if family == "llama":
-        from mlx_lm.models import llama
-
-        return llama.TransformerBlock(llama.ModelArgs.from_dict(target))
-    if family == "deepseek_v3":
-        from mlx_lm.models import deepseek_v3
-
-        return deepseek_v3.DeepseekV3DecoderLayer(deepseek_v3.ModelArgs.from_dict(target), layer_index)
-    raise ValueError(f"no MTP drafter support for the {family!r} family (llama, deepseek_v3)")
 
 
 class SharedHead(nn.Module):
@@ -92,12 +82,12 @@ class MTPDrafter(nn.Module):
             self.onorm = nn.RMSNorm(hidden, eps=eps)
             self.match_embed = nn.Embedding(MATCH_CLASSES, hidden)
         self.eh_proj = nn.Linear((2 + len(config.feature_layers) + config.reads_offers) * hidden, hidden, bias=False)
-        self.block = make_block(config.target, config.layer_index)
+        self.block = family.block(config.target, config.layer_index)
         vocab = None
         if config.own_head:
             vocab = len(config.head_vocab) if config.head_vocab else config.target["vocab_size"]
         self.shared_head = SharedHead(hidden, eps, vocab)
-        self._array_mask = config.target["model_type"] == "deepseek_v3"
+        self._array_mask = family.array_mask(config.target["model_type"])
         self._vocab_map = mx.array(config.head_vocab) if config.head_vocab else None
         object.__setattr__(self, "_subset_head", None)  # (target, its head rows for head_vocab)
 
@@ -107,12 +97,13 @@ class MTPDrafter(nn.Module):
         lengths [B, L], 0 where none) when it reads offers. Returns (shared_head.norm output
         [B, L, H], block output [B, L, H] for chaining)."""
         embed = target_embedding(target)
-        parts = [self.enorm(embed(tokens))]
+        e = self.enorm(embed(tokens))
         if "fnorms" in self:
             pieces = mx.split(hidden, len(self.fnorms) + 1, axis=-1)
-            parts += [self.hnorm(pieces[0])] + [norm(p) for norm, p in zip(self.fnorms, pieces[1:])]
+            h, features = self.hnorm(pieces[0]), [norm(p) for norm, p in zip(self.fnorms, pieces[1:])]
         else:
-            parts.append(self.hnorm(hidden))
+            h, features = self.hnorm(hidden), []
+        parts = [e, h, *features] if self.config.combine == "embedding_first" else [h, e, *features]
         if self.config.reads_offers:
             offered, match = offers
             parts.append(self.onorm(embed(offered)) * (match > 0)[..., None] + self.match_embed(match))

@@ -1,4 +1,6 @@
-"""The parts of a target model a drafter shares: its embedding and its LM head."""
+"""The parts of a target model a drafter shares (its embedding and its LM head) and the trunk they
+sit on, whatever the family nests them in (`language_model` in Qwen3.5 and Gemma 3, `backbone` in
+Nemotron-H)."""
 
 from __future__ import annotations
 
@@ -6,19 +8,32 @@ import mlx.core as mx
 import mlx.nn as nn
 
 
+def language_model(model) -> nn.Module:
+    """The module holding the head: the model itself, or its `language_model`."""
+    return model.language_model if "language_model" in model else model
+
+
+def trunk(model) -> nn.Module:
+    """The decoder stack (embedding, layers, final norm)."""
+    lm = language_model(model)
+    return lm.backbone if "backbone" in lm else lm.model
+
+
 def target_embedding(model) -> nn.Module:
-    return model.model.embed_tokens
+    body = trunk(model)
+    return body.embed_tokens if "embed_tokens" in body else body.embeddings
 
 
 def target_head(model):
     """The target's LM head as a function of post-norm hidden states."""
     layer = target_head_layer(model)
-    return layer if "lm_head" in model else layer.as_linear
+    return layer if "lm_head" in language_model(model) else layer.as_linear
 
 
 def target_head_layer(model) -> nn.Module:
     """The layer holding the target's head: `lm_head`, or the tied embedding."""
-    return model.lm_head if "lm_head" in model else model.model.embed_tokens
+    lm = language_model(model)
+    return lm.lm_head if "lm_head" in lm else target_embedding(model)
 
 
 def target_head_weight(model) -> mx.array:
@@ -27,5 +42,3 @@ def target_head_weight(model) -> mx.array:
     if hasattr(layer, "scales"):
         return mx.dequantize(layer.weight, layer.scales, layer.biases, layer.group_size, layer.bits)
     return layer.weight
-
-

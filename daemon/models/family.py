@@ -1,0 +1,52 @@
+"""Model families: where each keeps its MTP layer in a checkpoint and what that layer's forward is.
+
+One adapter module per family group, in mlx-lm's one-file-per-family shape. Each states:
+  FAMILIES     the mlx-lm `model_type`s it covers
+  FORWARD      its MTP forward in words (which hidden state, how e and h combine, norms, head)
+  COMBINE      "embedding_first" ([enorm(e); hnorm(h)]) or "hidden_first" ([hnorm(h); enorm(e)])
+  is_mtp(key)  whether a checkpoint key belongs to the MTP layer(s)
+  convert(mtp, weights, config, sanitize)
+               the MTP tensors (checkpoint names) -> the drafter's names (DeepSeek's extracted
+               layout: enorm, hnorm, eh_proj, shared_head.*, then the block's own names); `weights`
+               is the whole checkpoint (for conventions decided by the trunk), `sanitize` the
+               family's own mlx-lm sanitize
+  block(config, layer_index)
+               one decoder layer of the family, built by mlx-lm's class
+  ARRAY_MASK   whether that layer wants an explicit mask array (MLA attention)
+"""
+
+from __future__ import annotations
+
+from types import ModuleType
+
+from daemon.models.families import deepseek, llama, mimo, qwen3_next
+
+ADAPTERS: dict[str, ModuleType] = {name: m for m in (llama, deepseek, qwen3_next, mimo) for name in m.FAMILIES}
+
+
+def adapter(model_type: str) -> ModuleType | None:
+    return ADAPTERS.get(model_type)
+
+
+def text_config(config: dict, num_layers: int | None = None) -> dict:
+    """The language model's config, whatever the nesting (Qwen3.5, Gemma 3, Mistral 3 keep it under
+    `text_config`), under the checkpoint's own model_type; `num_layers` fills in a count the
+    config leaves implicit (Nemotron-H derives it from its block pattern)."""
+    text = {k: v for k, v in config.items() if k != "text_config"}
+    text.update(config.get("text_config") or {})
+    text["model_type"] = config["model_type"]
+    if num_layers is not None:
+        text["num_hidden_layers"] = num_layers
+    return text
+
+
+def block(config: dict, layer_index: int):
+    """One decoder layer of the target's family, as mlx-lm builds it."""
+    family = adapter(config["model_type"])
+    if family is None:
+        raise ValueError(f"no MTP drafter support for the {config['model_type']!r} family ({', '.join(ADAPTERS)})")
+    return family.block(config, layer_index)
+
+
+def array_mask(model_type: str) -> bool:
+    return getattr(adapter(model_type), "ARRAY_MASK", False)
