@@ -98,3 +98,88 @@ def write_family(folder: Path, family: str, tokenizer, vocab: int, seed: int = 0
     model = random_model(config, seed)
     weights = dict(tree_flatten(model.parameters()))
     return write_folder(folder, config, weights, tokenizer)
+
+
+# The MTP families' checkpoints as released: the trunk and an MTP layer under the family's own names.
+
+ZERO_CENTRED = (".input_layernorm.weight", ".post_attention_layernorm.weight", "model.norm.weight", ".q_norm.weight",
+                ".k_norm.weight")
+
+
+def unstack_experts(params: dict) -> dict:
+    """mlx-lm's stacked experts (`switch_mlp.{proj}.weight` [E, ...]) -> one tensor per expert."""
+    out = {}
+    for name, value in params.items():
+        if ".switch_mlp." in name or name.startswith("switch_mlp."):
+            head, _, tail = name.partition("switch_mlp.")
+            proj = tail.split(".")[0]
+            for e in range(value.shape[0]):
+                out[f"{head}experts.{e}.{proj}.weight"] = value[e]
+        else:
+            out[name] = value
+    return out
+
+
+def released_qwen(weights: dict, family: str) -> dict:
+    """mlx-lm's Qwen3.5 / Qwen3-Next weights -> the released names, zero-centred norms (w - 1) and
+    torch's conv1d layout [C, 1, K]."""
+    out = {}
+    for name, value in unstack_experts(weights).items():
+        if family == "qwen3_5":
+            name = name.replace("language_model.model.", "model.language_model.").replace("language_model.lm_head", "lm_head")
+        if "conv1d.weight" in name:
+            value = value.moveaxis(1, 2)
+        if any(name.endswith(s) for s in ZERO_CENTRED) and value.ndim == 1:
+            value = value - 1.0
+        out[name] = value
+    return out
+
+
+def _draw(module, seed: int):
+    mx.random.seed(seed)
+    flat = [(k, 1 + 0.1 * mx.random.normal(v.shape) if ("norm" in k and v.ndim == 1) else mx.random.normal(v.shape) * 0.3)
+            for k, v in tree_flatten(module.parameters()) if mx.issubdtype(v.dtype, mx.floating)]
+    module.load_weights(flat, strict=False)
+    mx.eval(module.parameters())
+    return module
+
+
+def write_with_mtp(folder: Path, family: str, tokenizer, vocab: int, seed: int = 0) -> dict:
+    """A tiny `family` checkpoint in its released layout with one MTP layer. Returns what an
+    independent reference of the MTP forward needs: effective norm weights (as they multiply),
+    the projection, the head (None: the target's), the block as an mlx-lm layer, the order."""
+    from daemon.models import family as families
+
+    config = configs(vocab)[family]
+    text = families.text_config(config)
+    model = random_model(config, seed)
+    weights = dict(tree_flatten(model.parameters()))
+    n, hidden = text["num_hidden_layers"], text["hidden_size"]
+    block = _draw(families.block(text, n), seed + 1)
+    block_params = dict(tree_flatten(block.parameters()))
+    mx.random.seed(seed + 2)
+    ref = {"enorm": 1 + 0.1 * mx.random.normal((hidden,)), "hnorm": 1 + 0.1 * mx.random.normal((hidden,)),
+           "norm": 1 + 0.1 * mx.random.normal((hidden,)), "proj": mx.random.normal((hidden, 2 * hidden)) * 0.2,
+           "head": None, "block": block, "order": "embedding_first"}
+    if family in ("qwen3_5", "qwen3_next"):
+        raw = released_qwen(weights, family)
+        layer = released_qwen({f"mtp.layers.0.{k}": v for k, v in block_params.items()}, family)
+        raw.update(layer)
+        raw.update({"mtp.fc.weight": ref["proj"], "mtp.pre_fc_norm_embedding.weight": ref["enorm"] - 1,
+                    "mtp.pre_fc_norm_hidden.weight": ref["hnorm"] - 1, "mtp.norm.weight": ref["norm"] - 1})
+    elif family == "mimo":
+        raw = dict(weights)
+        ref["order"] = "hidden_first"
+        raw.update({f"model.mtp_layers.0.{k}": v for k, v in block_params.items()})
+        raw.update({"model.mtp_layers.0.input_proj.weight": ref["proj"], "model.mtp_layers.0.token_layernorm.weight":
+                    ref["enorm"], "model.mtp_layers.0.hidden_layernorm.weight": ref["hnorm"],
+                    "model.mtp_layers.0.final_layernorm.weight": ref["norm"]})
+    else:  # DeepSeek-style: model.layers.{N}
+        raw = dict(weights)
+        ref["head"] = mx.random.normal((vocab, hidden)) * 0.3
+        layer = {"enorm.weight": ref["enorm"], "hnorm.weight": ref["hnorm"], "eh_proj.weight": ref["proj"],
+                 "shared_head.norm.weight": ref["norm"], "shared_head.head.weight": ref["head"],
+                 "embed_tokens.weight": weights["model.embed_tokens.weight"], **unstack_experts(block_params)}
+        raw.update({f"model.layers.{n}.{k}": v for k, v in layer.items()})
+    write_folder(folder, config, raw, tokenizer)
+    return ref

@@ -64,13 +64,13 @@ def _recording(cls: type) -> type:
 def hidden_tap(model, source: str = "post_norm") -> HiddenTap:
     """Installs the tap once, and a recording on each block `source` names; no numerics change."""
     body = trunk(model)
-    layers = body.layers
-    if not isinstance(body.norm, HiddenTap):
-        body.norm = HiddenTap(body.norm, layers)
+    layers, name = body.layers, "norm" if "norm" in body else "norm_f"  # Nemotron-H's
+    if not isinstance(body[name], HiddenTap):
+        setattr(body, name, HiddenTap(body[name], layers))
     for b in source_parts(source)[1]:
         if not getattr(type(layers[b]), "records", False):
             layers[b].__class__ = _recording(type(layers[b]))
-    return body.norm
+    return body[name]
 
 
 def extend(model, cache, ids, on_chunk=None) -> None:

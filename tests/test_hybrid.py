@@ -1,0 +1,83 @@
+"""Hybrid targets (Gated DeltaNet in Qwen3.5 / Qwen3-Next, Mamba in Nemotron-H): a partly rejected
+draft is taken back exactly, recurrent state included (daemon.engine.rollback)."""
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from doubles import RuleDrafter, planted_errors
+from families import write_family
+from mlx_lm.models.cache import ArraysCache, make_prompt_cache
+
+from daemon.drafting.lookup import NgramIndex
+from daemon.drafting.session import DraftingSession
+from daemon.engine.choose import TokenChooser
+from daemon.engine.forward import hidden_tap, prefill
+from daemon.engine.generate import generate
+from daemon.engine.plain import Decoding
+from daemon.engine.records import Request
+from daemon.engine.sampling import SamplingParams, new_key
+from daemon.engine.speculative import speculative_steps
+from daemon.engine.ties import NearTieGuard
+from daemon.models.loading import load
+from policies.fixed import Fixed
+
+PROMPT = (1, 80, 120, 7, 200, 33, 150)
+HYBRIDS = ["qwen3_5", "qwen3_next", "nemotron_h"]
+
+
+@pytest.fixture(scope="module")
+def hybrids(tmp_path_factory, tiny_lm):
+    root = tmp_path_factory.mktemp("hybrid")
+    vocab = tiny_lm.config["vocab_size"]
+    return {f: load(str(write_family(root / f, f, tiny_lm.tokenizer, vocab, seed=2))) for f in HYBRIDS}
+
+
+def planted(lm, k):
+    wrong_at = set(np.flatnonzero(np.random.default_rng(k).random(200) < 0.8 / k).tolist())
+    return RuleDrafter(PROMPT[0], planted_errors(lm.model, wrong_at, lm.config["vocab_size"]), lm.config["hidden_size"])
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 4])
+@pytest.mark.parametrize("family", HYBRIDS)
+def test_hybrid_greedy_identical_with_rejections_at_every_position(hybrids, family, k):
+    lm = hybrids[family]
+    assert any(isinstance(c, ArraysCache) for c in make_prompt_cache(lm.model))
+    plain = list(generate(lm, Request(PROMPT, max_tokens=40), Fixed(0)))[-1]
+    lm.drafter, lm.drafter_name = planted(lm, k), "rule"
+    try:
+        spec = list(generate(lm, Request(PROMPT, max_tokens=40), Fixed(k)))[-1]
+    finally:
+        lm.drafter = lm.drafter_name = None
+    assert spec.token_ids == plain.token_ids
+    rejected = [d - a for d, a in zip(spec.stats.drafted_by_position, spec.stats.accepted_by_position)]
+    assert len(rejected) == k and all(r > 0 for r in rejected) and all(a > 0 for a in spec.stats.accepted_by_position)
+
+
+@pytest.mark.parametrize("family", HYBRIDS)
+def test_hybrid_cache_after_speculation_equals_plain_prefill(hybrids, family):
+    lm = hybrids[family]
+    model = lm.model
+    cache = make_prompt_cache(model)
+    tap, chunks = hidden_tap(model), []
+    logits = prefill(model, cache, PROMPT, on_chunk=lambda: chunks.append(tap.hidden("post_norm")))
+    index = NgramIndex()
+    index.extend(PROMPT)
+    dec = Decoding(model, cache, TokenChooser(SamplingParams(), new_key(0), NearTieGuard(model, 2e-3)), logits.shape[-1])
+    session = DraftingSession(planted(lm, 3), model, index)
+    emitted = []
+    for step in speculative_steps(dec, session, tap, Fixed(3), lambda: "prose", 40, logits, mx.concatenate(chunks, 1)):
+        emitted.extend(step.tokens)
+        if len(emitted) >= 30:
+            break
+    sequence = list(PROMPT) + emitted[:-1]  # the last token is not in the cache yet
+    reference = make_prompt_cache(model)
+    model(mx.array([sequence]), cache=reference)
+    for ours, theirs in zip(cache, reference):
+        if isinstance(ours, ArraysCache):
+            for a, b in zip(ours.cache, theirs.cache):
+                np.testing.assert_allclose(np.array(a), np.array(b), atol=1e-4)
+        else:
+            assert ours.offset == len(sequence)
+            for a, b in zip(ours.state[:2], theirs.state[:2]):
+                np.testing.assert_allclose(np.array(a[..., : len(sequence), :]), np.array(b[..., : len(sequence), :]),
+                                           atol=1e-4)

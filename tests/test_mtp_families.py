@@ -1,0 +1,91 @@
+"""Each family's own MTP layer, from a tiny checkpoint in its released key layout: every tensor
+consumed, the drafter's logits equal to an independent reference of the family's MTP forward
+(written from vLLM's `*_mtp.py`, cited per family in daemon/models/families), and speculation lossless."""
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from families import write_with_mtp
+from mlx_lm.models.base import create_attention_mask
+
+from daemon.engine.generate import generate
+from daemon.engine.records import Request
+from daemon.models.families import mimo, qwen3_next
+from daemon.models.loading import load
+from daemon.models.target import target_embedding, target_head_weight, trunk
+from policies.fixed import Fixed
+
+PROMPT = (1, 80, 120, 7, 200, 33, 150)
+MTP_FAMILIES = ["deepseek_v3", "glm4_moe", "qwen3_5", "qwen3_next", "mimo"]
+
+
+@pytest.fixture(scope="module")
+def written(tmp_path_factory, tiny_lm):
+    root = tmp_path_factory.mktemp("mtp")
+    vocab = tiny_lm.config["vocab_size"]
+    return {f: (root / f, write_with_mtp(root / f, f, tiny_lm.tokenizer, vocab, seed=1)) for f in MTP_FAMILIES}
+
+
+def rms(x, w, eps):
+    return x * mx.rsqrt(mx.mean(x * x, axis=-1, keepdims=True) + eps) * w
+
+
+def reference_logits(ref: dict, lm, ids) -> mx.array:
+    """The MTP forward over positions 0..L-2 (h_i, t_{i+1}) -> logits for t_{i+2}, [1, L-1, V]."""
+    eps = lm.config["rms_norm_eps"]
+    tokens = mx.array([ids])
+    h = trunk(lm.model)(tokens)[:, :-1]  # after the final norm
+    e = target_embedding(lm.model)(tokens[:, 1:])
+    parts = [rms(e, ref["enorm"], eps), rms(h, ref["hnorm"], eps)]
+    if ref["order"] == "hidden_first":
+        parts.reverse()
+    x = mx.concatenate(parts, axis=-1) @ ref["proj"].T
+    x = ref["block"](x, create_attention_mask(x, None, return_array=True), None)
+    head = ref["head"] if ref["head"] is not None else target_head_weight(lm.model)
+    return rms(x, ref["norm"], eps) @ head.T
+
+
+def drafter_logits(lm, ids) -> mx.array:
+    tokens = mx.array([ids])
+    h = trunk(lm.model)(tokens)[:, :-1]
+    return lm.drafter(h, tokens[:, 1:], lm.drafter.make_cache(), lm.model)[0]
+
+
+@pytest.mark.parametrize("family", MTP_FAMILIES)
+def test_mtp_layer_matches_the_reference_forward(written, family):
+    folder, ref = written[family]
+    lm = load(str(folder))  # the drafter loads strictly: every MTP tensor used, none missing
+    assert lm.drafter_name.endswith("(built-in MTP)")
+    ours, theirs = drafter_logits(lm, PROMPT), reference_logits(ref, lm, PROMPT)
+    np.testing.assert_allclose(np.array(ours), np.array(theirs), atol=2e-3, rtol=1e-3)
+
+
+@pytest.mark.parametrize("family", MTP_FAMILIES)
+def test_speculation_with_the_mtp_layer_is_lossless(written, family):
+    lm = load(str(written[family][0]))
+    plain = list(generate(lm, Request(PROMPT, max_tokens=24), Fixed(0)))[-1]
+    assert len(plain.token_ids) > 4
+    for k in (1, 2, 3):
+        spec = list(generate(lm, Request(PROMPT, max_tokens=24), Fixed(k)))[-1]
+        assert spec.token_ids == plain.token_ids and spec.stats.drafted > 0, k
+
+
+@pytest.mark.parametrize("family", ["qwen3_5", "mimo"])
+def test_quantized_mtp_layer_loads_and_stays_lossless(written, family):
+    lm = load(str(written[family][0]), drafter_bits=4)
+    assert lm.drafter is not None
+    plain = list(generate(lm, Request(PROMPT, max_tokens=16), Fixed(0)))[-1]
+    spec = list(generate(lm, Request(PROMPT, max_tokens=16), Fixed(2)))[-1]
+    assert spec.token_ids == plain.token_ids and spec.stats.drafted > 0
+
+
+def test_a_wrong_adapter_fails_the_reference(written, monkeypatch):
+    """The reference test has teeth: the norms' +1 missed (Qwen3.5), the concatenation swapped (MiMo)."""
+    for family, module, name, wrong in [("qwen3_5", qwen3_next, "zero_centred", lambda *_: False),
+                                        ("mimo", mimo, "COMBINE", "embedding_first")]:
+        folder, ref = written[family]
+        with monkeypatch.context() as m:
+            m.setattr(module, name, wrong)
+            lm = load(str(folder))
+        assert not np.allclose(np.array(drafter_logits(lm, PROMPT)), np.array(reference_logits(ref, lm, PROMPT)),
+                               atol=2e-3, rtol=1e-3), family
