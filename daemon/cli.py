@@ -104,10 +104,21 @@ def _train_parser(sub) -> None:
     t.add_argument("--resume", action="store_true", help="continue a stopped run in --out")
 
 
+def _checkpoint_parsers(sub) -> None:
+    i = sub.add_parser("inspect", help="a checkpoint's family, its MTP layer and what mtpd will do with it (JSON)")
+    i.add_argument("path", help="mlx-lm / Hugging Face model folder, or a GGUF file")
+    d = sub.add_parser("drafter", help="drafter folders")
+    e = d.add_subparsers(dest="drafter_command", required=True).add_parser(
+        "extract", help="write a checkpoint's MTP layer as a drafter folder, reading only its tensors")
+    e.add_argument("src", help="the checkpoint as released (or a conversion that kept the MTP layer)")
+    e.add_argument("--out", required=True, type=Path, help="drafter folder to write (then: --drafter OUT)")
+    e.add_argument("--bits", type=int, choices=[8, 4, 3], default=None, help="store it quantized")
+
+
 def parser() -> argparse.ArgumentParser:
     root = argparse.ArgumentParser(prog="mtpd", description=__doc__)
     sub = root.add_subparsers(dest="command", required=True)
-    for add in (_generate_parser, _bench_parser, _serve_parser, _service_parsers, _train_parser):
+    for add in (_generate_parser, _bench_parser, _serve_parser, _service_parsers, _train_parser, _checkpoint_parsers):
         add(sub)
     return root
 
@@ -319,6 +330,18 @@ def cmd_config(args) -> None:
     print(describe(*load_settings(args.config)))
 
 
+def cmd_inspect(args) -> None:
+    from daemon.models.checkpoint import inspect
+
+    print(json.dumps(inspect(args.path), indent=1))
+
+
+def cmd_drafter(args) -> None:
+    from daemon.models.checkpoint import extract
+
+    print(json.dumps(extract(args.src, args.out, args.bits), indent=1))
+
+
 COMMANDS = {
     "generate": cmd_generate,
     "bench": cmd_bench,
@@ -327,6 +350,8 @@ COMMANDS = {
     "service": cmd_service,
     "status": cmd_status,
     "train-drafter": cmd_train_drafter,
+    "inspect": cmd_inspect,
+    "drafter": cmd_drafter,
 }
 
 

@@ -89,3 +89,38 @@ def test_a_wrong_adapter_fails_the_reference(written, monkeypatch):
             lm = load(str(folder))
         assert not np.allclose(np.array(drafter_logits(lm, PROMPT)), np.array(reference_logits(ref, lm, PROMPT)),
                                atol=2e-3, rtol=1e-3), family
+
+
+@pytest.mark.parametrize("family", ["qwen3_5", "deepseek_v3"])
+def test_extracted_drafter_serves_a_conversion_that_dropped_the_layer(written, family, tmp_path):
+    """`mtpd drafter extract` reads the MTP tensors alone; `mtpd inspect` tells the stripped copy
+    from the original; the extracted folder drafts next to the stripped copy as the layer did inside."""
+    import json
+    import shutil
+
+    from daemon.models import family as families
+    from daemon.models.checkpoint import extract, inspect
+
+    folder, ref = written[family]
+    stripped = tmp_path / "stripped"
+    shutil.copytree(folder, stripped)
+    adapter = families.adapter(family)
+    text = families.text_config(json.loads((folder / "config.json").read_text()))
+    weights = mx.load(str(folder / "model.safetensors"))
+    mx.save_safetensors(str(stripped / "model.safetensors"), {k: v for k, v in weights.items() if not adapter.is_mtp(k, text)})
+    assert inspect(str(folder))["mtp_tensors"] > 0 and inspect(str(folder))["plan"].startswith("speculates")
+    assert inspect(str(stripped))["mtp_tensors"] == 0 and "drafter extract" in inspect(str(stripped))["plan"]
+    assert load(str(stripped)).drafter is None
+
+    extract(str(folder), str(tmp_path / "drafter"))
+    lm = load(str(stripped), drafter=str(tmp_path / "drafter"))
+    np.testing.assert_allclose(np.array(drafter_logits(lm, PROMPT)), np.array(reference_logits(ref, lm, PROMPT)),
+                               atol=2e-3, rtol=1e-3)
+    plain = list(generate(lm, Request(PROMPT, max_tokens=16), Fixed(0)))[-1]
+    spec = list(generate(lm, Request(PROMPT, max_tokens=16), Fixed(2)))[-1]
+    assert spec.token_ids == plain.token_ids and spec.stats.drafted > 0
+
+    extract(str(folder), str(tmp_path / "drafter4"), bits=4)
+    quantized = load(str(stripped), drafter=str(tmp_path / "drafter4"))
+    spec = list(generate(quantized, Request(PROMPT, max_tokens=16), Fixed(2)))[-1]
+    assert spec.token_ids == plain.token_ids and spec.stats.drafted > 0

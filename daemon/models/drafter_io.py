@@ -11,9 +11,11 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_map
 
+from daemon.models import family
 from daemon.models.mtp import BLOCK_PARTS, DrafterConfig, MTPDrafter
 
 _LAYER_PREFIX = re.compile(r"^model\.layers\.\d+\.")
+GROUP_SIZE = 64
 
 
 def module_keys(weights: dict) -> dict:
@@ -34,14 +36,24 @@ def checkpoint_keys(weights: dict) -> dict:
     return {k.removeprefix("block."): v for k, v in weights.items()}
 
 
-def build(config: DrafterConfig, weights: dict | None = None) -> MTPDrafter:
-    """A drafter from checkpoint weights, or randomly initialised when `weights` is None."""
+def build(config: DrafterConfig, weights: dict | None = None, bits: int | None = None) -> MTPDrafter:
+    """A drafter from checkpoint weights, or randomly initialised when `weights` is None; `bits`:
+    the weights are stored quantized (daemon.models.drafter_io.quantize)."""
     drafter = MTPDrafter(config)
+    if bits is not None:
+        nn.quantize(drafter, group_size=GROUP_SIZE, bits=bits, class_predicate=_linear)
     if weights is not None:
         drafter.load_weights(list(module_keys(weights).items()), strict=True)
     mx.eval(drafter.parameters())
     drafter.eval()
     return drafter
+
+
+def from_checkpoint(text_config: dict, mtp: dict) -> MTPDrafter:
+    """A family's own MTP layer, its tensors already in the drafter's names (daemon.models.family)."""
+    config = DrafterConfig(text_config, text_config["num_hidden_layers"], own_head="shared_head.head.weight" in mtp,
+                           combine=family.adapter(text_config["model_type"]).COMBINE)
+    return build(config, mtp)
 
 
 def random_drafter(target_config: dict, seed: int = 0, hidden_source: str = "post_norm") -> MTPDrafter:
@@ -82,22 +94,28 @@ def load_folder(folder: str | Path, target_config: dict) -> MTPDrafter:
         reads_offers=meta.get("reads_offers", False),
         own_head=any(k.endswith("shared_head.head.weight") for k in weights),
         head_vocab=meta.get("head_vocab"),
+        combine=meta.get("combine", "embedding_first"),
     )
     if config.target["hidden_size"] != target_config["hidden_size"]:
         raise ValueError(
             f"drafter hidden size {config.target['hidden_size']} does not match the target's "
             f"{target_config['hidden_size']}"
         )
-    return build(config, weights)
+    return build(config, weights, meta.get("bits"))
 
 
-def quantize(drafter: MTPDrafter, bits: int, keep_quantized: bool, group_size: int = 64) -> None:
+def _linear(_, module) -> bool:
+    """The layers quantized: linear ones whose input width divides into groups."""
+    return isinstance(module, nn.Linear) and module.weight.shape[-1] % GROUP_SIZE == 0
+
+
+def quantize(drafter: MTPDrafter, bits: int, keep_quantized: bool, group_size: int = GROUP_SIZE) -> None:
     """Quantize the drafter on its own. On Metal the weights stay quantized; on a CPU they are
     rounded to `bits` and kept as fp32 (same acceptance, fast fp32 matmuls)."""
     if bits not in (3, 4, 8):
         raise ValueError("drafter bits must be 8, 4 or 3")
     if keep_quantized:
-        nn.quantize(drafter, group_size=group_size, bits=bits, class_predicate=lambda _, m: isinstance(m, nn.Linear))
+        nn.quantize(drafter, group_size=group_size, bits=bits, class_predicate=_linear)
         return
     rounded = [
         (name, mx.dequantize(*mx.quantize(w.astype(mx.float32), group_size=group_size, bits=bits),

@@ -145,7 +145,6 @@ def load(spec: str | None = None, drafter: str | None = None, drafter_bits: int 
     from daemon.drafting.phrases import Phrasebook
     from daemon.engine.rollback import speculable
     from daemon.models import drafter_io
-    from daemon.models.mtp import DrafterConfig
     from daemon.models.target import target_head_layer
 
     quantized = on_metal()
@@ -162,9 +161,7 @@ def load(spec: str | None = None, drafter: str | None = None, drafter_bits: int 
         lm.drafter, lm.drafter_name = drafter_io.load_folder(drafter, lm.config), Path(drafter).name
         lm.phrases = Phrasebook.load(drafter)
     elif mtp_weights:
-        config = DrafterConfig(lm.config, lm.config["num_hidden_layers"], own_head="shared_head.head.weight" in mtp_weights,
-                               combine=family.adapter(lm.config["model_type"]).COMBINE)
-        lm.drafter, lm.drafter_name = drafter_io.build(config, mtp_weights), f"{lm.name} (built-in MTP)"
+        lm.drafter, lm.drafter_name = drafter_io.from_checkpoint(lm.config, mtp_weights), f"{lm.name} (built-in MTP)"
     else:
         structlog.get_logger().info(
             "no MTP layer", model=lm.name, family=lm.config["model_type"],
