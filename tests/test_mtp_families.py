@@ -16,7 +16,7 @@ from daemon.models.target import target_embedding, target_head_weight, trunk
 from policies.fixed import Fixed
 
 PROMPT = (1, 80, 120, 7, 200, 33, 150)
-MTP_FAMILIES = ["deepseek_v3", "glm4_moe", "qwen3_5", "qwen3_next", "mimo"]
+MTP_FAMILIES = ["deepseek_v3", "deepseek_v32", "glm4_moe", "glm4_moe_lite", "qwen3_5", "qwen3_next", "mimo"]
 
 
 @pytest.fixture(scope="module")

@@ -13,6 +13,7 @@ One adapter module per family group, in mlx-lm's one-file-per-family shape. Each
   block(config, layer_index)
                one decoder layer of the family, built by mlx-lm's class
   ARRAY_MASK   whether that layer wants an explicit mask array (MLA attention)
+  make_cache(config)  (optional) the layer's cache, when it is not one KVCache
 """
 
 from __future__ import annotations
@@ -46,6 +47,16 @@ def block(config: dict, layer_index: int):
     if family is None:
         raise ValueError(f"no MTP drafter support for the {config['model_type']!r} family ({', '.join(ADAPTERS)})")
     return family.block(config, layer_index)
+
+
+def make_cache(config: dict):
+    """A fresh cache for the family's MTP layer."""
+    make = getattr(adapter(config["model_type"]), "make_cache", None)
+    if make is not None:
+        return make(config)
+    from mlx_lm.models.cache import KVCache
+
+    return KVCache()
 
 
 def array_mask(model_type: str) -> bool:

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models.base import create_attention_mask
+from mlx_lm.models.cache import CacheList
 
 from daemon.cpu.layout import column_major_matrix
 from daemon.engine.forward import feature_source
@@ -108,7 +109,8 @@ class MTPDrafter(nn.Module):
             offered, match = offers
             parts.append(self.onorm(embed(offered)) * (match > 0)[..., None] + self.match_embed(match))
         x = self.eh_proj(mx.concatenate(parts, axis=-1))
-        mask = create_attention_mask(x, cache, return_array=self._array_mask)
+        positions = cache[0] if isinstance(cache, CacheList) else cache  # DeepSeek-V3.2: (attention, indexer)
+        mask = create_attention_mask(x, positions, return_array=self._array_mask)
         x = self.block(x, mask, cache)
         return self.shared_head.norm(x), x
 
@@ -150,9 +152,7 @@ class MTPDrafter(nn.Module):
         return mx.put_along_axis(full, mx.broadcast_to(self._vocab_map, logits.shape), logits, axis=-1)
 
     def make_cache(self):
-        from mlx_lm.models.cache import KVCache
-
-        return KVCache()
+        return family.make_cache(self.config.target)
 
 
 def offer_arrays(drafter, offers: list[tuple[int, int]]):

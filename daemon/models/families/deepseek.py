@@ -43,6 +43,13 @@ def convert(mtp: dict, weights: dict, config: dict, sanitize) -> dict:
     return {k.removeprefix("model.layers.0."): v for k, v in sanitize(first).items()}
 
 
+def make_cache(config: dict):
+    """The layer's cache: DeepSeek-V3.2's keeps its indexer's keys beside the attention's."""
+    from mlx_lm.models.cache import CacheList, KVCache
+
+    return CacheList(KVCache(), KVCache()) if config["model_type"] == "deepseek_v32" else KVCache()
+
+
 def block(config: dict, layer_index: int):
     family = config["model_type"]
     if family == "deepseek_v3":
