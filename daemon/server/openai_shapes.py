@@ -34,7 +34,16 @@ class ApiError(Exception):
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(strict=True, extra="ignore")
+    """A field we do not know is refused (400 naming it), never ignored."""
+
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+
+def _unset(value, default, what: str):
+    """A documented field mtpd does not apply is accepted at its default only."""
+    if value not in (None, default):
+        raise ValueError(f"mtpd does not apply {what}; leave it unset")
+    return value
 
 
 class TextPart(_Strict):
@@ -46,6 +55,7 @@ class Message(_Strict):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
+    refusal: str | None = None  # an assistant turn's, sent back as it came
 
     def text(self) -> str:
         if isinstance(self.content, list):
@@ -69,7 +79,15 @@ class _Common(_Strict):
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: int = 1
-    user: str | None = None
+    user: str | None = None  # identifiers and metadata: accepted, they change nothing
+    metadata: dict[str, str] | None = None
+    safety_identifier: str | None = None
+    prompt_cache_key: str | None = None  # mtpd's prompt cache matches prefixes by itself
+    service_tier: str | None = None
+    store: bool | None = None
+    frequency_penalty: float | None = None
+    presence_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
     speculation: str | None = None  # extension: adaptive | off | fixed:K
 
     @field_validator("n")
@@ -78,6 +96,30 @@ class _Common(_Strict):
         if n != 1:
             raise ValueError("only n = 1 is supported")
         return n
+
+    @field_validator("store")
+    @classmethod
+    def _not_stored(cls, store):
+        if store:
+            raise ValueError("mtpd stores no completions; leave it unset or false")
+        return store
+
+    @field_validator("service_tier")
+    @classmethod
+    def _one_tier(cls, tier):
+        if tier not in (None, "auto", "default"):
+            raise ValueError("mtpd has one service tier: 'auto' or 'default'")
+        return tier
+
+    @field_validator("frequency_penalty", "presence_penalty")
+    @classmethod
+    def _no_penalty(cls, value):
+        return _unset(value, 0.0, "frequency or presence penalties")
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _no_bias(cls, value):
+        return _unset(value or None, None, "logit_bias")
 
     @property
     def stops(self) -> tuple[str, ...]:
@@ -122,6 +164,8 @@ def parse(model: type[_Common], raw: bytes) -> _Common:
         loc = [str(p) for p in err["loc"] if not str(p).startswith(("function-", "constrained-"))]
         param = ".".join(loc[:3]) or None
         msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = "mtpd does not support this field"
         raise ApiError(400, f"{param}: {msg}" if param else msg, param) from None
 
 

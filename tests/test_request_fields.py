@@ -1,0 +1,61 @@
+"""No request field is silently ignored: every field OpenAI's API reference documents for chat
+completions is applied by mtpd or refused with a 400 naming it."""
+
+import pytest
+from test_server_app import FakeWorker, app_with, chat_body
+
+# Every documented request field with a value that would change the answer if applied.
+DOCUMENTED = {
+    "model": "tiny", "max_tokens": 3, "max_completion_tokens": 3, "temperature": 0.5, "top_p": 0.5, "seed": 7,
+    "stop": ["x"], "stream": False, "stream_options": None, "n": 1, "logprobs": True, "top_logprobs": 2,
+    "user": "u1", "metadata": {"k": "v"}, "safety_identifier": "s", "prompt_cache_key": "c", "service_tier": "auto",
+    "store": False,
+    # documented, not applied: refused unless at their defaults
+    "frequency_penalty": 0.5, "presence_penalty": 0.5, "logit_bias": {"50": 5}, "n_2": 2, "store_true": True,
+    "service_tier_flex": "flex", "audio": {"voice": "alloy", "format": "mp3"}, "modalities": ["text", "audio"],
+    "prediction": {"type": "content", "content": "x"}, "reasoning_effort": "low", "verbosity": "low",
+    "web_search_options": {}, "functions": [{"name": "f"}], "function_call": "auto",
+}
+APPLIED = {"model", "max_tokens", "max_completion_tokens", "temperature", "top_p", "seed", "stop", "stream",
+           "stream_options", "n", "logprobs", "top_logprobs", "user", "metadata", "safety_identifier",
+           "prompt_cache_key", "service_tier", "store"}
+
+
+def field(name: str) -> str:
+    return name.split("_2")[0].removesuffix("_true").removesuffix("_flex")
+
+
+@pytest.mark.parametrize("name", sorted(DOCUMENTED))
+async def test_each_documented_field_is_applied_or_refused(aiohttp_client, name):
+    worker = FakeWorker()
+    client = await aiohttp_client(app_with(worker))
+    extra = {"logprobs": True} if name == "top_logprobs" else {}
+    r = await client.post("/v1/chat/completions", json=chat_body(**{field(name): DOCUMENTED[name]}, **extra))
+    if name in APPLIED:
+        assert r.status == 200, await r.text()
+    else:
+        assert r.status == 400
+        error = (await r.json())["error"]
+        assert error["param"] == field(name) and error["type"] == "invalid_request_error", error
+    await client.close()
+
+
+async def test_an_unknown_field_is_refused_by_name(aiohttp_client):
+    client = await aiohttp_client(app_with())
+    r = await client.post("/v1/chat/completions", json=chat_body(temprature=0.2))
+    assert r.status == 400
+    assert (await r.json())["error"] == {"message": "temprature: mtpd does not support this field", "type":
+                                         "invalid_request_error", "param": "temprature", "code": None}
+    await client.close()
+
+
+async def test_applied_fields_reach_the_engine(aiohttp_client):
+    worker = FakeWorker()
+    client = await aiohttp_client(app_with(worker))
+    r = await client.post("/v1/chat/completions", json=chat_body(max_completion_tokens=2, temperature=0.5, top_p=0.5,
+                                                                  seed=7, stop=["x"]))
+    assert r.status == 200
+    request = worker.jobs[0].request
+    assert (request.max_tokens, request.sampling.temperature, request.sampling.top_p, request.sampling.seed,
+            request.stop) == (2, 0.5, 0.5, 7, ("x",))
+    await client.close()
