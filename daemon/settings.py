@@ -42,6 +42,9 @@ class Settings(BaseSettings):
     request_timeout_s: float = Field(300.0, gt=0, description="a request's longest time in queue + generation")
     max_body_bytes: int = Field(4 * MiB, ge=1024, description="largest request body (413 above)")
     default_max_tokens: int = Field(512, ge=1, description="max_tokens when a request (or generate / bench) gives none")
+    context_overflow: Literal["clamp", "reject"] = Field(
+        "clamp", description="max_tokens past the context left: clamp it (the answer may end with 'length') "
+                             "or reject the request (400 context_length_exceeded)")
     prompt_cache_bytes: int = Field(512 * MiB, ge=0, description="memory for the prompt cache (0: off)")
     prompt_cache_disk_bytes: int = Field(1024 * MiB, ge=0, description="disk for cached system prompts (0: off)")
     prompt_cache_min_tokens: int = Field(32, ge=1, description="shortest system prompt kept on disk")

@@ -123,7 +123,16 @@ async def test_max_tokens_is_clamped_to_the_room_left(aiohttp_client):
     r = await client.post("/v1/completions", json={"prompt": "x" * 60, "max_tokens": 1000})
     assert r.status == 200 and worker.jobs[0].request.max_tokens == 4
     await client.post("/v1/completions", json={"prompt": "x"})
-    assert worker.jobs[1].request.max_tokens == 63  # the default (1024) clamped too
+    assert worker.jobs[1].request.max_tokens == 63  # the default (512) clamped too
+
+
+async def test_max_tokens_past_the_context_rejected_when_set_so(aiohttp_client):
+    worker = FakeWorker(context=64)
+    client = await aiohttp_client(app_with(worker, context_overflow="reject"))
+    r = await client.post("/v1/completions", json={"prompt": "x" * 60, "max_tokens": 1000})
+    assert r.status == 400
+    assert (await r.json())["error"]["code"] == "context_length_exceeded" and not worker.jobs
+    assert (await client.post("/v1/completions", json={"prompt": "x" * 60, "max_tokens": 4})).status == 200
 
 
 async def test_body_too_large_and_unknown_routes(aiohttp_client):
@@ -145,8 +154,25 @@ async def test_api_key(aiohttp_client):
     r = await client.get("/v1/models", headers={"Authorization": "Bearer wrong"})
     assert r.status == 401
     r = await client.get("/v1/models", headers={"Authorization": "Bearer s3cret"})
-    assert r.status == 200 and [m["id"] for m in (await r.json())["data"]] == ["tiny"]
+    assert r.status == 200 and [m["id"] for m in (await r.json())["data"]][0] == "tiny"
     assert (await client.get("/health")).status == 200  # health needs no key
+
+
+async def test_model_names_with_a_policy_suffix(aiohttp_client):
+    """For clients that cannot send `speculation`: `<model>:<policy>` is listed and chooses it."""
+    worker = FakeWorker()
+    client = await aiohttp_client(app_with(worker))
+    ids = [m["id"] for m in (await (await client.get("/v1/models")).json())["data"]]
+    assert ids[0] == "tiny" and {"tiny:off", "tiny:adaptive", "tiny:fixed:2"} <= set(ids)
+    assert (await client.get("/v1/models/tiny:fixed:2")).status == 200
+    assert (await client.get("/v1/models/tiny:fixed:99")).status == 404
+    r = await client.post("/v1/chat/completions", json=chat_body(model="tiny:fixed:2"))
+    assert r.status == 200 and (await r.json())["mtpd"]["speculation"] == "fixed:2" and worker.jobs[-1].speculation == "fixed:2"
+    r = await client.post("/v1/chat/completions", json=chat_body(model="tiny:off", speculation="fixed:2"))
+    assert r.status == 400 and (await r.json())["error"]["param"] == "speculation"
+    no_drafter = await aiohttp_client(app_with(FakeWorker(drafter=None)))
+    ids = [m["id"] for m in (await (await no_drafter.get("/v1/models")).json())["data"]]
+    assert ids == ["tiny", "tiny:off"]
 
 
 def failing(record):
@@ -156,17 +182,28 @@ def failing(record):
     return answer
 
 
+async def error_of(r, stream: bool) -> tuple[int, dict]:
+    """(status, error object): a streamed answer has sent its headers (200), the error is an event."""
+    if not stream:
+        return r.status, (await r.json())["error"]
+    events = [line.removeprefix("data: ") for line in (await r.text()).splitlines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    return r.status, json.loads(events[-2])["error"]
+
+
 @pytest.mark.parametrize("stream", [False, True])
 async def test_engine_failures(aiohttp_client, stream):
     worker = FakeWorker()
     client = await aiohttp_client(app_with(worker))
     worker.answer = failing(RuntimeError("secret internals"))
     r = await client.post("/v1/chat/completions", json=chat_body(stream=stream))
-    assert r.status == 500 and "secret" not in await r.text()
-    assert (await r.json())["error"]["type"] == "server_error"
+    assert "secret" not in await r.text()
+    status, error = await error_of(r, stream)
+    assert status == (200 if stream else 500) and error["type"] == "server_error"
     worker.answer = failing(DeadlineExceeded("the request waited in the queue past its timeout"))
     r = await client.post("/v1/chat/completions", json=chat_body(stream=stream))
-    assert r.status == 504 and (await r.json())["error"]["code"] == "timeout"
+    status, error = await error_of(r, stream)
+    assert status == (200 if stream else 504) and error["code"] == "timeout"
     worker.answer = echo
     assert (await client.post("/v1/chat/completions", json=chat_body(stream=stream))).status == 200
 
@@ -223,3 +260,27 @@ async def test_health_counts_what_was_served(aiohttp_client):
     metrics = await (await client.get("/metrics")).text()
     assert 'mtpd_requests_total{endpoint="chat",status="200"} 2.0' in metrics
 
+
+
+async def test_a_queued_stream_gets_its_headers_at_once_and_keep_alives(aiohttp_client, monkeypatch):
+    """A streaming request waiting for the engine (here: a worker that has not started it) has its
+    headers and SSE comments before its first token, so clients' header timeouts do not fire."""
+    import asyncio
+
+    from daemon.server import handlers
+
+    monkeypatch.setattr(handlers, "KEEPALIVE_SECONDS", 0.1)
+    held = []
+    worker = FakeWorker()
+    worker.submit = held.append
+    client = await aiohttp_client(app_with(worker))
+    r = await client.post("/v1/chat/completions", json=chat_body(stream=True))
+    assert r.status == 200 and r.headers["Content-Type"] == "text/event-stream" and held  # no token yet
+    first = await r.content.readuntil(b"\n\n")
+    assert b'"role":"assistant"' in first
+    assert await r.content.readuntil(b"\n\n") == b": keep-alive\n\n"
+    for record in echo(held[0]):
+        held[0].deliver(record)
+    await asyncio.sleep(0)
+    events = [json.loads(line[6:]) for line in (await r.text()).splitlines() if line.startswith("data: {")]
+    assert "".join(e["choices"][0]["delta"].get("content", "") for e in events) == "hi"

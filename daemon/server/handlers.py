@@ -15,8 +15,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from daemon.engine.records import Finished
 from daemon.server.keys import METRICS, SETTINGS, TOTALS, WORKER
 from daemon.server.openai_shapes import ApiError, ChatRequest, CompletionRequest, parse
-from daemon.server.prepare import Prepared, default_speculation, prepare
-from daemon.server.streaming import ClientGone, Reply, records, submit
+from daemon.server.prepare import MODEL_SUFFIXES, Prepared, default_speculation, prepare, split_model
+from daemon.server.streaming import KEEPALIVE_SECONDS, ClientGone, Reply, records, submit
 
 log = structlog.get_logger()
 
@@ -50,7 +50,7 @@ async def _complete(http: web.Request, model: type) -> web.StreamResponse:
     status = "ok"
     try:
         if body.stream:
-            response, status = await reply.stream(http, records(http, job, out))
+            response, status = await reply.stream(http, records(http, job, out, KEEPALIVE_SECONDS))
         else:
             response = await reply.collect(records(http, job, out))
         return response
@@ -75,20 +75,28 @@ async def completions(http: web.Request) -> web.StreamResponse:
     return await _complete(http, CompletionRequest)
 
 
-def _model_card(app: web.Application) -> dict:
+def _model_card(app: web.Application, suffix: str | None = None) -> dict:
+    """The served model; with `suffix`, the same model under a draft policy (`<model>:off`)."""
     served = app[WORKER].served
-    return {"id": served.name, "object": "model", "created": int(app[TOTALS].started), "owned_by": "mtpd",
-            "mtpd": {"drafter": served.drafter, "context_length": served.context_length}}
+    return {"id": served.name + (f":{suffix}" if suffix else ""), "object": "model",
+            "created": int(app[TOTALS].started), "owned_by": "mtpd",
+            "mtpd": {"drafter": served.drafter, "context_length": served.context_length, "speculation": suffix}}
+
+
+def _suffixes(app: web.Application) -> tuple[str, ...]:
+    return MODEL_SUFFIXES if app[WORKER].served.drafter is not None else ("off",)
 
 
 async def list_models(http: web.Request) -> web.Response:
-    return web.json_response({"object": "list", "data": [_model_card(http.app)]})
+    cards = [_model_card(http.app)] + [_model_card(http.app, s) for s in _suffixes(http.app)]
+    return web.json_response({"object": "list", "data": cards})
 
 
 async def get_model(http: web.Request) -> web.Response:
-    if http.match_info["model"].lower() != http.app[WORKER].served.name.lower():
+    model, suffix = split_model(http.match_info["model"], http.app[WORKER].served)
+    if model.lower() != http.app[WORKER].served.name.lower() or (suffix and suffix not in _suffixes(http.app)):
         raise ApiError(404, f"the model {http.match_info['model']!r} does not exist", "model", "model_not_found")
-    return web.json_response(_model_card(http.app))
+    return web.json_response(_model_card(http.app, suffix))
 
 
 async def health(http: web.Request) -> web.Response:

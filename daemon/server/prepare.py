@@ -45,8 +45,21 @@ def _completion_ids(served: ServedModel, body: CompletionRequest) -> list[int]:
     return list(prompt)
 
 
-def _speculation(served: ServedModel, body, settings: Settings) -> str:
-    speculation = body.speculation or default_speculation(served, settings)
+MODEL_SUFFIXES = ("adaptive", "adaptive:mtp", "off", "fixed:1", "fixed:2", "fixed:3", "fixed:4")
+
+
+def split_model(name: str, served: ServedModel) -> tuple[str, str | None]:
+    """`<model>` or `<model>:<policy>` (for clients that cannot send `speculation`) -> (model, policy)."""
+    if name.lower().startswith(served.name.lower() + ":"):
+        return name[: len(served.name)], name[len(served.name) + 1 :]
+    return name, None
+
+
+def _speculation(served: ServedModel, body, settings: Settings, suffix: str | None) -> str:
+    if suffix and body.speculation and suffix != body.speculation:
+        raise ApiError(400, f"speculation: {body.speculation!r} disagrees with the model's suffix {suffix!r}",
+                       "speculation")
+    speculation = body.speculation or suffix or default_speculation(served, settings)
     try:
         check_policy(speculation)
     except ValueError as e:
@@ -57,7 +70,8 @@ def _speculation(served: ServedModel, body, settings: Settings) -> str:
 
 
 def prepare(body: ChatRequest | CompletionRequest, served: ServedModel, settings: Settings) -> Prepared:
-    if body.model and body.model.lower() != served.name.lower():
+    model, suffix = split_model(body.model or "", served)
+    if model and model.lower() != served.name.lower():
         raise ApiError(404, f"the model {body.model!r} does not exist; this daemon serves {served.name!r}",
                        "model", "model_not_found")
     chat = isinstance(body, ChatRequest)
@@ -69,8 +83,12 @@ def prepare(body: ChatRequest | CompletionRequest, served: ServedModel, settings
     if room < 1:
         raise ApiError(400, f"the prompt has {len(ids)} tokens; this model's context is {served.context_length} tokens",
                        param, "context_length_exceeded")
-    max_tokens = min(body.token_limit() or settings.default_max_tokens, room)
+    asked = body.token_limit()
+    if asked is not None and asked > room and settings.context_overflow == "reject":
+        raise ApiError(400, f"max_tokens {asked} is past the context left after the prompt ({room} of "
+                            f"{served.context_length} tokens)", "max_tokens", "context_length_exceeded")
+    max_tokens = min(asked or settings.default_max_tokens, room)
     sampling = SamplingParams(1.0 if body.temperature is None else body.temperature, body.top_p or 1.0, body.top_k or 0,
                               body.seed)
     request = Request(tuple(ids), max_tokens, sampling, body.stops, body.logprob_count(), persist)
-    return Prepared(body, request, _speculation(served, body, settings), "chat" if chat else "completion")
+    return Prepared(body, request, _speculation(served, body, settings, suffix), "chat" if chat else "completion")

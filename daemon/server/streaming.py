@@ -7,6 +7,7 @@ import asyncio
 import json
 import time
 
+import structlog
 from aiohttp import web
 
 from daemon.engine.records import Delta, Finished
@@ -26,6 +27,7 @@ from daemon.server.worker import DeadlineExceeded, Job, QueueFull, Worker
 
 POLL_SECONDS = 0.05  # how often a waiting handler checks that its client is still there
 GRACE_SECONDS = 5.0  # past the deadline, how long a handler waits for the engine to say so itself
+KEEPALIVE_SECONDS = 5.0  # a streaming request's SSE comment interval while nothing else is sent
 
 
 class ClientGone(Exception):
@@ -50,8 +52,10 @@ def _closing(http: web.Request) -> bool:
     return http.transport is None or http.transport.is_closing()
 
 
-async def records(http: web.Request, job: Job, out: asyncio.Queue):
-    """The job's records, as they come; raises ClientGone when the client leaves."""
+async def records(http: web.Request, job: Job, out: asyncio.Queue, heartbeat: float | None = None):
+    """The job's records, as they come; raises ClientGone when the client leaves. With `heartbeat`,
+    None every `heartbeat` seconds without a record."""
+    quiet_since = time.monotonic()
     while True:
         try:
             record = await asyncio.wait_for(out.get(), POLL_SECONDS)
@@ -60,7 +64,11 @@ async def records(http: web.Request, job: Job, out: asyncio.Queue):
                 raise ClientGone from None
             if time.monotonic() > job.deadline + GRACE_SECONDS:
                 raise ApiError(504, "the request timed out", code="timeout") from None
+            if heartbeat is not None and time.monotonic() - quiet_since > heartbeat:
+                quiet_since = time.monotonic()
+                yield None
             continue
+        quiet_since = time.monotonic()
         if isinstance(record, DeadlineExceeded):
             raise ApiError(504, str(record), code="timeout")
         if isinstance(record, Exception):
@@ -117,28 +125,33 @@ class Reply:
 
     async def stream(self, http: web.Request, stream) -> tuple[web.StreamResponse, str]:
         """Server-sent events; returns the response and how it ended ("ok", "client_gone" or the
-        status of an error sent in the stream)."""
-        first = await anext(stream)  # errors before the first token still get a status code
+        status of an error sent in the stream).
+        The headers go out at once, queued or not; until the first token an SSE comment every
+        KEEPALIVE_SECONDS shows the client the request is alive (the stream yields None then)."""
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         await response.prepare(http)
 
-        async def send(payload: dict | str) -> None:
-            data = payload if isinstance(payload, str) else json.dumps(payload, separators=(",", ":"))
+        async def write(line: str) -> None:
             try:
-                await response.write(f"data: {data}\n\n".encode())
+                await response.write(line.encode())
             except ConnectionError:
                 raise ClientGone from None
 
-        status, offset, record = "ok", 0, first
+        async def send(payload: dict | str) -> None:
+            await write(f"data: {payload if isinstance(payload, str) else json.dumps(payload, separators=(',', ':'))}\n\n")
+
+        status, offset = "ok", 0
         try:
             if self.chat:
                 await send(chat_chunk(self.head, {"role": "assistant", "content": ""}))
-            while not isinstance(record, Finished):
+            while not isinstance(record := await anext(stream), Finished):
+                if record is None:
+                    await write(": keep-alive\n\n")
+                    continue
                 self.text.append(record.text)
                 if record.text or record.logprobs:
                     await send(self._chunk(record, offset))
                     offset += len(record.text)
-                record = await anext(stream)
             self.done = record
             for chunk in self._last_chunks():
                 await send(chunk)
@@ -147,6 +160,10 @@ class Reply:
             status = str(e.status)
         except ClientGone:
             return response, "client_gone"
+        except Exception:
+            structlog.get_logger().exception("internal error", path=http.path)
+            await send(ApiError(500, "internal server error").body())
+            status = "500"
         await send("[DONE]")
         await response.write_eof()
         return response, status
