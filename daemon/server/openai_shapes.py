@@ -3,9 +3,10 @@ bodies. Pure data, no HTTP and no MLX."""
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from daemon.engine.records import Finished
 from daemon.engine.sampling import TokenLogprob
@@ -51,16 +52,75 @@ class TextPart(_Strict):
     text: str
 
 
+class FunctionCall(_Strict):
+    name: str
+    arguments: str  # JSON text
+
+
+class ToolCall(_Strict):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class Message(_Strict):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
     refusal: str | None = None  # an assistant turn's, sent back as it came
+    tool_calls: list[ToolCall] | None = None  # an assistant turn's calls
+    tool_call_id: str | None = None  # a tool turn's: the call it answers
+
+    @model_validator(mode="after")
+    def _tool_fields(self):
+        if self.role == "tool" and not self.tool_call_id:
+            raise ValueError("a tool message needs tool_call_id")
+        if self.tool_calls and self.role != "assistant":
+            raise ValueError("only assistant messages carry tool_calls")
+        return self
 
     def text(self) -> str:
         if isinstance(self.content, list):
             return "".join(part.text for part in self.content)
         return self.content or ""
+
+    def as_dict(self) -> dict:
+        """For the chat template: OpenAI's names, a call's arguments as a JSON object."""
+        out = {"role": "system" if self.role == "developer" else self.role, "content": self.text()}
+        if self.tool_calls:
+            out["tool_calls"] = [{"id": c.id, "type": "function", "function": {
+                "name": c.function.name, "arguments": _arguments(c.function.arguments)}} for c in self.tool_calls]
+        if self.tool_call_id:
+            out["tool_call_id"] = self.tool_call_id
+        return out
+
+
+def _arguments(text: str):
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+class FunctionDef(_Strict):
+    name: Annotated[str, Field(min_length=1, max_length=64)]
+    description: str | None = None
+    parameters: dict | None = None
+    strict: bool | None = None
+
+
+class Tool(_Strict):
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class NamedFunction(_Strict):
+    name: str
+
+
+class NamedToolChoice(_Strict):
+    type: Literal["function"]
+    function: NamedFunction
 
 
 class StreamOptions(_Strict):
@@ -138,6 +198,28 @@ class ChatRequest(_Common):
     messages: Annotated[list[Message], Field(min_length=1)]
     logprobs: bool = False
     top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
+    tools: list[Tool] | None = None
+    tool_choice: Literal["auto", "none", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
+
+    def forced_tool(self) -> str | None:
+        """"required": "" (any tool); a named function: its name; else None. Checked against the tools."""
+        if self.tool_choice in (None, "auto", "none"):
+            return None
+        if not self.tools:
+            raise ApiError(400, "tool_choice: it needs tools", "tool_choice")
+        if self.tool_choice == "required":
+            return ""
+        name = self.tool_choice.function.name
+        if name not in {t.function.name for t in self.tools}:
+            raise ApiError(400, f"tool_choice: {name!r} is not among the tools", "tool_choice")
+        return name
+
+    def tool_dicts(self) -> list[dict] | None:
+        """The tools the model is shown (none when tool_choice is "none")."""
+        if not self.tools or self.tool_choice == "none":
+            return None
+        return [t.model_dump(exclude_none=True) for t in self.tools]
 
     def logprob_count(self) -> int | None:
         if self.top_logprobs is not None and not self.logprobs:
@@ -233,9 +315,13 @@ def _envelope(head: tuple, obj: str, choices: list, **extra) -> dict:
             "choices": choices, **extra}
 
 
-def chat_response(head, text, done: Finished, logprobs, extension) -> dict:
-    message = {"role": "assistant", "content": text, "refusal": None}
-    choice = {"index": 0, "message": message, "logprobs": logprobs, "finish_reason": done.finish_reason}
+def chat_response(head, text, done: Finished, logprobs, extension, tool_calls=None) -> dict:
+    message = {"role": "assistant", "content": text or (None if tool_calls else ""), "refusal": None}
+    finish = done.finish_reason
+    if tool_calls:
+        message["tool_calls"] = tool_calls
+        finish = "tool_calls" if finish == "stop" else finish
+    choice = {"index": 0, "message": message, "logprobs": logprobs, "finish_reason": finish}
     return _envelope(head, "chat.completion", [choice], usage=usage(done), mtpd=extension)
 
 

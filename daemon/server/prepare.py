@@ -9,6 +9,7 @@ from daemon.engine.records import Request
 from daemon.engine.sampling import SamplingParams
 from daemon.models.prompts import encode_chat, encode_text, system_prefix_length
 from daemon.server.openai_shapes import ApiError, ChatRequest, CompletionRequest
+from daemon.server.tool_calls import ToolCalls, tool_format
 from daemon.server.worker import ServedModel
 from daemon.settings import Settings
 from policies.registry import check as check_policy
@@ -22,18 +23,28 @@ class Prepared:
     request: Request
     speculation: str
     kind: str  # "chat" | "completion"
+    tool_calls: ToolCalls | None = None  # reads calls back out of the answer (chat with tools)
 
 
 def default_speculation(served: ServedModel, settings: Settings) -> str:
     return settings.speculation if served.drafter is not None else "off"
 
 
-def _chat_ids(served: ServedModel, body: ChatRequest, settings: Settings) -> tuple[list[int], int]:
-    """The prompt ids, and how many leading ones are a system prompt worth keeping on disk."""
-    messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
-    ids = encode_chat(served.tokenizer, messages)
-    length = system_prefix_length(served.tokenizer, messages, ids)
-    return ids, length if length >= settings.prompt_cache_min_tokens else 0
+def _chat_ids(served: ServedModel, body: ChatRequest, settings: Settings) -> tuple[list[int], int, ToolCalls | None]:
+    """The prompt ids, how many leading ones are a system prompt worth keeping on disk, and the
+    reader of the answer's tool calls. A forced call ("required", a named function) starts in the
+    prompt: the answer continues after the call's opening."""
+    messages, tools, forced = [m.as_dict() for m in body.messages], body.tool_dicts(), body.forced_tool()
+    ids = encode_chat(served.tokenizer, messages, tools)
+    length = system_prefix_length(served.tokenizer, messages, ids, tools)
+    calls = None
+    if tools:
+        fmt = tool_format(served.tokenizer)
+        opening = "" if forced is None else fmt.start + "\n" + (f'{{"name": "{forced}", "arguments": ' if forced else "")
+        ids += encode_text(served.tokenizer, opening) if opening else []
+        calls = ToolCalls(fmt, tools, body.parallel_tool_calls is not False, forced is not None,
+                          opening.removeprefix(fmt.start))
+    return ids, length if length >= settings.prompt_cache_min_tokens else 0, calls
 
 
 def _completion_ids(served: ServedModel, body: CompletionRequest) -> list[int]:
@@ -75,7 +86,7 @@ def prepare(body: ChatRequest | CompletionRequest, served: ServedModel, settings
         raise ApiError(404, f"the model {body.model!r} does not exist; this daemon serves {served.name!r}",
                        "model", "model_not_found")
     chat = isinstance(body, ChatRequest)
-    ids, persist = _chat_ids(served, body, settings) if chat else (_completion_ids(served, body), 0)
+    ids, persist, calls = _chat_ids(served, body, settings) if chat else (_completion_ids(served, body), 0, None)
     param = "messages" if chat else "prompt"
     if not ids:
         raise ApiError(400, "the prompt is empty", param)
@@ -91,4 +102,4 @@ def prepare(body: ChatRequest | CompletionRequest, served: ServedModel, settings
     sampling = SamplingParams(1.0 if body.temperature is None else body.temperature, body.top_p or 1.0, body.top_k or 0,
                               body.seed)
     request = Request(tuple(ids), max_tokens, sampling, body.stops, body.logprob_count(), persist)
-    return Prepared(body, request, _speculation(served, body, settings, suffix), "chat" if chat else "completion")
+    return Prepared(body, request, _speculation(served, body, settings, suffix), "chat" if chat else "completion", calls)

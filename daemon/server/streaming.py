@@ -86,7 +86,8 @@ class Reply:
         self.chat = prepared.kind == "chat"
         self.wants_logprobs = prepared.request.logprobs is not None
         self.done: Finished | None = None
-        self.text: list[str] = []
+        self.text: list[str] = []  # the answer as the model wrote it
+        self.calls = prepared.tool_calls
 
     def extension(self) -> dict:
         return speculation_figures(self.done, self.prepared.speculation)
@@ -102,20 +103,38 @@ class Reply:
         logprobs = None
         if self.wants_logprobs:
             logprobs = (chat_logprobs if self.chat else completion_logprobs)(entries, self.text_of)
-        build = chat_response if self.chat else completion_response
-        return web.json_response(build(self.head, "".join(self.text), self.done, logprobs, self.extension()))
+        if not self.chat:
+            return web.json_response(completion_response(self.head, "".join(self.text), self.done, logprobs,
+                                                         self.extension()))
+        text, calls = "".join(self.text), None
+        if self.calls is not None:
+            events = self.calls.feed(text) + self.calls.close()
+            text, calls = "".join(e for kind, e in events if kind == "text"), self.calls.calls or None
+        return web.json_response(chat_response(self.head, text, self.done, logprobs, self.extension(), calls))
 
-    def _chunk(self, record: Delta, offset: int) -> dict:
-        if self.chat:
-            logprobs = chat_logprobs(list(record.logprobs), self.text_of) if self.wants_logprobs else None
-            return chat_chunk(self.head, {"content": record.text}, logprobs=logprobs)
-        logprobs = completion_logprobs(list(record.logprobs), self.text_of, offset) if self.wants_logprobs else None
-        return completion_chunk(self.head, record.text, logprobs=logprobs)
+    def _chunks(self, record: Delta, offset: int) -> list[dict]:
+        if not self.chat:
+            logprobs = completion_logprobs(list(record.logprobs), self.text_of, offset) if self.wants_logprobs else None
+            return [completion_chunk(self.head, record.text, logprobs=logprobs)]
+        logprobs = chat_logprobs(list(record.logprobs), self.text_of) if self.wants_logprobs else None
+        if self.calls is None:
+            return [chat_chunk(self.head, {"content": record.text}, logprobs=logprobs)]
+        return [self._event_chunk(e) for e in self.calls.feed(record.text)]
+
+    def _event_chunk(self, event: tuple) -> dict:
+        """A content delta, or one whole call as `delta.tool_calls[index]`."""
+        kind, value = event
+        if kind == "text":
+            return chat_chunk(self.head, {"content": value})
+        return chat_chunk(self.head, {"tool_calls": [{"index": len(self.calls.calls) - 1, **value}]})
 
     def _last_chunks(self) -> list[dict]:
         finish = self.done.finish_reason
         if self.chat:
-            chunks = [chat_chunk(self.head, {}, finish_reason=finish)]
+            chunks = [self._event_chunk(e) for e in self.calls.close()] if self.calls is not None else []
+            if self.calls is not None and self.calls.calls and finish == "stop":
+                finish = "tool_calls"
+            chunks.append(chat_chunk(self.head, {}, finish_reason=finish))
         else:
             chunks = [completion_chunk(self.head, "", finish_reason=finish)]
         if self.prepared.body.include_usage:
@@ -150,7 +169,8 @@ class Reply:
                     continue
                 self.text.append(record.text)
                 if record.text or record.logprobs:
-                    await send(self._chunk(record, offset))
+                    for chunk in self._chunks(record, offset):
+                        await send(chunk)
                     offset += len(record.text)
             self.done = record
             for chunk in self._last_chunks():
