@@ -9,16 +9,18 @@ DOCUMENTED = {
     "model": "tiny", "max_tokens": 3, "max_completion_tokens": 3, "temperature": 0.5, "top_p": 0.5, "seed": 7,
     "stop": ["x"], "stream": False, "stream_options": None, "n": 1, "logprobs": True, "top_logprobs": 2,
     "user": "u1", "metadata": {"k": "v"}, "safety_identifier": "s", "prompt_cache_key": "c", "service_tier": "auto",
-    "store": False,
+    "store": False, "tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}],
+    "tool_choice": "none", "parallel_tool_calls": False,
     # documented, not applied: refused unless at their defaults
     "frequency_penalty": 0.5, "presence_penalty": 0.5, "logit_bias": {"50": 5}, "n_2": 2, "store_true": True,
     "service_tier_flex": "flex", "audio": {"voice": "alloy", "format": "mp3"}, "modalities": ["text", "audio"],
     "prediction": {"type": "content", "content": "x"}, "reasoning_effort": "low", "verbosity": "low",
     "web_search_options": {}, "functions": [{"name": "f"}], "function_call": "auto",
+    "response_format": {"type": "json_object"},
 }
 APPLIED = {"model", "max_tokens", "max_completion_tokens", "temperature", "top_p", "seed", "stop", "stream",
            "stream_options", "n", "logprobs", "top_logprobs", "user", "metadata", "safety_identifier",
-           "prompt_cache_key", "service_tier", "store"}
+           "prompt_cache_key", "service_tier", "store", "tools", "tool_choice", "parallel_tool_calls"}
 
 
 def field(name: str) -> str:
@@ -27,7 +29,7 @@ def field(name: str) -> str:
 
 @pytest.mark.parametrize("name", sorted(DOCUMENTED))
 async def test_each_documented_field_is_applied_or_refused(aiohttp_client, name):
-    worker = FakeWorker()
+    worker = FakeWorker(context=4096)  # room for the tools' description
     client = await aiohttp_client(app_with(worker))
     extra = {"logprobs": True} if name == "top_logprobs" else {}
     r = await client.post("/v1/chat/completions", json=chat_body(**{field(name): DOCUMENTED[name]}, **extra))
