@@ -4,20 +4,12 @@ draft is taken back exactly, recurrent state included (daemon.engine.rollback)."
 import mlx.core as mx
 import numpy as np
 import pytest
-from doubles import RuleDrafter, planted_errors
+from doubles import RuleDrafter, planted_errors, speculated_cache
 from families import write_family
 from mlx_lm.models.cache import ArraysCache, make_prompt_cache
 
-from daemon.drafting.lookup import NgramIndex
-from daemon.drafting.session import DraftingSession
-from daemon.engine.choose import TokenChooser
-from daemon.engine.forward import hidden_tap, prefill
 from daemon.engine.generate import generate
-from daemon.engine.plain import Decoding
 from daemon.engine.records import Request
-from daemon.engine.sampling import SamplingParams, new_key
-from daemon.engine.speculative import speculative_steps
-from daemon.engine.ties import NearTieGuard
 from daemon.models.loading import load
 from policies.fixed import Fixed
 
@@ -57,19 +49,7 @@ def test_hybrid_greedy_identical_with_rejections_at_every_position(hybrids, fami
 def test_hybrid_cache_after_speculation_equals_plain_prefill(hybrids, family):
     lm = hybrids[family]
     model = lm.model
-    cache = make_prompt_cache(model)
-    tap, chunks = hidden_tap(model), []
-    logits = prefill(model, cache, PROMPT, on_chunk=lambda: chunks.append(tap.hidden("post_norm")))
-    index = NgramIndex()
-    index.extend(PROMPT)
-    dec = Decoding(model, cache, TokenChooser(SamplingParams(), new_key(0), NearTieGuard(model, 2e-3)), logits.shape[-1])
-    session = DraftingSession(planted(lm, 3), model, index)
-    emitted = []
-    for step in speculative_steps(dec, session, tap, Fixed(3), lambda: "prose", 40, logits, mx.concatenate(chunks, 1)):
-        emitted.extend(step.tokens)
-        if len(emitted) >= 30:
-            break
-    sequence = list(PROMPT) + emitted[:-1]  # the last token is not in the cache yet
+    cache, sequence = speculated_cache(model, planted(lm, 3), PROMPT, 3, 30)
     reference = make_prompt_cache(model)
     model(mx.array([sequence]), cache=reference)
     for ours, theirs in zip(cache, reference):

@@ -20,7 +20,8 @@ DOCUMENTED = {
 }
 APPLIED = {"model", "max_tokens", "max_completion_tokens", "temperature", "top_p", "seed", "stop", "stream",
            "stream_options", "n", "logprobs", "top_logprobs", "user", "metadata", "safety_identifier",
-           "prompt_cache_key", "service_tier", "store", "tools", "tool_choice", "parallel_tool_calls"}
+           "prompt_cache_key", "service_tier", "store", "tools", "tool_choice", "parallel_tool_calls",
+           "response_format"}
 
 
 def field(name: str) -> str:

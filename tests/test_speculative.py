@@ -6,21 +6,15 @@ import math
 import mlx.core as mx
 import numpy as np
 import pytest
-from doubles import RuleDrafter, known_sequence, planted_errors, target_logits
+from doubles import RuleDrafter, known_sequence, planted_errors, speculated_cache, target_logits
 from mlx.utils import tree_map
 from mlx_lm.models import llama
 from mlx_lm.models.cache import make_prompt_cache
 
-from daemon.drafting.lookup import NgramIndex
-from daemon.drafting.session import DraftingSession
-from daemon.engine.choose import TokenChooser
-from daemon.engine.forward import hidden_tap, prefill
+from daemon.engine.forward import hidden_tap
 from daemon.engine.generate import generate
-from daemon.engine.plain import Decoding
 from daemon.engine.records import Finished, Request
-from daemon.engine.sampling import SamplingParams, new_key
-from daemon.engine.speculative import speculative_steps
-from daemon.engine.ties import NearTieGuard
+from daemon.engine.sampling import SamplingParams
 from daemon.models.loading import LoadedModel
 from policies.fixed import Fixed
 from policies.plan import Plan
@@ -111,20 +105,7 @@ def test_target_cache_after_speculation_equals_plain_prefill(tiny_lm):
     model = tiny_lm.model
     wrong_at = {n for n in range(200) if n % 4 == 0}
     drafter = RuleDrafter(PROMPT[0], planted_errors(model, wrong_at, tiny_lm.config["vocab_size"]), 64)
-    cache = make_prompt_cache(model)
-    tap, chunks = hidden_tap(model), []
-    logits = prefill(model, cache, PROMPT, on_chunk=lambda: chunks.append(tap.hidden("post_norm")))
-    index = NgramIndex()
-    index.extend(PROMPT)
-    dec = Decoding(model, cache, TokenChooser(SamplingParams(), new_key(0), NearTieGuard(model, 2e-3)), logits.shape[-1])
-    session = DraftingSession(drafter, model, index)
-    steps = speculative_steps(dec, session, tap, Fixed(4), lambda: "prose", 40, logits, mx.concatenate(chunks, axis=1))
-    emitted = []
-    for step in steps:
-        emitted.extend(step.tokens)
-        if len(emitted) >= 30:
-            break
-    sequence = list(PROMPT) + emitted[:-1]  # the last token is not in the cache yet
+    cache, sequence = speculated_cache(model, drafter, PROMPT, 4, 30)
     assert cache[0].offset == len(sequence)
     reference = make_prompt_cache(model)
     model(mx.array([sequence]), cache=reference)

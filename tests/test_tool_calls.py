@@ -119,3 +119,24 @@ async def test_bad_tool_requests_are_400_naming_the_field(aiohttp_client, body, 
     client = await aiohttp_client(app_with(FakeWorker(context=4096)))
     r = await client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}], **body})
     assert r.status == 400 and (await r.json())["error"]["param"] == param, await r.text()
+
+
+async def test_structured_output_and_forced_calls_carry_a_grammar(aiohttp_client):
+    worker = FakeWorker(answer=scripted('{"city": "Paris"}}'), context=4096)
+    client = await aiohttp_client(app_with(worker))
+    ask = [{"role": "user", "content": "Weather in Paris?"}]
+    schema = {"name": "w", "schema": {"type": "object", "properties": {"t": {"type": "number"}}}}
+    r = await client.post("/v1/chat/completions", json={"messages": ask, "response_format": {
+        "type": "json_schema", "json_schema": schema}})
+    assert r.status == 200 and '"t"' in worker.jobs[-1].request.grammar
+    await client.post("/v1/chat/completions", json={"messages": ask, "response_format": {"type": "json_object"}})
+    assert worker.jobs[-1].request.grammar
+    await client.post("/v1/chat/completions", json={"messages": ask})
+    assert worker.jobs[-1].request.grammar is None
+    await client.post("/v1/chat/completions", json={"messages": ask, "tools": [WEATHER], "tool_choice": "required"})
+    assert 'get_weather' in worker.jobs[-1].request.grammar and "</tool_call>" in worker.jobs[-1].request.grammar
+    await client.post("/v1/chat/completions", json={"messages": ask, "tools": [WEATHER]})
+    assert worker.jobs[-1].request.grammar is None  # "auto": the model decides
+    bad = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object", "properties": 5}}}
+    r = await client.post("/v1/chat/completions", json={"messages": ask, "response_format": bad})
+    assert r.status == 400 and (await r.json())["error"]["param"].startswith("response_format")

@@ -16,6 +16,7 @@ from mlx_lm.models.cache import trim_prompt_cache
 
 from daemon.drafting.lookup import NgramIndex
 from daemon.engine.forward import PREFILL_CHUNK
+from daemon.engine.grammar import Grammar, masked
 from daemon.engine.sampling import SamplingParams, target_logprobs
 from daemon.models.mtp import offer_arrays
 
@@ -25,6 +26,7 @@ class Drafts:
     tokens: list[int] = field(default_factory=list)
     q_rows: list[mx.array] = field(default_factory=list)  # sampling: the drafter's q [V] per draft
     stopped: bool = False  # a draft fell below the confidence floor and was dropped
+    allowed: list[mx.array] = field(default_factory=list)  # with a grammar: its mask [V] before each draft and after the last
 
 
 class DraftingSession:
@@ -58,9 +60,11 @@ class DraftingSession:
         self.chained = 0
         self.pending_hidden, self.pending_tokens = [hidden], list(tokens)
 
-    def draft(self, k: int, sampling: SamplingParams, split, min_confidence: float = 0.0) -> Drafts:
+    def draft(self, k: int, sampling: SamplingParams, split, min_confidence: float = 0.0,
+              grammar: Grammar | None = None) -> Drafts:
         """Catches up on the pending pairs, then chains up to k drafts, stopping at the first it gives
-        a probability below `min_confidence` (dropped). `split(n)`: fresh PRNG keys (sampling)."""
+        a probability below `min_confidence` (dropped). `split(n)`: fresh PRNG keys (sampling). A
+        grammar masks every draft and moves on by the kept ones (the caller rolls it back)."""
         drafter = self.drafter
         unseen = mx.concatenate(self.pending_hidden, axis=1) if len(self.pending_hidden) > 1 else self.pending_hidden[0]
         tokens = self.pending_tokens
@@ -68,11 +72,17 @@ class DraftingSession:
         self.pending_hidden, self.pending_tokens = [], []  # read now
         out = Drafts()
         for j in range(k):
-            d, q, confidence = _pick(logits[0], sampling, split, min_confidence)
+            row = logits[0]
+            if grammar is not None:
+                out.allowed.append(grammar.allowed())
+                row = masked(row, out.allowed[-1])
+            d, q, confidence = _pick(row, sampling, split, min_confidence)
             if confidence is not None and confidence.item() < min_confidence:
                 out.stopped = True
                 break
             out.tokens.append(d.item())
+            if grammar is not None:
+                grammar.advance(out.tokens[-1:])
             if q is not None:
                 out.q_rows.append(q)
             if j < k - 1:
@@ -81,6 +91,8 @@ class DraftingSession:
                     offers = offer_arrays(drafter, [self.index.offer_after(tuple(out.tokens))])
                 logits, own = drafter.draft(drafter.chained(own[:, -1:], unseen[:, -1:]), d[None], self.cache, self.model, offers)
         self.chained = len(out.tokens) - (not out.stopped)  # a full chain never reads its last draft
+        if grammar is not None and len(out.allowed) == len(out.tokens):
+            out.allowed.append(grammar.allowed())
         return out
 
     def _catch_up(self, hidden: mx.array, tokens, offers) -> tuple[mx.array, mx.array]:

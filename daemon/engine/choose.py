@@ -10,13 +10,14 @@ from collections.abc import Sequence
 
 import mlx.core as mx
 
+from daemon.engine.grammar import Grammar, masked
 from daemon.engine.sampling import SamplingParams, sample
 from daemon.engine.ties import NearTieGuard, greedy_with_margin
 
 
 class TokenChooser:
-    def __init__(self, sampling: SamplingParams, key: mx.array, guard: NearTieGuard):
-        self.sampling, self.key, self.guard = sampling, key, guard
+    def __init__(self, sampling: SamplingParams, key: mx.array, guard: NearTieGuard, grammar: Grammar | None = None):
+        self.sampling, self.key, self.guard, self.grammar = sampling, key, guard, grammar
 
     def split(self, n: int = 1) -> list[mx.array]:
         """n fresh subkeys; the request's key moves on."""
@@ -35,7 +36,15 @@ class TokenChooser:
         return token, token if margin is None else self.guard.token(history, token, margin.item())
 
     def choose(self, logits: mx.array, history: Sequence[int]) -> int:
-        """The token after `history` from its logits [V] or [1, V]."""
-        y, margin = self.draw(logits)
+        """The token after `history` from its logits [V] or [1, V]; a grammar is masked in and
+        moves on by it."""
+        if self.grammar is None:
+            y, margin = self.draw(logits)
+            mx.eval(y, margin)
+            return self.read(y, margin, history)[1]
+        allowed = self.grammar.allowed()
+        y, margin = self.draw(masked(logits, allowed))
         mx.eval(y, margin)
-        return self.read(y, margin, history)[1]
+        token = y.item() if margin is None else self.guard.token(history, y.item(), margin.item(), allowed=allowed)
+        self.grammar.advance([token])
+        return token

@@ -18,6 +18,7 @@ from daemon.drafting.lookup import NgramIndex
 from daemon.drafting.session import DraftingSession
 from daemon.engine.choose import TokenChooser
 from daemon.engine.forward import extend, hidden_tap, prefill
+from daemon.engine.grammar import Grammar
 from daemon.engine.plain import Decoding, plain_steps
 from daemon.engine.prompt_cache import PromptCache, snapshot
 from daemon.engine.records import Delta, Finished, Request, SpecStats
@@ -84,8 +85,9 @@ def generate(
     policy = policy or Fixed(0)
     start = time.perf_counter()
     guard = NearTieGuard(lm.model, default_margin(lm) if tie_margin is None else tie_margin)
+    grammar = Grammar(lm.tokenizer, request.grammar, lm.config["vocab_size"]) if request.grammar else None
     cache, logits, prompt_hidden, cached = _prefill(lm, request, prompt_cache)
-    chooser = TokenChooser(request.sampling, new_key(request.sampling.seed), guard)
+    chooser = TokenChooser(request.sampling, new_key(request.sampling.seed), guard, grammar)
     dec = Decoding(lm.model, cache, chooser, logits.shape[-1], request.logprobs)
     tracker = ContentTracker(lm.tokenizer.decode(list(request.prompt_ids[-PROMPT_CONTEXT:])))
     if lm.drafter is not None and policy.name != "off":

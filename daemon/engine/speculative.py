@@ -23,6 +23,7 @@ from daemon.drafting.lookup import NgramIndex
 from daemon.drafting.phrases import Phrasebook
 from daemon.drafting.session import DraftingSession, Drafts
 from daemon.engine.forward import HiddenTap
+from daemon.engine.grammar import masked
 from daemon.engine.plain import Decoding, plain_step
 from daemon.engine.records import Step
 from daemon.engine.rollback import keep_states, take_back
@@ -42,12 +43,22 @@ def propose(index: NgramIndex, phrases: Phrasebook | None, limit: int) -> Propos
 
 
 def draft(session: DraftingSession, plan: Plan, offer: Proposal, room: int, dec: Decoding) -> Drafts:
-    """At most `room` drafts from the planned source."""
-    if plan.lookup:
-        tokens = list(offer.tokens[: min(plan.k, room)])
-        q_rows = [] if dec.chooser.sampling.greedy else [mx.zeros(dec.vocab).at[d].add(1.0) for d in tokens]
-        return Drafts(tokens, q_rows)
-    return session.draft(min(plan.k, room), dec.chooser.sampling, dec.chooser.split, plan.min_confidence)
+    """At most `room` drafts from the planned source. A grammar has moved on by them: a copy is cut
+    at its first token the grammar forbids (a copy is deterministic, so the cut keeps the
+    distribution), the drafter is masked by it."""
+    grammar = dec.chooser.grammar
+    if not plan.lookup:
+        return session.draft(min(plan.k, room), dec.chooser.sampling, dec.chooser.split, plan.min_confidence, grammar)
+    tokens = list(offer.tokens[: min(plan.k, room)])
+    allowed = []
+    if grammar is not None:
+        tokens = tokens[: grammar.valid_prefix(tokens)]
+        allowed = [grammar.allowed()]
+        for d in tokens:
+            grammar.advance([d])
+            allowed.append(grammar.allowed())
+    q_rows = [] if dec.chooser.sampling.greedy else [mx.zeros(dec.vocab).at[d].add(1.0) for d in tokens]
+    return Drafts(tokens, q_rows, allowed=allowed if tokens else [])
 
 
 def verify(dec: Decoding, t: int, drafts: Drafts, history: list[int], tap: HiddenTap, source: str):
@@ -55,8 +66,11 @@ def verify(dec: Decoding, t: int, drafts: Drafts, history: list[int], tap: Hidde
     hidden states [1, k+1, H], read before a near-tie recomputation can run the model again)."""
     logits = dec.model(mx.array([[t, *drafts.tokens]]), cache=dec.cache)[0]
     hidden = tap.hidden(source)
+    allowed = mx.stack(drafts.allowed) if drafts.allowed else None
+    if allowed is not None:
+        logits = masked(logits, allowed)
     if dec.chooser.sampling.greedy:
-        return verify_greedy(logits, drafts.tokens, dec.chooser.guard, history), logits, hidden
+        return verify_greedy(logits, drafts.tokens, dec.chooser.guard, history, allowed), logits, hidden
     keys = dec.chooser.split(2)
     return verify_sampled(logits, drafts.tokens, drafts.q_rows, dec.chooser.sampling, keys), logits, hidden
 
@@ -101,8 +115,12 @@ def speculative_steps(
             try:
                 out, logits, hidden = verify(dec, t, drafts, index.tokens, tap, source)
                 accepted = len(out) - 1
-            finally:  # the target keeps t and the accepted drafts
+            finally:  # the target keeps t and the accepted drafts; a grammar forgets the rejected ones
                 take_back(dec.model, dec.cache, states, [t, *drafts.tokens], accepted + 1)
+                if dec.chooser.grammar is not None:
+                    dec.chooser.grammar.rollback(k - max(accepted, 0))
+            if dec.chooser.grammar is not None:
+                dec.chooser.grammar.advance(out[accepted:])
             hidden = hidden[:, : accepted + 1]
             if plan.lookup:  # the drafter has not seen these positions: it reads them next round
                 session.read(hidden, out)

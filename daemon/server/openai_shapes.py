@@ -194,6 +194,18 @@ class _Common(_Strict):
         return self.max_completion_tokens or self.max_tokens
 
 
+class JsonSchemaFormat(_Strict):
+    name: str
+    description: str | None = None
+    schema_: dict | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Strict):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
 class ChatRequest(_Common):
     messages: Annotated[list[Message], Field(min_length=1)]
     logprobs: bool = False
@@ -201,6 +213,7 @@ class ChatRequest(_Common):
     tools: list[Tool] | None = None
     tool_choice: Literal["auto", "none", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
+    response_format: ResponseFormat | None = None
 
     def forced_tool(self) -> str | None:
         """"required": "" (any tool); a named function: its name; else None. Checked against the tools."""

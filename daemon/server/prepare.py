@@ -9,6 +9,7 @@ from daemon.engine.records import Request
 from daemon.engine.sampling import SamplingParams
 from daemon.models.prompts import encode_chat, encode_text, system_prefix_length
 from daemon.server.openai_shapes import ApiError, ChatRequest, CompletionRequest
+from daemon.server.structured import response_grammar, tool_call_grammar
 from daemon.server.tool_calls import ToolCalls, tool_format
 from daemon.server.worker import ServedModel
 from daemon.settings import Settings
@@ -30,21 +31,24 @@ def default_speculation(served: ServedModel, settings: Settings) -> str:
     return settings.speculation if served.drafter is not None else "off"
 
 
-def _chat_ids(served: ServedModel, body: ChatRequest, settings: Settings) -> tuple[list[int], int, ToolCalls | None]:
-    """The prompt ids, how many leading ones are a system prompt worth keeping on disk, and the
-    reader of the answer's tool calls. A forced call ("required", a named function) starts in the
-    prompt: the answer continues after the call's opening."""
+def _chat_ids(served: ServedModel, body: ChatRequest, settings: Settings):
+    """(the prompt ids, how many leading ones are a system prompt worth keeping on disk, the reader
+    of the answer's tool calls, the grammar the answer follows). A forced call ("required", a named
+    function) starts in the prompt, the answer continues after the call's opening, held to the
+    tools' schemas by a grammar where the format writes calls as JSON."""
     messages, tools, forced = [m.as_dict() for m in body.messages], body.tool_dicts(), body.forced_tool()
     ids = encode_chat(served.tokenizer, messages, tools)
     length = system_prefix_length(served.tokenizer, messages, ids, tools)
-    calls = None
+    calls, grammar = None, response_grammar(body.response_format)
     if tools:
         fmt = tool_format(served.tokenizer)
         opening = "" if forced is None else fmt.start + "\n" + (f'{{"name": "{forced}", "arguments": ' if forced else "")
         ids += encode_text(served.tokenizer, opening) if opening else []
         calls = ToolCalls(fmt, tools, body.parallel_tool_calls is not False, forced is not None,
                           opening.removeprefix(fmt.start))
-    return ids, length if length >= settings.prompt_cache_min_tokens else 0, calls
+        if forced is not None and fmt.json_calls:
+            grammar = tool_call_grammar(tools, forced, fmt.end)
+    return ids, length if length >= settings.prompt_cache_min_tokens else 0, calls, grammar
 
 
 def _completion_ids(served: ServedModel, body: CompletionRequest) -> list[int]:
@@ -86,7 +90,7 @@ def prepare(body: ChatRequest | CompletionRequest, served: ServedModel, settings
         raise ApiError(404, f"the model {body.model!r} does not exist; this daemon serves {served.name!r}",
                        "model", "model_not_found")
     chat = isinstance(body, ChatRequest)
-    ids, persist, calls = _chat_ids(served, body, settings) if chat else (_completion_ids(served, body), 0, None)
+    ids, persist, calls, grammar = _chat_ids(served, body, settings) if chat else (_completion_ids(served, body), 0, None, None)
     param = "messages" if chat else "prompt"
     if not ids:
         raise ApiError(400, "the prompt is empty", param)
@@ -101,5 +105,5 @@ def prepare(body: ChatRequest | CompletionRequest, served: ServedModel, settings
     max_tokens = min(asked or settings.default_max_tokens, room)
     sampling = SamplingParams(1.0 if body.temperature is None else body.temperature, body.top_p or 1.0, body.top_k or 0,
                               body.seed)
-    request = Request(tuple(ids), max_tokens, sampling, body.stops, body.logprob_count(), persist)
+    request = Request(tuple(ids), max_tokens, sampling, body.stops, body.logprob_count(), persist, grammar)
     return Prepared(body, request, _speculation(served, body, settings, suffix), "chat" if chat else "completion", calls)

@@ -17,6 +17,7 @@ class ToolFormat:
     start: str
     end: str
     parse: Callable[[str, list], dict]  # a call's text -> {"name": ..., "arguments": dict | str}
+    json_calls: bool = True  # a call is {"name": ..., "arguments": {...}} between the markers
 
 
 def _parse_generic(text: str, tools: list) -> dict:
@@ -25,7 +26,9 @@ def _parse_generic(text: str, tools: list) -> dict:
 
 def tool_format(tokenizer) -> ToolFormat:
     if native_tools(tokenizer):
-        return ToolFormat(tokenizer.tool_call_start, tokenizer.tool_call_end, tokenizer.tool_parser)
+        parser = tokenizer.tool_parser
+        return ToolFormat(tokenizer.tool_call_start, tokenizer.tool_call_end, parser,
+                          getattr(parser, "__module__", "").endswith("json_tools"))
     return ToolFormat(GENERIC_START, GENERIC_END, _parse_generic)
 
 
