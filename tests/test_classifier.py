@@ -2,6 +2,7 @@ from data.content_samples import CODE, PROSE
 
 from policies.classifier import CODE as C
 from policies.classifier import PROSE as P
+from policies.classifier import STRUCTURED as S
 from policies.classifier import ContentTracker, classify
 
 
@@ -27,6 +28,21 @@ def test_unfenced_code_is_detected():
     tracker = ContentTracker()
     tracker.feed("def area(w, h):\n    return w * h\n\nprint(area(2, 3))\n")
     assert tracker.current == C
+
+
+def test_tool_calls_and_json_blocks_are_structured():
+    tracker = ContentTracker("Use <tool_call></tool_call> tags to call a tool.")
+    assert tracker.current == P  # the instructions' balanced tags open nothing
+    assert tracker.feed("Let me look that up.\n<tool_") == P
+    assert tracker.feed('call>\n{"name": "get_weather", ') == S  # the opening tag in two pieces
+    assert tracker.feed('"arguments": {"city": "Paris"}}\n</tool_call>') != S  # the window still reads JSON
+    assert tracker.feed("\n```json\n") == S and tracker.feed('{"a": 1}') == S
+    assert tracker.feed("\n```\nThat is the object you asked for, with one key.") == P
+    assert tracker.feed("\n```python\nx = 1") == C
+    forced = ContentTracker('assistant\n<tool_call>\n{"name": "f", "arguments": ')  # a forced call's prompt
+    assert forced.current == S and forced.feed('{"x": 2}}') == S
+    held = ContentTracker("Describe a cat as JSON.", structured=True)  # response_format: a grammar
+    assert held.current == S and held.feed("The cat is a small animal that sleeps.") == S
 
 
 def test_feed_cost(benchmark):

@@ -82,7 +82,7 @@ def write_gguf(path: Path, seed: int = 0) -> dict[str, np.ndarray]:
     tokens, types = vocabulary()
     writer = gguf.GGUFWriter(str(path), "llama")
     writer.add_block_count(c["layers"])
-    writer.add_context_length(512)
+    writer.add_context_length(2048)
     writer.add_embedding_length(c["hidden"])
     writer.add_feed_forward_length(c["ffn"])
     writer.add_head_count(c["heads"])

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import mlx.core as mx
@@ -19,6 +20,10 @@ from daemon.engine.records import Finished, Request, SpecStats
 from daemon.engine.sampling import SamplingParams
 from daemon.models.loading import LoadedModel
 from daemon.models.prompts import encode_chat, encode_text
+from daemon.server.openai_shapes import ChatRequest
+from daemon.server.prepare import prepare
+from daemon.server.worker import ServedModel
+from daemon.settings import Settings
 from policies.registry import ADAPTIVE, make_policy
 
 BASELINE = "mlx-lm"
@@ -26,7 +31,8 @@ WARMUP_TOKENS = 16
 
 
 def read_prompts(path: str | Path) -> list[dict]:
-    """One JSON object per line: `id`, optional `category`, and `messages` or `prompt`."""
+    """One JSON object per line: `id`, optional `category`, and `messages` or `prompt`; with
+    `messages`, optionally the chat API's `tools`, `tool_choice` and `response_format`."""
     prompts = []
     for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
         if not line.strip():
@@ -43,6 +49,20 @@ def read_prompts(path: str | Path) -> list[dict]:
     if not prompts:
         raise ValueError(f"{path}: no prompts")
     return prompts
+
+
+CHAT_FIELDS = ("tools", "tool_choice", "response_format")
+
+
+def request_of(lm: LoadedModel, prompt: dict, max_tokens: int, sampling: SamplingParams) -> Request:
+    """A prompt line as the engine's request; tools and structured output take the API's own path
+    (daemon.server.prepare: the tools in the prompt, a forced call's opening, its grammar)."""
+    if any(f in prompt for f in CHAT_FIELDS):
+        body = ChatRequest.model_validate({"messages": prompt["messages"], "max_tokens": max_tokens,
+                                           **{f: prompt[f] for f in CHAT_FIELDS if f in prompt}})
+        return replace(prepare(body, ServedModel.of(lm), Settings(context_overflow="clamp")).request, sampling=sampling)
+    ids = encode_chat(lm.tokenizer, prompt["messages"]) if "messages" in prompt else encode_text(lm.tokenizer, prompt["prompt"])
+    return Request(tuple(ids), max_tokens=max_tokens, sampling=sampling)
 
 
 def run_engine(lm: LoadedModel, policy, request: Request, tie_margin: float | None, verify_penalty: float) -> dict:
@@ -99,6 +119,16 @@ def acceptance_by_position(rows: list[dict]) -> list[float]:
     return [a / d for a, d in zip(accepted + [0] * (len(drafted) - len(accepted)), drafted) if d]
 
 
+def acceptance_by_class(rows: list[dict]) -> dict[str, dict]:
+    """Content class (as the classifier saw the text being written) -> drafted tokens and the share accepted."""
+    totals: dict[str, list[int]] = {}
+    for r in rows:
+        for klass, (drafted, accepted) in r.get("by_class", {}).items():
+            t = totals.setdefault(klass, [0, 0])
+            t[0], t[1] = t[0] + drafted, t[1] + accepted
+    return {k: {"drafted": d, "acceptance": a / d} for k, (d, a) in sorted(totals.items()) if d}
+
+
 def summarize(results: list[dict], specs: list[str]) -> list[dict]:
     categories = sorted({r["category"] for r in results}) + ["all"]
     rows = []
@@ -125,6 +155,7 @@ def summarize(results: list[dict], specs: list[str]) -> list[dict]:
                         sum(r["accepted"] - r.get("lookup_accepted", 0) for r in mine) / (drafted - copied)
                         if drafted > copied else None
                     ),
+                    "acceptance_by_class": acceptance_by_class(mine),
                 }
             )
         for row in rows[-len(specs) :]:
@@ -168,10 +199,7 @@ def run_bench(
     `cache_dir`: where the adaptive policy's calibration is kept (None: a fresh probe)."""
     shared = shared_estimates(lm, cache_dir, verify_penalty) if any(s in ADAPTIVE for s in specs) else None
     runners = _runners(lm, specs, shared, tie_margin, verify_penalty, baseline)
-    requests = []
-    for p in prompts:
-        ids = encode_chat(lm.tokenizer, p["messages"]) if "messages" in p else encode_text(lm.tokenizer, p["prompt"])
-        requests.append(Request(tuple(ids), max_tokens=max_tokens, sampling=sampling))
+    requests = [request_of(lm, p, max_tokens, sampling) for p in prompts]
 
     for spec, run in runners.items():
         progress(f"warm-up {spec}")

@@ -89,7 +89,7 @@ def generate(
     cache, logits, prompt_hidden, cached = _prefill(lm, request, prompt_cache)
     chooser = TokenChooser(request.sampling, new_key(request.sampling.seed), guard, grammar)
     dec = Decoding(lm.model, cache, chooser, logits.shape[-1], request.logprobs)
-    tracker = ContentTracker(lm.tokenizer.decode(list(request.prompt_ids[-PROMPT_CONTEXT:])))
+    tracker = ContentTracker(lm.tokenizer.decode(list(request.prompt_ids[-PROMPT_CONTEXT:])), request.grammar is not None)
     if lm.drafter is not None and policy.name != "off":
         index = NgramIndex()
         index.extend(request.prompt_ids)
@@ -123,4 +123,5 @@ def generate(
         decode_seconds=end - (first_token_at or end) + verify_penalty * stats.drafted,
         stats=stats,
         token_ids=tuple(output.token_ids),
+        stop_sequence=output.stops.hit,
     )

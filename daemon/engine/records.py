@@ -120,8 +120,17 @@ class SpecStats:
             "drafted": self.drafted, "accepted": self.accepted,
             "drafted_by_position": self.drafted_by_position, "accepted_by_position": self.accepted_by_position,
             "lookup_drafted": self.lookup_drafted, "lookup_accepted": self.lookup_accepted,
-            "tie_rechecks": self.tie_rechecks,
+            "by_class": self.by_class(), "tie_rechecks": self.tie_rechecks,
         }
+
+    def by_class(self) -> dict[str, list[int]]:
+        """Content class -> [drafted, accepted], both sources together."""
+        out: dict[str, list[int]] = {}
+        for (klass, _), (_, drafted, accepted) in self.by_kind.items():
+            totals = out.setdefault(klass, [0, 0])
+            totals[0] += drafted
+            totals[1] += accepted
+        return out
 
 
 @dataclass(frozen=True)
@@ -134,6 +143,7 @@ class Finished:
     decode_seconds: float  # first token -> last token
     stats: SpecStats = field(default_factory=SpecStats, repr=False)
     token_ids: tuple[int, ...] = field(default=(), repr=False)
+    stop_sequence: str | None = None  # the stop string that ended the answer, if one did
 
     @property
     def tokens_per_second(self) -> float:

@@ -10,14 +10,16 @@ class StopText:
     def __init__(self, stops: tuple[str, ...] | list[str] = ()):
         self.stops = tuple(s for s in stops if s)
         self.pending = ""
+        self.hit: str | None = None  # the stop string that ended the output
 
     def feed(self, text: str) -> tuple[str, bool]:
         """Returns (text safe to emit now, whether a stop string ended the output)."""
         buffer = self.pending + text
-        hits = [i for i in (buffer.find(s) for s in self.stops) if i >= 0]
+        hits = [(i, s) for s in self.stops if (i := buffer.find(s)) >= 0]
         if hits:
+            at, self.hit = min(hits, key=lambda h: h[0])
             self.pending = ""
-            return buffer[: min(hits)], True
+            return buffer[:at], True
         held = max((self._overlap(buffer, s) for s in self.stops), default=0)
         self.pending = buffer[len(buffer) - held :]
         return buffer[: len(buffer) - held], False

@@ -1,9 +1,9 @@
-"""The HTTP server: OpenAI's API on aiohttp, in aiohttp's own shape (an app factory, typed keys,
+"""The HTTP server: OpenAI's API (and Anthropic's Messages API) on aiohttp, in aiohttp's own shape (an app factory, typed keys,
 the engine worker opened and closed in `cleanup_ctx`, thin handlers, one error middleware).
 
 It never touches MLX: a request becomes a `Job` for the engine thread (daemon.server.worker), and
 the records the engine yields come back through the event loop. Every error reaches the client as
-OpenAI's error JSON; a 500 says nothing of the code.
+its API's error JSON; a 500 says nothing of the code.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import time
 import structlog
 from aiohttp import web
 
+from daemon.server.anthropic_shapes import error_body
 from daemon.server.handlers import setup_routes
 from daemon.server.keys import METRICS, SETTINGS, TOTALS, WORKER, Totals
 from daemon.server.metrics import Metrics
@@ -25,8 +26,9 @@ from daemon.server.worker import Worker
 from daemon.settings import Settings
 
 log = structlog.get_logger()
-ROUTES = {"/v1/chat/completions": "chat", "/v1/completions": "completions", "/v1/models": "models",
-          "/health": "health", "/metrics": "metrics"}
+ROUTES = {"/v1/chat/completions": "chat", "/v1/completions": "completions", "/v1/messages": "messages",
+          "/v1/messages/count_tokens": "count_tokens", "/v1/models": "models", "/health": "health",
+          "/metrics": "metrics"}
 
 
 def _endpoint(path: str) -> str:
@@ -38,7 +40,7 @@ async def measured(http: web.Request, handler):
     """Counts every request by endpoint and status; times generation requests."""
     m: Metrics = http.app[METRICS]
     endpoint = _endpoint(http.path)
-    generating = endpoint in ("chat", "completions")
+    generating = endpoint in ("chat", "completions", "messages")
     start = time.perf_counter()
     if generating:
         m.in_flight.inc()
@@ -54,34 +56,42 @@ async def measured(http: web.Request, handler):
             m.duration.labels(endpoint).observe(time.perf_counter() - start)
 
 
+def _error(http: web.Request, e: ApiError) -> web.Response:
+    """In the shape of the API the path belongs to: Anthropic's under /v1/messages, else OpenAI's."""
+    body = error_body(e) if http.path.startswith("/v1/messages") else e.body()
+    return web.json_response(body, status=e.status, headers=e.headers)
+
+
 @web.middleware
 async def errors(http: web.Request, handler):
     try:
         return await handler(http)
     except ApiError as e:
-        return web.json_response(e.body(), status=e.status, headers=e.headers)
+        return _error(http, e)
     except web.HTTPException as e:
         if e.status < 400:
             raise
         message = "the request body is too large" if e.status == 413 else e.reason
         code = {404: "not_found", 405: "method_not_allowed", 413: "body_too_large"}.get(e.status)
-        return web.json_response(ApiError(e.status, message, code=code).body(), status=e.status)
+        return _error(http, ApiError(e.status, message, code=code))
     except ClientGone:
         return web.Response(status=499)
     except Exception:
         log.exception("internal error", path=http.path)
-        return web.json_response(ApiError(500, "internal server error").body(), status=500)
+        return _error(http, ApiError(500, "internal server error"))
 
 
 def _auth(api_key: str):
-    expected = f"Bearer {api_key}".encode()
+    """OpenAI's clients send `Authorization: Bearer KEY`, Anthropic's `x-api-key: KEY`: either will do."""
+    bearer, key = f"Bearer {api_key}".encode(), api_key.encode()
 
     @web.middleware
     async def auth(http: web.Request, handler):
         if http.path.startswith("/v1/"):
             given = http.headers.get("Authorization", "").encode()
-            if not hmac.compare_digest(given, expected):
-                raise ApiError(401, "invalid or missing API key (Authorization: Bearer ...)", code="invalid_api_key")
+            if not (hmac.compare_digest(given, bearer) or hmac.compare_digest(http.headers.get("x-api-key", "").encode(), key)):
+                raise ApiError(401, "invalid or missing API key (Authorization: Bearer ... or x-api-key)",
+                               code="invalid_api_key")
         return await handler(http)
 
     return auth

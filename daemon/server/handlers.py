@@ -13,16 +13,19 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from daemon.engine.records import Finished
+from daemon.server.anthropic_shapes import CountTokensRequest, MessagesRequest, message_id
 from daemon.server.keys import METRICS, SETTINGS, TOTALS, WORKER
+from daemon.server.messages import MessagesReply
 from daemon.server.openai_shapes import ApiError, ChatRequest, CompletionRequest, parse
-from daemon.server.prepare import MODEL_SUFFIXES, Prepared, default_speculation, prepare, split_model
+from daemon.server.prepare import MODEL_SUFFIXES, Prepared, default_speculation, prepare, prompt_ids, split_model
 from daemon.server.streaming import KEEPALIVE_SECONDS, ClientGone, Reply, records, submit
 
 log = structlog.get_logger()
 
 
-def _log_request(http: web.Request, rid: str, prepared: Prepared, done: Finished | None, status: str, text: str):
-    fields = {"id": rid, "endpoint": prepared.kind, "status": status, "stream": prepared.body.stream,
+def _log_request(http: web.Request, rid: str, endpoint: str, prepared: Prepared, done: Finished | None, status: str,
+                 text: str):
+    fields = {"id": rid, "endpoint": endpoint, "status": status, "stream": prepared.body.stream,
               "speculation": prepared.speculation, "prompt_tokens": len(prepared.request.prompt_ids)}
     if done is not None:
         stats = done.stats
@@ -39,13 +42,13 @@ def _log_request(http: web.Request, rid: str, prepared: Prepared, done: Finished
     log.info("request", **fields)
 
 
-async def _complete(http: web.Request, model: type) -> web.StreamResponse:
+async def _complete(http: web.Request, body: ChatRequest | CompletionRequest, rid: str, endpoint: str,
+                    reply_type: type = Reply) -> web.StreamResponse:
+    """Prepares `body`, runs it on the engine and answers in `reply_type`'s shape."""
     settings, worker = http.app[SETTINGS], http.app[WORKER]
     served = worker.served
-    body = parse(model, await http.read())
     prepared = await asyncio.get_running_loop().run_in_executor(None, prepare, body, served, settings)
-    rid = ("chatcmpl-" if prepared.kind == "chat" else "cmpl-") + uuid.uuid4().hex[:24]
-    reply = Reply(prepared, (rid, int(time.time()), served.name), lambda t: served.tokenizer.decode([t]))
+    reply = reply_type(prepared, (rid, int(time.time()), served.name), lambda t: served.tokenizer.decode([t]))
     job, out = submit(worker, prepared, settings.request_timeout_s)
     status = "ok"
     try:
@@ -64,15 +67,30 @@ async def _complete(http: web.Request, model: type) -> web.StreamResponse:
         job.cancelled.set()  # no-op when the job has finished
         if reply.done is not None:
             http.app[TOTALS].add(reply.done, prepared.speculation)
-        _log_request(http, rid, prepared, reply.done, status, "".join(reply.text))
+        _log_request(http, rid, endpoint, prepared, reply.done, status, "".join(reply.text))
 
 
 async def chat_completions(http: web.Request) -> web.StreamResponse:
-    return await _complete(http, ChatRequest)
+    body = parse(ChatRequest, await http.read())
+    return await _complete(http, body, "chatcmpl-" + uuid.uuid4().hex[:24], "chat")
 
 
 async def completions(http: web.Request) -> web.StreamResponse:
-    return await _complete(http, CompletionRequest)
+    body = parse(CompletionRequest, await http.read())
+    return await _complete(http, body, "cmpl-" + uuid.uuid4().hex[:24], "completions")
+
+
+async def messages(http: web.Request) -> web.StreamResponse:
+    """Anthropic's Messages API, served by the same chat path."""
+    body = parse(MessagesRequest, await http.read())
+    return await _complete(http, body.chat(), message_id(), "messages", MessagesReply)
+
+
+async def count_tokens(http: web.Request) -> web.Response:
+    body = parse(CountTokensRequest, await http.read())
+    ids = await asyncio.get_running_loop().run_in_executor(
+        None, prompt_ids, body.as_chat(), http.app[WORKER].served, http.app[SETTINGS])
+    return web.json_response({"input_tokens": len(ids)})
 
 
 def _model_card(app: web.Application, suffix: str | None = None) -> dict:
@@ -123,6 +141,8 @@ async def metrics(http: web.Request) -> web.Response:
 def setup_routes(app: web.Application) -> None:
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_post("/v1/completions", completions)
+    app.router.add_post("/v1/messages", messages)
+    app.router.add_post("/v1/messages/count_tokens", count_tokens)
     app.router.add_get("/v1/models", list_models)
     app.router.add_get("/v1/models/{model}", get_model)
     app.router.add_get("/health", health)

@@ -51,6 +51,11 @@ def _chat_ids(served: ServedModel, body: ChatRequest, settings: Settings):
     return ids, length if length >= settings.prompt_cache_min_tokens else 0, calls, grammar
 
 
+def prompt_ids(body: ChatRequest, served: ServedModel, settings: Settings) -> list[int]:
+    """The prompt a chat request becomes, as the model reads it (for counting)."""
+    return _chat_ids(served, body, settings)[0]
+
+
 def _completion_ids(served: ServedModel, body: CompletionRequest) -> list[int]:
     prompt = body.prompt[0] if isinstance(body.prompt, list) and isinstance(body.prompt[0], str) else body.prompt
     if isinstance(prompt, str):

@@ -18,23 +18,29 @@ def _checked(grammar: str, param: str) -> str:
     return grammar
 
 
+def _compact(schema: dict) -> dict:
+    """JSON written without free whitespace (", " and ": " between items): a weak model held to a
+    schema otherwise can spend its whole answer on newlines and tabs."""
+    return {**schema, "x-guidance": {"whitespace_flexible": False, **schema.get("x-guidance", {})}}
+
+
 def response_grammar(response_format) -> str | None:
     """None for plain text."""
     if response_format is None or response_format.type == "text":
         return None
     if response_format.type == "json_object":
-        return _checked(llguidance.LLMatcher.grammar_from_json_schema({"type": "object"}), "response_format")
+        return _checked(llguidance.LLMatcher.grammar_from_json_schema(_compact({"type": "object"})), "response_format")
     if response_format.json_schema is None:
         raise ApiError(400, "response_format: json_schema needs its json_schema object", "response_format")
     schema = response_format.json_schema.schema_ or {"type": "object"}
-    return _checked(llguidance.LLMatcher.grammar_from_json_schema(schema), "response_format.json_schema")
+    return _checked(llguidance.LLMatcher.grammar_from_json_schema(_compact(schema)), "response_format.json_schema")
 
 
 def tool_call_grammar(tools: list[dict], forced: str, end: str) -> str:
     """What follows a forced call's opening: for a named function (`forced`) its arguments, else
     any tool's {"name": ..., "arguments": ...}; then the closing `end` marker."""
     def arguments(tool):
-        return "%json " + json.dumps(tool["function"].get("parameters") or {"type": "object"})
+        return "%json " + json.dumps(_compact(tool["function"].get("parameters") or {"type": "object"}))
 
     close = json.dumps("}\n" + end)
     if forced:
