@@ -82,3 +82,15 @@ def test_the_draft_masks_cover_every_row(tiny_lm):
     done = run(lm, Fixed(2))
     assert done.token_ids == run(tiny_lm, Fixed(0)).token_ids
     assert np.all(np.array(done.token_ids) != 5)
+
+
+def test_a_drafter_that_can_offer_no_allowed_token_stops_drafting(tiny_lm, constrained_plain):
+    """A drafter head over part of the vocabulary (the shipped drafter's 8,192 rows) may have no
+    token the grammar allows: the draft is dropped, not filled with a forbidden one (that was a crash)."""
+    import mlx.core as mx
+
+    vocab = tiny_lm.config["vocab_size"]
+    only_low = mx.where(mx.arange(vocab) < 3, 0.0, -mx.inf)  # tokens 0..2: specials the schema never allows
+    lm = dataclasses.replace(tiny_lm, drafter=RuleDrafter(PROMPT[0], lambda prefix: only_low, 64), drafter_name="rule")
+    done = run(lm, Fixed(2))
+    assert done.token_ids == constrained_plain.token_ids

@@ -76,6 +76,9 @@ class DraftingSession:
             if grammar is not None:
                 out.allowed.append(grammar.allowed())
                 row = masked(row, out.allowed[-1])
+                if not mx.isfinite(row).any().item():  # the drafter's head holds no token the grammar allows
+                    out.stopped = True
+                    break
             d, q, confidence = _pick(row, sampling, split, min_confidence)
             if confidence is not None and confidence.item() < min_confidence:
                 out.stopped = True
