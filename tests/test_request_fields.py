@@ -10,9 +10,10 @@ DOCUMENTED = {
     "stop": ["x"], "stream": False, "stream_options": None, "n": 1, "logprobs": True, "top_logprobs": 2,
     "user": "u1", "metadata": {"k": "v"}, "safety_identifier": "s", "prompt_cache_key": "c", "service_tier": "auto",
     "store": False, "tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}],
-    "tool_choice": "none", "parallel_tool_calls": False,
+    "tool_choice": "none", "parallel_tool_calls": False, "frequency_penalty": 0.5, "presence_penalty": 0.5,
+    "logit_bias": {"50": 5},
     # documented, not applied: refused unless at their defaults
-    "frequency_penalty": 0.5, "presence_penalty": 0.5, "logit_bias": {"50": 5}, "n_2": 2, "store_true": True,
+    "n_2": 2, "store_true": True,
     "service_tier_flex": "flex", "audio": {"voice": "alloy", "format": "mp3"}, "modalities": ["text", "audio"],
     "prediction": {"type": "content", "content": "x"}, "reasoning_effort": "low", "verbosity": "low",
     "web_search_options": {}, "functions": [{"name": "f"}], "function_call": "auto",
@@ -21,7 +22,7 @@ DOCUMENTED = {
 APPLIED = {"model", "max_tokens", "max_completion_tokens", "temperature", "top_p", "seed", "stop", "stream",
            "stream_options", "n", "logprobs", "top_logprobs", "user", "metadata", "safety_identifier",
            "prompt_cache_key", "service_tier", "store", "tools", "tool_choice", "parallel_tool_calls",
-           "response_format"}
+           "response_format", "frequency_penalty", "presence_penalty", "logit_bias"}
 
 
 def field(name: str) -> str:
@@ -55,10 +56,18 @@ async def test_an_unknown_field_is_refused_by_name(aiohttp_client):
 async def test_applied_fields_reach_the_engine(aiohttp_client):
     worker = FakeWorker()
     client = await aiohttp_client(app_with(worker))
-    r = await client.post("/v1/chat/completions", json=chat_body(max_completion_tokens=2, temperature=0.5, top_p=0.5,
-                                                                  seed=7, stop=["x"]))
+    r = await client.post("/v1/chat/completions", json=chat_body(
+        max_completion_tokens=2, temperature=0.5, top_p=0.5, seed=7, stop=["x"], presence_penalty=0.5,
+        frequency_penalty=-0.25, repetition_penalty=1.1, logit_bias={"50": 5, "7": -100}))
     assert r.status == 200
     request = worker.jobs[0].request
-    assert (request.max_tokens, request.sampling.temperature, request.sampling.top_p, request.sampling.seed,
-            request.stop) == (2, 0.5, 0.5, 7, ("x",))
+    s = request.sampling
+    assert (request.max_tokens, s.temperature, s.top_p, s.seed, request.stop) == (2, 0.5, 0.5, 7, ("x",))
+    assert (s.presence_penalty, s.frequency_penalty, s.repetition_penalty, s.logit_bias) == (
+        0.5, -0.25, 1.1, ((50, 5.0), (7, -100.0)))
+    for bad, param in (({"logit_bias": {"999": 1}}, "logit_bias"), ({"logit_bias": {"a": 1}}, "logit_bias"),
+                       ({"logit_bias": {"5": 101}}, "logit_bias.5"), ({"presence_penalty": 3}, "presence_penalty"),
+                       ({"repetition_penalty": 0}, "repetition_penalty")):
+        r = await client.post("/v1/chat/completions", json=chat_body(**bad))
+        assert r.status == 400 and (await r.json())["error"]["param"] == param, (bad, await r.text())
     await client.close()

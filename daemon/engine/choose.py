@@ -11,6 +11,7 @@ from collections.abc import Sequence
 import mlx.core as mx
 
 from daemon.engine.grammar import Grammar, masked
+from daemon.engine.penalties import adjusted, adjusted_rows, processors
 from daemon.engine.sampling import SamplingParams, sample
 from daemon.engine.ties import NearTieGuard, greedy_with_margin
 
@@ -18,6 +19,20 @@ from daemon.engine.ties import NearTieGuard, greedy_with_margin
 class TokenChooser:
     def __init__(self, sampling: SamplingParams, key: mx.array, guard: NearTieGuard, grammar: Grammar | None = None):
         self.sampling, self.key, self.guard, self.grammar = sampling, key, guard, grammar
+        self.processors = processors(sampling)
+
+    def adjust(self, logits: mx.array, history: Sequence[int]) -> mx.array:
+        """The target's logits after `history` with the request's penalties (none: unchanged)."""
+        return adjusted(self.processors, logits, history) if self.processors else logits
+
+    def adjust_rows(self, logits: mx.array, history: Sequence[int], drafts: Sequence[int]) -> mx.array:
+        """Verification rows [k+1, V], each with the history up to its position."""
+        return adjusted_rows(self.processors, logits, history, drafts) if self.processors else logits
+
+    @property
+    def recheck_adjust(self):
+        """What the near-tie guard applies to its recomputed logits."""
+        return self.adjust if self.processors else None
 
     def split(self, n: int = 1) -> list[mx.array]:
         """n fresh subkeys; the request's key moves on."""
@@ -33,18 +48,19 @@ class TokenChooser:
     def read(self, y: mx.array, margin: mx.array | None, history: Sequence[int]) -> tuple[int, int]:
         """(the drawn token, the token to emit after `history`): greedy ones pass the near-tie guard."""
         token = y.item()
-        return token, token if margin is None else self.guard.token(history, token, margin.item())
+        return token, token if margin is None else self.guard.token(history, token, margin.item(),
+                                                                    adjust=self.recheck_adjust)
 
     def choose(self, logits: mx.array, history: Sequence[int]) -> int:
         """The token after `history` from its logits [V] or [1, V]; a grammar is masked in and
         moves on by it."""
-        if self.grammar is None:
-            y, margin = self.draw(logits)
-            mx.eval(y, margin)
-            return self.read(y, margin, history)[1]
-        allowed = self.grammar.allowed()
-        y, margin = self.draw(masked(logits, allowed))
+        logits = self.adjust(logits, history)
+        allowed = self.grammar.allowed() if self.grammar is not None else None
+        y, margin = self.draw(logits if allowed is None else masked(logits, allowed))
         mx.eval(y, margin)
-        token = y.item() if margin is None else self.guard.token(history, y.item(), margin.item(), allowed=allowed)
-        self.grammar.advance([token])
+        token = y.item()
+        if margin is not None:
+            token = self.guard.token(history, token, margin.item(), allowed=allowed, adjust=self.recheck_adjust)
+        if self.grammar is not None:
+            self.grammar.advance([token])
         return token

@@ -45,7 +45,8 @@ def plain_step(dec: Decoding, token: int, history: list[int], after_forward=None
 
 def plain_steps(dec: Decoding, prompt_ids, logits: mx.array) -> Iterator[Step]:
     """logits [1, V]: the prompt's last position."""
-    queued = on_metal() and can_trim_prompt_cache(dec.cache) and dec.chooser.grammar is None  # it may redo a step
+    chooser = dec.chooser  # queued steps may redo a step, and draw without a grammar or penalties
+    queued = on_metal() and can_trim_prompt_cache(dec.cache) and chooser.grammar is None and not chooser.processors
     steps = _queued_steps if queued else _eager_steps
     return steps(dec, list(prompt_ids), logits)
 

@@ -19,6 +19,10 @@ class SamplingParams:
     top_p: float = 1.0  # 1: off
     top_k: int = 0  # 0: off
     seed: int | None = None
+    presence_penalty: float = 0.0  # daemon.engine.penalties
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0  # 1: off
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit)
 
     def __post_init__(self):
         if self.temperature < 0:

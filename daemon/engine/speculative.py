@@ -66,11 +66,13 @@ def verify(dec: Decoding, t: int, drafts: Drafts, history: list[int], tap: Hidde
     hidden states [1, k+1, H], read before a near-tie recomputation can run the model again)."""
     logits = dec.model(mx.array([[t, *drafts.tokens]]), cache=dec.cache)[0]
     hidden = tap.hidden(source)
+    logits = dec.chooser.adjust_rows(logits, history, drafts.tokens)
     allowed = mx.stack(drafts.allowed) if drafts.allowed else None
     if allowed is not None:
         logits = masked(logits, allowed)
     if dec.chooser.sampling.greedy:
-        return verify_greedy(logits, drafts.tokens, dec.chooser.guard, history, allowed), logits, hidden
+        chooser = dec.chooser
+        return verify_greedy(logits, drafts.tokens, chooser.guard, history, allowed, chooser.recheck_adjust), logits, hidden
     keys = dec.chooser.split(2)
     return verify_sampled(logits, drafts.tokens, drafts.q_rows, dec.chooser.sampling, keys), logits, hidden
 

@@ -39,13 +39,16 @@ class NearTieGuard:
         self.rechecks = 0
 
     def token(self, ids: Sequence[int], fast_token: int, fast_margin: float, extra: Sequence[int] = (),
-              allowed: mx.array | None = None) -> int:
+              allowed: mx.array | None = None, adjust=None) -> int:
         """The greedy token after `ids` + `extra`, given the fast path's argmax and top-2 margin
-        (the sequence is only put together for a recomputation); `allowed` [V]: a grammar's mask."""
+        (the sequence is only put together for a recomputation); `allowed` [V]: a grammar's mask;
+        `adjust(logits, history)`: the request's penalties."""
         if fast_margin >= self.margin:
             return fast_token
         self.rechecks += 1
         logits = prefill(self.model, make_prompt_cache(self.model), [*ids, *extra])
+        if adjust is not None:
+            logits = adjust(logits, [*ids, *extra])
         if allowed is not None:
             logits = mx.where(allowed, logits, -mx.inf)
         return mx.argmax(logits, axis=-1).item()

@@ -35,16 +35,18 @@ def residual_logprobs(p: mx.array, q: mx.array) -> mx.array:
 
 
 def verify_greedy(logits: mx.array, drafts: list[int], guard: NearTieGuard, history: list[int],
-                  allowed: mx.array | None = None) -> list[int]:
+                  allowed: mx.array | None = None, adjust=None) -> list[int]:
     """The tokens greedy verification emits: the drafts the target's (tie-guarded) argmax agrees
     with, then its own token. logits: [k+1, V], row i scoring the position after draft i, already
-    masked by a grammar's `allowed` [k+1, V] when there is one (the guard masks its recomputation)."""
+    masked by a grammar's `allowed` [k+1, V] when there is one and adjusted by the request's
+    penalties (the guard does both to its recomputation; `adjust` is how)."""
     target, margins = greedy_with_margin(logits)
     mx.eval(target, margins)
     target, margins = target.tolist(), margins.tolist()
     out: list[int] = []
     for i in range(len(drafts) + 1):
-        out.append(guard.token(history, target[i], margins[i], extra=out, allowed=None if allowed is None else allowed[i]))
+        out.append(guard.token(history, target[i], margins[i], extra=out, allowed=None if allowed is None else allowed[i],
+                               adjust=adjust))
         if i == len(drafts) or drafts[i] != out[-1]:
             break
     return out

@@ -40,13 +40,6 @@ class Strict(BaseModel):
     model_config = ConfigDict(strict=True, extra="forbid")
 
 
-def _unset(value, default, what: str):
-    """A documented field mtpd does not apply is accepted at its default only."""
-    if value not in (None, default):
-        raise ValueError(f"mtpd does not apply {what}; leave it unset")
-    return value
-
-
 class TextPart(Strict):
     type: Literal["text"]
     text: str
@@ -145,9 +138,10 @@ class _Common(Strict):
     prompt_cache_key: str | None = None  # mtpd's prompt cache matches prefixes by itself
     service_tier: str | None = None
     store: bool | None = None
-    frequency_penalty: float | None = None
-    presence_penalty: float | None = None
-    logit_bias: dict[str, float] | None = None
+    frequency_penalty: Annotated[float, Field(ge=-2, le=2)] | None = None
+    presence_penalty: Annotated[float, Field(ge=-2, le=2)] | None = None
+    logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = None
+    repetition_penalty: Annotated[float, Field(gt=0)] | None = None  # extension, as mlx-lm's and vLLM's servers
     speculation: str | None = None  # extension: adaptive | off | fixed:K
 
     @field_validator("n")
@@ -171,15 +165,19 @@ class _Common(Strict):
             raise ValueError("mtpd has one service tier: 'auto' or 'default'")
         return tier
 
-    @field_validator("frequency_penalty", "presence_penalty")
-    @classmethod
-    def _no_penalty(cls, value):
-        return _unset(value, 0.0, "frequency or presence penalties")
-
     @field_validator("logit_bias")
     @classmethod
-    def _no_bias(cls, value):
-        return _unset(value or None, None, "logit_bias")
+    def _token_ids(cls, bias):
+        if bias and not all(k.isdigit() for k in bias):
+            raise ValueError("the keys are token ids, as strings")
+        return bias
+
+    def bias(self, vocab: int) -> tuple[tuple[int, float], ...]:
+        """logit_bias as (token id, bias) pairs, each id checked against the vocabulary."""
+        pairs = tuple((int(k), v) for k, v in (self.logit_bias or {}).items())
+        if any(t >= vocab for t, _ in pairs):
+            raise ApiError(400, f"logit_bias: token ids must be in [0, {vocab})", "logit_bias")
+        return pairs
 
     @property
     def stops(self) -> tuple[str, ...]:

@@ -109,6 +109,7 @@ def prepare(body: ChatRequest | CompletionRequest, served: ServedModel, settings
                             f"{served.context_length} tokens)", "max_tokens", "context_length_exceeded")
     max_tokens = min(asked or settings.default_max_tokens, room)
     sampling = SamplingParams(1.0 if body.temperature is None else body.temperature, body.top_p or 1.0, body.top_k or 0,
-                              body.seed)
+                              body.seed, body.presence_penalty or 0.0, body.frequency_penalty or 0.0,
+                              body.repetition_penalty or 1.0, body.bias(served.vocab_size))
     request = Request(tuple(ids), max_tokens, sampling, body.stops, body.logprob_count(), persist, grammar)
     return Prepared(body, request, _speculation(served, body, settings, suffix), "chat" if chat else "completion", calls)

@@ -1,0 +1,51 @@
+"""A real coding agent against the daemon on the default model: `opencode run` (npm's opencode-ai,
+installed by `./install.sh --test`) with an OpenAI-compatible provider. Both of its requests (the
+session title and the agent's turn, with its tools) must be answered, and it must finish without a
+client error. The default model's 8,192-token context holds Open Code's prompt with its core tools;
+the four it needs least (task, todowrite, webfetch, skill) are switched off to leave room for a
+tool-result turn, as a user of a small local model would."""
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+from conftest import Daemon
+
+pytestmark = pytest.mark.real_model
+
+OPENCODE = Path(__file__).parents[1] / ".venv" / "opencode" / "node_modules" / ".bin" / "opencode"
+MODEL = "SmolLM2-135M-Instruct"
+
+
+def config(url: str) -> dict:
+    return {
+        "$schema": "https://opencode.ai/config.json",
+        "provider": {"mtpd": {"npm": "@ai-sdk/openai-compatible", "name": "mtpd", "options": {"baseURL": url + "/v1"},
+                              "models": {MODEL: {"name": "SmolLM2", "limit": {"context": 8192, "output": 384}}}}},
+        "model": f"mtpd/{MODEL}",
+        "tools": {"task": False, "todowrite": False, "webfetch": False, "skill": False},
+    }
+
+
+def test_opencode_run_is_answered_without_a_client_error(tmp_path):
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "calc.py").write_text("def add(a, b):\n    return a + b\n")
+    daemon = Daemon(env={"MTPD_LOG_PROMPTS": "true", "MTPD_REQUEST_TIMEOUT_S": "600"})
+    try:
+        (work / "opencode.json").write_text(json.dumps(config(daemon.url)))
+        env = {**os.environ, **{f"XDG_{d}_HOME": str(tmp_path / d.lower()) for d in ("DATA", "CONFIG", "CACHE", "STATE")}}
+        run = subprocess.run([str(OPENCODE), "run", "--print-logs", "Add a function sub(a, b) to calc.py"], cwd=work,
+                             env=env, capture_output=True, text=True, timeout=900)
+    finally:
+        assert daemon.stop() == 0
+    logs = run.stdout + run.stderr
+    errors = [line for line in logs.splitlines() if "level=ERROR" in line]
+    assert run.returncode == 0 and not errors, logs[-4000:]
+    requests = [r for r in daemon.log_records() if r.get("event") == "request"]
+    assert len(requests) >= 2 and all(r["status"] == "ok" for r in requests), requests
+    agent = [r for r in requests if "<tools>" in r["prompt"]]
+    assert agent and all(f'"name": "{tool}"' in agent[0]["prompt"] for tool in ("bash", "edit", "read", "write"))
+    assert '"name": "webfetch"' not in agent[0]["prompt"]
