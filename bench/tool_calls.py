@@ -12,11 +12,7 @@ import json
 import sys
 from pathlib import Path
 
-import jsonschema
-
-from daemon.bench.run import read_prompts, run_bench
-from daemon.models.loading import load
-from daemon.server.tool_calls import ToolCalls, tool_format
+from daemon.cpu.blas import reexec_with_blas
 
 PROMPTS = Path(__file__).with_name("tool-prompts.jsonl")
 SPECS = ["off", "fixed:2", "adaptive"]
@@ -24,6 +20,10 @@ SPECS = ["off", "fixed:2", "adaptive"]
 
 def checked(lm, prompt: dict, token_ids: list[int]) -> str:
     """"ok", or what is wrong with the answer."""
+    import jsonschema
+
+    from daemon.server.tool_calls import ToolCalls, tool_format
+
     text = lm.tokenizer.decode(token_ids)
     if "response_format" in prompt:
         try:
@@ -58,6 +58,11 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=96)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
+    reexec_with_blas(sys.argv)
+
+    from daemon.bench.run import read_prompts, run_bench
+    from daemon.models.loading import load
+
     prompts = read_prompts(PROMPTS)
     lm = load()
     report = run_bench(lm, prompts, SPECS, args.max_tokens, progress=lambda line: print(line, file=sys.stderr))

@@ -94,3 +94,16 @@ def test_a_drafter_that_can_offer_no_allowed_token_stops_drafting(tiny_lm, const
     lm = dataclasses.replace(tiny_lm, drafter=RuleDrafter(PROMPT[0], lambda prefix: only_low, 64), drafter_name="rule")
     done = run(lm, Fixed(2))
     assert done.token_ids == constrained_plain.token_ids
+
+
+def test_forced_call_arguments_take_only_the_declared_properties():
+    from daemon.server.structured import tool_call_grammar
+
+    tool = {"type": "function", "function": {"name": "f", "parameters": {
+        "type": "object", "properties": {"a": {"type": "integer"}}}}}
+    grammar = tool_call_grammar([tool], "f", "</tool_call>")
+    lark = grammar.split("%json ", 1)[1].split("\n")[0].rsplit(" ", 1)[0]
+    assert json.loads(lark)["additionalProperties"] is False
+    tool["function"]["parameters"]["additionalProperties"] = {"type": "string"}  # the schema's own word stands
+    lark = tool_call_grammar([tool], "f", "</tool_call>").split("%json ", 1)[1].split("\n")[0].rsplit(" ", 1)[0]
+    assert json.loads(lark)["additionalProperties"] == {"type": "string"}

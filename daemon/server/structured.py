@@ -24,6 +24,15 @@ def _compact(schema: dict) -> dict:
     return {**schema, "x-guidance": {"whitespace_flexible": False, **schema.get("x-guidance", {})}}
 
 
+def _closed(schema: dict) -> dict:
+    """A tool's parameters as the call's grammar takes them: an object whose schema lists its
+    properties and says nothing of others takes only those (a weak model otherwise goes on adding
+    keys the tool does not have until it runs out of tokens). Still a subset of the schema."""
+    if schema.get("type") == "object" and "properties" in schema and "additionalProperties" not in schema:
+        return {**schema, "additionalProperties": False}
+    return schema
+
+
 def response_grammar(response_format) -> str | None:
     """None for plain text."""
     if response_format is None or response_format.type == "text":
@@ -40,7 +49,7 @@ def tool_call_grammar(tools: list[dict], forced: str, end: str) -> str:
     """What follows a forced call's opening: for a named function (`forced`) its arguments, else
     any tool's {"name": ..., "arguments": ...}; then the closing `end` marker."""
     def arguments(tool):
-        return "%json " + json.dumps(_compact(tool["function"].get("parameters") or {"type": "object"}))
+        return "%json " + json.dumps(_compact(_closed(tool["function"].get("parameters") or {"type": "object"})))
 
     close = json.dumps("}\n" + end)
     if forced:
