@@ -36,13 +36,15 @@ def test_opencode_run_is_answered_without_a_client_error(tmp_path):
     daemon = Daemon(env={"MTPD_LOG_PROMPTS": "true", "MTPD_REQUEST_TIMEOUT_S": "600"})
     try:
         (work / "opencode.json").write_text(json.dumps(config(daemon.url)))
-        env = {**os.environ, **{f"XDG_{d}_HOME": str(tmp_path / d.lower()) for d in ("DATA", "CONFIG", "CACHE", "STATE")}}
+        env = {**os.environ, **{f"XDG_{d}_HOME": str(tmp_path / d.lower()) for d in ("DATA", "CONFIG", "CACHE", "STATE")},
+               "PWD": str(work)}  # Open Code takes its project from PWD, not from the process's directory
         run = subprocess.run([str(OPENCODE), "run", "--print-logs", "Add a function sub(a, b) to calc.py"], cwd=work,
                              env=env, capture_output=True, text=True, timeout=900)
     finally:
         assert daemon.stop() == 0
     logs = run.stdout + run.stderr
-    errors = [line for line in logs.splitlines() if "level=ERROR" in line]
+    # its model catalogue lives on models.dev, out of reach here: that one error is not about mtpd
+    errors = [line for line in logs.splitlines() if "level=ERROR" in line and "models.dev" not in line]
     assert run.returncode == 0 and not errors, logs[-4000:]
     requests = [r for r in daemon.log_records() if r.get("event") == "request"]
     assert len(requests) >= 2 and all(r["status"] == "ok" for r in requests), requests
