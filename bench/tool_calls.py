@@ -22,7 +22,7 @@ def checked(lm, prompt: dict, token_ids: list[int]) -> str:
     """"ok", or what is wrong with the answer."""
     import jsonschema
 
-    from daemon.server.tool_calls import ToolCalls, tool_format
+    from daemon.bench.run import prepared_chat
 
     text = lm.tokenizer.decode(token_ids)
     if "response_format" in prompt:
@@ -31,17 +31,14 @@ def checked(lm, prompt: dict, token_ids: list[int]) -> str:
         except (ValueError, jsonschema.ValidationError) as e:
             return f"not valid JSON for the format: {str(e).splitlines()[0]}"
         return "ok"
-    tools = prompt["tools"]
-    choice = prompt["tool_choice"]
-    forced = choice["function"]["name"] if isinstance(choice, dict) else ""
-    fmt = tool_format(lm.tokenizer)
-    opening = "\n" + (f'{{"name": "{forced}", "arguments": ' if forced else "")
-    calls = ToolCalls(fmt, tools, True, True, opening)
+    calls = prepared_chat(lm, prompt, 1).tool_calls  # the reader the server uses, a forced call's opening included
     calls.feed(text)
     calls.close()
     if not calls.calls:
         return f"no call in {text[:80]!r}"
-    schemas = {t["function"]["name"]: t["function"]["parameters"] for t in tools}
+    schemas = {t["function"]["name"]: t["function"]["parameters"] for t in prompt["tools"]}
+    choice = prompt["tool_choice"]
+    forced = choice["function"]["name"] if isinstance(choice, dict) else ""
     for call in calls.calls:
         name = call["function"]["name"]
         if name not in schemas or (forced and name != forced):

@@ -21,7 +21,7 @@ from daemon.engine.sampling import SamplingParams
 from daemon.models.loading import LoadedModel
 from daemon.models.prompts import encode_chat, encode_text
 from daemon.server.openai_shapes import ChatRequest
-from daemon.server.prepare import prepare
+from daemon.server.prepare import Prepared, prepare
 from daemon.server.worker import ServedModel
 from daemon.settings import Settings
 from policies.registry import ADAPTIVE, make_policy
@@ -54,13 +54,19 @@ def read_prompts(path: str | Path) -> list[dict]:
 CHAT_FIELDS = ("tools", "tool_choice", "response_format")
 
 
+def prepared_chat(lm: LoadedModel, prompt: dict, max_tokens: int) -> Prepared:
+    """A prompt line with tools or structured output, through the API's own path
+    (daemon.server.prepare: the tools in the prompt, a forced call's opening, its grammar, the
+    reader of its calls)."""
+    body = ChatRequest.model_validate({"messages": prompt["messages"], "max_tokens": max_tokens,
+                                       **{f: prompt[f] for f in CHAT_FIELDS if f in prompt}})
+    return prepare(body, ServedModel.of(lm), Settings(context_overflow="clamp"))
+
+
 def request_of(lm: LoadedModel, prompt: dict, max_tokens: int, sampling: SamplingParams) -> Request:
-    """A prompt line as the engine's request; tools and structured output take the API's own path
-    (daemon.server.prepare: the tools in the prompt, a forced call's opening, its grammar)."""
+    """A prompt line as the engine's request."""
     if any(f in prompt for f in CHAT_FIELDS):
-        body = ChatRequest.model_validate({"messages": prompt["messages"], "max_tokens": max_tokens,
-                                           **{f: prompt[f] for f in CHAT_FIELDS if f in prompt}})
-        return replace(prepare(body, ServedModel.of(lm), Settings(context_overflow="clamp")).request, sampling=sampling)
+        return replace(prepared_chat(lm, prompt, max_tokens).request, sampling=sampling)
     ids = encode_chat(lm.tokenizer, prompt["messages"]) if "messages" in prompt else encode_text(lm.tokenizer, prompt["prompt"])
     return Request(tuple(ids), max_tokens=max_tokens, sampling=sampling)
 

@@ -29,11 +29,6 @@ class TokenChooser:
         """Verification rows [k+1, V], each with the history up to its position."""
         return adjusted_rows(self.processors, logits, history, drafts) if self.processors else logits
 
-    @property
-    def recheck_adjust(self):
-        """What the near-tie guard applies to its recomputed logits."""
-        return self.adjust if self.processors else None
-
     def split(self, n: int = 1) -> list[mx.array]:
         """n fresh subkeys; the request's key moves on."""
         self.key, *subkeys = mx.random.split(self.key, n + 1)
@@ -49,7 +44,7 @@ class TokenChooser:
         """(the drawn token, the token to emit after `history`): greedy ones pass the near-tie guard."""
         token = y.item()
         return token, token if margin is None else self.guard.token(history, token, margin.item(),
-                                                                    adjust=self.recheck_adjust)
+                                                                    adjust=self.adjust)
 
     def choose(self, logits: mx.array, history: Sequence[int]) -> int:
         """The token after `history` from its logits [V] or [1, V]; a grammar is masked in and
@@ -60,7 +55,7 @@ class TokenChooser:
         mx.eval(y, margin)
         token = y.item()
         if margin is not None:
-            token = self.guard.token(history, token, margin.item(), allowed=allowed, adjust=self.recheck_adjust)
+            token = self.guard.token(history, token, margin.item(), allowed=allowed, adjust=self.adjust)
         if self.grammar is not None:
             self.grammar.advance([token])
         return token

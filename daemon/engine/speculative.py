@@ -71,8 +71,7 @@ def verify(dec: Decoding, t: int, drafts: Drafts, history: list[int], tap: Hidde
     if allowed is not None:
         logits = masked(logits, allowed)
     if dec.chooser.sampling.greedy:
-        chooser = dec.chooser
-        return verify_greedy(logits, drafts.tokens, chooser.guard, history, allowed, chooser.recheck_adjust), logits, hidden
+        return verify_greedy(logits, drafts.tokens, dec.chooser.guard, history, allowed, dec.chooser.adjust), logits, hidden
     keys = dec.chooser.split(2)
     return verify_sampled(logits, drafts.tokens, drafts.q_rows, dec.chooser.sampling, keys), logits, hidden
 
