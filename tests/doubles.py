@@ -89,23 +89,24 @@ def speculated_cache(model, drafter, prompt, k: int, n: int):
     from daemon.drafting.lookup import NgramIndex
     from daemon.drafting.session import DraftingSession
     from daemon.engine.choose import TokenChooser
-    from daemon.engine.forward import hidden_tap, prefill
+    from daemon.engine.forward import hidden_tap, prefill_rows
     from daemon.engine.plain import Decoding
+    from daemon.engine.rows import alone, drain
     from daemon.engine.sampling import SamplingParams, new_key
     from daemon.engine.speculative import speculative_steps
     from daemon.engine.ties import NearTieGuard
     from policies.fixed import Fixed
 
     cache = make_prompt_cache(model)
-    tap, chunks = hidden_tap(model), []
-    logits = prefill(model, cache, prompt, on_chunk=lambda: chunks.append(tap.hidden("post_norm")))
+    tap = hidden_tap(model)
+    logits, chunks = drain(model, prefill_rows(cache, prompt, tap, "post_norm"))
     index = NgramIndex()
     index.extend(prompt)
     dec = Decoding(model, cache, TokenChooser(SamplingParams(), new_key(0), NearTieGuard(model, 2e-3)), logits.shape[-1])
     session = DraftingSession(drafter, model, index)
     emitted = []
-    for step in speculative_steps(dec, session, tap, Fixed(k), lambda: "prose", n + 10, logits,
-                                  mx.concatenate(chunks, axis=1)):
+    for step in alone(model, speculative_steps(dec, session, tap, Fixed(k), lambda: "prose", n + 10, logits,
+                                               mx.concatenate(chunks, axis=1))):
         emitted.extend(step.tokens)
         if len(emitted) >= n:
             break

@@ -7,6 +7,7 @@ import functools
 import mlx.core as mx
 import mlx.nn as nn
 
+from daemon.engine.rows import Forward, drain
 from daemon.models.target import trunk
 
 PREFILL_CHUNK = 512
@@ -73,24 +74,27 @@ def hidden_tap(model, source: str = "post_norm") -> HiddenTap:
     return body[name]
 
 
-def extend(model, cache, ids, on_chunk=None) -> None:
-    """Runs token ids through the model in fixed chunks, filling `cache` (no logits kept)."""
-    ids = mx.array(ids)
-    for start in range(0, ids.size, PREFILL_CHUNK):
-        model(ids[None, start : start + PREFILL_CHUNK], cache=cache)
-        if on_chunk:
-            on_chunk()
-        mx.eval([c.state for c in cache])
+def extend_rows(cache, ids, tap: HiddenTap | None = None, source: str | None = None, chunk: int = PREFILL_CHUNK):
+    """Runs token ids through the target in chunks of `chunk`, filling `cache` (no logits kept).
+    A coroutine (daemon.engine.rows); returns the hidden states of each chunk when `source` is given."""
+    hidden = []
+    for start in range(0, len(ids), chunk):
+        ran = yield Forward(list(ids[start : start + chunk]), cache, "none", tap, source)
+        if source is not None:
+            hidden.append(ran.hidden)
+    return hidden
 
 
-def prefill(model, cache, prompt_ids, on_chunk=None) -> mx.array:
-    """Runs the prompt through the model in fixed chunks, filling `cache`; the last token goes
-    alone. Returns the last position's logits [1, V]. `on_chunk()` is called after every forward
-    (for reading a HiddenTap). The chunking depends only on the length: the canonical recomputation
-    in `daemon.engine.ties` relies on it."""
-    if len(prompt_ids) > 1:
-        extend(model, cache, prompt_ids[:-1], on_chunk)
-    logits = model(mx.array(prompt_ids[-1:])[None], cache=cache)[:, -1, :]
-    if on_chunk:
-        on_chunk()
-    return logits
+def prefill_rows(cache, prompt_ids, tap: HiddenTap | None = None, source: str | None = None, chunk: int = PREFILL_CHUNK):
+    """Runs the prompt through the target in chunks, filling `cache`; the last token goes alone.
+    A coroutine; returns (the last position's logits [1, V], the hidden states' chunks when
+    `source` is given). With the default chunk, the chunking depends only on the length: the
+    canonical recomputation in `daemon.engine.ties` relies on it."""
+    hidden = (yield from extend_rows(cache, prompt_ids[:-1], tap, source, chunk)) if len(prompt_ids) > 1 else []
+    ran = yield Forward(list(prompt_ids[-1:]), cache, "last", tap, source)
+    return ran.logits, hidden + ([ran.hidden] if source is not None else [])
+
+
+def prefill(model, cache, prompt_ids) -> mx.array:
+    """The prompt through the model by itself, canonically chunked; the last position's logits [1, V]."""
+    return drain(model, prefill_rows(cache, prompt_ids))[0]

@@ -2,14 +2,16 @@
 
 It knows nothing of HTTP or chat formats and must run on the one thread that owns MLX. A stepper
 (daemon.engine.plain or daemon.engine.speculative) produces the tokens of each decoding step;
-`generate` turns them into text, ends the answer (daemon.engine.stops), keeps the one content
-classifier of the request and counts every step in its stats record (daemon.engine.stats).
+`sequence` turns them into text, ends the answer (daemon.engine.stops), keeps the one content
+classifier of the request and counts every step in its stats record (daemon.engine.records).
+A sequence is a coroutine that asks for its target forwards (daemon.engine.rows): `generate` runs
+one by itself, the scheduler (daemon.engine.batch) many together.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 
 import mlx.core as mx
 from mlx_lm.models.cache import make_prompt_cache
@@ -17,11 +19,12 @@ from mlx_lm.models.cache import make_prompt_cache
 from daemon.drafting.lookup import NgramIndex
 from daemon.drafting.session import DraftingSession
 from daemon.engine.choose import TokenChooser
-from daemon.engine.forward import extend, hidden_tap, prefill
+from daemon.engine.forward import PREFILL_CHUNK, extend_rows, hidden_tap, prefill_rows
 from daemon.engine.grammar import Grammar
 from daemon.engine.plain import Decoding, plain_steps
 from daemon.engine.prompt_cache import PromptCache, snapshot
-from daemon.engine.records import Delta, Finished, Request, SpecStats
+from daemon.engine.records import Delta, Finished, Request, SpecStats, Step
+from daemon.engine.rows import alone
 from daemon.engine.sampling import new_key
 from daemon.engine.speculative import speculative_steps
 from daemon.engine.stops import Output
@@ -38,10 +41,11 @@ def default_margin(lm: LoadedModel) -> float:
     return DEFAULT_MARGIN_HALF if lm.quantized else DEFAULT_MARGIN_FP32
 
 
-def _prefill(lm: LoadedModel, request: Request, prompt_cache: PromptCache | None):
-    """Fills a cache with the prompt, starting from the longest prefix the prompt cache holds.
-    Returns (cache, last logits [1, V], hidden states over the prompt or None, cached tokens).
-    The hidden states the drafter reads are kept whenever there is a drafter."""
+def _prefill(lm: LoadedModel, request: Request, prompt_cache: PromptCache | None, chunk: int):
+    """Fills a cache with the prompt, starting from the longest prefix the prompt cache holds: a
+    coroutine (daemon.engine.rows). Returns (cache, last logits [1, V], hidden states over the
+    prompt or None, cached tokens). The hidden states the drafter reads are kept whenever there is
+    a drafter."""
     model, ids = lm.model, request.prompt_ids
     source = lm.drafter.config.source if lm.drafter is not None else None
     reuse = prompt_cache.lookup(ids, source) if prompt_cache is not None else None
@@ -50,43 +54,49 @@ def _prefill(lm: LoadedModel, request: Request, prompt_cache: PromptCache | None
     chunks = [reuse.hidden] if reuse and reuse.hidden is not None else []
     tap = hidden_tap(model, source) if source is not None else None
 
-    def on_chunk():
-        if tap is not None:
-            chunks.append(tap.hidden(source))
-
     def hidden():
         return mx.concatenate(chunks, axis=1) if chunks else None
 
     start = cached
     if prompt_cache is not None and cached < request.persist_prefix < len(ids):
-        extend(model, cache, ids[cached : request.persist_prefix], on_chunk)
+        chunks += yield from extend_rows(cache, ids[cached : request.persist_prefix], tap, source, chunk)
         start = request.persist_prefix
         prompt_cache.store(snapshot(ids[:start], cache, hidden(), source), persist=True)
-    logits = prefill(model, cache, ids[start:], on_chunk)
+    logits, more = yield from prefill_rows(cache, ids[start:], tap, source, chunk)
+    chunks += more
     prompt_hidden = hidden()
     if prompt_cache is not None:
         prompt_cache.store(snapshot(ids, cache, prompt_hidden, source))
     return cache, logits, prompt_hidden, cached
 
 
-def generate(
+def generate(lm: LoadedModel, request: Request, policy: DraftPolicy | None = None, tie_margin: float | None = None,
+             verify_penalty: float = 0.0, prompt_cache: PromptCache | None = None) -> Iterator[Delta | Finished]:
+    """One request by itself: its records. The arguments are `sequence`'s."""
+    return alone(lm.model, sequence(lm, request, policy, tie_margin, verify_penalty, prompt_cache))
+
+
+def sequence(
     lm: LoadedModel,
     request: Request,
     policy: DraftPolicy | None = None,
     tie_margin: float | None = None,
     verify_penalty: float = 0.0,
     prompt_cache: PromptCache | None = None,
-) -> Iterator[Delta | Finished]:
-    """`policy`: None or `off` decodes plainly, and so does any policy when the model has no
-    drafter. `verify_penalty`: seconds counted for each verified draft, in the steps' times and the
-    decode time, without waiting (a switch that simulates a machine where verification rows are
-    dear, so speculation must lose). `prompt_cache`:
-    reuse and remember prompt prefixes."""
+    chunk: int = PREFILL_CHUNK,
+    batched: bool = False,
+) -> Generator:
+    """One request as a coroutine (daemon.engine.rows): it yields Forwards and Planned drafts for
+    whoever runs it, and its records. `policy`: None or `off` decodes plainly, and so does any
+    policy when the model has no drafter. `verify_penalty`: seconds counted for each verified
+    draft, in the steps' times and the decode time, without waiting (a switch that simulates a
+    machine where verification rows are dear, so speculation must lose). `prompt_cache`: reuse and
+    remember prompt prefixes. `chunk`: prefill rows per forward. `batched`: run beside others."""
     policy = policy or Fixed(0)
     start = time.perf_counter()
     guard = NearTieGuard(lm.model, default_margin(lm) if tie_margin is None else tie_margin)
     grammar = Grammar(lm.tokenizer, request.grammar, lm.config["vocab_size"]) if request.grammar else None
-    cache, logits, prompt_hidden, cached = _prefill(lm, request, prompt_cache)
+    cache, logits, prompt_hidden, cached = yield from _prefill(lm, request, prompt_cache, chunk)
     chooser = TokenChooser(request.sampling, new_key(request.sampling.seed), guard, grammar)
     dec = Decoding(lm.model, cache, chooser, logits.shape[-1], request.logprobs)
     tracker = ContentTracker(lm.tokenizer.decode(list(request.prompt_ids[-PROMPT_CONTEXT:])), request.grammar is not None)
@@ -98,11 +108,16 @@ def generate(
         steps = speculative_steps(dec, session, tap, policy, lambda: tracker.current, request.max_tokens, logits,
                                   prompt_hidden, lm.phrases, verify_penalty)
     else:
-        steps = plain_steps(dec, request.prompt_ids, logits)
+        steps = plain_steps(dec, request.prompt_ids, logits, batched)
     output, stats = Output(lm.tokenizer, request.stop, request.max_tokens), SpecStats()
-    first_token_at = None
+    first_token_at, reply = None, None
     try:
-        for step in steps:
+        while True:
+            step = steps.send(reply)
+            if not isinstance(step, Step):  # asked of whoever runs the sequence
+                reply = yield step
+                continue
+            reply = None
             first_token_at = first_token_at or time.perf_counter()
             stats.observe_step(step, tracker.current)
             delta = output.take(step)

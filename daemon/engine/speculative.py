@@ -15,7 +15,8 @@ every source and sampling keeps the target's distribution.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator
+from dataclasses import replace
 
 import mlx.core as mx
 
@@ -27,6 +28,7 @@ from daemon.engine.grammar import masked
 from daemon.engine.plain import Decoding, plain_step
 from daemon.engine.records import Step
 from daemon.engine.rollback import keep_states, take_back
+from daemon.engine.rows import Forward, Planned
 from daemon.engine.sampling import token_logprobs
 from daemon.engine.verify import verify_greedy, verify_sampled
 from policies.plan import DraftPolicy, Plan, Proposal
@@ -62,18 +64,18 @@ def draft(session: DraftingSession, plan: Plan, offer: Proposal, room: int, dec:
 
 
 def verify(dec: Decoding, t: int, drafts: Drafts, history: list[int], tap: HiddenTap, source: str):
-    """One target forward over [t, *drafts]; returns (the tokens it emits, logits [k+1, V], its
-    hidden states [1, k+1, H], read before a near-tie recomputation can run the model again)."""
-    logits = dec.model(mx.array([[t, *drafts.tokens]]), cache=dec.cache)[0]
-    hidden = tap.hidden(source)
-    logits = dec.chooser.adjust_rows(logits, history, drafts.tokens)
+    """One target forward over [t, *drafts]: a coroutine (daemon.engine.rows) that returns (the
+    tokens it emits, the Ran: logits [k+1, V] and hidden states [1, k+1, H], read before a
+    near-tie recomputation can run the model again)."""
+    ran = yield Forward([t, *drafts.tokens], dec.cache, "all", tap, source)
+    logits = dec.chooser.adjust_rows(ran.logits, history, drafts.tokens)
     allowed = mx.stack(drafts.allowed) if drafts.allowed else None
     if allowed is not None:
         logits = masked(logits, allowed)
     if dec.chooser.sampling.greedy:
-        return verify_greedy(logits, drafts.tokens, dec.chooser.guard, history, allowed, dec.chooser.adjust), logits, hidden
+        return verify_greedy(logits, drafts.tokens, dec.chooser.guard, history, allowed, dec.chooser.adjust), ran
     keys = dec.chooser.split(2)
-    return verify_sampled(logits, drafts.tokens, drafts.q_rows, dec.chooser.sampling, keys), logits, hidden
+    return verify_sampled(logits, drafts.tokens, drafts.q_rows, dec.chooser.sampling, keys), ran
 
 
 def speculative_steps(
@@ -87,7 +89,7 @@ def speculative_steps(
     prompt_hidden: mx.array,
     phrases: Phrasebook | None = None,
     verify_penalty: float = 0.0,
-) -> Iterator[Step]:
+) -> Generator:
     """first_logits [1, V] and prompt_hidden [1, n, H]: the prompt's last logits and the target's
     hidden states over it (the drafter's source). The policy plans every round from the lookup's
     offer and `content_class()`, and is told each round's draft length, acceptance and time
@@ -103,18 +105,19 @@ def speculative_steps(
         room = max_tokens - emitted - 1
         offer = propose(index, phrases, min(room, LOOKUP_MAX))
         plan = policy.plan(offer, content_class())
-        drafts = draft(session, plan, offer, room, dec) if plan.k > 0 and room > 0 else Drafts()
+        if plan.k > 0 and room > 0:  # whoever runs the sequence may cut the draft (a batch's rows)
+            plan = replace(plan, k=(yield Planned(plan, room)))
+        drafts = draft(session, plan, offer, room, dec) if plan.k > 0 else Drafts()
         k = len(drafts.tokens)
         if k == 0:
-            seen = []
-            t, logits = plain_step(dec, t, index.tokens, lambda seen=seen: seen.append(tap.hidden(source)))
-            session.read(seen[0], [t])
+            t, ran = yield from plain_step(dec, t, index.tokens, tap, source)
+            session.read(ran.hidden, [t])
             out, accepted = [t], 0
         else:
             accepted = -1  # verification failed: the whole round goes
             states = keep_states(dec.cache)
             try:
-                out, logits, hidden = verify(dec, t, drafts, index.tokens, tap, source)
+                out, ran = yield from verify(dec, t, drafts, index.tokens, tap, source)
                 accepted = len(out) - 1
             finally:  # the target keeps t and the accepted drafts; a grammar forgets the rejected ones
                 take_back(dec.model, dec.cache, states, [t, *drafts.tokens], accepted + 1)
@@ -122,7 +125,7 @@ def speculative_steps(
                     dec.chooser.grammar.rollback(k - max(accepted, 0))
             if dec.chooser.grammar is not None:
                 dec.chooser.grammar.advance(out[accepted:])
-            hidden = hidden[:, : accepted + 1]
+            hidden = ran.hidden[:, : accepted + 1]
             if plan.lookup:  # the drafter has not seen these positions: it reads them next round
                 session.read(hidden, out)
             else:
@@ -131,6 +134,6 @@ def speculative_steps(
         index.extend(out)
         emitted += len(out)
         seconds = time.perf_counter() - started + verify_penalty * k
-        policy.observe(k, accepted, seconds, drafts.stopped)
-        yield Step(tuple(out), k, accepted, token_logprobs(logits, out, dec.logprobs), plan.lookup and k > 0,
+        policy.observe(k, accepted, seconds if ran.alone else 0.0, drafts.stopped)  # a batch's time is not the sequence's
+        yield Step(tuple(out), k, accepted, token_logprobs(ran.logits, out, dec.logprobs), plan.lookup and k > 0,
                    seconds, plan.expected_speedup if k else None)

@@ -1,0 +1,81 @@
+"""What a sequence asks of the target, and the simplest way to answer: alone.
+
+A sequence (daemon.engine.generate) is a coroutine. When it needs the target to run rows through its
+own cache it yields a `Forward` and is sent back a `Ran`; when its policy has planned a draft it
+yields a `Planned` and is sent back the draft length it may use. Everything else it yields is an
+engine record (Delta, Finished). `alone` answers one sequence by itself: the target's own forward
+and the policy's own plan, as before batching; the scheduler (daemon.engine.batch) answers many at
+once, in one target forward per step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Generator, Iterator
+from dataclasses import dataclass
+
+import mlx.core as mx
+
+from policies.plan import Plan
+
+
+@dataclass
+class Forward:
+    tokens: list[int]
+    cache: list  # the sequence's own target cache: the rows go in after what it holds
+    logits: str = "all"  # "all" rows [n, V], the "last" row [1, V], or "none" (filling the cache)
+    tap: object = None  # a HiddenTap (daemon.engine.forward): with a source, read the hidden states a drafter needs
+    source: str | None = None
+
+
+@dataclass
+class Ran:
+    logits: mx.array | None
+    hidden: mx.array | None  # [1, n, H'] when the Forward asked for them
+    alone: bool = True  # the forward held this sequence's rows only: its time is its own
+
+
+@dataclass
+class Planned:
+    plan: Plan
+    room: int  # drafts the answer has room for
+
+
+def run(model, forward: Forward, alone: bool = True) -> Ran:
+    """One Forward through the target by itself."""
+    out = model(mx.array([forward.tokens]), cache=forward.cache)
+    hidden = forward.tap.hidden(forward.source) if forward.source is not None else None
+    if forward.logits == "none":  # the logits are never computed
+        mx.eval([c.state for c in forward.cache])
+        return Ran(None, hidden, alone)
+    return Ran(out[:, -1, :] if forward.logits == "last" else out[0], hidden, alone)
+
+
+def drain(model, steps: Generator):
+    """Runs a coroutine that yields only Forwards; returns what it returns."""
+    reply = None
+    while True:
+        try:
+            forward = steps.send(reply)
+        except StopIteration as done:
+            return done.value
+        reply = run(model, forward)
+
+
+def alone(model, steps: Generator) -> Iterator:
+    """The records of one sequence run by itself."""
+    reply = None
+    try:
+        while True:
+            try:
+                item = steps.send(reply)
+            except StopIteration:
+                return
+            if isinstance(item, Forward):
+                reply = run(model, item)
+            elif isinstance(item, Planned):
+                reply = min(item.plan.k, item.room)
+            else:
+                reply = None
+                yield item
+    finally:
+        steps.close()
