@@ -263,13 +263,13 @@ def cmd_serve(args) -> None:
 
     from daemon.server.app import init_app, serve
     from daemon.server.metrics import Metrics
-    from daemon.server.worker import Worker, load_for_serving
+    from daemon.server.worker import Limits, Worker, load_for_serving
     from daemon.system import logs
 
     settings = _settings(args, "host", "port", "speculation", "log_level")
     logs.configure(settings.log_level)
     metrics = Metrics()
-    worker = Worker(lambda: load_for_serving(settings), settings.max_queue, metrics)
+    worker = Worker(lambda: load_for_serving(settings), settings.max_queue, metrics, Limits.of(settings))
     asyncio.run(serve(init_app(settings, worker, metrics)))
 
 

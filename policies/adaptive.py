@@ -28,6 +28,7 @@ from policies.acceptance import (
 )
 from policies.classifier import PROSE
 from policies.cost import (
+    RowCosts,
     StepCosts,
     best_draft_length,
     best_lookup_length,
@@ -46,8 +47,9 @@ class SharedEstimates:
     """Shared by all requests on one (model, drafter, machine): acceptance prior and step costs."""
 
     def __init__(self, costs: StepCosts, acceptance: AcceptanceCounts | None = None, path: Path | None = None,
-                 lookup: AcceptanceCounts | None = None):
+                 lookup: AcceptanceCounts | None = None, rows: RowCosts | None = None):
         self.costs = costs
+        self.rows = rows  # a batch's forward time (policies.batch); None: not probed yet
         self.acceptance = acceptance or AcceptanceCounts(costs.k_max)
         self.lookup = lookup or AcceptanceCounts(costs.k_max, prior=lookup_prior(costs.k_max), keys=LOOKUP_KEYS)
         self.path = path
@@ -56,6 +58,7 @@ class SharedEstimates:
         if self.path is not None:
             save_json(self.path, {
                 "costs": self.costs.to_dict(), "acceptance": self.acceptance.to_dict(), "lookup": self.lookup.to_dict(),
+                **({"rows": self.rows.to_dict()} if self.rows is not None else {}),
             })
 
     def expected_speedup(self, cls: str, plan: Plan, offer: Proposal) -> float:
@@ -70,9 +73,10 @@ class SharedEstimates:
         try:
             data = json.loads(path.read_text())
             costs = StepCosts.from_dict(data["costs"])
+            rows = RowCosts.from_dict(data["rows"]) if "rows" in data else None
         except (OSError, ValueError, KeyError, TypeError):
             return None  # missing or unreadable: calibrate again
-        shared = cls(costs, path=path)
+        shared = cls(costs, path=path, rows=rows)
         shared.acceptance.load_dict(data.get("acceptance", {}))
         shared.lookup.load_dict(data.get("lookup", {}))
         return shared
@@ -113,7 +117,8 @@ class AdaptivePolicy:
         rival = max(throughput(self.acceptance.rates(self.klass), mtp_k, costs), throughput(rates, 0, costs) * (1 + OFF_MARGIN))
         if throughput(rates, k, costs, lookup=True) > rival:
             self.lookup_key = key
-            return Plan(k, lookup=True, expected_speedup=self.shared.expected_speedup(self.klass, Plan(k, True), offer))
+            return Plan(k, lookup=True, expected_speedup=self.shared.expected_speedup(self.klass, Plan(k, True), offer),
+                        rates=tuple(float(r) for r in rates[:k]))
         self.lookup.relax(key)
         return None
 
@@ -131,7 +136,8 @@ class AdaptivePolicy:
             self.steps_off += 1
             if self.steps_off >= self.probe_every and self._could_pay():
                 self.steps_off, self.probing = 0, True
-                return Plan(1, expected_speedup=self.shared.expected_speedup(self.klass, Plan(1), offer))
+                return Plan(1, expected_speedup=self.shared.expected_speedup(self.klass, Plan(1), offer),
+                            rates=tuple(float(r) for r in self.acceptance.rates(self.klass)[:1]))
             return Plan(0)
         self.steps_off = 0
         self.probe_every = self.base_probe_every
@@ -140,7 +146,8 @@ class AdaptivePolicy:
             k += 1
         rates = self.acceptance.rates(self.klass)
         return Plan(k, min_confidence=confidence_floor(rates, k, self.shared.costs),
-                    expected_speedup=self.shared.expected_speedup(self.klass, Plan(k), offer))
+                    expected_speedup=self.shared.expected_speedup(self.klass, Plan(k), offer),
+                    rates=tuple(float(r) for r in rates[:k]))
 
     def observe(self, drafted: int, accepted: int, seconds: float, stopped: bool) -> None:
         """`stopped`: the drafter dropped a draft below the confidence floor; it counts as rejected,

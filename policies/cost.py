@@ -13,6 +13,8 @@ import json
 import os
 from pathlib import Path
 
+import numpy as np
+
 from policies.acceptance import expected_tokens
 
 
@@ -64,6 +66,45 @@ class StepCosts:
                 raise ValueError(f"{name} has {len(data[name])} entries, not {costs.k_max + 1}")
             setattr(costs, name, list(data[name]))
         costs.scale = float(data["scale"])
+        return costs
+
+
+class RowCosts:
+    """Seconds of one target forward over the rows of several sequences (daemon.engine.ragged):
+    T(rows) interpolated between probed row counts (extrapolated past the last two), plus what each
+    sequence past the first adds (its own attention); then scaled by a moving average of real
+    batched forwards over the prediction."""
+
+    def __init__(self, rows: list[int], seconds: list[float], per_sequence: float, alpha: float = 0.1):
+        self.rows, self.probed, self.per_sequence, self.alpha = list(rows), list(seconds), per_sequence, alpha
+        self.scale = 1.0
+        self.observations = 0
+
+    def _raw(self, rows: int, sequences: int) -> float:
+        base = float(np.interp(rows, self.rows, self.probed))
+        if rows > self.rows[-1]:
+            slope = (self.probed[-1] - self.probed[-2]) / (self.rows[-1] - self.rows[-2])
+            base = self.probed[-1] + slope * (rows - self.rows[-1])
+        return base + self.per_sequence * max(sequences - 1, 0)
+
+    def predict(self, rows: int, sequences: int) -> float:
+        return self._raw(rows, sequences) * self.scale
+
+    def observe(self, rows: int, sequences: int, seconds: float) -> None:
+        if seconds > 0:
+            self.scale += self.alpha * (seconds / self._raw(rows, sequences) - self.scale)
+            self.observations += 1
+
+    def to_dict(self) -> dict:
+        return {"rows": self.rows, "seconds": self.probed, "per_sequence": self.per_sequence, "scale": self.scale,
+                "observations": self.observations}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> RowCosts:
+        costs = cls([int(r) for r in data["rows"]], [float(s) for s in data["seconds"]], float(data["per_sequence"]))
+        if len(costs.rows) < 2 or len(costs.rows) != len(costs.probed):
+            raise ValueError("row costs need two or more probed row counts")
+        costs.scale, costs.observations = float(data["scale"]), int(data["observations"])
         return costs
 
 

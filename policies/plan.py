@@ -26,6 +26,9 @@ class Plan:
     # (the draft is dropped; before the first one the step is a plain one); 0: never stop
     min_confidence: float = 0.0
     expected_speedup: float | None = None  # E(k)/T(k) over 1/T(0) by the policy's cost model (None: none)
+    # the estimated acceptance of each draft position, given the ones before (a batch cuts drafts
+    # by it: policies.batch); empty: unknown, and a batch keeps the drafts unless rows run out
+    rates: tuple[float, ...] = ()
 
 
 class DraftPolicy(Protocol):

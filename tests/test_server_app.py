@@ -34,7 +34,7 @@ class FakeWorker:
         self.served = ServedModel("tiny", CharTokenizer(), 256, context, drafter)
         self.answer = answer or echo
         self.jobs = []
-        self.waiting, self.busy, self.started, self.stopped = 0, False, False, False
+        self.waiting, self.running, self.busy, self.started, self.stopped = 0, 0, False, False, False
 
     def start(self):
         self.started = True
@@ -256,7 +256,8 @@ async def test_health_counts_what_was_served(aiohttp_client):
     assert health["requests_served"] == 2 and health["completion_tokens"] == 10
     assert health["acceptance_rate"] == 0.75
     assert health["last_request_speculation"] == {"policy": "adaptive", "drafted_steps": 1}
-    assert health["model"] == "tiny" and health["drafter"] == "fake-drafter" and health["queue"] == 0
+    assert health["model"] == "tiny" and health["drafter"] == "fake-drafter"
+    assert health["running"] == 0 and health["waiting"] == 0
     metrics = await (await client.get("/metrics")).text()
     assert 'mtpd_requests_total{endpoint="chat",status="200"} 2.0' in metrics
 

@@ -37,12 +37,28 @@ class FastBlock(llama.TransformerBlock):
         # batched caches, feature extraction, prefill chunks and array masks take the plain way
         if type(cache) is not KVCache or x.shape[1] > MAX_ROWS or isinstance(mask, mx.array):
             return super().__call__(x, mask, cache)
-        few = self._row_major if x.shape[1] <= FEW_ROWS else None
+        few = self._few(x)
         offset = mx.array(cache.offset)
         queries, keys, values = self._pre(x, offset) if few is None else self._pre_few(x, offset, few[0])
         keys, values = cache.update_and_fetch(keys, values)
         out = self._attend(queries, keys, values, self.self_attn.scale)
         return self._post(x, out) if few is None else self._post_few(x, out, *few[1:])
+
+    def ragged(self, x: mx.array, positions: mx.array, bounds, caches) -> mx.array:
+        """The rows of several sequences, laid end to end in x [1, N, H] (daemon.engine.ragged):
+        `positions` [N] each row's position in its sequence; `bounds` each sequence's (start, end)
+        in the rows; `caches` each one's KV cache. Attention runs per sequence, the rest over all."""
+        few = self._few(x)
+        queries, keys, values = self._pre_rows(x, positions) if few is None else self._pre_rows_few(x, positions, few[0])
+        outs = []
+        for (s, e), cache in zip(bounds, caches):  # rows [n, heads, 1, D] <-> one sequence's [1, heads, n, D]
+            k, v = cache.update_and_fetch(keys[s:e].swapaxes(0, 2), values[s:e].swapaxes(0, 2))
+            outs.append(self._attend(queries[s:e].swapaxes(0, 2), k, v, self.self_attn.scale).swapaxes(0, 2))
+        out = mx.concatenate(outs) if len(outs) > 1 else outs[0]
+        return self._post_rows(x, out) if few is None else self._post_rows_few(x, out, *few[1:])
+
+    def _few(self, x: mx.array):
+        return self._row_major if x.shape[1] <= FEW_ROWS else None
 
     def _compile(self) -> None:
         attn = self.self_attn
@@ -66,7 +82,10 @@ class FastBlock(llama.TransformerBlock):
             return heads(attn.q_proj(h), attn.k_proj(h), attn.v_proj(h), offset)
 
         def post(x, out):
-            h = x + attn.o_proj(merged(out))
+            return after_attention(x, merged(out))
+
+        def after_attention(x, o):
+            h = x + attn.o_proj(o)
             return h + self.mlp(self.post_attention_layernorm(h))
 
         def pre_few(x, offset, w_qkv):
@@ -74,10 +93,35 @@ class FastBlock(llama.TransformerBlock):
             return heads(q, k, v, offset)
 
         def post_few(x, out, w_o, w_gate_up, w_down):
-            h = x + merged(out) @ w_o.T
+            return after_attention_few(x, merged(out), w_o, w_gate_up, w_down)
+
+        def after_attention_few(x, o, w_o, w_gate_up, w_down):
+            h = x + o @ w_o.T
             gate, up = mx.split(self.post_attention_layernorm(h) @ w_gate_up.T, 2, axis=-1)
             return h + swiglu(gate, up) @ w_down.T
 
+        def rows(q, k, v, positions):  # [1, N, heads * D] -> [N, heads, 1, D], each row at its position
+            N = q.shape[1]
+            q = q.reshape(N, attn.n_heads, 1, -1)
+            k, v = k.reshape(N, attn.n_kv_heads, 1, -1), v.reshape(N, attn.n_kv_heads, 1, -1)
+            return attn.rope(q, offset=positions), attn.rope(k, offset=positions), v
+
+        def pre_rows(x, positions):
+            h = self.input_layernorm(x)
+            return rows(attn.q_proj(h), attn.k_proj(h), attn.v_proj(h), positions)
+
+        def pre_rows_few(x, positions, w_qkv):
+            return rows(*mx.split(self.input_layernorm(x) @ w_qkv.T, [q_width, q_width + kv_width], axis=-1), positions)
+
+        def post_rows(x, out):  # out [N, heads, 1, D]
+            return after_attention(x, out.reshape(1, out.shape[0], -1))
+
+        def post_rows_few(x, out, w_o, w_gate_up, w_down):
+            return after_attention_few(x, out.reshape(1, out.shape[0], -1), w_o, w_gate_up, w_down)
+
+        for name, fn in (("_pre_rows", pre_rows), ("_pre_rows_few", pre_rows_few), ("_post_rows", post_rows),
+                         ("_post_rows_few", post_rows_few)):
+            object.__setattr__(self, name, mx.compile(fn, inputs=self.state))
         object.__setattr__(self, "_pre", mx.compile(pre, inputs=self.state))
         object.__setattr__(self, "_post", mx.compile(post, inputs=self.state))
         object.__setattr__(self, "_pre_few", mx.compile(pre_few, inputs=self.state))

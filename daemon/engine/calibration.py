@@ -15,14 +15,18 @@ import structlog
 from mlx_lm.models.cache import make_prompt_cache, trim_prompt_cache
 
 from daemon.cpu.blas import blas_in_use
+from daemon.engine.batch import run_rows
 from daemon.engine.forward import source_parts
+from daemon.engine.rows import Forward
 from daemon.models.loading import LoadedModel, on_metal
 from daemon.models.mtp import offer_arrays
 from policies.adaptive import K_MAX, SharedEstimates
-from policies.cost import StepCosts
+from policies.cost import RowCosts, StepCosts
 
 PROBE_CONTEXT = 64
 PROBE_REPEATS = 7
+ROW_PROBES = (16, 32)  # row counts a batch's forward is probed at past the single-sequence probe
+BATCH_PROBE = 4  # sequences of the probe of what each sequence adds to a batch's forward
 COST_FORMS = 3  # bump when forward passes change speed (2: column-major weights, FastBlock; 3: row-major copies): re-probe
 
 
@@ -87,8 +91,34 @@ def shared_estimates(lm: LoadedModel, root: Path | None, verify_penalty: float =
     shared = SharedEstimates.load(path) if path is not None else None
     if shared is None:
         shared = SharedEstimates(probe_costs(lm, verify_penalty=verify_penalty), path=path)
-        shared.save()
         structlog.get_logger().info("calibration probed", file=str(path))
     else:
         structlog.get_logger().info("calibration loaded", file=str(path))
+    if shared.rows is None:
+        shared.rows = probe_rows(lm, shared.costs)
+    shared.save()
     return shared
+
+
+def probe_rows(lm: LoadedModel, costs: StepCosts) -> RowCosts:
+    """A batch's forward time: the single-sequence probe's 1 .. k_max + 1 rows, then ROW_PROBES more
+    rows in one sequence, and BATCH_PROBE sequences of one row each against one sequence of as many
+    rows (what each sequence adds), all run as a batch runs them (daemon.engine.batch.run_rows)."""
+    model = lm.model
+    caches = [make_prompt_cache(model) for _ in range(BATCH_PROBE)]
+    for c in caches:
+        mx.eval(model(mx.array([[(i * 37) % 1000 + 10 for i in range(PROBE_CONTEXT)]]), cache=c))
+
+    def forward(rows: list[int]):
+        forwards = [Forward([11] * n, c) for n, c in zip(rows, caches)]
+        mx.eval([r.logits for r in run_rows(model, forwards)])
+        for f in forwards:
+            trim_prompt_cache(f.cache, len(f.tokens))
+
+    forward([ROW_PROBES[-1]])  # warm-up
+    more = [_fastest_seconds(lambda n=n: forward([n]), repeats=3) for n in ROW_PROBES]
+    one = _fastest_seconds(lambda: forward([BATCH_PROBE]))
+    several = _fastest_seconds(lambda: forward([1] * BATCH_PROBE))
+    rows = list(range(1, costs.k_max + 2)) + list(ROW_PROBES)
+    seconds = list(itertools.accumulate([*costs.t_verify, *more], max))  # more rows never cost less
+    return RowCosts(rows, seconds, max(several - one, 0.0) / (BATCH_PROBE - 1))

@@ -25,6 +25,7 @@ class Forward:
     logits: str = "all"  # "all" rows [n, V], the "last" row [1, V], or "none" (filling the cache)
     tap: object = None  # a HiddenTap (daemon.engine.forward): with a source, read the hidden states a drafter needs
     source: str | None = None
+    drafts: int = 0  # of the rows, drafts to verify
 
 
 @dataclass

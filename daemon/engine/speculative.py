@@ -67,7 +67,7 @@ def verify(dec: Decoding, t: int, drafts: Drafts, history: list[int], tap: Hidde
     """One target forward over [t, *drafts]: a coroutine (daemon.engine.rows) that returns (the
     tokens it emits, the Ran: logits [k+1, V] and hidden states [1, k+1, H], read before a
     near-tie recomputation can run the model again)."""
-    ran = yield Forward([t, *drafts.tokens], dec.cache, "all", tap, source)
+    ran = yield Forward([t, *drafts.tokens], dec.cache, "all", tap, source, len(drafts.tokens))
     logits = dec.chooser.adjust_rows(ran.logits, history, drafts.tokens)
     allowed = mx.stack(drafts.allowed) if drafts.allowed else None
     if allowed is not None:

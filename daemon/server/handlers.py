@@ -129,7 +129,8 @@ async def health(http: web.Request) -> web.Response:
         "completion_tokens": totals.completion_tokens,
         "acceptance_rate": totals.acceptance_rate,
         "last_request_speculation": totals.last_speculation,
-        "queue": worker.waiting,
+        "running": worker.running,
+        "waiting": worker.waiting,
         "busy": worker.busy,
     })
 

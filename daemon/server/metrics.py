@@ -3,7 +3,8 @@
 Labels are bounded: endpoint (a fixed route list), HTTP status code, content class (code / prose),
 draft position (1..16), draft source (mtp / lookup), step kind. No request ids or text. Engine
 figures are recorded on the engine thread after each request from the `Finished` record and the
-policy's step log; HTTP figures in the server's middleware.
+policy's step log, and after every batched forward (its sequences and rows); HTTP figures in the
+server's middleware.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ from policies.classifier import CLASSES
 from policies.registry import MAX_DRAFT
 
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 32)
+ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 TOKEN_BUCKETS = (0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1)
 
 disable_created_metrics()  # no `_created` series: half the exposition, no use on a dashboard
@@ -71,6 +74,15 @@ class Metrics:
                                "cost model: predicted time of a step drafting k tokens and verifying k+1",
                                ["draft_length"], registry=r)
         self.queue = Gauge("mtpd_queue_length", "requests waiting for the engine", registry=r)
+        self.running = Gauge("mtpd_running_sequences", "requests decoding together in the batch", registry=r)
+        self.queue_wait = Histogram("mtpd_queue_wait_seconds", "time a request waited before the batch admitted it",
+                                    buckets=LATENCY_BUCKETS, registry=r)
+        self.batch_size = Histogram("mtpd_batch_sequences", "sequences in one batched target forward",
+                                    buckets=BATCH_BUCKETS, registry=r)
+        self.batch_rows = Histogram("mtpd_batch_rows", "rows in one batched target forward (tokens and drafts)",
+                                    buckets=ROW_BUCKETS, registry=r)
+        self.batch_drafts = Counter("mtpd_batch_draft_rows", "draft rows verified in batched target forwards",
+                                    registry=r)
         self.in_flight = Gauge("mtpd_requests_in_flight", "generation requests being served or waiting", registry=r)
         self.info = Info("mtpd_model", "the served model and drafter", registry=r)
         self.memory = Gauge("mtpd_mlx_memory_bytes", "MLX memory by kind (active, peak, cache)", ["kind"], registry=r)
@@ -117,6 +129,12 @@ class Metrics:
     def observe_costs(self, costs) -> None:
         for k in range(costs.k_max + 1):
             self.cost_step.labels(str(k)).set(costs.predict(k))
+
+    def observe_step(self, sequences: int, rows: int, drafted: int) -> None:
+        """After every batched forward, on the engine thread."""
+        self.batch_size.observe(sequences)
+        self.batch_rows.observe(rows)
+        self.batch_drafts.inc(drafted)
 
     def observe_memory(self, active: int, peak: int, cache: int) -> None:
         for kind, value in (("active", active), ("peak", peak), ("cache", cache)):

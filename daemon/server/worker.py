@@ -1,8 +1,10 @@
 """The engine thread: the one thread that owns MLX.
 
-Requests wait in a bounded queue and run one at a time. Every record the engine yields goes to the
-job's `deliver` callback (on this thread; the server hops it onto its event loop). A job is checked
-after every step: cancelled (client gone) or past its deadline, it stops there and frees the engine.
+Requests wait in a bounded queue and are admitted first in, first out, as long as fewer than
+`max_running` are decoding; the running ones are stepped together (daemon.engine.batch), so a new
+request starts while long answers run. Every record the engine yields goes to the job's `deliver`
+callback (on this thread; the server hops it onto its event loop). Jobs are checked between steps:
+cancelled (client gone) or past its deadline, a job leaves the batch there and frees its rows.
 """
 
 from __future__ import annotations
@@ -18,7 +20,9 @@ from pathlib import Path
 import mlx.core as mx
 import structlog
 
-from daemon.engine.generate import generate
+from daemon.engine.batch import Batch
+from daemon.engine.forward import PREFILL_CHUNK
+from daemon.engine.generate import sequence
 from daemon.engine.prompt_cache import PromptCache
 from daemon.engine.records import Finished, Request
 from daemon.models.loading import LoadedModel, on_metal
@@ -44,6 +48,20 @@ class Job:
     deliver: Callable[[object], None]  # each Delta, then a Finished or an exception
     deadline: float  # time.monotonic() after which the job stops
     cancelled: threading.Event = field(default_factory=threading.Event)
+    submitted: float = field(default_factory=time.monotonic)
+
+
+@dataclass(frozen=True)
+class Limits:
+    """How many requests decode together, and how big one step's forward may be (settings)."""
+
+    max_running: int = 8
+    max_rows: int = 64
+    prefill_chunk: int = 64  # prompt rows a request prefills per step beside others
+
+    @classmethod
+    def of(cls, settings) -> Limits:
+        return cls(settings.max_running, settings.max_batch_rows, settings.batch_prefill_chunk)
 
 
 @dataclass(frozen=True)
@@ -73,16 +91,19 @@ class Loaded:
 
 
 class Worker:
-    def __init__(self, setup: Callable[[], Loaded], max_queue: int, metrics: Metrics | None = None):
+    def __init__(self, setup: Callable[[], Loaded], max_queue: int, metrics: Metrics | None = None,
+                 limits: Limits = Limits()):
         """setup: loads the model on the engine thread (MLX is used from that thread only).
-        metrics: told about the model, every finished request and MLX's memory, from this thread."""
+        metrics: told about the model, every finished request, every batched step and MLX's
+        memory, from this thread."""
         self._setup = setup
         self.metrics = metrics
+        self.limits = limits
         self._queue: queue.Queue[Job | None] = queue.Queue(maxsize=max_queue)
         self._thread = threading.Thread(target=self._run, name="mtpd-engine", daemon=True)
         self._ready = threading.Event()
         self._failed: BaseException | None = None
-        self.busy = False
+        self.running = 0  # requests in the batch
         self.jobs_done = 0
         self.lm: LoadedModel | None = None
         self.served: ServedModel | None = None  # once started
@@ -91,6 +112,10 @@ class Worker:
     @property
     def waiting(self) -> int:
         return self._queue.qsize()
+
+    @property
+    def busy(self) -> bool:
+        return self.running > 0
 
     def start(self) -> None:
         """Starts the thread and waits until the model is loaded (its error is raised here)."""
@@ -106,7 +131,7 @@ class Worker:
             raise QueueFull from None
 
     def stop(self, timeout: float | None = None) -> None:
-        """Finishes the queued jobs, then ends the thread."""
+        """Finishes the running and queued jobs, then ends the thread."""
         self._queue.put(None)
         self._thread.join(timeout)
         if self.shared is not None:
@@ -130,15 +155,63 @@ class Worker:
             return
         finally:
             self._ready.set()
-        while (job := self._queue.get()) is not None:
-            self.busy = True
-            try:
-                self._serve(job)
-            finally:
-                self.busy = False
-                self.jobs_done += 1
+        rows = self.shared.rows if self.shared is not None else None
+        draft_seconds = self.shared.costs.t_draft if self.shared is not None else 0.0
+        batch = Batch(self.lm.model, self._deliver, self.limits.max_rows, rows, draft_seconds)
+        stopping = False
+        while batch.running or not stopping:
+            while not stopping and len(batch.running) < self.limits.max_running:
+                try:  # wait for work only when there is none
+                    job = self._queue.get(block=not batch.running)
+                except queue.Empty:
+                    break
+                if job is None:
+                    stopping = True
+                else:
+                    self._admit(batch, job)
+            for r in list(batch.running):
+                self._check(batch, r)
+            self.running = len(batch.running)
+            step = batch.step() if batch.running else None
+            if step is not None and self.metrics is not None:
+                self.metrics.observe_step(step.sequences, step.rows, step.drafted)
+        self.running = 0
+
+    def _admit(self, batch: Batch, job: Job) -> None:
+        if job.cancelled.is_set():
+            return
+        if time.monotonic() > job.deadline:
+            job.deliver(DeadlineExceeded("the request waited in the queue past its timeout"))
+            return
+        if self.metrics is not None:
+            self.metrics.queue_wait.observe(time.monotonic() - job.submitted)
+        try:
+            policy = make_policy(job.speculation, self.shared)
+        except Exception as e:
+            job.deliver(e)
+            return
+        chunk = self.limits.prefill_chunk if batch.running else PREFILL_CHUNK  # alone: as fast as it can
+        batch.add(job, sequence(self.lm, job.request, policy, self._tie_margin, prompt_cache=self.prompt_cache,
+                                chunk=chunk, batched=True))
+
+    def _check(self, batch: Batch, r) -> None:
+        """A job whose client left or whose time ran out leaves the batch."""
+        job = r.owner
+        if job.cancelled.is_set():
+            batch.drop(r)
+        elif time.monotonic() > job.deadline:
+            batch.drop(r)
+            job.deliver(DeadlineExceeded("the request ran past its timeout"))
+
+    def _deliver(self, job: Job, record) -> None:
+        job.deliver(record)
+        if isinstance(record, Finished):
+            self.jobs_done += 1
+            self._measure(record)
             if self.shared is not None and self.jobs_done % SAVE_EVERY == 0:
                 self.shared.save()
+        elif isinstance(record, Exception):
+            log.error("generation failed", error=repr(record))
 
     def _measure(self, done: Finished | None = None) -> None:
         if self.metrics is None:
@@ -157,31 +230,7 @@ class Worker:
         if self.prompt_cache is not None:
             m.observe_prompt_cache(self.prompt_cache.nbytes, self.prompt_cache.disk_bytes)
         m.observe_memory(mx.get_active_memory(), mx.get_peak_memory(), mx.get_cache_memory())
-
-    def _serve(self, job: Job) -> None:
-        dequeued = time.monotonic()
-        if job.cancelled.is_set():
-            return
-        if dequeued > job.deadline:
-            job.deliver(DeadlineExceeded("the request waited in the queue past its timeout"))
-            return
-        try:
-            policy = make_policy(job.speculation, self.shared)
-            records = generate(self.lm, job.request, policy, self._tie_margin, prompt_cache=self.prompt_cache)
-            for record in records:
-                job.deliver(record)
-                if isinstance(record, Finished):
-                    self._measure(record)
-                elif job.cancelled.is_set():
-                    records.close()
-                    return
-                elif time.monotonic() > job.deadline:
-                    records.close()
-                    job.deliver(DeadlineExceeded("the request ran past its timeout"))
-                    return
-        except Exception as e:  # the next request must still be served
-            log.exception("generation failed")
-            job.deliver(e)
+        m.running.set(self.running)
 
 
 def load_for_serving(settings) -> Loaded:

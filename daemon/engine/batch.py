@@ -1,0 +1,127 @@
+"""Continuous batching: the running sequences share one target forward per step.
+
+A `Batch` holds the running sequences (daemon.engine.generate.sequence coroutines) and steps them
+together:
+1. every sequence runs until it asks for a forward (a prefill chunk, a decode row) or has planned
+   a draft; the records it yields on the way are delivered to its owner;
+2. the planned drafts are fitted to the batch (policies.batch): a draft whose row costs the batch
+   more than it is expected to bring is dropped, and drafts go while the rows pass the limit;
+3. those sequences draft and ask for their verification forwards;
+4. one forward runs every sequence's rows (daemon.engine.ragged), or, for a model that cannot,
+   each sequence's in turn; each sequence is sent its own part.
+Sequences join between steps (`add`) and leave when they end or are dropped (`drop`: cancelled,
+past their deadline), freeing their rows at once. A sequence that fails is delivered its error and
+leaves; the others go on. Runs on the thread that owns MLX.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Generator
+from dataclasses import dataclass
+
+from daemon.engine.ragged import batchable, run_ragged
+from daemon.engine.rows import Forward, Planned, Ran, run
+from policies.batch import fit_drafts
+from policies.cost import RowCosts
+
+
+def run_rows(model, forwards: list[Forward]) -> list[Ran]:
+    """Every Forward of a step, in one forward where the model allows it."""
+    if len(forwards) == 1:
+        return [run(model, forwards[0])]
+    if batchable(model, forwards):
+        return run_ragged(model, forwards)
+    return [run(model, f, alone=False) for f in forwards]
+
+
+@dataclass
+class Running:
+    owner: object  # whoever the records go to (the worker's job)
+    steps: Generator
+    reply: object = None
+    asked: Forward | Planned | None = None
+
+
+@dataclass(frozen=True)
+class StepReport:
+    sequences: int  # sequences in the step's forward
+    rows: int  # the forward's rows
+    drafted: int  # of them, drafts
+    seconds: float  # the forward's time
+
+
+class Batch:
+    def __init__(self, model, deliver: Callable[[object, object], None], max_rows: int,
+                 rows: RowCosts | None = None, draft_seconds: float = 0.0):
+        """deliver(owner, record or exception); max_rows: a step's rows at most (drafts are cut
+        to fit; prefill chunks and one row per sequence always run); rows: the batch's forward
+        costs, learned from every step (None: drafts are cut only to fit max_rows)."""
+        self.model, self.deliver, self.max_rows = model, deliver, max_rows
+        self.costs, self.draft_seconds = rows, draft_seconds
+        self.running: list[Running] = []
+
+    def add(self, owner, steps: Generator) -> None:
+        self.running.append(Running(owner, steps))
+
+    def drop(self, running: Running) -> None:
+        self.running.remove(running)
+        running.steps.close()
+
+    def step(self) -> StepReport | None:
+        """One step of every running sequence; None when none asked for a forward."""
+        for r in list(self.running):
+            self._advance(r)
+        planned = [r for r in self.running if isinstance(r.asked, Planned)]
+        if planned:
+            for r, k in zip(planned, self._fit(planned)):
+                r.reply = k
+                self._advance(r)
+        asking = [r for r in self.running if isinstance(r.asked, Forward)]
+        if not asking:
+            return None
+        forwards = [r.asked for r in asking]
+        started = time.perf_counter()
+        try:
+            rans = run_rows(self.model, forwards)
+        except Exception as e:  # every sequence in the forward is lost with it
+            for r in asking:
+                self.deliver(r.owner, e)
+                self.drop(r)
+            return None
+        seconds = time.perf_counter() - started
+        for r, ran in zip(asking, rans):
+            r.reply, r.asked = ran, None
+        rows = sum(len(f.tokens) for f in forwards)
+        drafted = sum(f.drafts for f in forwards)
+        if self.costs is not None and len(forwards) > 1:
+            self.costs.observe(rows, len(forwards), seconds)
+        return StepReport(len(forwards), rows, drafted, seconds)
+
+    def _fit(self, planned: list[Running]) -> list[int]:
+        asks = [r.asked for r in planned]
+        plans = [(min(a.plan.k, a.room), a.plan.rates) for a in asks]
+        if len(self.running) == 1:  # alone, its policy has priced its rows already
+            return [k for k, _ in plans]
+        base = len(planned) + sum(len(r.asked.tokens) for r in self.running if isinstance(r.asked, Forward))
+        sequences = len(self.running)
+        row_seconds = (lambda n: self.costs.predict(n, sequences)) if self.costs is not None else (lambda n: 1.0)
+        return fit_drafts(plans, base, row_seconds, self.draft_seconds if self.costs is not None else 0.0, self.max_rows)
+
+    def _advance(self, r: Running) -> None:
+        """Runs a sequence until it asks for something; delivers its records on the way."""
+        while True:
+            try:
+                item = r.steps.send(r.reply)
+            except StopIteration:
+                self.running.remove(r)
+                return
+            except Exception as e:
+                self.deliver(r.owner, e)
+                self.drop(r)
+                return
+            r.reply = None
+            if isinstance(item, (Forward, Planned)):
+                r.asked = item
+                return
+            self.deliver(r.owner, item)

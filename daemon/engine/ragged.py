@@ -1,0 +1,64 @@
+"""Several sequences' rows in one target forward: ragged batching, each sequence on its own cache.
+
+The rows of every sequence in a step (a decode row, a verification's 1 + k rows, a prefill chunk)
+are laid end to end as one input [1, N]. Everything but attention (norms, projections, the MLP)
+runs once over all N rows, which is where the weights are read; attention runs per sequence, on
+its own KV cache at its own offset. So each sequence contributes exactly its own rows: no padding
+to the longest, no shared write index. mlx-lm's BatchKVCache does not fit speculation per
+sequence: its sequences share one write index (`_idx`), so every step would write the same number
+of rows for each (padded to the longest draft) and `trim` takes the same number back from all,
+while a verification rejects a different number of rows in each sequence.
+
+Only models whose blocks are Llama's (mlx-lm's `llama.TransformerBlock`, which loading turns into
+daemon.cpu.fast_block's FastBlock: `FastBlock.ragged`) with plain KV caches run this way; others
+run their sequences' forwards one after another in the same step (`batchable`).
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+from mlx_lm.models.cache import KVCache
+
+from daemon.cpu.fast_block import FastBlock
+from daemon.engine.rows import Forward, Ran
+from daemon.models.target import language_model, target_head, trunk
+
+
+def batchable(model, forwards: list[Forward]) -> bool:
+    body = trunk(model)
+    return (
+        language_model(model) is model and "embed_tokens" in body
+        and all(isinstance(layer, FastBlock) for layer in body.layers)
+        and all(type(c) is KVCache for f in forwards for c in f.cache)
+    )
+
+
+def run_ragged(model, forwards: list[Forward]) -> list[Ran]:
+    """The Forwards of several sequences through the target in one pass; a Ran for each."""
+    body = trunk(model)
+    bounds, end = [], 0
+    for f in forwards:
+        bounds.append((end, end + len(f.tokens)))
+        end += len(f.tokens)
+    offsets = [f.cache[0].offset for f in forwards]
+    positions = mx.array([o + j for o, f in zip(offsets, forwards) for j in range(len(f.tokens))])
+    h = body.embed_tokens(mx.array([[t for f in forwards for t in f.tokens]]))
+    for i, layer in enumerate(body.layers):
+        h = layer.ragged(h, positions, bounds, [f.cache[i] for f in forwards])
+        if getattr(type(layer), "records", False):  # a drafter reads this block's output (daemon.engine.forward)
+            object.__setattr__(layer, "_out", h)
+    h = body.norm(h)
+    source = next((f.source for f in forwards if f.source is not None), None)
+    hidden = next(f.tap for f in forwards if f.source is not None).hidden(source) if source is not None else None
+    head = target_head(model)
+    out = []
+    for f, (s, e) in zip(forwards, bounds):
+        seen = hidden[:, s:e] if f.source is not None else None
+        if f.logits == "none":
+            out.append(Ran(None, seen, alone=False))
+        else:
+            out.append(Ran(head(h[:, e - 1 : e] if f.logits == "last" else h[:, s:e])[0], seen, alone=False))
+    filled = [c.state for f in forwards if f.logits == "none" for c in f.cache]
+    if filled:
+        mx.eval(filled)
+    return out

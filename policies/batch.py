@@ -1,0 +1,49 @@
+"""Draft lengths for a batch: the sequences' own plans, cut where their rows cost the batch more
+than they bring.
+
+Every running sequence plans its draft alone (its policy, its acceptance estimates, its content
+class). In a batch all of them share one target forward, whose time T(rows) grows with the rows of
+every sequence, so a draft is worth its row only if what it is expected to bring (the probability
+that it and every draft before it are accepted) beats what the row adds to everyone's step. The
+batch's rate is (sequences + sum of expected accepted drafts) / (T(rows) + drafting time); drafts
+are dropped one at a time, last positions first and the least likely of those first, while that
+rate rises, and always while the rows exceed the limit. So speculation fades as the batch grows
+compute-bound and comes back as it shrinks; alone, T's slope is what the policy already priced.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+UNKNOWN = 1.0  # a plan without estimates (fixed:K) is cut last, and only for the row limit
+
+
+def gains(rates: Sequence[float], k: int) -> list[float]:
+    """The expected tokens each of the first k drafts adds: prod of the rates up to it."""
+    return list(np.cumprod(rates[:k])) if len(rates) >= k else [UNKNOWN] * k
+
+
+def fit_drafts(plans: Sequence[tuple[int, Sequence[float]]], base_rows: int, row_seconds: Callable[[int], float],
+               draft_seconds: float, max_rows: int) -> list[int]:
+    """plans: each sequence's (planned k, its rates: empty if unknown); base_rows: the step's rows
+    without any draft (one per planned sequence, plus everyone else's); row_seconds(rows): the
+    step's forward time; draft_seconds: the time of one draft. Returns each sequence's k."""
+    ks = [k for k, _ in plans]
+    worth = [gains(rates, k) for k, rates in plans]
+    known = [len(rates) >= k for k, rates in plans]
+    tokens = len(plans) + sum(sum(g) for g in worth)
+
+    def rate(tokens: float, drafts: int) -> float:
+        return tokens / (row_seconds(base_rows + drafts) + draft_seconds * drafts)
+
+    while any(ks):
+        i = min((j for j in range(len(ks)) if ks[j]), key=lambda j: (not known[j], worth[j][ks[j] - 1]))
+        drafts, gain = sum(ks), worth[i][ks[i] - 1]
+        over = base_rows + drafts > max_rows
+        if not over and (not known[i] or rate(tokens - gain, drafts - 1) <= rate(tokens, drafts)):
+            break
+        ks[i] -= 1
+        tokens -= gain
+    return ks
