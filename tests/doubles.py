@@ -10,8 +10,9 @@ import mlx.core as mx
 class TrimmableOffset:
     """A drafter cache that only tracks positions (what trim_prompt_cache needs)."""
 
-    def __init__(self):
+    def __init__(self, sequence=()):
         self.offset = 0
+        self.sequence = list(sequence)  # what a RuleDrafter has seen on this cache
 
     def is_trimmable(self):
         return True
@@ -23,8 +24,9 @@ class TrimmableOffset:
 
 
 class RuleDrafter:
-    """Sees the same (hidden, next token) pairs as an MTP drafter and knows the sequence so far;
-    `rule(prefix) -> logits [V]` decides what it proposes after `prefix`."""
+    """Sees the same (hidden, next token) pairs as an MTP drafter and knows the sequence so far (on
+    each sequence's own cache, so sequences can run batched); `rule(prefix) -> logits [V]` decides
+    what it proposes after `prefix`."""
 
     def __init__(self, first_token: int, rule, hidden_size: int):
         self.config = SimpleNamespace(source="post_norm", reads_offers=False)
@@ -33,8 +35,7 @@ class RuleDrafter:
         self.hidden_size = hidden_size
 
     def make_cache(self):
-        self.sequence = [self.first_token]
-        return TrimmableOffset()
+        return TrimmableOffset([self.first_token])
 
     def chained(self, own, hidden):
         return own
@@ -44,10 +45,10 @@ class RuleDrafter:
         position alone. Returns (logits [1, V], block output [1, L, H]). Like the MTP drafter's
         concatenation it needs one hidden row per token."""
         assert hidden.shape[:2] == tokens.shape, (hidden.shape, tokens.shape)
-        del self.sequence[cache.offset + 1 :]  # forget trimmed positions
-        self.sequence.extend(tokens[0].tolist())
+        del cache.sequence[cache.offset + 1 :]  # forget trimmed positions
+        cache.sequence.extend(tokens[0].tolist())
         cache.offset += tokens.shape[1]
-        return self.rule(list(self.sequence))[None], mx.zeros((1, tokens.shape[1], self.hidden_size))
+        return self.rule(list(cache.sequence))[None], mx.zeros((1, tokens.shape[1], self.hidden_size))
 
 
 def target_logits(model):
@@ -111,3 +112,26 @@ def speculated_cache(model, drafter, prompt, k: int, n: int):
         if len(emitted) >= n:
             break
     return cache, list(prompt) + emitted[:-1]  # the last token is not in the cache yet
+
+
+def small_vocab(tokenizer, vocab: int, fast: bool = False):
+    """A one-block llama target over `vocab` tokens with sharp distributions (weights x3), whose
+    exact joint distributions are cheap to enumerate. `fast`: its block a FastBlock, as loading
+    makes them (so sequences batch in one forward)."""
+    from mlx.utils import tree_map
+    from mlx_lm.models import llama
+
+    from daemon.cpu import fast_block
+    from daemon.models.loading import LoadedModel
+
+    mx.random.seed(3)
+    args = llama.ModelArgs(
+        model_type="llama", hidden_size=32, num_hidden_layers=1, intermediate_size=64, num_attention_heads=2,
+        num_key_value_heads=1, rms_norm_eps=1e-5, vocab_size=vocab, rope_traditional=True, tie_word_embeddings=False,
+    )
+    model = llama.Model(args)
+    model.update(tree_map(lambda p: p * 3, model.parameters()))
+    mx.eval(model.parameters())
+    if fast:
+        fast_block.install(model.layers)
+    return LoadedModel(model, tokenizer, "small-vocab", "", False, {"vocab_size": vocab})

@@ -6,16 +6,13 @@ import math
 import mlx.core as mx
 import numpy as np
 import pytest
-from doubles import RuleDrafter, known_sequence, planted_errors, speculated_cache, target_logits
-from mlx.utils import tree_map
-from mlx_lm.models import llama
+from doubles import RuleDrafter, known_sequence, planted_errors, small_vocab, speculated_cache, target_logits
 from mlx_lm.models.cache import make_prompt_cache
 
 from daemon.engine.forward import hidden_tap
 from daemon.engine.generate import generate
 from daemon.engine.records import Finished, Request
 from daemon.engine.sampling import SamplingParams
-from daemon.models.loading import LoadedModel
 from policies.fixed import Fixed
 from policies.plan import Plan
 
@@ -122,15 +119,7 @@ TEMPERATURE = 1.3
 
 @pytest.fixture(scope="module")
 def small_vocab_lm(tiny_lm):
-    mx.random.seed(3)
-    args = llama.ModelArgs(
-        model_type="llama", hidden_size=32, num_hidden_layers=1, intermediate_size=64, num_attention_heads=2,
-        num_key_value_heads=1, rms_norm_eps=1e-5, vocab_size=VOCAB, rope_traditional=True, tie_word_embeddings=False,
-    )
-    model = llama.Model(args)
-    model.update(tree_map(lambda p: p * 3, model.parameters()))
-    mx.eval(model.parameters())
-    return LoadedModel(model, tiny_lm.tokenizer, "small-vocab", "", False, {"vocab_size": VOCAB})
+    return small_vocab(tiny_lm.tokenizer, VOCAB)
 
 
 def exact_joint(model, prompt, params):

@@ -1,0 +1,180 @@
+"""Continuous batching: sequences stepped together give each the answer it gets alone (greedy to
+the token, sampling in distribution), drafts are fitted to the batch's rows, and a short request
+is answered while a long one runs."""
+
+import dataclasses
+import threading
+import time
+
+import numpy as np
+import pytest
+from doubles import RuleDrafter, small_vocab, target_logits
+from test_speculative import VOCAB, chi2_critical, exact_joint
+
+from daemon.engine.batch import Batch
+from daemon.engine.generate import generate, sequence
+from daemon.engine.records import Delta, Finished, Request
+from daemon.engine.sampling import SamplingParams
+from daemon.server.worker import Job, Limits, Loaded, Worker
+from policies.adaptive import AdaptivePolicy, SharedEstimates
+from policies.batch import fit_drafts
+from policies.cost import RowCosts, StepCosts
+from policies.fixed import Fixed
+
+PROMPTS = [(1, 80, 120, 7, 200, 33, 150), (5, 9, 5, 9, 5, 9, 5, 9, 5), (3,) * 40, tuple(range(10, 110))]
+
+
+# --- the fit: drafts cut where their rows cost more than they bring ---------------------------
+
+def test_fit_keeps_every_draft_when_rows_are_free():
+    plans = [(3, (0.9, 0.8, 0.7)), (2, (0.3, 0.2)), (4, ())]
+    assert fit_drafts(plans, 3, lambda rows: 0.1, 0.0, 64) == [3, 2, 4]
+
+
+def test_fit_drops_the_least_likely_drafts_first_when_rows_are_dear():
+    # a step of 3 rows brings 3 tokens in 0.13 s; a row adds 0.01 s, so it pays above ~0.23 tokens
+    plans = [(3, (0.95, 0.9, 0.9)), (3, (0.2, 0.5, 0.5)), (2, (0.6, 0.1))]
+    assert fit_drafts(plans, 3, lambda rows: 0.1 + 0.01 * rows, 0.0, 64) == [3, 0, 1]
+    # when every row costs as much as a whole step, no draft brings a row's worth
+    assert fit_drafts(plans, 3, lambda rows: 0.01 * rows, 0.0, 64) == [0, 0, 0]
+
+
+def test_fit_cuts_to_the_row_limit_estimated_drafts_before_fixed_ones():
+    plans = [(4, ()), (4, (0.9, 0.9, 0.9, 0.9)), (4, (0.5, 0.5, 0.5, 0.5))]
+    ks = fit_drafts(plans, 3, lambda rows: 0.1, 0.0, 9)
+    assert sum(ks) == 6 and ks[0] == 4 and ks[1] >= ks[2]
+
+
+def test_row_costs_interpolate_extrapolate_and_learn():
+    rows = RowCosts([1, 2, 4], [0.1, 0.12, 0.16], per_sequence=0.01)
+    assert rows.predict(3, 1) == pytest.approx(0.14)
+    assert rows.predict(8, 1) == pytest.approx(0.24)  # the last slope, 0.02 a row
+    assert rows.predict(2, 3) == pytest.approx(0.14)
+    for _ in range(200):
+        rows.observe(2, 1, 0.24)
+    assert rows.predict(2, 1) == pytest.approx(0.24, rel=0.01)
+    assert RowCosts.from_dict(rows.to_dict()).predict(4, 2) == pytest.approx(rows.predict(4, 2))
+
+
+# --- lossless: each sequence's answer is its answer alone -------------------------------------
+
+def run_batch(lm, requests, policies, max_rows=64, chunk=16, rows=None):
+    """Every request in one batch; returns (each one's Finished, the step reports)."""
+    records = {}
+    batch = Batch(lm.model, lambda owner, record: records.setdefault(owner, []).append(record), max_rows, rows, 0.001)
+    for i, (request, policy) in enumerate(zip(requests, policies)):
+        batch.add(i, sequence(lm, request, policy, chunk=chunk, batched=True))
+    reports = []
+    while batch.running:
+        if (report := batch.step()) is not None:
+            reports.append(report)
+    return [records[i][-1] for i in range(len(requests))], reports
+
+
+def shared(lm):
+    return SharedEstimates(StepCosts(0.004, [0.07 + 0.008 * n for n in range(9)]),
+                           rows=RowCosts([1, 2, 4, 8, 16], [0.07, 0.078, 0.094, 0.126, 0.19], 0.005))
+
+
+@pytest.mark.parametrize("spec", ["off", "fixed:3", "adaptive"])
+def test_batched_greedy_equals_alone(tiny_gguf, spec):
+    from daemon.models.loading import load
+
+    lm = load(str(tiny_gguf), drafter="random")
+    estimates = shared(lm)
+
+    def policy():
+        return AdaptivePolicy(estimates) if spec == "adaptive" else Fixed(int(spec.partition(":")[2] or 0))
+
+    requests = [Request(p, max_tokens=24 + 8 * i) for i, p in enumerate(PROMPTS)]
+    alone = [list(generate(lm, r, policy()))[-1] for r in requests]
+    batched, reports = run_batch(lm, requests, [policy() for _ in requests], rows=estimates.rows)
+    assert [b.token_ids for b in batched] == [a.token_ids for a in alone]
+    assert max(r.sequences for r in reports) == len(requests)  # they really shared forwards
+    if spec == "fixed:3":
+        assert sum(b.stats.drafted for b in batched) > 0 and any(r.drafted for r in reports)
+
+
+def test_a_sequence_that_joins_or_leaves_changes_no_other(tiny_lm):
+    requests = [Request(p, max_tokens=30) for p in PROMPTS[:3]]
+    alone = [list(generate(tiny_lm, r, Fixed(0)))[-1].token_ids for r in requests]
+    records = {}
+    batch = Batch(tiny_lm.model, lambda owner, record: records.setdefault(owner, []).append(record), 64)
+    batch.add(0, sequence(tiny_lm, requests[0], Fixed(0), chunk=4, batched=True))
+    batch.add(1, sequence(tiny_lm, requests[1], Fixed(0), chunk=4, batched=True))
+    for _ in range(5):
+        batch.step()
+    batch.drop(next(r for r in batch.running if r.owner == 1))  # a client leaves mid-answer
+    batch.add(2, sequence(tiny_lm, requests[2], Fixed(0), chunk=4, batched=True))  # another arrives
+    while batch.running:
+        batch.step()
+    assert records[0][-1].token_ids == alone[0] and records[2][-1].token_ids == alone[2]
+    assert not isinstance(records[1][-1], Finished)
+
+
+def test_a_failing_sequence_gets_its_error_and_the_others_go_on(tiny_lm):
+    def failing():
+        yield Delta((1,), "x")
+        raise RuntimeError("broken")
+
+    records = {}
+    batch = Batch(tiny_lm.model, lambda owner, record: records.setdefault(owner, []).append(record), 64)
+    batch.add("bad", failing())
+    batch.add("good", sequence(tiny_lm, Request(PROMPTS[0], max_tokens=10), Fixed(0), batched=True))
+    while batch.running:
+        batch.step()
+    assert isinstance(records["bad"][-1], RuntimeError)
+    assert records["good"][-1].token_ids == list(generate(tiny_lm, Request(PROMPTS[0], max_tokens=10)))[-1].token_ids
+
+
+def test_batched_sampling_reproduces_each_sequences_distribution(tiny_lm, monkeypatch):
+    lm = small_vocab(tiny_lm.tokenizer, VOCAB, fast=True)
+    prompt = [1, 5, 2]
+    params = SamplingParams(temperature=1.3)
+    lm = dataclasses.replace(lm, drafter=RuleDrafter(prompt[0], target_logits(lm.model), 32), drafter_name="rule")
+    monkeypatch.setattr(lm.tokenizer, "_eos_token_ids", set())  # every token id is ordinary here
+    runs, width = 2500, 50
+    counts = np.zeros((VOCAB, VOCAB))
+    batched_steps = 0
+    for start in range(0, runs, width):
+        requests = [Request(tuple(prompt), max_tokens=3, sampling=dataclasses.replace(params, seed=seed))
+                    for seed in range(start, start + width)]
+        done, reports = run_batch(lm, requests, [Fixed(2) for _ in requests], max_rows=256)
+        batched_steps += sum(r.sequences > 1 for r in reports)
+        for d in done:
+            counts[d.token_ids[1], d.token_ids[2]] += 1
+    expected = exact_joint(lm.model, prompt, params) * runs
+    keep = expected >= 5
+    assert counts[expected == 0].sum() == 0
+    chi2 = ((counts[keep] - expected[keep]) ** 2 / expected[keep]).sum()
+    rest = expected[~keep].sum()
+    if rest > 0:
+        chi2 += (counts[~keep].sum() - rest) ** 2 / rest
+    assert chi2 < chi2_critical(int(keep.sum()) + (rest > 0) - 1), chi2
+    assert batched_steps > 0
+
+
+# --- the worker: no head-of-line blocking ------------------------------------------------------
+
+def test_short_request_finishes_while_a_long_answer_runs(tiny_lm, monkeypatch):
+    monkeypatch.setattr(tiny_lm.tokenizer, "_eos_token_ids", set())  # the long answer runs its 1,000 tokens
+    worker = Worker(lambda: Loaded(tiny_lm, None, None), max_queue=4, limits=Limits(max_running=4))
+    worker.start()
+    events, done = [], threading.Event()
+
+    def job(name, max_tokens):
+        def deliver(record):
+            if isinstance(record, Finished):
+                events.append((name, record.completion_tokens, worker.running))
+                if name == "long":
+                    done.set()
+        return Job(Request(PROMPTS[0], max_tokens=max_tokens), "off", deliver, time.monotonic() + 300)
+
+    worker.submit(job("long", 1000))
+    time.sleep(0.2)  # the long answer is under way
+    worker.submit(job("short", 12))
+    assert done.wait(300)
+    worker.stop(30)
+    assert [name for name, _, _ in events] == ["short", "long"]
+    assert events[0][1] == 12 and events[1][1] == 1000
+    assert events[0][2] == 2  # the long answer was still running when the short one ended
