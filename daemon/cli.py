@@ -316,7 +316,7 @@ def cmd_status(args) -> None:
     print(
         f"mtpd at http://{host}:{settings.port}: {health['model']} with drafter {health['drafter'] or 'none'}\n"
         f"up {health['uptime_s']:.0f} s, {health['requests_served']} requests served, "
-        f"{health['queue']} waiting, {'busy' if health['busy'] else 'idle'}\n"
+        f"{health['running']} running, {health['waiting']} waiting\n"
         f"speculation: {health['speculation']}"
         + (f", acceptance {rate:.1%}" if rate is not None else ", nothing drafted yet")
         + (f", last request drafted in {health['last_request_speculation']['drafted_steps']} steps"

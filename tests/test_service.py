@@ -130,6 +130,7 @@ def test_status_with_and_without_a_daemon(tiny_gguf, tmp_path):
         shown = run_mtpd("status", "--port", str(daemon.port))
         assert shown.returncode == 0, shown.stderr
         assert "tiny with drafter random" in shown.stdout and "1 requests served" in shown.stdout
+        assert "0 running, 0 waiting" in shown.stdout
         assert "acceptance" in shown.stdout
     finally:
         daemon.stop()

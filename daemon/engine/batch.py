@@ -20,6 +20,8 @@ import time
 from collections.abc import Callable, Generator
 from dataclasses import dataclass
 
+import mlx.core as mx
+
 from daemon.engine.ragged import batchable, run_ragged
 from daemon.engine.rows import Forward, Planned, Ran, run
 from policies.batch import fit_drafts
@@ -89,6 +91,8 @@ class Batch:
                 self.deliver(r.owner, e)
                 self.drop(r)
             return None
+        if len(rans) > 1:  # computed now, so the forward is timed (its sequences read it next)
+            mx.eval([a for ran in rans for a in (ran.logits, ran.hidden) if a is not None])
         seconds = time.perf_counter() - started
         for r, ran in zip(asking, rans):
             r.reply, r.asked = ran, None

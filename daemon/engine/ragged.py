@@ -1,17 +1,18 @@
 """Several sequences' rows in one target forward: ragged batching, each sequence on its own cache.
 
 The rows of every sequence in a step (a decode row, a verification's 1 + k rows, a prefill chunk)
-are laid end to end as one input [1, N]. Everything but attention (norms, projections, the MLP)
-runs once over all N rows, which is where the weights are read; attention runs per sequence, on
-its own KV cache at its own offset. So each sequence contributes exactly its own rows: no padding
-to the longest, no shared write index. mlx-lm's BatchKVCache does not fit speculation per
-sequence: its sequences share one write index (`_idx`), so every step would write the same number
-of rows for each (padded to the longest draft) and `trim` takes the same number back from all,
-while a verification rejects a different number of rows in each sequence.
+are laid end to end as one input [1, N]. Everything but attention (norms, projections, the MLP) runs
+once over all N rows, which is where the weights are read, and so does the LM head over every row
+whose logits are wanted; attention runs per sequence, on its own KV cache at its own offset. So each
+sequence contributes exactly its own rows: no padding to the longest, no shared write index.
+mlx-lm's BatchKVCache does not fit speculation per sequence: its sequences share one write index
+(`_idx`), so every step would write the same number of rows for each (padded to the longest draft)
+and `trim` takes the same number back from all, while a verification rejects a different number of
+rows in each sequence.
 
 Only models whose blocks are Llama's (mlx-lm's `llama.TransformerBlock`, which loading turns into
-daemon.cpu.fast_block's FastBlock: `FastBlock.ragged`) with plain KV caches run this way; others
-run their sequences' forwards one after another in the same step (`batchable`).
+daemon.cpu.fast_block's FastBlock: `FastBlock.ragged`) with plain KV caches run this way; others run
+their sequences' forwards one after another in the same step (`batchable`).
 """
 
 from __future__ import annotations
@@ -50,14 +51,15 @@ def run_ragged(model, forwards: list[Forward]) -> list[Ran]:
     h = body.norm(h)
     source = next((f.source for f in forwards if f.source is not None), None)
     hidden = next(f.tap for f in forwards if f.source is not None).hidden(source) if source is not None else None
-    head = target_head(model)
-    out = []
-    for f, (s, e) in zip(forwards, bounds):
+    wanted = [list(range(e - 1, e)) if f.logits == "last" else list(range(s, e)) if f.logits == "all" else []
+              for f, (s, e) in zip(forwards, bounds)]
+    picked = [i for rows in wanted for i in rows]
+    logits = target_head(model)(h[:, mx.array(picked)])[0] if picked else None  # the head's weights read once
+    out, start = [], 0
+    for f, (s, e), rows in zip(forwards, bounds, wanted):
         seen = hidden[:, s:e] if f.source is not None else None
-        if f.logits == "none":
-            out.append(Ran(None, seen, alone=False))
-        else:
-            out.append(Ran(head(h[:, e - 1 : e] if f.logits == "last" else h[:, s:e])[0], seen, alone=False))
+        out.append(Ran(logits[start : start + len(rows)] if rows else None, seen, alone=False))
+        start += len(rows)
     filled = [c.state for f in forwards if f.logits == "none" for c in f.cache]
     if filled:
         mx.eval(filled)

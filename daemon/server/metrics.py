@@ -130,11 +130,14 @@ class Metrics:
         for k in range(costs.k_max + 1):
             self.cost_step.labels(str(k)).set(costs.predict(k))
 
-    def observe_step(self, sequences: int, rows: int, drafted: int) -> None:
-        """After every batched forward, on the engine thread."""
-        self.batch_size.observe(sequences)
-        self.batch_rows.observe(rows)
-        self.batch_drafts.inc(drafted)
+    def observe_step(self, step, running: int) -> None:
+        """After every step of the batch, on the engine thread: its forward (a
+        daemon.engine.batch.StepReport; None: it ran none) and the requests still running."""
+        self.running.set(running)
+        if step is not None:
+            self.batch_size.observe(step.sequences)
+            self.batch_rows.observe(step.rows)
+            self.batch_drafts.inc(step.drafted)
 
     def observe_memory(self, active: int, peak: int, cache: int) -> None:
         for kind, value in (("active", active), ("peak", peak), ("cache", cache)):

@@ -173,9 +173,9 @@ class Worker:
                 self._check(batch, r)
             self.running = len(batch.running)
             step = batch.step() if batch.running else None
-            if step is not None and self.metrics is not None:
-                self.metrics.observe_step(step.sequences, step.rows, step.drafted)
-        self.running = 0
+            self.running = len(batch.running)
+            if self.metrics is not None:
+                self.metrics.observe_step(step, self.running)
 
     def _admit(self, batch: Batch, job: Job) -> None:
         if job.cancelled.is_set():
@@ -230,7 +230,6 @@ class Worker:
         if self.prompt_cache is not None:
             m.observe_prompt_cache(self.prompt_cache.nbytes, self.prompt_cache.disk_bytes)
         m.observe_memory(mx.get_active_memory(), mx.get_peak_memory(), mx.get_cache_memory())
-        m.running.set(self.running)
 
 
 def load_for_serving(settings) -> Loaded:
