@@ -33,6 +33,7 @@ import openai
 
 ROOT = Path(__file__).resolve().parents[1]
 SERVERS = ("mtpd adaptive", "mtpd off", "mlx-lm server")
+BEFORE = "mtpd adaptive before"  # --before DIR: the daemon of another checkout (python -m daemon from there)
 
 
 def free_port() -> int:
@@ -57,19 +58,21 @@ def export_for_mlx_lm(folder: Path) -> Path:
     return folder
 
 
-def start(name: str, port: int, work: Path) -> subprocess.Popen:
+def start(name: str, port: int, work: Path, before: Path | None) -> subprocess.Popen:
     from daemon.cpu.blas import find_blas
 
     log = open(work / f"{name.replace(' ', '-')}.log", "w")
+    root = ROOT
     if name.startswith("mtpd"):
         env = os.environ | {"MTPD_SPECULATION": name.split()[1], "MTPD_CACHE_DIR": str(work / name.replace(" ", "-")),
                             "MTPD_LOG_LEVEL": "warning"}
         command = [sys.executable, "-m", "daemon", "serve", "--port", str(port)]
+        root = before if name == BEFORE else ROOT
     else:
         blas = find_blas()
         env = os.environ | ({"LD_PRELOAD": blas} if blas else {})
         command = [sys.executable, "-m", "mlx_lm.server", "--model", str(work / "mlx-lm-model"), "--port", str(port)]
-    return subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+    return subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=root)
 
 
 def wait_ready(client: openai.OpenAI, model: str, proc: subprocess.Popen, timeout: float = 600) -> None:
@@ -163,7 +166,7 @@ def plot(report: dict, path: Path) -> None:
 
     plt = pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.3))
-    for server in SERVERS:
+    for server in (*SERVERS, BEFORE):
         rows = [p for p in report["phases"] if p["server"] == server]
         if not rows:
             continue
@@ -190,29 +193,31 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=96)
     ap.add_argument("--prompts", type=Path, default=ROOT / "bench" / "prompts.jsonl")
     ap.add_argument("--servers", nargs="+", default=list(SERVERS), choices=SERVERS)
+    ap.add_argument("--before", type=Path, default=None, help="also run mtpd adaptive from this checkout")
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--png", type=Path, default=None)
     args = ap.parse_args()
     from daemon.engine.calibration import machine
 
     prompts = [json.loads(line) for line in args.prompts.read_text().splitlines() if line.strip()]
+    servers = args.servers + ([BEFORE] if args.before else [])
     work = Path(tempfile.mkdtemp(prefix="mtpd-load-"))
-    if "mlx-lm server" in args.servers:
+    if "mlx-lm server" in servers:
         export_for_mlx_lm(work / "mlx-lm-model")
-    ports = {name: free_port() for name in args.servers}
-    procs = {name: start(name, ports[name], work) for name in args.servers}
+    ports = {name: free_port() for name in servers}
+    procs = {name: start(name, ports[name], work, args.before) for name in servers}
     clients = {name: openai.OpenAI(base_url=f"http://127.0.0.1:{ports[name]}/v1", api_key="none", timeout=900,
-                                   max_retries=0) for name in args.servers}
-    models = {name: "default" for name in args.servers}
+                                   max_retries=0) for name in servers}
+    models = {name: "SmolLM2-135M-Instruct" for name in servers}
     try:
-        for name in args.servers:
+        for name in servers:
             if name == "mlx-lm server":
                 models[name] = str(work / "mlx-lm-model")
             wait_ready(clients[name], models[name], procs[name])
             print(f"{name} ready", flush=True)
         phases = []
         for c in args.clients:
-            for name in args.servers:
+            for name in servers:
                 result = phase(clients[name], models[name], prompts, c, args.rounds, args.max_tokens)
                 phases.append({"server": name, **result})
                 print(json.dumps({k: v for k, v in phases[-1].items() if k != "answers"}), flush=True)

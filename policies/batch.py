@@ -29,21 +29,25 @@ def fit_drafts(plans: Sequence[tuple[int, Sequence[float]]], base_rows: int, row
                draft_seconds: float, max_rows: int) -> list[int]:
     """plans: each sequence's (planned k, its rates: empty if unknown); base_rows: the step's rows
     without any draft (one per planned sequence, plus everyone else's); row_seconds(rows): the
-    step's forward time; draft_seconds: the time of one draft. Returns each sequence's k."""
+    step's forward time; draft_seconds: the time of one drafter forward (a sequence that drafts
+    pays it once more: its drafter's catch-up on the rows it has not read, the verification's
+    bookkeeping). Returns each sequence's k."""
     ks = [k for k, _ in plans]
     worth = [gains(rates, k) for k, rates in plans]
     known = [len(rates) >= k for k, rates in plans]
     tokens = len(plans) + sum(sum(g) for g in worth)
 
-    def rate(tokens: float, drafts: int) -> float:
-        return tokens / (row_seconds(base_rows + drafts) + draft_seconds * drafts)
+    def rate(tokens: float, ks: list[int]) -> float:  # a drafting sequence pays one draft's time more
+        drafts = sum(ks)
+        return tokens / (row_seconds(base_rows + drafts) + draft_seconds * (drafts + sum(k > 0 for k in ks)))
 
     while any(ks):
         i = min((j for j in range(len(ks)) if ks[j]), key=lambda j: (not known[j], worth[j][ks[j] - 1]))
-        drafts, gain = sum(ks), worth[i][ks[i] - 1]
-        over = base_rows + drafts > max_rows
-        if not over and (not known[i] or rate(tokens - gain, drafts - 1) <= rate(tokens, drafts)):
+        gain = worth[i][ks[i] - 1]
+        fewer = ks[:i] + [ks[i] - 1] + ks[i + 1 :]
+        over = base_rows + sum(ks) > max_rows
+        if not over and (not known[i] or rate(tokens - gain, fewer) <= rate(tokens, ks)):
             break
-        ks[i] -= 1
+        ks = fewer
         tokens -= gain
     return ks

@@ -51,11 +51,11 @@ class FastBlock(llama.TransformerBlock):
         few = self._few(x)
         queries, keys, values = self._pre_rows(x, positions) if few is None else self._pre_rows_few(x, positions, few[0])
         outs = []
-        for (s, e), cache in zip(bounds, caches):  # rows [n, heads, 1, D] <-> one sequence's [1, heads, n, D]
-            k, v = cache.update_and_fetch(keys[s:e].swapaxes(0, 2), values[s:e].swapaxes(0, 2))
-            outs.append(self._attend(queries[s:e].swapaxes(0, 2), k, v, self.self_attn.scale).swapaxes(0, 2))
-        out = mx.concatenate(outs) if len(outs) > 1 else outs[0]
-        return self._post_rows(x, out) if few is None else self._post_rows_few(x, out, *few[1:])
+        for (s, e), cache in zip(bounds, caches):  # queries come scaled
+            k, v = cache.update_and_fetch(keys[:, :, s:e], values[:, :, s:e])
+            outs.append(self._attend(queries[:, :, s:e], k, v, 1.0))
+        out = mx.concatenate(outs, axis=2) if len(outs) > 1 else outs[0]
+        return self._post(x, out) if few is None else self._post_few(x, out, *few[1:])
 
     def _few(self, x: mx.array):
         return self._row_major if x.shape[1] <= FEW_ROWS else None
@@ -100,11 +100,12 @@ class FastBlock(llama.TransformerBlock):
             gate, up = mx.split(self.post_attention_layernorm(h) @ w_gate_up.T, 2, axis=-1)
             return h + swiglu(gate, up) @ w_down.T
 
-        def rows(q, k, v, positions):  # [1, N, heads * D] -> [N, heads, 1, D], each row at its position
+        def rows(q, k, v, positions):  # [1, N, heads * D] -> [1, heads, N, D], each row at its position
             N = q.shape[1]
             q = q.reshape(N, attn.n_heads, 1, -1)
             k, v = k.reshape(N, attn.n_kv_heads, 1, -1), v.reshape(N, attn.n_kv_heads, 1, -1)
-            return attn.rope(q, offset=positions), attn.rope(k, offset=positions), v
+            q, k = attn.rope(q, offset=positions) * attn.scale, attn.rope(k, offset=positions)
+            return q.swapaxes(0, 2), k.swapaxes(0, 2), v.swapaxes(0, 2)
 
         def pre_rows(x, positions):
             h = self.input_layernorm(x)
@@ -113,15 +114,8 @@ class FastBlock(llama.TransformerBlock):
         def pre_rows_few(x, positions, w_qkv):
             return rows(*mx.split(self.input_layernorm(x) @ w_qkv.T, [q_width, q_width + kv_width], axis=-1), positions)
 
-        def post_rows(x, out):  # out [N, heads, 1, D]
-            return after_attention(x, out.reshape(1, out.shape[0], -1))
-
-        def post_rows_few(x, out, w_o, w_gate_up, w_down):
-            return after_attention_few(x, out.reshape(1, out.shape[0], -1), w_o, w_gate_up, w_down)
-
-        for name, fn in (("_pre_rows", pre_rows), ("_pre_rows_few", pre_rows_few), ("_post_rows", post_rows),
-                         ("_post_rows_few", post_rows_few)):
-            object.__setattr__(self, name, mx.compile(fn, inputs=self.state))
+        object.__setattr__(self, "_pre_rows", mx.compile(pre_rows, inputs=self.state))
+        object.__setattr__(self, "_pre_rows_few", mx.compile(pre_rows_few, inputs=self.state))
         object.__setattr__(self, "_pre", mx.compile(pre, inputs=self.state))
         object.__setattr__(self, "_post", mx.compile(post, inputs=self.state))
         object.__setattr__(self, "_pre_few", mx.compile(pre_few, inputs=self.state))
@@ -155,7 +149,7 @@ def grouped_attention(q: mx.array, k: mx.array, v: mx.array, scale: float) -> mx
     multiple of G. Returns [B, H, L, D]."""
     B, H, L, D = q.shape
     G, S = k.shape[1], k.shape[2]
-    scores = (q * scale).reshape(B, G, H // G * L, D) @ k.swapaxes(-1, -2)
+    scores = (q * scale if scale != 1.0 else q).reshape(B, G, H // G * L, D) @ k.swapaxes(-1, -2)
     if L > 1:
         scores = (scores.reshape(B, G, H // G, L, S) + causal_mask(L, S)).reshape(B, G, H // G * L, S)
     return (mx.softmax(scores, axis=-1, precise=True) @ v).reshape(B, H, L, D)

@@ -85,13 +85,16 @@ def extend_rows(cache, ids, tap: HiddenTap | None = None, source: str | None = N
     return hidden
 
 
-def prefill_rows(cache, prompt_ids, tap: HiddenTap | None = None, source: str | None = None, chunk: int = PREFILL_CHUNK):
-    """Runs the prompt through the target in chunks, filling `cache`; the last token goes alone.
-    A coroutine; returns (the last position's logits [1, V], the hidden states' chunks when
-    `source` is given). With the default chunk, the chunking depends only on the length: the
-    canonical recomputation in `daemon.engine.ties` relies on it."""
-    hidden = (yield from extend_rows(cache, prompt_ids[:-1], tap, source, chunk)) if len(prompt_ids) > 1 else []
-    ran = yield Forward(list(prompt_ids[-1:]), cache, "last", tap, source)
+def prefill_rows(cache, prompt_ids, tap: HiddenTap | None = None, source: str | None = None, chunk: int = PREFILL_CHUNK,
+                 last_alone: bool = True):
+    """Runs the prompt through the target in chunks, filling `cache`. A coroutine; returns (the last
+    position's logits [1, V], the hidden states' chunks when `source` is given). `last_alone`: the
+    last token goes in a forward of its own, so that, with the default chunk, the chunking depends
+    only on the length (the canonical recomputation in `daemon.engine.ties` relies on it); else it
+    ends the last chunk (one forward fewer: a batch's sequences save a step)."""
+    head = prompt_ids[:-1] if last_alone else prompt_ids[: (len(prompt_ids) - 1) // chunk * chunk]
+    hidden = (yield from extend_rows(cache, head, tap, source, chunk)) if len(head) else []
+    ran = yield Forward(list(prompt_ids[len(head):]), cache, "last", tap, source)
     return ran.logits, hidden + ([ran.hidden] if source is not None else [])
 
 

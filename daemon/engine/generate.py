@@ -41,7 +41,7 @@ def default_margin(lm: LoadedModel) -> float:
     return DEFAULT_MARGIN_HALF if lm.quantized else DEFAULT_MARGIN_FP32
 
 
-def _prefill(lm: LoadedModel, request: Request, prompt_cache: PromptCache | None, chunk: int):
+def _prefill(lm: LoadedModel, request: Request, prompt_cache: PromptCache | None, chunk: int, batched: bool):
     """Fills a cache with the prompt, starting from the longest prefix the prompt cache holds: a
     coroutine (daemon.engine.rows). Returns (cache, last logits [1, V], hidden states over the
     prompt or None, cached tokens). The hidden states the drafter reads are kept whenever there is
@@ -62,7 +62,7 @@ def _prefill(lm: LoadedModel, request: Request, prompt_cache: PromptCache | None
         chunks += yield from extend_rows(cache, ids[cached : request.persist_prefix], tap, source, chunk)
         start = request.persist_prefix
         prompt_cache.store(snapshot(ids[:start], cache, hidden(), source), persist=True)
-    logits, more = yield from prefill_rows(cache, ids[start:], tap, source, chunk)
+    logits, more = yield from prefill_rows(cache, ids[start:], tap, source, chunk, last_alone=not batched)
     chunks += more
     prompt_hidden = hidden()
     if prompt_cache is not None:
@@ -96,7 +96,7 @@ def sequence(
     start = time.perf_counter()
     guard = NearTieGuard(lm.model, default_margin(lm) if tie_margin is None else tie_margin)
     grammar = Grammar(lm.tokenizer, request.grammar, lm.config["vocab_size"]) if request.grammar else None
-    cache, logits, prompt_hidden, cached = yield from _prefill(lm, request, prompt_cache, chunk)
+    cache, logits, prompt_hidden, cached = yield from _prefill(lm, request, prompt_cache, chunk, batched)
     chooser = TokenChooser(request.sampling, new_key(request.sampling.seed), guard, grammar)
     dec = Decoding(lm.model, cache, chooser, logits.shape[-1], request.logprobs)
     tracker = ContentTracker(lm.tokenizer.decode(list(request.prompt_ids[-PROMPT_CONTEXT:])), request.grammar is not None)
