@@ -8,7 +8,9 @@ the same weights (its `BatchGenerator`; it batches only without a draft model).
 It starts the three servers itself on loopback (mtpd on the default model and shipped drafter,
 mlx-lm's on the same fp32 weights exported to an mlx-lm folder, under the same BLAS), then for
 each client count runs every server in turn (interleaved, so the machine's drift hits all alike).
-Each client streams `rounds` greedy requests one after another, prompts from bench/prompts.jsonl.
+Each client streams `rounds` greedy requests one after another, prompts from bench/prompts.jsonl;
+client c starts c * `stagger` seconds into the phase (arrivals spread out, as from independent
+users, rather than every prompt landing in the same instant).
 Reported per (server, clients): completion tokens/s over the phase's wall time, the median
 request's tokens/s after its first token, p50/p95 time to first token, errors and lost answers
 (no finish reason, or usage disagreeing with what arrived). Greedy answers of mtpd are compared
@@ -116,8 +118,10 @@ def one(client: openai.OpenAI, model: str, prompt: dict, max_tokens: int) -> dic
     }
 
 
-def phase(client: openai.OpenAI, model: str, prompts: list[dict], clients: int, rounds: int, max_tokens: int) -> dict:
+def phase(client: openai.OpenAI, model: str, prompts: list[dict], clients: int, rounds: int, max_tokens: int,
+          stagger: float) -> dict:
     def run_client(c: int) -> list[dict]:
+        time.sleep(c * stagger)  # clients arrive one after another, not all in the same instant
         return [one(client, model, prompts[(c * rounds + r) % len(prompts)], max_tokens) for r in range(rounds)]
 
     start = time.perf_counter()
@@ -191,6 +195,7 @@ def main() -> None:
     ap.add_argument("--clients", type=int, nargs="+", default=[1, 2, 4, 8])
     ap.add_argument("--rounds", type=int, default=2, help="requests each client sends one after another")
     ap.add_argument("--max-tokens", type=int, default=96)
+    ap.add_argument("--stagger", type=float, default=0.5, help="seconds between one client's start and the next's")
     ap.add_argument("--prompts", type=Path, default=ROOT / "bench" / "prompts.jsonl")
     ap.add_argument("--servers", nargs="+", default=list(SERVERS), choices=SERVERS)
     ap.add_argument("--before", type=Path, default=None, help="also run mtpd adaptive from this checkout")
@@ -218,7 +223,7 @@ def main() -> None:
         phases = []
         for c in args.clients:
             for name in servers:
-                result = phase(clients[name], models[name], prompts, c, args.rounds, args.max_tokens)
+                result = phase(clients[name], models[name], prompts, c, args.rounds, args.max_tokens, args.stagger)
                 phases.append({"server": name, **result})
                 print(json.dumps({k: v for k, v in phases[-1].items() if k != "answers"}), flush=True)
     finally:
@@ -227,7 +232,7 @@ def main() -> None:
         for proc in procs.values():
             proc.wait(60)
     report = {"model": "SmolLM2-135M-Instruct", "machine": machine(), "clients": args.clients, "rounds": args.rounds,
-              "max_tokens": args.max_tokens, "greedy_identical": identical(phases), "phases": phases}
+              "max_tokens": args.max_tokens, "stagger_s": args.stagger, "greedy_identical": identical(phases), "phases": phases}
     print(json.dumps(report["greedy_identical"]))
     if args.json:
         args.json.write_text(json.dumps(report, indent=1))

@@ -72,7 +72,7 @@ class Batch:
 
     def step(self) -> StepReport | None:
         """One step of every running sequence; None when none asked for a forward."""
-        for r in list(self.running):
+        for r in self.running[::-1]:  # the newest first: a first token goes out before the others draft
             self._advance(r)
         planned = [r for r in self.running if isinstance(r.asked, Planned)]
         if planned:
