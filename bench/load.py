@@ -183,6 +183,7 @@ def plot(report: dict, path: Path) -> None:
         ax.set_title(title)
         ax.set_xlabel("concurrent clients")
         ax.set_xticks(report["clients"])
+    axes[2].set_yscale("log")
     axes[0].legend(fontsize=8)
     fig.suptitle(f"{report['model']} on {report['machine']}, {report['max_tokens']} tokens per answer", fontsize=9)
     fig.tight_layout()

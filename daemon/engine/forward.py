@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -74,27 +75,38 @@ def hidden_tap(model, source: str = "post_norm") -> HiddenTap:
     return body[name]
 
 
-def extend_rows(cache, ids, tap: HiddenTap | None = None, source: str | None = None, chunk: int = PREFILL_CHUNK):
-    """Runs token ids through the target in chunks of `chunk`, filling `cache` (no logits kept).
-    A coroutine (daemon.engine.rows); returns the hidden states of each chunk when `source` is given."""
-    hidden = []
-    for start in range(0, len(ids), chunk):
-        ran = yield Forward(list(ids[start : start + chunk]), cache, "none", tap, source)
+Chunk = int | Callable[[], int]  # prefill rows per forward, or asked before every forward
+
+
+def _size(chunk: Chunk) -> int:
+    return chunk() if callable(chunk) else chunk
+
+
+def extend_rows(cache, ids, tap: HiddenTap | None = None, source: str | None = None, chunk: Chunk = PREFILL_CHUNK,
+                leave: bool = False):
+    """Runs token ids through the target in chunks, filling `cache` (no logits kept). A coroutine
+    (daemon.engine.rows); returns (the hidden states of each chunk when `source` is given, the ids
+    run). `leave`: stop while the rest fits in one chunk, for the caller's last forward."""
+    hidden, start = [], 0
+    while start < len(ids) and not (leave and len(ids) - start <= _size(chunk)):
+        n = _size(chunk)
+        ran = yield Forward(list(ids[start : start + n]), cache, "none", tap, source)
+        start += n
         if source is not None:
             hidden.append(ran.hidden)
-    return hidden
+    return hidden, start
 
 
-def prefill_rows(cache, prompt_ids, tap: HiddenTap | None = None, source: str | None = None, chunk: int = PREFILL_CHUNK,
+def prefill_rows(cache, prompt_ids, tap: HiddenTap | None = None, source: str | None = None, chunk: Chunk = PREFILL_CHUNK,
                  last_alone: bool = True):
     """Runs the prompt through the target in chunks, filling `cache`. A coroutine; returns (the last
     position's logits [1, V], the hidden states' chunks when `source` is given). `last_alone`: the
     last token goes in a forward of its own, so that, with the default chunk, the chunking depends
     only on the length (the canonical recomputation in `daemon.engine.ties` relies on it); else it
     ends the last chunk (one forward fewer: a batch's sequences save a step)."""
-    head = prompt_ids[:-1] if last_alone else prompt_ids[: (len(prompt_ids) - 1) // chunk * chunk]
-    hidden = (yield from extend_rows(cache, head, tap, source, chunk)) if len(head) else []
-    ran = yield Forward(list(prompt_ids[len(head):]), cache, "last", tap, source)
+    head = prompt_ids[:-1] if last_alone else prompt_ids
+    hidden, start = yield from extend_rows(cache, head, tap, source, chunk, leave=not last_alone)
+    ran = yield Forward(list(prompt_ids[start:]), cache, "last", tap, source)
     return ran.logits, hidden + ([ran.hidden] if source is not None else [])
 
 

@@ -19,7 +19,7 @@ from mlx_lm.models.cache import make_prompt_cache
 from daemon.drafting.lookup import NgramIndex
 from daemon.drafting.session import DraftingSession
 from daemon.engine.choose import TokenChooser
-from daemon.engine.forward import PREFILL_CHUNK, extend_rows, hidden_tap, prefill_rows
+from daemon.engine.forward import PREFILL_CHUNK, Chunk, extend_rows, hidden_tap, prefill_rows
 from daemon.engine.grammar import Grammar
 from daemon.engine.plain import Decoding, plain_steps
 from daemon.engine.prompt_cache import PromptCache, snapshot
@@ -41,7 +41,7 @@ def default_margin(lm: LoadedModel) -> float:
     return DEFAULT_MARGIN_HALF if lm.quantized else DEFAULT_MARGIN_FP32
 
 
-def _prefill(lm: LoadedModel, request: Request, prompt_cache: PromptCache | None, chunk: int, batched: bool):
+def _prefill(lm: LoadedModel, request: Request, prompt_cache: PromptCache | None, chunk: Chunk, batched: bool):
     """Fills a cache with the prompt, starting from the longest prefix the prompt cache holds: a
     coroutine (daemon.engine.rows). Returns (cache, last logits [1, V], hidden states over the
     prompt or None, cached tokens). The hidden states the drafter reads are kept whenever there is
@@ -59,7 +59,7 @@ def _prefill(lm: LoadedModel, request: Request, prompt_cache: PromptCache | None
 
     start = cached
     if prompt_cache is not None and cached < request.persist_prefix < len(ids):
-        chunks += yield from extend_rows(cache, ids[cached : request.persist_prefix], tap, source, chunk)
+        chunks += (yield from extend_rows(cache, ids[cached : request.persist_prefix], tap, source, chunk))[0]
         start = request.persist_prefix
         prompt_cache.store(snapshot(ids[:start], cache, hidden(), source), persist=True)
     logits, more = yield from prefill_rows(cache, ids[start:], tap, source, chunk, last_alone=not batched)
@@ -83,7 +83,7 @@ def sequence(
     tie_margin: float | None = None,
     verify_penalty: float = 0.0,
     prompt_cache: PromptCache | None = None,
-    chunk: int = PREFILL_CHUNK,
+    chunk: Chunk = PREFILL_CHUNK,
     batched: bool = False,
 ) -> Generator:
     """One request as a coroutine (daemon.engine.rows): it yields Forwards and Planned drafts for
@@ -91,7 +91,8 @@ def sequence(
     policy when the model has no drafter. `verify_penalty`: seconds counted for each verified
     draft, in the steps' times and the decode time, without waiting (a switch that simulates a
     machine where verification rows are dear, so speculation must lose). `prompt_cache`: reuse and
-    remember prompt prefixes. `chunk`: prefill rows per forward. `batched`: run beside others."""
+    remember prompt prefixes. `chunk`: prefill rows per forward (or a function asked before each).
+    `batched`: run beside others."""
     policy = policy or Fixed(0)
     start = time.perf_counter()
     guard = NearTieGuard(lm.model, default_margin(lm) if tie_margin is None else tie_margin)

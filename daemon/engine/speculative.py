@@ -2,7 +2,8 @@
 
 A round, for the last emitted token t (not yet in the target's cache):
 1. propose: the context lookup (daemon.drafting.lookup), else the target's phrasebook
-   (daemon.drafting.phrases), offers a continuation to copy; the policy plans k and the source;
+   (daemon.drafting.phrases), offers a continuation to copy; the policy plans k and the source,
+   and whoever runs the sequence may cut k (a batch: policies.batch);
 2. draft: copy the offer, or let the MTP drafter (daemon.drafting.session) catch up and chain k
    drafts, stopping below the plan's confidence floor; no drafts: the round is a plain step;
 3. verify: the target runs [t, d_1..d_k] as k+1 rows; greedy or sampled acceptance

@@ -190,7 +190,9 @@ class Worker:
         except Exception as e:
             job.deliver(e)
             return
-        chunk = self.limits.prefill_chunk if batch.running else PREFILL_CHUNK  # alone: as fast as it can
+        def chunk() -> int:  # beside others: short forwards, so their answers keep going; alone: fast
+            return self.limits.prefill_chunk if len(batch.running) > 1 else PREFILL_CHUNK
+
         batch.add(job, sequence(self.lm, job.request, policy, self._tie_margin, prompt_cache=self.prompt_cache,
                                 chunk=chunk, batched=True))
 
