@@ -3,6 +3,7 @@ the token, sampling in distribution), drafts are fitted to the batch's rows, and
 is answered while a long one runs."""
 
 import dataclasses
+import itertools
 import threading
 import time
 
@@ -178,3 +179,21 @@ def test_short_request_finishes_while_a_long_answer_runs(tiny_lm, monkeypatch):
     assert [name for name, _, _ in events] == ["short", "long"]
     assert events[0][1] == 12 and events[1][1] == 1000
     assert events[0][2] == 2  # the long answer was still running when the short one ended
+
+
+@pytest.mark.parametrize("last_alone", [True, False])
+@pytest.mark.parametrize("length", [1, 2, 5, 6, 7, 16])
+def test_chunked_prefill_fills_the_whole_prompt(tiny_lm, length, last_alone):
+    import mlx.core as mx
+    from mlx_lm.models.cache import make_prompt_cache
+
+    from daemon.engine.forward import prefill_rows
+    from daemon.engine.rows import drain
+
+    prompt = PROMPTS[3][:length]
+    sizes = itertools.cycle([3, 2, 4, 5])  # the chunk is asked again and again
+    cache = make_prompt_cache(tiny_lm.model)
+    logits, _ = drain(tiny_lm.model, prefill_rows(cache, prompt, chunk=lambda: next(sizes), last_alone=last_alone))
+    whole = tiny_lm.model(mx.array([prompt]), cache=make_prompt_cache(tiny_lm.model))[:, -1, :]
+    assert cache[0].offset == length
+    assert mx.allclose(logits, whole, atol=1e-4).item()

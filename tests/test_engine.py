@@ -43,7 +43,7 @@ def test_greedy_matches_uncached_reference(tiny_lm):
 def test_both_plain_loops_match_the_reference(tiny_lm, monkeypatch, metal):
     """The CPU loop (read, then build the next forward) and Metal's (queue the next forward first)
     give the same greedy tokens; the queued one runs here too, on the CPU."""
-    monkeypatch.setattr(plain, "on_metal", lambda: metal)
+    monkeypatch.setattr(plain, "on_gpu", lambda: metal)
     expected, _ = reference_greedy(tiny_lm.model, PROMPT, 24)
     deltas, _ = run(tiny_lm, Request(PROMPT, max_tokens=24))
     assert [t for d in deltas for t in d.token_ids] == expected

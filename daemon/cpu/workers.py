@@ -12,7 +12,7 @@ import os
 import queue
 from collections.abc import Callable
 
-from daemon.models.loading import on_metal
+from daemon.models.loading import on_gpu
 
 MAX_WORKERS = 8  # each holds its own copy of the target
 _ONE_THREAD = {"OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}
@@ -22,7 +22,7 @@ def count(requested: int) -> int:
     """`requested` when positive; else one per core on the CPU (at most MAX_WORKERS), one on Metal."""
     if requested > 0:
         return requested
-    return 1 if on_metal() else max(1, min(os.cpu_count() or 1, MAX_WORKERS))
+    return 1 if on_gpu() else max(1, min(os.cpu_count() or 1, MAX_WORKERS))
 
 
 def run(target: Callable, jobs: list[tuple], on_message: Callable[[object], None]) -> None:

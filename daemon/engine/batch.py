@@ -27,6 +27,8 @@ from daemon.engine.rows import Forward, Planned, Ran, run
 from policies.batch import fit_drafts
 from policies.cost import RowCosts
 
+DRAFT_ALPHA = 0.1  # the moving average of the drafting time per draft
+
 
 def run_rows(model, forwards: list[Forward]) -> list[Ran]:
     """Every Forward of a step, in one forward where the model allows it."""
@@ -58,7 +60,8 @@ class Batch:
                  rows: RowCosts | None = None, draft_seconds: float = 0.0):
         """deliver(owner, record or exception); max_rows: a step's rows at most (drafts are cut
         to fit; prefill chunks and one row per sequence always run); rows: the batch's forward
-        costs, learned from every step (None: drafts are cut only to fit max_rows)."""
+        costs, learned from every step (None: drafts are cut only to fit max_rows); draft_seconds:
+        one draft's time at first (the probe's), then learned from the batch's drafting."""
         self.model, self.deliver, self.max_rows = model, deliver, max_rows
         self.costs, self.draft_seconds = rows, draft_seconds
         self.running: list[Running] = []
@@ -76,9 +79,11 @@ class Batch:
             self._advance(r)
         planned = [r for r in self.running if isinstance(r.asked, Planned)]
         if planned:
+            started = time.perf_counter()
             for r, k in zip(planned, self._fit(planned)):
                 r.reply = k
                 self._advance(r)
+            self._observe_drafting(planned, time.perf_counter() - started)
         asking = [r for r in self.running if isinstance(r.asked, Forward)]
         if not asking:
             return None
@@ -111,6 +116,13 @@ class Batch:
         sequences = len(self.running)
         row_seconds = (lambda n: self.costs.predict(n, sequences)) if self.costs is not None else (lambda n: 1.0)
         return fit_drafts(plans, base, row_seconds, self.draft_seconds if self.costs is not None else 0.0, self.max_rows)
+
+    def _observe_drafting(self, planned: list[Running], seconds: float) -> None:
+        """The drafting time the fit prices, learned from what drafting took in this batch (a
+        moving average per draft, a drafting sequence counting one more, as the fit counts)."""
+        drafts = [r.asked.drafts for r in planned if isinstance(r.asked, Forward) and r.asked.drafts]
+        if drafts and len(self.running) > 1:
+            self.draft_seconds += DRAFT_ALPHA * (seconds / (sum(drafts) + len(drafts)) - self.draft_seconds)
 
     def _advance(self, r: Running) -> None:
         """Runs a sequence until it asks for something; delivers its records on the way."""

@@ -18,7 +18,7 @@ from daemon.cpu.blas import blas_in_use
 from daemon.engine.batch import run_rows
 from daemon.engine.forward import source_parts
 from daemon.engine.rows import Forward
-from daemon.models.loading import LoadedModel, on_metal
+from daemon.models.loading import LoadedModel, backend
 from daemon.models.mtp import offer_arrays
 from policies.adaptive import K_MAX, SharedEstimates
 from policies.cost import RowCosts, StepCosts
@@ -31,8 +31,7 @@ COST_FORMS = 3  # bump when forward passes change speed (2: column-major weights
 
 
 def machine() -> str:
-    backend = "Metal" if on_metal() else "CPU"
-    return f"{platform.system()} {platform.machine()}, {os.cpu_count()} cores, {backend}, {blas_in_use()}"
+    return f"{platform.system()} {platform.machine()}, {os.cpu_count()} cores, {backend()}, {blas_in_use()}"
 
 
 def estimates_path(lm: LoadedModel, root: Path, verify_penalty: float = 0.0) -> Path:

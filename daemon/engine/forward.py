@@ -88,10 +88,12 @@ def extend_rows(cache, ids, tap: HiddenTap | None = None, source: str | None = N
     (daemon.engine.rows); returns (the hidden states of each chunk when `source` is given, the ids
     run). `leave`: stop while the rest fits in one chunk, for the caller's last forward."""
     hidden, start = [], 0
-    while start < len(ids) and not (leave and len(ids) - start <= _size(chunk)):
+    while start < len(ids):
         n = _size(chunk)
+        if leave and len(ids) - start <= n:
+            break
         ran = yield Forward(list(ids[start : start + n]), cache, "none", tap, source)
-        start += n
+        start = min(start + n, len(ids))
         if source is not None:
             hidden.append(ran.hidden)
     return hidden, start

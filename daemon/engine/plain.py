@@ -1,11 +1,11 @@
 """Plain decoding: one target forward and one token per step.
 
-Greedy tokens go through the near-tie guard, so they equal speculative decoding's. On Metal the
+Greedy tokens go through the near-tie guard, so they equal speculative decoding's. On a GPU (Metal, CUDA) the
 next forward is queued before the current token is read (one host sync per token, overlapped with
 GPU compute), as in mlx-lm's generate_step; on a CPU a queued forward only competes with the
 current one for the cores, so there each token is read, checked and yielded before the next
 forward is built. Its steps are a coroutine (daemon.engine.rows): each forward is asked of whoever
-runs the sequence, alone or in a batch (queued forwards only alone, on Metal).
+runs the sequence, alone or in a batch (queued forwards only alone, on a GPU).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from daemon.engine.choose import TokenChooser
 from daemon.engine.records import Step
 from daemon.engine.rows import Forward
 from daemon.engine.sampling import token_logprobs
-from daemon.models.loading import on_metal
+from daemon.models.loading import on_gpu
 
 
 @dataclass
@@ -44,9 +44,9 @@ def plain_step(dec: Decoding, token: int, history: list[int], tap=None, source: 
 
 def plain_steps(dec: Decoding, prompt_ids, logits: mx.array, batched: bool = False) -> Generator:
     """logits [1, V]: the prompt's last position. `batched`: the sequence runs beside others (on
-    Metal, by itself, its forwards are queued)."""
+    a GPU, by itself, its forwards are queued)."""
     chooser = dec.chooser  # queued steps may redo a step, and draw without a grammar or penalties
-    queued = not batched and on_metal() and can_trim_prompt_cache(dec.cache)
+    queued = not batched and on_gpu() and can_trim_prompt_cache(dec.cache)
     queued = queued and chooser.grammar is None and not chooser.processors
     steps = _queued_steps if queued else _eager_steps
     return steps(dec, list(prompt_ids), logits)

@@ -44,8 +44,17 @@ def describe(lm: LoadedModel) -> dict:
     }
 
 
-def on_metal() -> bool:
-    return mx.metal.is_available()
+def backend() -> str:
+    """Where MLX runs: "Metal" (Apple silicon), "CUDA" (`mlx[cuda]` on an NVIDIA GPU) or "CPU"."""
+    if mx.metal.is_available():
+        return "Metal"
+    cuda = getattr(mx, "cuda", None)
+    return "CUDA" if cuda is not None and cuda.is_available() else "CPU"
+
+
+def on_gpu() -> bool:
+    """On a GPU weights stay quantized and forwards are queued; a CPU gets the fp32 fast paths."""
+    return backend() != "CPU"
 
 
 def default_model_path() -> Path:
@@ -147,7 +156,7 @@ def load(spec: str | None = None, drafter: str | None = None, drafter_bits: int 
     from daemon.models import drafter_io
     from daemon.models.target import target_head_layer
 
-    quantized = on_metal()
+    quantized = on_gpu()
     lm, mtp_weights = _load_target(spec, quantized)
     if not stock:
         _tune(lm.model, lm.model.layers, quantized, head=target_head_layer(lm.model))

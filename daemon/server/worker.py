@@ -25,7 +25,7 @@ from daemon.engine.forward import PREFILL_CHUNK
 from daemon.engine.generate import sequence
 from daemon.engine.prompt_cache import PromptCache
 from daemon.engine.records import Finished, Request
-from daemon.models.loading import LoadedModel, on_metal
+from daemon.models.loading import LoadedModel, backend
 from daemon.server.metrics import Metrics
 from policies.registry import make_policy
 
@@ -220,7 +220,7 @@ class Worker:
             return
         m = self.metrics
         if done is None:
-            m.describe_model(self.lm, "Metal" if on_metal() else "CPU")
+            m.describe_model(self.lm, backend())
         else:
             m.observe_request(done)
             expected = done.stats.expected_speedups
