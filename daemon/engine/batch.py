@@ -73,8 +73,9 @@ class Batch:
         self.running.remove(running)
         running.steps.close()
 
-    def step(self) -> StepReport | None:
-        """One step of every running sequence; None when none asked for a forward."""
+    def step(self, arrivals: Callable[[], None] | None = None) -> StepReport | None:
+        """One step of every running sequence; None when none asked for a forward. `arrivals()`
+        runs just before the forward and may `add` sequences: their first prefill chunk joins it."""
         for r in self.running[::-1]:  # the newest first: a first token goes out before the others draft
             self._advance(r)
         planned = [r for r in self.running if isinstance(r.asked, Planned)]
@@ -84,6 +85,11 @@ class Batch:
                 r.reply = k
                 self._advance(r)
             self._observe_drafting(planned, time.perf_counter() - started)
+        if arrivals is not None:
+            before = len(self.running)
+            arrivals()
+            for r in self.running[before:]:
+                self._advance(r)
         asking = [r for r in self.running if isinstance(r.asked, Forward)]
         if not asking:
             return None

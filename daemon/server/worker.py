@@ -104,6 +104,7 @@ class Worker:
         self._ready = threading.Event()
         self._failed: BaseException | None = None
         self.running = 0  # requests in the batch
+        self._stopping = False  # stop() was called: finish what is running and queued
         self.jobs_done = 0
         self.lm: LoadedModel | None = None
         self.served: ServedModel | None = None  # once started
@@ -158,24 +159,27 @@ class Worker:
         rows = self.shared.rows if self.shared is not None else None
         draft_seconds = self.shared.costs.t_draft if self.shared is not None else 0.0
         batch = Batch(self.lm.model, self._deliver, self.limits.max_rows, rows, draft_seconds)
-        stopping = False
-        while batch.running or not stopping:
-            while not stopping and len(batch.running) < self.limits.max_running:
-                try:  # wait for work only when there is none
-                    job = self._queue.get(block=not batch.running)
-                except queue.Empty:
-                    break
-                if job is None:
-                    stopping = True
-                else:
-                    self._admit(batch, job)
+        while batch.running or not self._stopping:
+            self._arrivals(batch, wait=True)
             for r in list(batch.running):
                 self._check(batch, r)
             self.running = len(batch.running)
-            step = batch.step() if batch.running else None
+            step = batch.step(lambda: self._arrivals(batch)) if batch.running else None  # late ones join its forward
             self.running = len(batch.running)
             if self.metrics is not None:
                 self.metrics.observe_step(step, self.running)
+
+    def _arrivals(self, batch: Batch, wait: bool = False) -> None:
+        """Admits queued jobs while the batch has room; `wait`: block for one when it is empty."""
+        while not self._stopping and len(batch.running) < self.limits.max_running:
+            try:
+                job = self._queue.get(block=wait and not batch.running)
+            except queue.Empty:
+                return
+            if job is None:
+                self._stopping = True
+            else:
+                self._admit(batch, job)
 
     def _admit(self, batch: Batch, job: Job) -> None:
         if job.cancelled.is_set():
