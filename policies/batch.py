@@ -7,7 +7,8 @@ every sequence, so a draft is worth its row only if what it is expected to bring
 that it and every draft before it are accepted) beats what the row adds to everyone's step. The
 batch's rate is (sequences + sum of expected accepted drafts) / (T(rows) + drafting time); drafts
 are dropped one at a time, last positions first and the least likely of those first, while that
-rate rises, and always while the rows exceed the limit. So speculation fades as the batch grows
+rate rises, and always while the rows exceed the limit; what is left must beat no drafts by a
+margin. So speculation fades as the batch grows
 compute-bound and comes back as it shrinks; alone, T's slope is what the policy already priced.
 """
 
@@ -18,6 +19,10 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 UNKNOWN = 1.0  # a plan without estimates (fixed:K) is cut last, and only for the row limit
+# the drafts that are left must beat no drafts by this much, or all go: a speculative round costs
+# each sequence more than its rows and drafts (acceptance, rewinds, host syncs), and without a
+# margin `adaptive` lost ~5% to `off` at 4 and 8 clients (bench/load.py)
+BATCH_MARGIN = 0.10
 
 
 def gains(rates: Sequence[float], k: int) -> list[float]:
@@ -50,4 +55,6 @@ def fit_drafts(plans: Sequence[tuple[int, Sequence[float]]], base_rows: int, row
             break
         ks = fewer
         tokens -= gain
+    if all(known) and any(ks) and rate(tokens, ks) < rate(len(plans), [0] * len(ks)) * (1 + BATCH_MARGIN):
+        return [0] * len(ks)
     return ks

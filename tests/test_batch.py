@@ -40,6 +40,12 @@ def test_fit_drops_the_least_likely_drafts_first_when_rows_are_dear():
     assert fit_drafts(plans, 3, lambda rows: 0.01 * rows, 0.0, 64) == [0, 0, 0]
 
 
+def test_fit_drops_drafts_that_do_not_beat_plain_by_the_margin():
+    # free rows, but two drafts of 5% bring 5% more tokens: under the margin, so none are kept
+    assert fit_drafts([(1, (0.05,)), (1, (0.05,))], 2, lambda rows: 0.1, 0.0, 64) == [0, 0]
+    assert fit_drafts([(1, (0.5,)), (1, (0.5,))], 2, lambda rows: 0.1, 0.0, 64) == [1, 1]
+
+
 def test_fit_cuts_to_the_row_limit_estimated_drafts_before_fixed_ones():
     plans = [(4, ()), (4, (0.9, 0.9, 0.9, 0.9)), (4, (0.5, 0.5, 0.5, 0.5))]
     ks = fit_drafts(plans, 3, lambda rows: 0.1, 0.0, 9)
