@@ -82,10 +82,7 @@ class FastBlock(llama.TransformerBlock):
             return heads(attn.q_proj(h), attn.k_proj(h), attn.v_proj(h), offset)
 
         def post(x, out):
-            return after_attention(x, merged(out))
-
-        def after_attention(x, o):
-            h = x + attn.o_proj(o)
+            h = x + attn.o_proj(merged(out))
             return h + self.mlp(self.post_attention_layernorm(h))
 
         def pre_few(x, offset, w_qkv):
@@ -93,10 +90,7 @@ class FastBlock(llama.TransformerBlock):
             return heads(q, k, v, offset)
 
         def post_few(x, out, w_o, w_gate_up, w_down):
-            return after_attention_few(x, merged(out), w_o, w_gate_up, w_down)
-
-        def after_attention_few(x, o, w_o, w_gate_up, w_down):
-            h = x + o @ w_o.T
+            h = x + merged(out) @ w_o.T
             gate, up = mx.split(self.post_attention_layernorm(h) @ w_gate_up.T, 2, axis=-1)
             return h + swiglu(gate, up) @ w_down.T
 

@@ -30,11 +30,11 @@ from policies.cost import RowCosts
 DRAFT_ALPHA = 0.1  # the moving average of the drafting time per draft
 
 
-def run_rows(model, forwards: list[Forward]) -> list[Ran]:
-    """Every Forward of a step, in one forward where the model allows it."""
+def run_rows(model, forwards: list[Forward], ragged: bool) -> list[Ran]:
+    """Every Forward of a step, in one forward where the model allows it (`ragged`: `batchable`)."""
     if len(forwards) == 1:
         return [run(model, forwards[0])]
-    if batchable(model, forwards):
+    if ragged:
         return run_ragged(model, forwards)
     return [run(model, f, alone=False) for f in forwards]
 
@@ -63,6 +63,7 @@ class Batch:
         costs, learned from every step (None: drafts are cut only to fit max_rows); draft_seconds:
         one draft's time at first (the probe's), then learned from the batch's drafting."""
         self.model, self.deliver, self.max_rows = model, deliver, max_rows
+        self.ragged = batchable(model)
         self.costs, self.draft_seconds = rows, draft_seconds
         self.running: list[Running] = []
 
@@ -96,7 +97,7 @@ class Batch:
         forwards = [r.asked for r in asking]
         started = time.perf_counter()
         try:
-            rans = run_rows(self.model, forwards)
+            rans = run_rows(self.model, forwards, self.ragged)
         except Exception as e:  # every sequence in the forward is lost with it
             for r in asking:
                 self.deliver(r.owner, e)

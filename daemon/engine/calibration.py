@@ -17,6 +17,7 @@ from mlx_lm.models.cache import make_prompt_cache, trim_prompt_cache
 from daemon.cpu.blas import blas_in_use
 from daemon.engine.batch import run_rows
 from daemon.engine.forward import source_parts
+from daemon.engine.ragged import batchable
 from daemon.engine.rows import Forward
 from daemon.models.loading import LoadedModel, backend
 from daemon.models.mtp import offer_arrays
@@ -88,14 +89,14 @@ def shared_estimates(lm: LoadedModel, root: Path | None, verify_penalty: float =
         return None
     path = estimates_path(lm, root, verify_penalty) if root is not None else None
     shared = SharedEstimates.load(path) if path is not None else None
+    probed = shared is None or shared.rows is None
     if shared is None:
         shared = SharedEstimates(probe_costs(lm, verify_penalty=verify_penalty), path=path)
-        structlog.get_logger().info("calibration probed", file=str(path))
-    else:
-        structlog.get_logger().info("calibration loaded", file=str(path))
     if shared.rows is None:
         shared.rows = probe_rows(lm, shared.costs)
-    shared.save()
+    if probed:
+        shared.save()
+    structlog.get_logger().info("calibration probed" if probed else "calibration loaded", file=str(path))
     return shared
 
 
@@ -103,14 +104,14 @@ def probe_rows(lm: LoadedModel, costs: StepCosts) -> RowCosts:
     """A batch's forward time: the single-sequence probe's 1 .. k_max + 1 rows, then ROW_PROBES more
     rows in one sequence, and BATCH_PROBE sequences of one row each against one sequence of as many
     rows (what each sequence adds), all run as a batch runs them (daemon.engine.batch.run_rows)."""
-    model = lm.model
+    model, ragged = lm.model, batchable(lm.model)
     caches = [make_prompt_cache(model) for _ in range(BATCH_PROBE)]
     for c in caches:
         mx.eval(model(mx.array([[(i * 37) % 1000 + 10 for i in range(PROBE_CONTEXT)]]), cache=c))
 
     def forward(rows: list[int]):
         forwards = [Forward([11] * n, c) for n, c in zip(rows, caches)]
-        mx.eval([r.logits for r in run_rows(model, forwards)])
+        mx.eval([r.logits for r in run_rows(model, forwards, ragged)])
         for f in forwards:
             trim_prompt_cache(f.cache, len(f.tokens))
 

@@ -18,19 +18,20 @@ their sequences' forwards one after another in the same step (`batchable`).
 from __future__ import annotations
 
 import mlx.core as mx
-from mlx_lm.models.cache import KVCache
+from mlx_lm.models.cache import KVCache, make_prompt_cache
 
 from daemon.cpu.fast_block import FastBlock
 from daemon.engine.rows import Forward, Ran
 from daemon.models.target import language_model, target_head, trunk
 
 
-def batchable(model, forwards: list[Forward]) -> bool:
+def batchable(model) -> bool:
+    """Whether the model's sequences can share a forward: Llama blocks on plain KV caches."""
     body = trunk(model)
     return (
         language_model(model) is model and "embed_tokens" in body
         and all(isinstance(layer, FastBlock) for layer in body.layers)
-        and all(type(c) is KVCache for f in forwards for c in f.cache)
+        and all(type(c) is KVCache for c in make_prompt_cache(model))
     )
 
 

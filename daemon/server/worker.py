@@ -217,7 +217,7 @@ class Worker:
             if self.shared is not None and self.jobs_done % SAVE_EVERY == 0:
                 self.shared.save()
         elif isinstance(record, Exception):
-            log.error("generation failed", error=repr(record))
+            log.error("generation failed", exc_info=record)  # the traceback goes to the log only
 
     def _measure(self, done: Finished | None = None) -> None:
         if self.metrics is None:
