@@ -116,7 +116,7 @@ class Batch:
 
     def _fit(self, planned: list[Running]) -> list[int]:
         asks = [r.asked for r in planned]
-        plans = [(min(a.plan.k, a.room), a.plan.rates) for a in asks]
+        plans = [(a.plan.k, a.plan.rates) for a in asks]
         if len(self.running) == 1:  # alone, its policy has priced its rows already
             return [k for k, _ in plans]
         base = len(planned) + sum(len(r.asked.tokens) for r in self.running if isinstance(r.asked, Forward))

@@ -37,8 +37,7 @@ class Ran:
 
 @dataclass
 class Planned:
-    plan: Plan
-    room: int  # drafts the answer has room for
+    plan: Plan  # its k already within the answer's room
 
 
 def run(model, forward: Forward, alone: bool = True) -> Ran:
@@ -74,7 +73,7 @@ def alone(model, steps: Generator) -> Iterator:
             if isinstance(item, Forward):
                 reply = run(model, item)
             elif isinstance(item, Planned):
-                reply = min(item.plan.k, item.room)
+                reply = item.plan.k
             else:
                 reply = None
                 yield item

@@ -45,14 +45,14 @@ def propose(index: NgramIndex, phrases: Phrasebook | None, limit: int) -> Propos
     return offer
 
 
-def draft(session: DraftingSession, plan: Plan, offer: Proposal, room: int, dec: Decoding) -> Drafts:
-    """At most `room` drafts from the planned source. A grammar has moved on by them: a copy is cut
+def draft(session: DraftingSession, plan: Plan, offer: Proposal, dec: Decoding) -> Drafts:
+    """The plan's k drafts (at most) from the planned source. A grammar has moved on by them: a copy is cut
     at its first token the grammar forbids (a copy is deterministic, so the cut keeps the
     distribution), the drafter is masked by it."""
     grammar = dec.chooser.grammar
     if not plan.lookup:
-        return session.draft(min(plan.k, room), dec.chooser.sampling, dec.chooser.split, plan.min_confidence, grammar)
-    tokens = list(offer.tokens[: min(plan.k, room)])
+        return session.draft(plan.k, dec.chooser.sampling, dec.chooser.split, plan.min_confidence, grammar)
+    tokens = list(offer.tokens[: plan.k])
     allowed = []
     if grammar is not None:
         tokens = tokens[: grammar.valid_prefix(tokens)]
@@ -106,9 +106,10 @@ def speculative_steps(
         room = max_tokens - emitted - 1
         offer = propose(index, phrases, min(room, LOOKUP_MAX))
         plan = policy.plan(offer, content_class())
-        if plan.k > 0 and room > 0:  # whoever runs the sequence may cut the draft (a batch's rows)
-            plan = replace(plan, k=(yield Planned(plan, room)))
-        drafts = draft(session, plan, offer, room, dec) if plan.k > 0 else Drafts()
+        plan = replace(plan, k=min(plan.k, room))  # no more drafts than the answer has room for
+        if plan.k > 0:  # whoever runs the sequence may cut the draft (a batch's rows)
+            plan = replace(plan, k=(yield Planned(plan)))
+        drafts = draft(session, plan, offer, dec) if plan.k > 0 else Drafts()
         k = len(drafts.tokens)
         if k == 0:
             t, ran = yield from plain_step(dec, t, index.tokens, tap, source)
