@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import sys
 from pathlib import Path
 
+from daemon.cluster.faults import RankLost
 from daemon.cpu.blas import reexec_with_blas
 
 
@@ -26,6 +29,19 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--drafter-bits", type=int, choices=[8, 4, 3], default=None, help="quantize the drafter")
     p.add_argument("--tie-margin", type=float, default=None, help="near-tie guard margin (logits)")
     p.add_argument("--config", type=Path, default=None, help="TOML file (default: ~/.config/mtpd/config.toml)")
+    p.add_argument("--hosts", default=None, help="one rank per host, this one first: H1,H2,... (MLX distributed, ring)")
+    p.add_argument("--hostfile", type=Path, default=None, help="the hosts as an mlx.launch hostfile (JSON)")
+    p.add_argument("--split", choices=["pipeline", "tensor"], default=None,
+                   help="share the model out by layers (pipeline, default) or by heads (tensor)")
+
+
+def _rank_parser(sub) -> None:
+    r = sub.add_parser("rank")  # started by rank 0 of a cluster (daemon.cluster.launch), not by hand
+    r.add_argument("--rank", type=int, required=True)
+    r.add_argument("--split", required=True)
+    r.add_argument("--ring", required=True, help="the ring backend's addresses (JSON)")
+    r.add_argument("--model", default=None)
+    r.add_argument("--drafter", default=None)
 
 
 def _generate_parser(sub) -> None:
@@ -118,7 +134,8 @@ def _checkpoint_parsers(sub) -> None:
 def parser() -> argparse.ArgumentParser:
     root = argparse.ArgumentParser(prog="mtpd", description=__doc__)
     sub = root.add_subparsers(dest="command", required=True)
-    for add in (_generate_parser, _bench_parser, _serve_parser, _service_parsers, _train_parser, _checkpoint_parsers):
+    for add in (_generate_parser, _bench_parser, _serve_parser, _service_parsers, _train_parser, _checkpoint_parsers,
+                _rank_parser):
         add(sub)
     return root
 
@@ -129,7 +146,7 @@ def _sampling(args):
     return SamplingParams(args.temperature, args.top_p, args.top_k, args.seed)
 
 
-MODEL_FLAGS = ("model", "drafter", "drafter_bits", "tie_margin")
+MODEL_FLAGS = ("model", "drafter", "drafter_bits", "tie_margin", "hosts", "hostfile", "split")
 
 
 def _settings(args, *flags: str):
@@ -139,25 +156,49 @@ def _settings(args, *flags: str):
     return load_settings(args.config, {name: getattr(args, name) for name in MODEL_FLAGS + flags})[0]
 
 
-def _load(settings, **overrides):
+def _load(settings, cluster=None, **overrides):
     import structlog
 
     from daemon.models.loading import describe, load
 
     lm = load(settings.model, drafter=settings.drafter, drafter_bits=settings.drafter_bits, **overrides)
     structlog.get_logger().info("model loaded", **describe(lm))
+    if cluster is not None:
+        cluster.join(lm)
     return lm
 
 
+@contextlib.contextmanager
+def _cluster(settings):
+    """The cluster the settings ask for, its ranks started (None: one process); closed at the end."""
+    from daemon.cluster.launch import Cluster
+
+    cluster = Cluster.of(settings)
+    try:
+        yield cluster
+    except RuntimeError as e:  # a rank gone mid-answer surfaces in MLX's collectives
+        lost = cluster.fault(e) if cluster is not None else None
+        if lost is None:
+            raise
+        raise lost from e
+    finally:
+        if cluster is not None:
+            cluster.close()
+
+
 def cmd_generate(args) -> None:
+    settings = _settings(args)
+    with _cluster(settings) as cluster:
+        _generate(args, settings, _load(settings, cluster))
+
+
+def _generate(args, settings, lm) -> None:
     from daemon.engine.calibration import shared_estimates
     from daemon.engine.generate import generate
     from daemon.engine.records import Finished, Request
     from daemon.models.prompts import encode_chat, encode_text
     from policies.registry import ADAPTIVE, make_policy
 
-    settings = _settings(args)
-    lm = _load(settings)
     spec = args.spec or settings.speculation
     spec = spec if lm.drafter is not None or spec not in ADAPTIVE else "off"
     shared = shared_estimates(lm, root=settings.cache_dir) if spec in ADAPTIVE else None
@@ -187,7 +228,7 @@ def _summary_line(done) -> str:
 
 
 def cmd_bench(args) -> None:
-    from daemon.bench.run import read_prompts, run_bench
+    from daemon.bench.run import read_prompts
 
     if args.plot:
         from daemon.bench.plot import pyplot
@@ -195,7 +236,15 @@ def cmd_bench(args) -> None:
         pyplot()  # a missing extra fails now, not after the run
     settings = _settings(args)
     prompts = read_prompts(args.prompts)
-    lm = _load(settings)
+    if args.baseline and (settings.hosts or settings.hostfile):
+        raise ValueError("--baseline runs in this process alone: leave out --hosts / --hostfile")
+    with _cluster(settings) as cluster:
+        _bench(args, settings, prompts, _load(settings, cluster))
+
+
+def _bench(args, settings, prompts, lm) -> None:
+    from daemon.bench.run import run_bench
+
     specs = list(dict.fromkeys(args.spec + ([args.baseline] if args.baseline else [])))
     report = run_bench(
         lm,
@@ -258,9 +307,16 @@ def cmd_train_drafter(args) -> None:
     print(json.dumps(record["held_out_first_position_acceptance"]))
 
 
+def cmd_rank(args) -> None:
+    from daemon.cluster.launch import follow
+
+    follow(args.rank, args.split, json.loads(args.ring), args.model, args.drafter)
+
+
 def cmd_serve(args) -> None:
     import asyncio
 
+    from daemon.cluster.launch import Cluster
     from daemon.server.app import init_app, serve
     from daemon.server.metrics import Metrics
     from daemon.server.worker import Limits, Worker, load_for_serving
@@ -269,8 +325,16 @@ def cmd_serve(args) -> None:
     settings = _settings(args, "host", "port", "speculation", "log_level")
     logs.configure(settings.log_level)
     metrics = Metrics()
-    worker = Worker(lambda: load_for_serving(settings), settings.max_queue, metrics, Limits.of(settings))
-    asyncio.run(serve(init_app(settings, worker, metrics)))
+    cluster = Cluster.of(settings)
+    worker = Worker(lambda: load_for_serving(settings, cluster), settings.max_queue, metrics, Limits.of(settings))
+    try:
+        lost = asyncio.run(serve(init_app(settings, worker, metrics)))
+    finally:
+        if cluster is not None:
+            cluster.close()
+    if lost is not None:
+        print(f"mtpd: error: {lost}", file=sys.stderr, flush=True)
+        os._exit(1)  # not a clean exit: MLX's threads may still wait on the lost rank
 
 
 def cmd_service(args) -> None:
@@ -352,6 +416,7 @@ COMMANDS = {
     "train-drafter": cmd_train_drafter,
     "inspect": cmd_inspect,
     "drafter": cmd_drafter,
+    "rank": cmd_rank,
 }
 
 
@@ -368,5 +433,8 @@ def main(argv: list[str] | None = None) -> None:
     except (ValueError, FileNotFoundError) as e:
         print(f"mtpd: error: {e}", file=sys.stderr)
         sys.exit(2)
+    except RankLost as e:
+        print(f"mtpd: error: {e}", file=sys.stderr)
+        sys.exit(1)
     except KeyboardInterrupt:
         sys.exit(130)

@@ -54,6 +54,10 @@ class Settings(BaseSettings):
     cache_dir: Path = Field(default_factory=default_cache_dir, description="calibration and prompt cache files")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level")
     log_prompts: bool = Field(False, description="log prompt and answer text (off: only counts)")
+    hosts: str | None = Field(None, description="run one rank per host, comma-separated, this one first (MLX distributed)")
+    hostfile: Path | None = Field(None, description="the hosts as an mlx.launch hostfile (JSON) instead of --hosts")
+    split: Literal["pipeline", "tensor"] = Field("pipeline", description="how the model is shared out over the hosts")
+    cluster_port: int = Field(32323, ge=1, le=65535, description="first TCP port of the ring backend on other hosts")
     shutdown_timeout_s: float = Field(30.0, ge=0, description="SIGTERM: time in-flight requests get to finish")
 
     @field_validator("speculation")

@@ -35,6 +35,7 @@ class FakeWorker:
         self.answer = answer or echo
         self.jobs = []
         self.waiting, self.running, self.busy, self.started, self.stopped = 0, 0, False, False, False
+        self.lost = None
 
     def start(self):
         self.started = True

@@ -36,6 +36,7 @@ _CANDIDATES = {
 }
 _NAMES = {"mkl": "Intel MKL", "openblas": "OpenBLAS"}
 _MARK = "MTPD_BLAS_REEXEC"
+THREAD_VARS = ("OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "OMP_NUM_THREADS")  # read when the BLAS loads
 
 
 def choice() -> str:
@@ -107,3 +108,17 @@ def blas_in_use() -> str:
         if path in known and path in mapped:
             return f"{known[path]} ({path})"
     return "MLX bundled reference BLAS (slow: install mtpd's Linux dependencies, see install.sh)"
+
+
+def set_threads(n: int) -> bool:
+    """Caps the preloaded BLAS at `n` threads from now on (several ranks sharing a machine's
+    cores: busy-waiting BLAS threads would take each other's). False where none can be told."""
+    import ctypes
+
+    symbols = ctypes.CDLL(None)  # the preloaded library's functions are global
+    for name in ("openblas_set_num_threads", "MKL_Set_Num_Threads"):
+        setter = getattr(symbols, name, None)
+        if setter is not None:
+            setter(ctypes.c_int(n))
+            return True
+    return False

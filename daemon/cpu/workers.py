@@ -12,10 +12,11 @@ import os
 import queue
 from collections.abc import Callable
 
+from daemon.cpu.blas import THREAD_VARS
 from daemon.models.loading import on_gpu
 
 MAX_WORKERS = 8  # each holds its own copy of the target
-_ONE_THREAD = {"OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}
+_ONE_THREAD = dict.fromkeys(THREAD_VARS, "1")
 
 
 def count(requested: int) -> int:

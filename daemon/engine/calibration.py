@@ -36,7 +36,7 @@ def machine() -> str:
 
 
 def estimates_path(lm: LoadedModel, root: Path, verify_penalty: float = 0.0) -> Path:
-    key = f"{lm.path}|{lm.drafter_name}|{machine()}|{verify_penalty}|{COST_FORMS}"
+    key = f"{lm.path}|{lm.drafter_name}|{machine()}|{verify_penalty}|{COST_FORMS}" + (f"|{lm.placement}" if lm.placement else "")
     return root / "calibration" / (hashlib.sha1(key.encode()).hexdigest()[:16] + ".json")
 
 

@@ -31,6 +31,7 @@ class LoadedModel:
     drafter: nn.Module | None = None  # daemon.models.mtp.MTPDrafter
     drafter_name: str | None = None
     phrases: object | None = None  # daemon.drafting.phrases.Phrasebook shipped with the drafter, if any
+    placement: str | None = None  # over several machines: how (daemon.cluster); None: this process alone
 
 
 def describe(lm: LoadedModel) -> dict:
@@ -41,6 +42,7 @@ def describe(lm: LoadedModel) -> dict:
     return {
         "model": lm.name, "path": lm.path, "quantized": lm.quantized, "drafter": lm.drafter_name,
         "phrases": len(lm.phrases or ()), "blas": blas_in_use(), "row_major_blocks": copies(lm.model.layers),
+        **({"placement": lm.placement} if lm.placement else {}),
     }
 
 

@@ -16,6 +16,7 @@ import time
 import structlog
 from aiohttp import web
 
+from daemon.cluster.faults import RankLost
 from daemon.server.anthropic_shapes import error_body
 from daemon.server.handlers import setup_routes
 from daemon.server.keys import METRICS, SETTINGS, TOTALS, WORKER, Totals
@@ -117,9 +118,9 @@ def init_app(settings: Settings, worker: Worker, metrics: Metrics) -> web.Applic
     return app
 
 
-async def serve(app: web.Application) -> None:
-    """Serves until SIGTERM / SIGINT, then stops accepting, lets in-flight requests finish within
-    the shutdown timeout and returns."""
+async def serve(app: web.Application) -> RankLost | None:
+    """Serves until SIGTERM / SIGINT, or until a rank of the cluster is lost, then stops accepting,
+    lets in-flight requests finish within the shutdown timeout and returns the loss, if any."""
     settings = app[SETTINGS]
     runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=settings.shutdown_timeout_s, access_log=None)
     await runner.setup()
@@ -131,7 +132,11 @@ async def serve(app: web.Application) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    app[WORKER].on_lost = lambda lost: loop.call_soon_threadsafe(stop.set)
+    if app[WORKER].lost is not None:  # lost while the port opened
+        stop.set()
     await stop.wait()
     log.info("stopping: no new requests; waiting for in-flight ones", timeout_s=settings.shutdown_timeout_s)
     await runner.cleanup()
     log.info("stopped")
+    return app[WORKER].lost

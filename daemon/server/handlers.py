@@ -120,7 +120,9 @@ async def get_model(http: web.Request) -> web.Response:
 async def health(http: web.Request) -> web.Response:
     worker, totals = http.app[WORKER], http.app[TOTALS]
     return web.json_response({
-        "status": "ok",
+        "status": "ok" if worker.lost is None else "rank lost",
+        **({"error": str(worker.lost)} if worker.lost is not None else {}),
+        **({"placement": worker.served.placement} if worker.served.placement else {}),
         "model": worker.served.name,
         "drafter": worker.served.drafter,
         "speculation": default_speculation(worker.served, http.app[SETTINGS]),
@@ -132,7 +134,7 @@ async def health(http: web.Request) -> web.Response:
         "running": worker.running,
         "waiting": worker.waiting,
         "busy": worker.busy,
-    })
+    }, status=200 if worker.lost is None else 503)
 
 
 async def metrics(http: web.Request) -> web.Response:

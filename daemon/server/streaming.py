@@ -10,6 +10,7 @@ import time
 import structlog
 from aiohttp import web
 
+from daemon.cluster.faults import RankLost
 from daemon.engine.records import Delta, Finished
 from daemon.server.openai_shapes import (
     ApiError,
@@ -45,7 +46,13 @@ def submit(worker: Worker, prepared: Prepared, timeout_s: float) -> tuple[Job, a
     except QueueFull:
         raise ApiError(503, "the server is busy: too many requests are waiting; retry shortly",
                        code="queue_full", headers={"Retry-After": "1"}) from None
+    except RankLost as e:
+        raise rank_lost(e) from None
     return job, out
+
+
+def rank_lost(e: RankLost) -> ApiError:
+    return ApiError(503, str(e), code="rank_lost", headers={"Retry-After": "10"})
 
 
 def _closing(http: web.Request) -> bool:
@@ -71,6 +78,8 @@ async def records(http: web.Request, job: Job, out: asyncio.Queue, heartbeat: fl
         quiet_since = time.monotonic()
         if isinstance(record, DeadlineExceeded):
             raise ApiError(504, str(record), code="timeout")
+        if isinstance(record, RankLost):
+            raise rank_lost(record)
         if isinstance(record, Exception):
             raise record
         yield record

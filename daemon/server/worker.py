@@ -20,6 +20,7 @@ from pathlib import Path
 import mlx.core as mx
 import structlog
 
+from daemon.cluster.faults import RankLost
 from daemon.engine.batch import Batch
 from daemon.engine.forward import PREFILL_CHUNK
 from daemon.engine.generate import sequence
@@ -73,11 +74,13 @@ class ServedModel:
     vocab_size: int
     context_length: int
     drafter: str | None  # the drafter's name; None: it has none
+    placement: str | None = None  # over several machines: how (daemon.cluster)
 
     @classmethod
     def of(cls, lm: LoadedModel) -> ServedModel:
         context = int(lm.config.get("max_position_embeddings", 4096))
-        return cls(lm.name, lm.tokenizer, lm.config["vocab_size"], context, lm.drafter_name if lm.drafter else None)
+        return cls(lm.name, lm.tokenizer, lm.config["vocab_size"], context, lm.drafter_name if lm.drafter else None,
+                   lm.placement)
 
 
 @dataclass
@@ -88,6 +91,7 @@ class Loaded:
     shared: object | None  # the adaptive policy's SharedEstimates (None without a drafter)
     prompt_cache: PromptCache | None
     tie_margin: float | None = None  # the near-tie guard's margin (None: by the model's precision)
+    cluster: object | None = None  # daemon.cluster.launch.Cluster: the other ranks, when there are
 
 
 class Worker:
@@ -108,7 +112,11 @@ class Worker:
         self.jobs_done = 0
         self.lm: LoadedModel | None = None
         self.served: ServedModel | None = None  # once started
-        self.shared = self.prompt_cache = self._tie_margin = None
+        self.shared = self.prompt_cache = self._tie_margin = self.cluster = None
+        self.lost: RankLost | None = None  # a rank of the cluster is gone: nothing more is served
+        self.on_lost: Callable[[RankLost], None] = lambda lost: None  # told once, from any thread
+        self._lose_once = threading.Lock()
+        self._batch: Batch | None = None
 
     @property
     def waiting(self) -> int:
@@ -126,6 +134,8 @@ class Worker:
             raise self._failed
 
     def submit(self, job: Job) -> None:
+        if self.lost is not None:
+            raise self.lost
         try:
             self._queue.put_nowait(job)
         except queue.Full:
@@ -138,17 +148,40 @@ class Worker:
         if self.shared is not None:
             self.shared.save()
 
+    def lose(self, lost: RankLost) -> None:
+        """A rank is gone (from any thread): every running and queued job is failed with it, new
+        ones are refused, the engine stops and `on_lost` is told."""
+        if not self._lose_once.acquire(blocking=False):
+            return
+        self.lost = lost
+        log.error("cluster lost", error=str(lost))
+        for r in list(self._batch.running if self._batch is not None else ()):
+            r.owner.deliver(lost)
+        while True:
+            try:
+                job = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if job is not None:
+                job.deliver(lost)
+        self._queue.put(None)  # wakes the engine thread if it waits for work
+        self.on_lost(lost)
+
     def _run(self) -> None:
         try:
             self._loop()
         finally:
+            if self.cluster is not None:
+                self.cluster.close()
             mx.clear_streams()  # MLX needs each thread to release its streams (ml-explore/mlx#3126)
 
     def _loop(self) -> None:
         try:
             loaded = self._setup()
             self.lm, self.shared, self.prompt_cache = loaded.lm, loaded.shared, loaded.prompt_cache
-            self._tie_margin = loaded.tie_margin
+            self._tie_margin, self.cluster = loaded.tie_margin, loaded.cluster
+            if self.cluster is not None:
+                self.cluster.on_lost = self.lose
             self.served = ServedModel.of(loaded.lm)
             self._measure()
         except BaseException as e:  # handed to start()
@@ -158,8 +191,8 @@ class Worker:
             self._ready.set()
         rows = self.shared.rows if self.shared is not None else None
         draft_seconds = self.shared.costs.t_draft if self.shared is not None else 0.0
-        batch = Batch(self.lm.model, self._deliver, self.limits.max_rows, rows, draft_seconds)
-        while batch.running or not self._stopping:
+        batch = self._batch = Batch(self.lm.model, self._deliver, self.limits.max_rows, rows, draft_seconds)
+        while (batch.running or not self._stopping) and self.lost is None:
             self._arrivals(batch, wait=True)
             for r in list(batch.running):
                 self._check(batch, r)
@@ -210,6 +243,10 @@ class Worker:
             job.deliver(DeadlineExceeded("the request ran past its timeout"))
 
     def _deliver(self, job: Job, record) -> None:
+        lost = self.cluster.fault(record) if self.cluster is not None and isinstance(record, Exception) else None
+        if lost is not None:
+            self.lose(lost)
+            return
         job.deliver(record)
         if isinstance(record, Finished):
             self.jobs_done += 1
@@ -238,9 +275,9 @@ class Worker:
         m.observe_memory(mx.get_active_memory(), mx.get_peak_memory(), mx.get_cache_memory())
 
 
-def load_for_serving(settings) -> Loaded:
-    """The model, its drafter, the policy's calibration and the prompt cache, as `settings` say.
-    Runs on the engine thread."""
+def load_for_serving(settings, cluster=None) -> Loaded:
+    """The model, its drafter, the policy's calibration and the prompt cache, as `settings` say;
+    with a cluster (daemon.cluster.launch), rank 0's share of the model. Runs on the engine thread."""
     from mlx_lm.models.cache import make_prompt_cache
 
     from daemon.engine.calibration import shared_estimates
@@ -249,14 +286,16 @@ def load_for_serving(settings) -> Loaded:
 
     lm = load(settings.model, drafter=settings.drafter, drafter_bits=settings.drafter_bits)
     log.info("model loaded", **describe(lm))
+    if cluster is not None:
+        cluster.join(lm)
     shared = shared_estimates(lm, root=settings.cache_dir)
     prompt_cache = None
-    if settings.prompt_cache_bytes and cacheable(make_prompt_cache(lm.model)):
+    if settings.prompt_cache_bytes and cluster is None and cacheable(make_prompt_cache(lm.model)):
         disk = None
         if settings.prompt_cache_disk_bytes:
             disk = settings.cache_dir / "prompts" / model_key(lm.path)
         prompt_cache = PromptCache(settings.prompt_cache_bytes, disk, settings.prompt_cache_disk_bytes)
-    return Loaded(lm, shared, prompt_cache, settings.tie_margin)
+    return Loaded(lm, shared, prompt_cache, settings.tie_margin, cluster)
 
 
 def model_key(path: str) -> str:

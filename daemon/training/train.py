@@ -16,7 +16,6 @@ from __future__ import annotations
 import functools
 import json
 import os
-import socket
 import time
 from collections.abc import Callable
 from dataclasses import asdict, replace
@@ -28,6 +27,7 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
+from daemon.cluster.hosts import free_ports
 from daemon.cpu import workers as cpu_workers
 from daemon.drafting.phrases import Phrasebook
 from daemon.models import drafter_io, mtp
@@ -90,16 +90,6 @@ def _save_checkpoint(work: Path, drafter, optimizer, step: int, rng_state) -> No
         mx.save_safetensors(str(work / "opt.tmp.safetensors"), dict(tree_flatten(optimizer.state)))
         (work / "opt.tmp.safetensors").replace(work / "opt.safetensors")
     (work / "step.json").write_text(json.dumps({"step": step, "rng": rng_state}))
-
-
-def _free_ports(n: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(n)]
-    for sock in sockets:
-        sock.bind(("127.0.0.1", 0))
-    ports = [sock.getsockname()[1] for sock in sockets]
-    for sock in sockets:
-        sock.close()
-    return ports
 
 
 def _train_worker(spec: str, s: TrainSettings, work: Path, rank: int, hostfile: Path, messages) -> None:
@@ -212,7 +202,7 @@ def train_drafter(
         _train_steps(lm, drafter, data, s, work, progress)
     else:
         hostfile = work / "hosts.json"
-        hostfile.write_text(json.dumps([[f"127.0.0.1:{port}"] for port in _free_ports(workers)]))
+        hostfile.write_text(json.dumps([[f"127.0.0.1:{port}"] for port in free_ports(workers)]))
         cpu_workers.run(_train_worker, [(lm.path, s, work, rank, hostfile) for rank in range(workers)], progress)
         drafter.load_weights(str(work / "ckpt.safetensors"))
     step = json.loads((work / "step.json").read_text())["step"]
