@@ -175,7 +175,7 @@ def follow(rank: int, split: str, ring: list[list[str]], model: str | None, draf
     del lm  # what this rank does not run
     _layout(group, start, end, nbytes(layers))
     log.info("rank ready", rank=rank, split=split, layers=f"{start}-{end - 1}", weights_mib=nbytes(layers) >> 20)
-    Follower(group, layers, split).serve()
+    Follower(group, layers, split, start).serve()
     log.info("rank stopped", rank=rank)
 
 

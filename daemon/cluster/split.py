@@ -59,8 +59,10 @@ def split_rank0(model, link: Link) -> tuple[int, int]:
         model.make_cache = lambda: [TrackedKV(link), *(KVCache() for _ in range(n - 1))]
         return 0, n
     start, end = pipeline_ranges(n, link.size)[0]
+    slots: list = []
     for i in range(start):
-        layers[i] = Remote(link, i == start - 1, layers[i])
+        slots.append(Remote(link, layers[i], slots if i == start - 1 else None))
+        layers[i] = slots[-1]
     model.make_cache = lambda: [*(RemoteKV(link if i == start - 1 else None) for i in range(start)),
                                 *(KVCache() for _ in range(start, n))]
     return start, end

@@ -44,16 +44,21 @@ class Link:
         weakref.finalize(cache, self._freed.append, rid)
         return rid
 
-    def _message(self, op: int, rows: list[Row], h: mx.array, mask=None) -> Message:
+    def _message(self, op: int, rows: list[Row], h: mx.array, mask=None, record=()) -> Message:
         freed, self._freed[:] = list(self._freed), []
-        return Message(op, rows, h, mask, freed)
+        return Message(op, rows, h, mask, freed, list(record), h.shape[-1])
 
-    def through(self, op: int, rows: list[Row], h: mx.array, mask=None) -> mx.array:
-        """Pipeline: the hidden states after the other ranks' layers."""
-        wire.send(self._message(op, rows, h, mask), self.size - 1, self.group)
-        out = mx.distributed.recv_like(h, 1, group=self.group)
+    def through(self, op: int, rows: list[Row], h: mx.array, slots: list, mask=None) -> mx.array:
+        """Pipeline: the hidden states after the other ranks' layers, whose `slots` (rank 0's
+        stand-ins) are given the outputs of the blocks a drafter reads."""
+        record = [i for i, slot in enumerate(slots) if getattr(type(slot), "records", False)]
+        wire.send(self._message(op, rows, h, mask, record), self.size - 1, self.group)
+        width = h.shape[-1]
+        out = mx.distributed.recv((*h.shape[:-1], width * (1 + len(record))), h.dtype, 1, group=self.group)
         mx.eval(out)
-        return out
+        for j, i in enumerate(record, 1):
+            object.__setattr__(slots[i], "_out", out[..., j * width : (j + 1) * width])
+        return out[..., :width] if record else out
 
     def broadcast(self, op: int, rows: list[Row], h: mx.array, mask=None) -> None:
         """Tensor: the forward's input to every other rank."""
@@ -88,25 +93,26 @@ class Remote(nn.Module):
     """The slot of a layer another rank runs (pipeline split); it keeps the layer's plain flags
     (llama's `use_sliding`, ...), which the model's forward reads."""
 
-    def __init__(self, link: Link, last: bool, layer: nn.Module):
+    def __init__(self, link: Link, layer: nn.Module, slots: list | None = None):
+        """`slots`: on the last slot of the range, all of them (it does the trip for them)."""
         super().__init__()
         for name, value in vars(layer).items():
             if isinstance(value, (bool, int, float, str)) and not name.startswith("_"):
                 object.__setattr__(self, name, value)
-        object.__setattr__(self, "_link", link)  # not a child module
-        self.last = last
+        object.__setattr__(self, "_link", link)  # not child modules
+        object.__setattr__(self, "_slots", slots)
 
     def __call__(self, x: mx.array, mask=None, cache=None) -> mx.array:
         offset, cache.offset = cache.offset, cache.offset + x.shape[1]
-        if not self.last:
+        if self._slots is None:
             return x
-        return self._link.through(FORWARD, [Row(cache.rid, offset, 0, x.shape[1])], x, mask)
+        return self._link.through(FORWARD, [Row(cache.rid, offset, 0, x.shape[1])], x, self._slots, mask)
 
     def ragged(self, x: mx.array, positions: mx.array, bounds, caches) -> mx.array:
         rows = [Row(c.rid, c.offset, s, e) for (s, e), c in zip(bounds, caches)]
         for (s, e), c in zip(bounds, caches):
             c.offset += e - s
-        return self._link.through(RAGGED, rows, x) if self.last else x
+        return self._link.through(RAGGED, rows, x, self._slots) if self._slots is not None else x
 
 
 class TrackedKV(KVCache):
@@ -153,8 +159,9 @@ def lockstep(layers: list, link: Link) -> None:
 class Follower:
     """A rank other than 0: runs its layers on every forward rank 0 sends, until told to stop."""
 
-    def __init__(self, group, layers: list, split: str):
-        self.group, self.layers, self.split = group, layers, split
+    def __init__(self, group, layers: list, split: str, start: int = 0):
+        """layers: this rank's blocks, the model's `start`-th first."""
+        self.group, self.layers, self.split, self.start = group, layers, split, start
         self.rank, self.size = group.rank(), group.size()
         self.caches: dict[int, list[KVCache]] = {}
 
@@ -179,16 +186,19 @@ class Follower:
         for rid in m.freed:
             self.caches.pop(rid, None)
         caches = [self._cache(row) for row in m.rows]
-        h = m.h
-        if m.op == FORWARD:
-            for layer, cache in zip(self.layers, caches[0]):
-                h = layer(h, m.mask, cache=cache)
-            return h
-        positions = mx.array([r.offset + j for r in m.rows for j in range(r.end - r.start)])
-        bounds = [(r.start, r.end) for r in m.rows]
+        width = m.width or m.h.shape[-1]
+        h, recorded = m.h[..., :width], [m.h[..., width:]] if m.h.shape[-1] > width else []
+        if m.op == RAGGED:
+            positions = mx.array([r.offset + j for r in m.rows for j in range(r.end - r.start)])
+            bounds = [(r.start, r.end) for r in m.rows]
         for i, layer in enumerate(self.layers):
-            h = layer.ragged(h, positions, bounds, [c[i] for c in caches])
-        return h
+            if m.op == FORWARD:
+                h = layer(h, m.mask, cache=caches[0][i])
+            else:
+                h = layer.ragged(h, positions, bounds, [c[i] for c in caches])
+            if self.start + i in m.record:
+                recorded.append(h)
+        return mx.concatenate([h, *recorded], axis=-1) if recorded else h
 
     def _cache(self, row: Row) -> list[KVCache]:
         """The sequence's caches, at the length rank 0 holds (positions it took back are dropped)."""

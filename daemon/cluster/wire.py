@@ -3,8 +3,9 @@
 A message is three arrays, sent in order: a fixed header, the metadata (int32) and the hidden
 states the ranks run their layers on. The metadata names the caches: each sequence's row range in
 the hidden states, and the cache (`rid`, rank 0's number for it) at the length rank 0 holds for
-it, so a rank trims what rank 0 took back (a rejected draft) before writing; and the caches rank
-0 has dropped since the last message, which the ranks drop too.
+it, so a rank trims what rank 0 took back (a rejected draft) before writing; the caches rank 0 has
+dropped since the last message, which the ranks drop too; and the blocks whose outputs a drafter
+reads (its feature layers), which go back appended to the hidden states.
 """
 
 from __future__ import annotations
@@ -34,10 +35,13 @@ class Message:
     h: mx.array | None = None  # [1, N, H]
     mask: str | None = None
     freed: list[int] = field(default_factory=list)
+    record: list[int] = field(default_factory=list)  # blocks whose outputs come back after h's own width
+    width: int = 0  # h's own width (the model's hidden size); what follows it in h are recorded outputs
 
 
 def _meta(m: Message) -> list[int]:
-    return [len(m.freed), *m.freed, *(v for r in m.rows for v in (r.rid, r.offset, r.start, r.end))]
+    return [m.width, len(m.freed), *m.freed, len(m.record), *m.record,
+            *(v for r in m.rows for v in (r.rid, r.offset, r.start, r.end))]
 
 
 def send(m: Message, dst: int, group) -> None:
@@ -57,6 +61,10 @@ def recv(src: int, group) -> Message:
     op, n, width, dtype, mask, length = mx.distributed.recv((HEADER,), mx.int32, src, group=group).tolist()
     meta = mx.distributed.recv((length,), mx.int32, src, group=group).tolist() if length else []
     h = mx.distributed.recv((1, n, width), DTYPES[dtype], src, group=group) if n else None
-    freed, rest = meta[1 : 1 + meta[0]] if meta else [], meta[1 + meta[0] :] if meta else []
+    if not meta:
+        return Message(op, h=h, mask=MASKS[mask])
+    width, n_freed = meta[0], meta[1]
+    freed, n_record = meta[2 : 2 + n_freed], meta[2 + n_freed]
+    record, rest = meta[3 + n_freed : 3 + n_freed + n_record], meta[3 + n_freed + n_record :]
     rows = [Row(*rest[i : i + 4]) for i in range(0, len(rest), 4)]
-    return Message(op, rows, h, MASKS[mask], freed)
+    return Message(op, rows, h, MASKS[mask], freed, record, width)

@@ -32,6 +32,7 @@ from policies.registry import make_policy
 
 log = structlog.get_logger()
 SAVE_EVERY = 20  # requests between saves of the policy's calibration
+LOST_JOIN_SECONDS = 2.0
 
 
 class QueueFull(Exception):
@@ -142,9 +143,10 @@ class Worker:
             raise QueueFull from None
 
     def stop(self, timeout: float | None = None) -> None:
-        """Finishes the running and queued jobs, then ends the thread."""
+        """Finishes the running and queued jobs, then ends the thread (a lost cluster's at once:
+        its thread may still be waiting on a rank)."""
         self._queue.put(None)
-        self._thread.join(timeout)
+        self._thread.join(timeout if self.lost is None else LOST_JOIN_SECONDS)
         if self.shared is not None:
             self.shared.save()
 
@@ -165,6 +167,8 @@ class Worker:
             if job is not None:
                 job.deliver(lost)
         self._queue.put(None)  # wakes the engine thread if it waits for work
+        if self.cluster is not None:  # the ranks left end now, so no collective waits on them
+            self.cluster.close()
         self.on_lost(lost)
 
     def _run(self) -> None:
