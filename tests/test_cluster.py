@@ -67,6 +67,9 @@ def test_hosts_and_hostfile(tmp_path):
     assert hosts == [Host("localhost", "localhost"), Host("mac2", "10.0.0.2")]
     ring = ring_addresses(hosts, base_port=4000)
     assert ring[1] == ["10.0.0.2:4001"] and ring[0][0].startswith("127.0.0.1:")
+    path.write_text(json.dumps({"backend": "jaccl", "hosts": [{"ssh": "a"}, {"ssh": "b"}]}))
+    with pytest.raises(ValueError, match="ring backend, not 'jaccl'"):
+        read_hostfile(path)
     path.write_text("[{\"host\": 1}]")
     with pytest.raises(ValueError, match="mlx.launch hostfile"):
         read_hostfile(path)
@@ -184,3 +187,31 @@ def _alive(pid: int) -> bool:
         return False
     with open(f"/proc/{pid}/stat") as f:  # a zombie has exited
         return f.read().split(")")[1].split()[0] != "Z"
+
+
+def test_requests_at_once_over_two_ranks_share_forwards_and_answer_as_alone():
+    """Pipeline ranks take a batch's ragged forward as one message; the daemon stops cleanly."""
+    import concurrent.futures
+    import re
+
+    daemon = Daemon("--hosts", LOCAL2)
+    try:
+        client = daemon.client()
+        questions = ["Write a Python function that reverses a list.", "What is a hash map?", "Name three colors."]
+
+        def ask(q):
+            r = client.chat.completions.create(model="SmolLM2-135M-Instruct", messages=[{"role": "user", "content": q}],
+                                               max_tokens=32, temperature=0)
+            return r.choices[0].message.content
+
+        alone = [ask(q) for q in questions]
+        with concurrent.futures.ThreadPoolExecutor(3) as pool:
+            together = list(pool.map(ask, questions))
+        with urllib.request.urlopen(daemon.url + "/metrics") as r:
+            metrics = r.read().decode()
+    finally:
+        assert daemon.stop() == 0, daemon.log()[-3000:]
+    assert together == alone
+    one = float(re.search(r'mtpd_batch_sequences_bucket\{le="1.0"\} (\S+)', metrics).group(1))
+    assert float(re.search(r"mtpd_batch_sequences_count (\S+)", metrics).group(1)) > one  # forwards of 2+ sequences
+    assert '"rank stopped"' in daemon.log()

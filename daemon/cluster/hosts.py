@@ -7,7 +7,6 @@ one address per rank: on loopback a free port each, on other hosts `base_port + 
 
 from __future__ import annotations
 
-import json
 import socket
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,12 +34,19 @@ def parse_hosts(text: str) -> list[Host]:
 
 
 def read_hostfile(path: Path) -> list[Host]:
-    """mlx.launch's hostfile: a JSON list of {"ssh": name, "ips": [address, ...]}."""
+    """mlx.launch's hostfile (read by MLX's own parser): {"backend", "envs", "hosts": [{"ssh": name,
+    "ips": [address, ...]}, ...]}, or the list of hosts alone, as `mlx.distributed_config` writes it."""
+    from mlx._distributed_utils.common import Hostfile
+
     try:
-        entries = json.loads(Path(path).read_text())
-        hosts = [Host(e["ssh"], (e.get("ips") or [e["ssh"]])[0]) for e in entries]
-    except (OSError, ValueError, KeyError, TypeError, IndexError) as e:
-        raise ValueError(f"{path}: not an mlx.launch hostfile (a JSON list of {{\"ssh\": ..., \"ips\": [...]}}): {e}") from None
+        parsed = Hostfile.from_file(path)
+    except ValueError as e:
+        raise ValueError(f"{path}: not an mlx.launch hostfile: {e}") from None
+    if parsed.backend not in ("", "ring"):
+        raise ValueError(f"{path}: mtpd runs MLX's ring backend, not {parsed.backend!r}")
+    if parsed.envs:
+        raise ValueError(f"{path}: set environment variables ({', '.join(parsed.envs)}) in the service's environment instead")
+    hosts = [Host(h.ssh_hostname, (h.ips or [h.ssh_hostname])[0]) for h in parsed.hosts]
     if len(hosts) < 2:
         raise ValueError(f"{path}: a cluster needs two or more hosts")
     return hosts

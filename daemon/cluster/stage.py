@@ -41,11 +41,14 @@ class Link:
     def rid(self, cache) -> int:
         """A number for `cache`; the ranks drop theirs once rank 0 has dropped it."""
         rid = next(self._rids)
-        weakref.finalize(cache, self._freed.append, rid)
+        weakref.finalize(cache, self._dropped, rid)
         return rid
 
+    def _dropped(self, rid: int) -> None:
+        self._freed.append(rid)
+
     def _message(self, op: int, rows: list[Row], h: mx.array, mask=None, record=()) -> Message:
-        freed, self._freed[:] = list(self._freed), []
+        freed, self._freed = self._freed, []
         return Message(op, rows, h, mask, freed, list(record), h.shape[-1])
 
     def through(self, op: int, rows: list[Row], h: mx.array, slots: list, mask=None) -> mx.array:
@@ -76,6 +79,8 @@ class RemoteKV(KVCache):
     """The cache of a layer another rank runs: rank 0 keeps its length (offset) only; the rank holds
     the keys and values under `rid` (set on the last slot of the range)."""
 
+    ragged_rows = True  # a batch's rows go on to the rank as they are (daemon.engine.ragged)
+
     def __init__(self, link: Link | None = None):
         super().__init__()
         self.rid = link.rid(self) if link is not None else None
@@ -92,6 +97,8 @@ class RemoteKV(KVCache):
 class Remote(nn.Module):
     """The slot of a layer another rank runs (pipeline split); it keeps the layer's plain flags
     (llama's `use_sliding`, ...), which the model's forward reads."""
+
+    ragged_rows = True  # `ragged` below: a batch's rows in one trip (daemon.engine.ragged)
 
     def __init__(self, link: Link, layer: nn.Module, slots: list | None = None):
         """`slots`: on the last slot of the range, all of them (it does the trip for them)."""

@@ -12,7 +12,8 @@ rows in each sequence.
 
 Only models whose blocks are Llama's (mlx-lm's `llama.TransformerBlock`, which loading turns into
 daemon.cpu.fast_block's FastBlock: `FastBlock.ragged`) with plain KV caches run this way; others run
-their sequences' forwards one after another in the same step (`batchable`).
+their sequences' forwards one after another in the same step (`batchable`). So do the stand-ins of
+blocks another rank runs (daemon.cluster.stage), which send the rows on.
 """
 
 from __future__ import annotations
@@ -26,12 +27,13 @@ from daemon.models.target import language_model, target_head, trunk
 
 
 def batchable(model) -> bool:
-    """Whether the model's sequences can share a forward: Llama blocks on plain KV caches."""
+    """Whether the model's sequences can share a forward: Llama blocks (or their stand-ins on rank
+    0 of a cluster) on plain KV caches."""
     body = trunk(model)
     return (
         language_model(model) is model and "embed_tokens" in body
-        and all(isinstance(layer, FastBlock) for layer in body.layers)
-        and all(type(c) is KVCache for c in make_prompt_cache(model))
+        and all(isinstance(layer, FastBlock) or getattr(type(layer), "ragged_rows", False) for layer in body.layers)
+        and all(type(c) is KVCache or getattr(type(c), "ragged_rows", False) for c in make_prompt_cache(model))
     )
 
 
