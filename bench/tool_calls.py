@@ -4,7 +4,7 @@ and adaptive, in one interleaved `mtpd bench` run; checks that each answer is a 
 validate against its tool's schema (or JSON that validates against the format's), that the token ids
 are the same under every policy, and prints acceptance per content class.
 
-    python bench/tool_calls.py [--max-tokens 96] [--json bench/results/tool-calls.json]
+    python bench/tool_calls.py [--max-tokens 96] [--prompts FILE] [--json bench/results/tool-calls.json]
 """
 
 import argparse
@@ -53,6 +53,7 @@ def checked(lm, prompt: dict, token_ids: list[int]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--max-tokens", type=int, default=96)
+    parser.add_argument("--prompts", type=Path, default=PROMPTS)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     reexec_with_blas(sys.argv)
@@ -60,7 +61,7 @@ def main() -> None:
     from daemon.bench.run import read_prompts, run_bench
     from daemon.models.loading import load
 
-    prompts = read_prompts(PROMPTS)
+    prompts = read_prompts(args.prompts)
     lm = load()
     report = run_bench(lm, prompts, SPECS, args.max_tokens, progress=lambda line: print(line, file=sys.stderr))
     by_id = {p["id"]: p for p in prompts}

@@ -363,6 +363,7 @@ def cmd_service(args) -> None:
 
 
 def cmd_status(args) -> None:
+    import urllib.error
     import urllib.request
 
     from daemon.settings import load_settings
@@ -373,12 +374,16 @@ def cmd_status(args) -> None:
     try:
         with urllib.request.urlopen(url, timeout=5) as r:
             health = json.loads(r.read())
+    except urllib.error.HTTPError as e:  # 503: a rank of its cluster is lost, and it is stopping
+        print(f"mtpd at http://{host}:{settings.port}: {json.loads(e.read()).get('error', e.reason)}", file=sys.stderr)
+        sys.exit(1)
     except OSError:
         print(f"no mtpd daemon is running at {url}", file=sys.stderr)
         sys.exit(1)
     rate = health.get("acceptance_rate")
     print(
-        f"mtpd at http://{host}:{settings.port}: {health['model']} with drafter {health['drafter'] or 'none'}\n"
+        f"mtpd at http://{host}:{settings.port}: {health['model']} with drafter {health['drafter'] or 'none'}"
+        + (f", {health['placement']}" if health.get("placement") else "") + "\n"
         f"up {health['uptime_s']:.0f} s, {health['requests_served']} requests served, "
         f"{health['running']} running, {health['waiting']} waiting\n"
         f"speculation: {health['speculation']}"

@@ -5,6 +5,7 @@ import json
 
 import pytest
 
+from daemon.cluster.faults import RankLost
 from daemon.engine.records import Delta, Finished, SpecStats
 from daemon.server.app import init_app
 from daemon.server.metrics import Metrics
@@ -207,6 +208,22 @@ async def test_engine_failures(aiohttp_client, stream):
     assert status == (200 if stream else 504) and error["code"] == "timeout"
     worker.answer = echo
     assert (await client.post("/v1/chat/completions", json=chat_body(stream=stream))).status == 200
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_a_lost_rank_is_503_and_so_is_health_after(aiohttp_client, stream):
+    worker = FakeWorker()
+    client = await aiohttp_client(app_with(worker))
+    lost = RankLost("rank 1 on mac2 exited (code -9); mtpd stops so that its service manager restarts the group")
+    worker.answer = failing(lost)
+    r = await client.post("/v1/chat/completions", json=chat_body(stream=stream))
+    status, error = await error_of(r, stream)
+    assert status == (200 if stream else 503) and error["code"] == "rank_lost" and "rank 1 on mac2" in error["message"]
+    r = await client.post("/v1/messages", json={"model": "tiny", "max_tokens": 4, "messages": HI})
+    assert r.status == 503 and (await r.json())["error"]["type"] == "overloaded_error"
+    worker.lost = lost
+    r = await client.get("/health")
+    assert r.status == 503 and (await r.json())["error"] == str(lost)
 
 
 async def test_queue_full_is_503_with_retry_after(aiohttp_client):
