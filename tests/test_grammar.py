@@ -107,3 +107,35 @@ def test_forced_call_arguments_take_only_the_declared_properties():
     tool["function"]["parameters"]["additionalProperties"] = {"type": "string"}  # the schema's own word stands
     lark = tool_call_grammar([tool], "f", "</tool_call>").split("%json ", 1)[1].split("\n")[0].rsplit(" ", 1)[0]
     assert json.loads(lark)["additionalProperties"] == {"type": "string"}
+
+
+OPEN = {"type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "string"},
+                                        "c": {"type": "array", "items": {"type": "string"}, "minItems": 1}},
+        "required": ["a", "b", "c"], "additionalProperties": False}  # unbounded: the random model never ends it
+
+
+@pytest.mark.parametrize("n", [40, 57, 80])
+def test_an_answer_out_of_room_ends_valid_alike_under_every_policy(tiny_lm, n):
+    """Cut where the room runs out, the answer would be half an object; it is completed in the
+    room instead (a string closed, the missing keys given short values), ending "length"."""
+    grammar = llguidance.LLMatcher.grammar_from_json_schema(OPEN, defaults={"whitespace_flexible": False})
+    plain = run(tiny_lm, Fixed(0), grammar=grammar, n=n)
+    value = json.loads(text(tiny_lm, plain))
+    jsonschema.validate(value, OPEN)
+    assert plain.finish_reason == "length" and plain.completion_tokens <= n
+    vocab = tiny_lm.config["vocab_size"]
+    for rule in (target_logits(tiny_lm.model), planted_errors(tiny_lm.model, set(range(0, 200, 3)), vocab)):
+        lm = dataclasses.replace(tiny_lm, drafter=RuleDrafter(PROMPT[0], rule, 64), drafter_name="rule")
+        assert run(lm, Fixed(3), grammar=grammar, n=n).token_ids == plain.token_ids
+
+
+def test_a_completion_from_where_the_grammar_is(tiny_lm):
+    from daemon.engine.grammar import Grammar
+
+    g = Grammar(tiny_lm.tokenizer, llguidance.LLMatcher.grammar_from_json_schema(OPEN), tiny_lm.config["vocab_size"])
+    g.advance(tiny_lm.tokenizer._tokenizer.encode('{"a": 12, "b": "half a sent', add_special_tokens=False))
+    walk = g.closing(40)
+    done = '{"a": 12, "b": "half a sent' + tiny_lm.tokenizer.decode(walk)
+    jsonschema.validate(json.loads(done), OPEN)
+    assert g.closing(len(walk) - 1) is None  # no shorter one within its limit
+    assert not g.matcher.is_accepting()  # it walked a copy

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Generator, Iterator
+from dataclasses import replace
 
 import mlx.core as mx
 from mlx_lm.models.cache import make_prompt_cache
@@ -35,6 +36,8 @@ from policies.fixed import Fixed
 from policies.plan import DraftPolicy
 
 PROMPT_CONTEXT = 64  # prompt tokens the content classifier reads
+CLOSE_WITHIN = 48  # under a grammar, the answer's last positions checked for room to complete it
+CLOSE_SLACK = 2  # tokens to spare there: a completion can grow by more than one per position
 
 
 def default_margin(lm: LoadedModel) -> float:
@@ -68,6 +71,28 @@ def _prefill(lm: LoadedModel, request: Request, prompt_cache: PromptCache | None
     if prompt_cache is not None:
         prompt_cache.store(snapshot(ids, cache, prompt_hidden, source))
     return cache, logits, prompt_hidden, cached
+
+
+def closed(step: Step, grammar: Grammar, room: int, eos: set[int]) -> tuple[Step, bool]:
+    """`step` as the answer's room allows under a grammar: at the first of its positions where what
+    is left of the room is barely enough to complete the grammar (CLOSE_SLACK tokens to spare),
+    its tokens up to there and the completion, and True (the answer ends there: a forced call or a
+    schema ends valid, cut, with finish_reason "length"). Only the answer's last CLOSE_WITHIN
+    positions are looked at; token positions alone decide, so every draft policy closes alike."""
+    n = len(step.tokens)
+    if room - n > CLOSE_WITHIN:
+        return step, False
+    grammar.rollback(n)
+    for i, token in enumerate(step.tokens, 1):
+        grammar.advance([token])
+        left = room - i
+        if token in eos or left > CLOSE_WITHIN:
+            continue
+        walk = grammar.closing(left)
+        if walk is not None and len(walk) + CLOSE_SLACK >= left:
+            grammar.advance(walk)
+            return replace(step, tokens=(*step.tokens[:i], *walk), logprobs=step.logprobs[:i]), True
+    return step, False
 
 
 def generate(lm: LoadedModel, request: Request, policy: DraftPolicy | None = None, tie_margin: float | None = None,
@@ -120,8 +145,11 @@ def sequence(
                 continue
             reply = None
             first_token_at = first_token_at or time.perf_counter()
+            closing = False
+            if grammar is not None:
+                step, closing = closed(step, grammar, request.max_tokens - len(output.token_ids), output.eos)
             stats.observe_step(step, tracker.current)
-            delta = output.take(step)
+            delta = output.take(step, last=closing)
             tracker.feed(delta.text)
             yield delta
             if output.finish:

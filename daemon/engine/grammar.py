@@ -6,6 +6,10 @@ keeps a matcher per request over the model's tokenizer; a mask costs ~50 us on a
 every draft is one the grammar allows, and verification masks each of its k+1 rows with the state
 after the drafts before it; rejected drafts are rolled back. Masking the target is the constrained
 distribution itself, so greedy output equals constrained `off` and sampling keeps its distribution.
+
+An answer whose room (max_tokens) runs out inside the grammar would end invalid: a forced call cut
+in its arguments. `closing` finds a short way to complete the grammar from where it is, which the
+engine takes once the room left is just enough (daemon.engine.generate).
 """
 
 from __future__ import annotations
@@ -18,10 +22,21 @@ import llguidance.numpy
 import mlx.core as mx
 import numpy as np
 
+# a completion's tokens, by preference: an empty string where a value starts, what ends a string,
+# array or object, then short values
+CLOSERS = ('""', '"}', '"]', '"', "}", "]", ",", ":", "0", "1", "false", "null", "[]", "{}", "[", "{")
+
 
 @functools.lru_cache(maxsize=4)
 def _ll_tokenizer(tokenizer, vocab: int) -> llguidance.LLTokenizer:
     return llguidance.hf.from_tokenizer(tokenizer._tokenizer, n_vocab=vocab)
+
+
+@functools.lru_cache(maxsize=4)
+def _closers(tokenizer) -> tuple[int, ...]:
+    """The CLOSERS that are one token each, in CLOSERS' order."""
+    ids = (tokenizer._tokenizer.encode(text, add_special_tokens=False) for text in CLOSERS)
+    return tuple(dict.fromkeys(i[0] for i in ids if len(i) == 1))
 
 
 class Grammar:
@@ -34,6 +49,7 @@ class Grammar:
             raise ValueError(f"grammar: {self.matcher.get_error()}")
         self._bits = llguidance.numpy.allocate_token_bitmask(1, vocab)
         self._taken: list[bool] = []  # per token advanced by: did the matcher consume it (not past its end)
+        self._closers = _closers(tokenizer)
 
     def allowed(self) -> mx.array:
         """[V] bool: the tokens the grammar allows next (EOS alone once it is complete)."""
@@ -47,6 +63,22 @@ class Grammar:
             if taken and not self.matcher.consume_token(token):
                 raise ValueError(f"grammar: {self.matcher.get_error() or 'a token it does not allow'}")
             self._taken.append(taken)
+
+    def closing(self, limit: int) -> list[int] | None:
+        """At most `limit` tokens that complete the grammar from here, or None. A greedy walk on a
+        copy of the matcher: the tokens the grammar forces (keys, punctuation), else the first it
+        allows of CLOSERS (end a string, a number, an array or object; an empty value)."""
+        m, walk = self.matcher.deep_copy(), []
+        while not m.is_accepting():
+            forced = m.compute_ff_tokens()
+            if not forced:
+                llguidance.numpy.fill_next_token_bitmask(m, self._bits, 0)
+                words = self._bits[0]
+                forced = next(([t] for t in self._closers if words[t // 32] >> (t % 32) & 1), None)
+            if forced is None or len(walk) + len(forced) > limit or m.consume_tokens(forced) is False:
+                return None
+            walk += forced
+        return walk
 
     def valid_prefix(self, tokens: list[int]) -> int:
         """How many of `tokens` the grammar allows in a row from here."""

@@ -49,8 +49,9 @@ class Output:
         self.token_ids: list[int] = []
         self.finish: str | None = None  # "stop" (EOS or a stop string) | "length", once it ends
 
-    def take(self, step: Step) -> Delta:
-        """The tokens of `step` the answer keeps and the text they add."""
+    def take(self, step: Step, last: bool = False) -> Delta:
+        """The tokens of `step` the answer keeps and the text they add. `last`: the answer ends with
+        them ("length" unless EOS or a stop string ends it first)."""
         kept, text, stopped = [], [], False
         for token in step.tokens:
             if token in self.eos:
@@ -67,6 +68,7 @@ class Output:
                 self.finish = "length"
                 break
         self.token_ids.extend(kept)
+        self.finish = self.finish or ("length" if last else None)
         if self.finish and not stopped:
             text.append(self._final_text())
         return Delta(tuple(kept), "".join(text), step.logprobs[: len(kept)])
