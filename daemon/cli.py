@@ -161,7 +161,8 @@ def _load(settings, cluster=None, **overrides):
 
     from daemon.models.loading import describe, load
 
-    lm = load(settings.model, drafter=settings.drafter, drafter_bits=settings.drafter_bits, **overrides)
+    lm = load(settings.model, drafter=settings.drafter, drafter_bits=settings.drafter_bits, lazy=cluster is not None,
+              **overrides)
     structlog.get_logger().info("model loaded", **describe(lm))
     if cluster is not None:
         cluster.join(lm)

@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable
 
 import mlx.core as mx
+import mlx.nn as nn
 import structlog
 
 from daemon.cluster.faults import RankLost
@@ -26,6 +27,8 @@ from daemon.cluster.identity import fingerprint, verify
 from daemon.cluster.split import check, nbytes, split_follower, split_rank0
 from daemon.cluster.stage import Follower, Link
 from daemon.cpu.blas import THREAD_VARS, set_threads
+from daemon.models.loading import settle
+from daemon.models.target import target_head_layer, trunk
 
 log = structlog.get_logger()
 POLL_SECONDS = 0.2
@@ -45,9 +48,9 @@ def _join(ring: list[list[str]], rank: int):
 
 
 def _layout(group, start: int, end: int, held: int) -> list[list[int]]:
-    """Every rank's [start, end, MiB held], gathered on every rank."""
-    mine = mx.array([start, end, held >> 20], dtype=mx.int32)
-    return mx.distributed.all_gather(mine, group=group).reshape(group.size(), 3).tolist()
+    """Every rank's [start, end, MiB of weights held, MiB of memory at its peak], gathered on every rank."""
+    mine = mx.array([start, end, held >> 20, mx.get_peak_memory() >> 20], dtype=mx.int32)
+    return mx.distributed.all_gather(mine, group=group).reshape(group.size(), 4).tolist()
 
 
 class Cluster:
@@ -104,9 +107,11 @@ class Cluster:
         verify(group, fingerprint(self.model, self.drafter, self.split, self.size), [h.ssh for h in self.hosts])
         self.link = Link(group, self.split)
         start, end = split_rank0(lm.model, self.link)
-        for rank, (first, stop, mib) in enumerate(_layout(group, start, end, nbytes([lm.model]))):
+        layers = trunk(lm.model).layers
+        settle(lm.model, layers[start:end], target_head_layer(lm.model), fast_blocks=self.split == "pipeline")
+        for rank, (first, stop, mib, peak) in enumerate(_layout(group, start, end, nbytes([lm.model]))):
             log.info("rank ready", rank=rank, host=self.hosts[rank].ssh, split=self.split, layers=f"{first}-{stop - 1}",
-                     weights_mib=mib, **({"active_memory_mib": mx.get_active_memory() >> 20} if rank == 0 else {}))
+                     weights_mib=mib, peak_memory_mib=peak)
         lm.placement = self.describe()
 
     def fault(self, error: BaseException) -> RankLost | None:
@@ -166,15 +171,15 @@ def follow(rank: int, split: str, ring: list[list[str]], model: str | None, draf
     from daemon.models.loading import load
 
     threading.Thread(target=_orphaned, args=(os.getppid(),), daemon=True).start()
-    lm = load(model, drafter="none")
+    lm = load(model, drafter="none", lazy=True)
     check(lm.model, split, len(ring))
     group = _join(ring, rank)
     hosts = [r[0] for r in ring]
     verify(group, fingerprint(model, drafter, split, len(ring)), hosts)
     layers, start, end = split_follower(lm.model, group, split)
-    del lm  # what this rank does not run
-    _layout(group, start, end, nbytes(layers))
-    log.info("rank ready", rank=rank, split=split, layers=f"{start}-{end - 1}", weights_mib=nbytes(layers) >> 20)
+    del lm  # what this rank does not run, never read
+    settle(nn.Sequential(*layers), layers, fast_blocks=split == "pipeline")
+    _layout(group, start, end, nbytes(layers))  # rank 0 logs every rank's
     Follower(group, layers, split, start).serve()
     log.info("rank stopped", rank=rank)
 

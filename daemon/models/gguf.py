@@ -80,8 +80,9 @@ def quantized_bits(weight: mx.array, scales: mx.array) -> int:
     return weight.shape[-1] * 32 // (scales.shape[-1] * GROUP_SIZE)
 
 
-def load_gguf(path: str | Path, quantized: bool) -> tuple[nn.Module, object, dict]:
-    """Returns (model, tokenizer wrapper, config). `quantized=False` dequantizes to fp32."""
+def load_gguf(path: str | Path, quantized: bool, lazy: bool = False) -> tuple[nn.Module, object, dict]:
+    """Returns (model, tokenizer wrapper, config). `quantized=False` dequantizes to fp32. `lazy`:
+    the weights are read (and converted) only when evaluated."""
     tensors, meta = mx.load(str(path), return_metadata=True)
     weights = {rename(k): v for k, v in tensors.items()}
     config = llama_config(meta, has_output="lm_head.weight" in weights)
@@ -104,6 +105,7 @@ def load_gguf(path: str | Path, quantized: bool) -> tuple[nn.Module, object, dic
             weights[f"{prefix}.weight"] = mx.dequantize(w, s, z, group_size=GROUP_SIZE, bits=b)
         weights = {k: v.astype(mx.float32) for k, v in weights.items()}
     model.load_weights(list(weights.items()), strict=True)
-    mx.eval(model.parameters())
+    if not lazy:
+        mx.eval(model.parameters())
     model.eval()
     return model, tokenizer_from_gguf(meta), config

@@ -73,12 +73,13 @@ def default_model_path() -> Path:
     return path
 
 
-def _to_fp32(model: nn.Module) -> None:
+def _to_fp32(model: nn.Module, lazy: bool = False) -> None:
     from mlx_lm.utils import dequantize_model
 
     dequantize_model(model)
     model.update(tree_map(lambda p: p.astype(mx.float32) if mx.issubdtype(p.dtype, mx.floating) else p, model.parameters()))
-    mx.eval(model.parameters())
+    if not lazy:
+        mx.eval(model.parameters())
 
 
 def _tune(module: nn.Module, blocks: list, quantized: bool, head: nn.Module | None = None) -> None:
@@ -92,6 +93,14 @@ def _tune(module: nn.Module, blocks: list, quantized: bool, head: nn.Module | No
     fast_block.install(blocks)
     if not quantized and row_major.worth_it(module):
         row_major.install(blocks, head)
+
+
+def settle(module: nn.Module, blocks: list, head: nn.Module | None = None, fast_blocks: bool = True) -> None:
+    """What a lazy load (`load(lazy=True)`) left undone, for the part of the model a process kept:
+    the faster forms (FastBlocks for `blocks` when `fast_blocks`; `head`'s copies), then every weight
+    of `module` read."""
+    _tune(module, blocks if fast_blocks else [], on_gpu(), head)
+    mx.eval(module.parameters())
 
 
 def _keeping_mtp(found: dict):
@@ -120,7 +129,7 @@ def _keeping_mtp(found: dict):
     return classes
 
 
-def _load_target(spec: str | None, quantized: bool) -> tuple[LoadedModel, dict]:
+def _load_target(spec: str | None, quantized: bool, lazy: bool) -> tuple[LoadedModel, dict]:
     """The target model, and the MTP weights found in its checkpoint (possibly none)."""
     if spec is None or spec.endswith(".gguf"):
         from daemon.models.gguf import load_gguf
@@ -128,7 +137,7 @@ def _load_target(spec: str | None, quantized: bool) -> tuple[LoadedModel, dict]:
         path = default_model_path() if spec is None else Path(spec)
         if not path.is_file():
             raise FileNotFoundError(f"no such GGUF file: {path}")
-        model, tokenizer, config = load_gguf(path, quantized=quantized)
+        model, tokenizer, config = load_gguf(path, quantized=quantized, lazy=lazy)
         name = DEFAULT_NAME if spec is None else path.stem
         return LoadedModel(model, tokenizer, name, str(path), quantized, config), {}
 
@@ -137,20 +146,22 @@ def _load_target(spec: str | None, quantized: bool) -> tuple[LoadedModel, dict]:
 
     path = _download(spec)
     mtp: dict = {}
-    model, config = load_model(path, get_model_classes=_keeping_mtp(mtp))
+    model, config = load_model(path, lazy=lazy, get_model_classes=_keeping_mtp(mtp))
     tokenizer = load_tokenizer(path, eos_token_ids=config.get("eos_token_id"))
     if not quantized:
-        _to_fp32(model)
+        _to_fp32(model, lazy)
     config = family.text_config(config, len(model.layers))
     return LoadedModel(model, tokenizer, Path(spec).name or spec, spec, quantized, config), mtp
 
 
 def load(spec: str | None = None, drafter: str | None = None, drafter_bits: int | None = None,
-         stock: bool = False) -> LoadedModel:
+         stock: bool = False, lazy: bool = False) -> LoadedModel:
     """`spec`: None for the default, a `.gguf` file, an mlx-lm model folder or a repo id on disk.
     `drafter`: a drafter folder, "random" (random weights, a testing aid), "none", or None for the
     MTP layer in the target's own checkpoint when it has one (the shipped drafter for the default
-    model). `stock`: keep mlx-lm's own blocks and weight layout (the benchmark's baseline)."""
+    model). `stock`: keep mlx-lm's own blocks and weight layout (the benchmark's baseline).
+    `lazy`: the target's weights are read only when evaluated, and its faster forms wait for
+    `settle` (a cluster's rank first drops the layers it does not run, daemon.cluster)."""
     from mlx_lm.models.cache import make_prompt_cache
 
     from daemon.drafting.phrases import Phrasebook
@@ -159,8 +170,8 @@ def load(spec: str | None = None, drafter: str | None = None, drafter_bits: int 
     from daemon.models.target import target_head_layer
 
     quantized = on_gpu()
-    lm, mtp_weights = _load_target(spec, quantized)
-    if not stock:
+    lm, mtp_weights = _load_target(spec, quantized, lazy)
+    if not stock and not lazy:
         _tune(lm.model, lm.model.layers, quantized, head=target_head_layer(lm.model))
     if drafter == "none":
         return lm

@@ -288,7 +288,7 @@ def load_for_serving(settings, cluster=None) -> Loaded:
     from daemon.engine.prompt_cache import cacheable
     from daemon.models.loading import describe, load
 
-    lm = load(settings.model, drafter=settings.drafter, drafter_bits=settings.drafter_bits)
+    lm = load(settings.model, drafter=settings.drafter, drafter_bits=settings.drafter_bits, lazy=cluster is not None)
     log.info("model loaded", **describe(lm))
     if cluster is not None:
         cluster.join(lm)
