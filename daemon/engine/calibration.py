@@ -26,6 +26,7 @@ from policies.cost import RowCosts, StepCosts
 
 PROBE_CONTEXT = 64
 PROBE_REPEATS = 7
+PROBE_SECONDS = 0.5  # a measurement's time: slow forwards (a big model, a cluster's) are timed fewer times
 ROW_PROBES = (16, 32)  # row counts a batch's forward is probed at past the single-sequence probe
 BATCH_PROBE = 4  # sequences of the probe of what each sequence adds to a batch's forward
 COST_FORMS = 3  # bump when forward passes change speed (2: column-major weights, FastBlock; 3: row-major copies): re-probe
@@ -41,9 +42,10 @@ def estimates_path(lm: LoadedModel, root: Path, verify_penalty: float = 0.0) -> 
 
 
 def _fastest_seconds(run, repeats: int = PROBE_REPEATS) -> float:
-    """The fastest of `repeats` runs: timing noise (other processes, page faults) only adds."""
+    """The fastest of `repeats` runs, or of fewer (two at least) once they have taken PROBE_SECONDS:
+    timing noise (other processes, page faults) only adds."""
     times = []
-    for _ in range(repeats):
+    while len(times) < repeats and (len(times) < 2 or sum(times) < PROBE_SECONDS):
         start = time.perf_counter()
         run()
         times.append(time.perf_counter() - start)
