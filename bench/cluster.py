@@ -59,9 +59,9 @@ def trip_rank(rank: int, ring: str, width: int) -> None:
 
     import mlx.core as mx
 
-    from daemon.cluster.launch import _join
+    from daemon.cluster.launch import join_ring
 
-    group = _join(json.loads(ring), rank)
+    group = join_ring(json.loads(ring), rank)
     seconds = {}
     for n in TRIP_ROWS:
         h = mx.ones((1, n, width))
@@ -79,9 +79,9 @@ def trip_rank(rank: int, ring: str, width: int) -> None:
 
 def trips(width: int) -> dict:
     """Seconds per extra round trip of [1, n, width] fp32 on loopback, by n."""
-    from daemon.cluster.hosts import free_ports
+    from daemon.cluster.hosts import loopback_ring
 
-    ring = json.dumps([[f"127.0.0.1:{p}"] for p in free_ports(2)])
+    ring = json.dumps(loopback_ring(2))
     argv = [sys.executable, __file__, "--trip-rank"]
     procs = [subprocess.Popen([*argv, str(r), ring, str(width)], stdout=subprocess.PIPE, text=True, cwd=ROOT)
              for r in (0, 1)]

@@ -126,12 +126,12 @@ def test_heads_that_do_not_divide_are_refused():
 
 def test_a_rank_with_another_model_is_refused(tmp_path):
     """Each rank's fingerprint against rank 0's, over a real two-rank group: both refuse."""
-    from daemon.cluster.hosts import free_ports
+    from daemon.cluster.hosts import loopback_ring
 
-    ring = json.dumps([[f"127.0.0.1:{p}"] for p in free_ports(2)])
+    ring = json.dumps(loopback_ring(2))
     script = (
-        "import sys; from daemon.cluster.launch import _join; from daemon.cluster.identity import verify\n"
-        f"rank = int(sys.argv[1]); group = _join({ring}, rank)\n"
+        "import sys; from daemon.cluster.launch import join_ring; from daemon.cluster.identity import verify\n"
+        f"rank = int(sys.argv[1]); group = join_ring({ring}, rank)\n"
         "verify(group, bytes([rank]) * 32, ['a', 'b'])\n"
     )
     procs = [subprocess.Popen([sys.executable, "-c", script, str(r)], stderr=subprocess.PIPE, text=True) for r in (0, 1)]

@@ -63,6 +63,11 @@ def free_ports(n: int) -> list[int]:
     return ports
 
 
+def loopback_ring(n: int) -> list[list[str]]:
+    """The ring backend's addresses for `n` processes on this machine."""
+    return ring_addresses([Host(LOCAL[0], LOCAL[0])] * n)
+
+
 def ring_addresses(hosts: list[Host], base_port: int = BASE_PORT) -> list[list[str]]:
     """The ring backend's hostfile (MLX_HOSTFILE): one [ip:port] per rank."""
     spare = iter(free_ports(sum(h.local for h in hosts)))

@@ -35,7 +35,7 @@ POLL_SECONDS = 0.2
 QUIT_SECONDS = 5.0  # the other ranks' time to stop once told
 
 
-def _join(ring: list[list[str]], rank: int):
+def join_ring(ring: list[list[str]], rank: int):
     """This process's place in the ring backend's group (blocks until every rank is there)."""
     fd, hostfile = tempfile.mkstemp(prefix="mtpd-ring-", suffix=".json")
     with os.fdopen(fd, "w") as f:
@@ -103,7 +103,7 @@ class Cluster:
     def join(self, lm) -> None:
         """Joins the group, checks every rank loaded the same, and takes rank 0's share of `lm`'s layers."""
         check(lm.model, self.split, self.size)
-        group = _join(self.ring, 0)
+        group = join_ring(self.ring, 0)
         verify(group, fingerprint(self.model, self.drafter, self.split, self.size), [h.ssh for h in self.hosts])
         self.link = Link(group, self.split)
         start, end = split_rank0(lm.model, self.link)
@@ -173,7 +173,7 @@ def follow(rank: int, split: str, ring: list[list[str]], model: str | None, draf
     threading.Thread(target=_orphaned, args=(os.getppid(),), daemon=True).start()
     lm = load(model, drafter="none", lazy=True)
     check(lm.model, split, len(ring))
-    group = _join(ring, rank)
+    group = join_ring(ring, rank)
     hosts = [r[0] for r in ring]
     verify(group, fingerprint(model, drafter, split, len(ring)), hosts)
     layers, start, end = split_follower(lm.model, group, split)

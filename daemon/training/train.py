@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, replace
@@ -27,7 +26,8 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
-from daemon.cluster.hosts import free_ports
+from daemon.cluster.hosts import loopback_ring
+from daemon.cluster.launch import join_ring
 from daemon.cpu import workers as cpu_workers
 from daemon.drafting.phrases import Phrasebook
 from daemon.models import drafter_io, mtp
@@ -92,11 +92,10 @@ def _save_checkpoint(work: Path, drafter, optimizer, step: int, rng_state) -> No
     (work / "step.json").write_text(json.dumps({"step": step, "rng": rng_state}))
 
 
-def _train_worker(spec: str, s: TrainSettings, work: Path, rank: int, hostfile: Path, messages) -> None:
+def _train_worker(spec: str, s: TrainSettings, work: Path, rank: int, ring: list[list[str]], messages) -> None:
     """A process of a data-parallel run (daemon.cpu.workers): a share of every batch's rows, gradients
     averaged over the group by mx.distributed's ring backend on loopback; rank 0 reports."""
-    os.environ.update(MLX_HOSTFILE=str(hostfile), MLX_RANK=str(rank))
-    group = mx.distributed.init(backend="ring", strict=True)
+    group = join_ring(ring, rank)
     lm = load(spec, drafter="none")
     data = TrainingData.load(work, s)
     drafter = init_drafter(lm, data.head_vocab, s)  # its weights come from the checkpoint
@@ -201,9 +200,8 @@ def train_drafter(
     if workers == 1:
         _train_steps(lm, drafter, data, s, work, progress)
     else:
-        hostfile = work / "hosts.json"
-        hostfile.write_text(json.dumps([[f"127.0.0.1:{port}"] for port in free_ports(workers)]))
-        cpu_workers.run(_train_worker, [(lm.path, s, work, rank, hostfile) for rank in range(workers)], progress)
+        ring = loopback_ring(workers)
+        cpu_workers.run(_train_worker, [(lm.path, s, work, rank, ring) for rank in range(workers)], progress)
         drafter.load_weights(str(work / "ckpt.safetensors"))
     step = json.loads((work / "step.json").read_text())["step"]
 
