@@ -61,6 +61,14 @@ def configs(vocab: int) -> dict[str, dict]:
                          tie_word_embeddings=False, attention_bias=True, partial_rotary_factor=0.5,
                          num_nextn_predict_layers=1),
         "mimo": dict(base, model_type="mimo", num_nextn_predict_layers=1),
+        "deepseek_v41": dict(model_type="deepseek_v41", architectures=["DeepseekV41ForCausalLM"], text_config=dict(
+            vocab_size=vocab, hidden_size=64, num_hidden_layers=3, num_attention_heads=4, head_dim=32, q_lora_rank=32,
+            qk_rope_head_dim=8, o_groups=2, o_lora_rank=16, moe_intermediate_size=32, n_routed_experts=4,
+            num_experts_per_tok=2, scoring_func="sqrtsoftplus", routed_scaling_factor=1.5, swiglu_limit=10.0,
+            rms_norm_eps=1e-6, sliding_window=8, compress_ratios=[0, 4, 4, 0], kv_source_layer_ids=[1],
+            index_source_layer_ids=[1], index_n_heads=2, index_head_dim=16, index_topk=4, candidate_source_layer_id=-1,
+            hc_mult=4, hc_sinkhorn_iters=20, hc_eps=1e-6, num_nextn_predict_layers=1, max_position_embeddings=4096,
+            rope_theta=10000.0, compress_rope_theta=160000.0)),
         "nemotron_h": dict(model_type="nemotron_h", vocab_size=vocab, hidden_size=64, intermediate_size=128,
                            max_position_embeddings=1024, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
                            attention_bias=False, mamba_num_heads=4, mamba_head_dim=16, mamba_proj_bias=False,
@@ -143,6 +151,38 @@ def released_qwen(weights: dict, family: str) -> dict:
     return out
 
 
+_V41_NAMES = [(".self_attn.", ".attn."), (".mlp.", ".ffn."), (".input_layernorm.", ".attn_norm."),
+              (".post_attention_layernorm.", ".ffn_norm."), (".attn_hc.", ".hc_attn_"), (".ffn_hc.", ".hc_ffn_"),
+              (".sinks", ".attn_sink"), (".q_a_proj.", ".wq_a."), (".q_b_proj.", ".wq_b."), (".kv_proj.", ".wkv."),
+              (".compressor.gate_proj.", ".compressor.wgate."), (".o_a_proj.", ".wo_a."), (".o_b_proj.", ".wo_b."),
+              (".q_a_norm.", ".q_norm."), (".compressor.kv_norm.", ".compressor.norm."), (".indexer.k_proj.", ".indexer.wk."),
+              (".gate.e_score_correction_bias", ".gate.bias"), (".shared_experts.gate_proj.", ".shared_experts.w1."),
+              (".shared_experts.down_proj.", ".shared_experts.w2."), (".shared_experts.up_proj.", ".shared_experts.w3.")]
+_V41_EXPERTS = {"gate_proj": "w1", "down_proj": "w2", "up_proj": "w3"}
+
+
+def released_deepseek_v41(weights: dict) -> dict:
+    """mlx-lm's DeepSeek V4.1 weights -> DeepSeek's names as released (`layers.{i}.attn.wq_a`,
+    `hc_attn_fn`, one tensor per expert, `wo_a` as one matrix); checked against mlx-lm's own rename."""
+    from mlx_lm.models.deepseek_v41 import _rename
+
+    out = {}
+    for name, value in weights.items():
+        if name in ("lm_head.weight", "model.embed_tokens.weight"):
+            released = {"lm_head.weight": "head.weight", "model.embed_tokens.weight": "embed.weight"}[name]
+        else:
+            released = name.removeprefix("model.")
+            for ours, theirs in _V41_NAMES:
+                released = released.replace(ours, theirs)
+        if ".experts.switch_mlp." in released:
+            head, _, proj = released.removesuffix(".weight").partition(".experts.switch_mlp.")
+            out.update({f"{head}.experts.{e}.{_V41_EXPERTS[proj]}.weight": value[e] for e in range(value.shape[0])})
+            continue
+        assert _rename(released) == name, (name, released)
+        out[released] = value.reshape(-1, value.shape[-1]) if released.endswith(".wo_a.weight") else value
+    return out
+
+
 def _draw(module, seed: int):
     mx.random.seed(seed)
     flat = [(k, 1 + 0.1 * mx.random.normal(v.shape) if ("norm" in k and v.ndim == 1) else mx.random.normal(v.shape) * 0.3)
@@ -182,6 +222,18 @@ def write_with_mtp(folder: Path, family: str, tokenizer, vocab: int, seed: int =
         raw.update({"model.mtp_layers.0.input_proj.weight": ref["proj"], "model.mtp_layers.0.token_layernorm.weight":
                     ref["enorm"], "model.mtp_layers.0.hidden_layernorm.weight": ref["hnorm"],
                     "model.mtp_layers.0.final_layernorm.weight": ref["norm"]})
+    elif family == "deepseek_v41":
+        raw = released_deepseek_v41(weights)
+        ref.update(proj=mx.random.normal((hidden, hidden)) * 0.2, e_proj=mx.random.normal((hidden, hidden)) * 0.2,
+                   hc_head=(mx.random.normal((text["hc_mult"], text["hc_mult"] * hidden)) * 0.3,
+                            mx.random.normal((text["hc_mult"],)) * 0.3, mx.array([1.2])))
+        layer = released_deepseek_v41({f"model.layers.0.{k}": v for k, v in block_params.items()})
+        raw.update({f"mtp.0.{k.removeprefix('layers.0.')}": v for k, v in layer.items()})
+        fn, base, scale = ref["hc_head"]
+        raw.update({"mtp.0.h_proj.weight": ref["proj"], "mtp.0.e_proj.weight": ref["e_proj"],
+                    "mtp.0.enorm.weight": ref["enorm"], "mtp.0.hnorm.weight": ref["hnorm"],
+                    "mtp.0.norm.weight": ref["norm"], "mtp.0.hc_head_fn": fn, "mtp.0.hc_head_base": base,
+                    "mtp.0.hc_head_scale": scale, "mtp.0.emb.tok_emb.weight": weights["model.embed_tokens.weight"]})
     else:  # DeepSeek-style: model.layers.{N}
         raw = dict(weights)
         ref["head"] = mx.random.normal((vocab, hidden)) * 0.3

@@ -1,5 +1,6 @@
-"""Hybrid targets (Gated DeltaNet in Qwen3.5 / Qwen3-Next, Mamba in Nemotron-H): a partly rejected
-draft is taken back exactly, recurrent state included (daemon.engine.rollback)."""
+"""Targets whose caches cannot trim (Gated DeltaNet in Qwen3.5 / Qwen3-Next, Mamba in Nemotron-H, DeepSeek
+V4's sliding window and compressed groups): a partly rejected draft is taken back exactly, the
+recurrent state or the layer cache included (daemon.engine.rollback)."""
 
 import mlx.core as mx
 import numpy as np
@@ -7,14 +8,16 @@ import pytest
 from doubles import RuleDrafter, planted_errors, speculated_cache
 from families import write_family
 from mlx_lm.models.cache import ArraysCache, make_prompt_cache
+from mlx_lm.models.deepseek_v41 import LayerCache
 
 from daemon.engine.generate import generate
 from daemon.engine.records import Request
+from daemon.engine.rollback import keep_states
 from daemon.models.loading import load
 from policies.fixed import Fixed
 
 PROMPT = (1, 80, 120, 7, 200, 33, 150)
-HYBRIDS = ["qwen3_5", "qwen3_next", "nemotron_h"]
+HYBRIDS = ["qwen3_5", "qwen3_next", "nemotron_h", "deepseek_v41"]
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +36,7 @@ def planted(lm, k):
 @pytest.mark.parametrize("family", HYBRIDS)
 def test_hybrid_greedy_identical_with_rejections_at_every_position(hybrids, family, k):
     lm = hybrids[family]
-    assert any(isinstance(c, ArraysCache) for c in make_prompt_cache(lm.model))
+    assert keep_states(make_prompt_cache(lm.model)) is not None  # some layers cannot trim
     plain = list(generate(lm, Request(PROMPT, max_tokens=40), Fixed(0)))[-1]
     lm.drafter, lm.drafter_name = planted(lm, k), "rule"
     try:
@@ -56,6 +59,12 @@ def test_hybrid_cache_after_speculation_equals_plain_prefill(hybrids, family):
         if isinstance(ours, ArraysCache):
             for a, b in zip(ours.cache, theirs.cache):
                 np.testing.assert_allclose(np.array(a), np.array(b), atol=1e-4)
+        elif isinstance(ours, LayerCache):  # window, compressed groups, index keys, the open group, offset
+            assert ours.offset == len(sequence) and ours.window.shape[1] == lm.config["sliding_window"]
+            for a, b in zip(ours.state, theirs.state):
+                assert (a is None) == (b is None)
+                if a is not None:
+                    np.testing.assert_allclose(np.array(a), np.array(b), atol=1e-4)
         else:
             assert ours.offset == len(sequence)
             for a, b in zip(ours.state[:2], theirs.state[:2]):

@@ -10,13 +10,15 @@ from mlx_lm.models.base import create_attention_mask
 
 from daemon.engine.generate import generate
 from daemon.engine.records import Request
-from daemon.models.families import mimo, qwen3_next
+from daemon.engine.forward import hidden_tap
+from daemon.models.families import deepseek_v4, mimo, qwen3_next
 from daemon.models.loading import load
 from daemon.models.target import target_embedding, target_head_weight, trunk
 from policies.fixed import Fixed
 
 PROMPT = (1, 80, 120, 7, 200, 33, 150)
-MTP_FAMILIES = ["deepseek_v3", "deepseek_v32", "glm4_moe", "glm4_moe_lite", "qwen3_5", "qwen3_next", "mimo"]
+MTP_FAMILIES = ["deepseek_v3", "deepseek_v32", "glm4_moe", "glm4_moe_lite", "qwen3_5", "qwen3_next", "mimo",
+                "deepseek_v41"]
 
 
 @pytest.fixture(scope="module")
@@ -32,6 +34,8 @@ def rms(x, w, eps):
 
 def reference_logits(ref: dict, lm, ids) -> mx.array:
     """The MTP forward over positions 0..L-2 (h_i, t_{i+1}) -> logits for t_{i+2}, [1, L-1, V]."""
+    if lm.config["model_type"] == "deepseek_v41":
+        return reference_v4_logits(ref, lm, ids)
     eps = lm.config["rms_norm_eps"]
     tokens = mx.array([ids])
     h = trunk(lm.model)(tokens)[:, :-1]  # after the final norm
@@ -45,9 +49,40 @@ def reference_logits(ref: dict, lm, ids) -> mx.array:
     return rms(x, ref["norm"], eps) @ head.T
 
 
+def reference_v4_logits(ref: dict, lm, ids) -> mx.array:
+    """DeepSeek's MTPBlock.forward and ParallelHead.hc_head (`inference/model.py`) on mlx-lm's V4.1
+    layers: the trunk's streams S and pre-mix P after its last layer; x = h_proj(hnorm(S)) +
+    e_proj(enorm(e)); the layer on (x, P); its own sigmoid collapse; norm; the target's head."""
+    from mlx_lm.models.deepseek_v41 import LayerCache, _window_indices
+
+    config, eps, tokens = lm.config, lm.config["rms_norm_eps"], mx.array([ids])
+    hc, length = config["hc_mult"], len(ids) - 1
+    body = trunk(lm.model)
+
+    def window(n):
+        return _window_indices(previous=0, length=n, window=config["sliding_window"])[None]
+
+    h = body.embed_tokens(tokens)
+    streams, pre = mx.broadcast_to(h[:, :, None], (1, len(ids), hc, h.shape[-1])), mx.zeros((1, len(ids), hc)).at[..., 0].add(1.0)
+    shared = {}
+    for layer in body.layers:
+        streams, pre = layer(streams, pre, start_pos=0, window_idx=window(len(ids)), cache=LayerCache(8), shared=shared)
+    e = rms(target_embedding(lm.model)(tokens[:, 1:]), ref["enorm"], eps)
+    x = rms(streams[:, :-1], ref["hnorm"], eps) @ ref["proj"].T + (e @ ref["e_proj"].T)[:, :, None]
+    x, _ = ref["block"](x, pre[:, :-1], start_pos=0, window_idx=window(length), cache=LayerCache(8), shared={})
+    fn, base, scale = ref["hc_head"]
+    flat = x.reshape(1, length, -1)
+    mix = (flat @ fn.T) * mx.rsqrt(mx.mean(flat * flat, axis=-1, keepdims=True) + eps)
+    weights = mx.sigmoid(mix * scale + base) + config["hc_eps"]
+    y = mx.sum(weights[..., None] * x, axis=2)
+    return rms(y, ref["norm"], eps) @ target_head_weight(lm.model).T
+
+
 def drafter_logits(lm, ids) -> mx.array:
     tokens = mx.array([ids])
-    h = trunk(lm.model)(tokens)[:, :-1]
+    tap = hidden_tap(lm.model, lm.drafter.config.source)
+    lm.model(tokens)
+    h = tap.hidden(lm.drafter.config.source)[:, :-1]
     return lm.drafter(h, tokens[:, 1:], lm.drafter.make_cache(), lm.model)[0]
 
 
@@ -70,7 +105,7 @@ def test_speculation_with_the_mtp_layer_is_lossless(written, family):
         assert spec.token_ids == plain.token_ids and spec.stats.drafted > 0, k
 
 
-@pytest.mark.parametrize("family", ["qwen3_5", "mimo"])
+@pytest.mark.parametrize("family", ["qwen3_5", "mimo", "deepseek_v41"])
 def test_quantized_mtp_layer_loads_and_stays_lossless(written, family):
     lm = load(str(written[family][0]), drafter_bits=4)
     assert lm.drafter is not None
@@ -80,18 +115,23 @@ def test_quantized_mtp_layer_loads_and_stays_lossless(written, family):
 
 
 def test_a_wrong_adapter_fails_the_reference(written, monkeypatch):
-    """The reference test has teeth: the norms' +1 missed (Qwen3.5), the concatenation swapped (MiMo)."""
+    """The reference test has teeth: the norms' +1 missed (Qwen3.5), the concatenation swapped (MiMo),
+    the embedding's and the hidden state's projections swapped (DeepSeek V4)."""
+    def swapped(drafter, e, streams):
+        return drafter.e_proj(drafter.hnorm(streams)) + drafter.h_proj(e)[..., None, :]
+
     for family, module, name, wrong in [("qwen3_5", qwen3_next, "zero_centred", lambda *_: False),
-                                        ("mimo", mimo, "COMBINE", "embedding_first")]:
+                                        ("mimo", mimo, "COMBINE", "embedding_first"),
+                                        ("deepseek_v41", deepseek_v4, "combine", swapped)]:
         folder, ref = written[family]
         with monkeypatch.context() as m:
             m.setattr(module, name, wrong)
             lm = load(str(folder))
-        assert not np.allclose(np.array(drafter_logits(lm, PROMPT)), np.array(reference_logits(ref, lm, PROMPT)),
-                               atol=2e-3, rtol=1e-3), family
+            ours = np.array(drafter_logits(lm, PROMPT))
+        assert not np.allclose(ours, np.array(reference_logits(ref, lm, PROMPT)), atol=2e-3, rtol=1e-3), family
 
 
-@pytest.mark.parametrize("family", ["qwen3_5", "deepseek_v3"])
+@pytest.mark.parametrize("family", ["qwen3_5", "deepseek_v3", "deepseek_v41"])
 def test_extracted_drafter_serves_a_conversion_that_dropped_the_layer(written, family, tmp_path):
     """`mtpd drafter extract` reads the MTP tensors alone; `mtpd inspect` tells the stripped copy
     from the original; the extracted folder drafts next to the stripped copy as the layer did inside."""

@@ -17,6 +17,7 @@ from mlx_lm.models.cache import trim_prompt_cache
 from daemon.drafting.lookup import NgramIndex
 from daemon.engine.forward import PREFILL_CHUNK
 from daemon.engine.grammar import Grammar, masked
+from daemon.engine.rollback import keep_states, restore
 from daemon.engine.sampling import SamplingParams, target_logprobs
 from daemon.models.mtp import offer_arrays
 
@@ -38,6 +39,7 @@ class DraftingSession:
         self.pending_hidden: list[mx.array] = []  # chunks [1, m_i, H]
         self.pending_tokens: list[int] = []
         self.chained = 0  # positions in the cache past the pairs: the last draft's chain
+        self.before_chain = None  # a cache that cannot trim, as it was before that chain (daemon.engine.rollback)
 
     def start(self, prompt_hidden: mx.array, first_token: int) -> None:
         """Reads the prompt's pairs now (the index holds the prompt alone), as part of the prefill,
@@ -56,7 +58,10 @@ class DraftingSession:
     def rewind(self, hidden: mx.array, tokens: list[int]) -> None:
         """After a drafted round: drop the chain; the target's hidden states [1, m, H] of the kept
         positions and the tokens after them are what it reads next."""
-        trim_prompt_cache([self.cache], self.chained)
+        if self.before_chain is None:
+            trim_prompt_cache([self.cache], self.chained)
+        else:
+            restore([self.cache], self.before_chain)
         self.chained = 0
         self.pending_hidden, self.pending_tokens = [hidden], list(tokens)
 
@@ -70,6 +75,7 @@ class DraftingSession:
         tokens = self.pending_tokens
         logits, own = self._catch_up(unseen, tokens, self.index.offers[-len(tokens):])
         self.pending_hidden, self.pending_tokens = [], []  # read now
+        self.before_chain = keep_states([self.cache])
         out = Drafts()
         for j in range(k):
             row = logits[0]

@@ -16,7 +16,6 @@ from mlx_lm.models.cache import make_prompt_cache, trim_prompt_cache
 
 from daemon.cpu.blas import blas_in_use
 from daemon.engine.batch import run_rows
-from daemon.engine.forward import source_parts
 from daemon.engine.ragged import batchable
 from daemon.engine.rows import Forward
 from daemon.models.loading import LoadedModel, backend
@@ -69,8 +68,7 @@ def probe_costs(lm: LoadedModel, k_max: int = K_MAX, verify_penalty: float = 0.0
     # more rows never cost less: a slow outlier at n is capped by what any larger n took
     t_verify = list(itertools.accumulate(reversed(measured), min))[::-1]
     dcache = drafter.make_cache()
-    width = lm.config["hidden_size"] * (1 + len(source_parts(drafter.config.source)[1]))  # the blocks it reads
-    hidden = mx.zeros((1, PROBE_CONTEXT, width))
+    hidden = mx.zeros((1, PROBE_CONTEXT, drafter.config.width))
     # a drafter that reads offers gets one everywhere
     mx.eval(drafter.draft(hidden, context, dcache, model, offer_arrays(drafter, [(11, 2)] * PROBE_CONTEXT))[0])
     one_offer = offer_arrays(drafter, [(11, 2)])

@@ -25,8 +25,23 @@ def feature_source(final: str, blocks) -> str:
     return final + "".join(f"+{b}" for b in blocks)
 
 
+def join_streams(streams: mx.array, pre_mix: mx.array) -> mx.array:
+    """A hyper-connection trunk's state after its last layer (DeepSeek V4: streams [B, L, hc, H]
+    and the pre-mix [B, L, hc] the trunk collapses them with) as one hidden array [B, L, hc * (H + 1)]
+    in float32 (exact for the streams' bf16 or fp16)."""
+    flat = streams.reshape(*streams.shape[:2], -1).astype(mx.float32)
+    return mx.concatenate([flat, pre_mix.astype(mx.float32)], axis=-1)
+
+
+def split_streams(hidden: mx.array, hc: int) -> tuple[mx.array, mx.array]:
+    """`join_streams` undone: (streams [B, L, hc, H] float32, pre-mix [B, L, hc] float32)."""
+    flat, pre_mix = hidden[..., :-hc], hidden[..., -hc:]
+    return flat.reshape(*flat.shape[:2], hc, -1), pre_mix
+
+
 class HiddenTap(nn.Module):
-    """Wraps the target's final norm and remembers its input (pre-norm) and output (post-norm)."""
+    """Wraps the target's final norm and remembers its input (pre-norm) and output (post-norm);
+    "streams" reads the last block's output instead (a hyper-connection trunk's, `join_streams`)."""
 
     def __init__(self, norm: nn.Module, blocks: list):
         super().__init__()
@@ -43,6 +58,8 @@ class HiddenTap(nn.Module):
         """[B, L, H * (1 + blocks)] of the last forward: the final state `source` names, then the
         named blocks' outputs."""
         final, blocks = source_parts(source)
+        if final == "streams":
+            return join_streams(*self._blocks[-1]._out)
         pre, post = self._seen
         h = pre if final == "pre_norm" else post
         return mx.concatenate([h, *(self._blocks[b]._out for b in blocks)], axis=-1) if blocks else h
@@ -69,7 +86,8 @@ def hidden_tap(model, source: str = "post_norm") -> HiddenTap:
     layers, name = body.layers, "norm" if "norm" in body else "norm_f"  # Nemotron-H's
     if not isinstance(body[name], HiddenTap):
         setattr(body, name, HiddenTap(body[name], layers))
-    for b in source_parts(source)[1]:
+    final, blocks = source_parts(source)
+    for b in (*blocks, len(layers) - 1) if final == "streams" else blocks:
         if not getattr(type(layers[b]), "records", False):
             layers[b].__class__ = _recording(type(layers[b]))
     return body[name]

@@ -2,30 +2,49 @@
 
 Attention caches (KVCache and kin) trim: they drop their last positions. A recurrent layer (mlx-lm's
 ArraysCache: Gated DeltaNet in Qwen3.5/3.6/Next, Mamba in Nemotron-H, LFM2's convolutions) keeps
-one state that has already absorbed every verified row, so it is kept aside before the forward
-(MLX arrays are immutable: keeping costs references, not copies) and put back after it; the
-positions to keep are then run through the model again (snapshot and replay). The replay costs a
-forward over the kept rows, only in rounds that rejected a draft and only on hybrid models.
+one state that has already absorbed every verified row, and DeepSeek V4's layer cache (a sliding
+window, compressed groups and the rows of the open group) has already dropped rows it cannot get
+back; such a cache is kept aside before the forward (MLX arrays are immutable, and these caches
+replace their arrays rather than write into them: keeping costs references, not copies) and put
+back after it; the positions to keep are then run through the model again (snapshot and replay).
+The replay costs a forward over the kept rows, only in rounds that rejected a draft and only on
+models with such caches.
 """
 
 from __future__ import annotations
 
 import mlx.core as mx
 from mlx_lm.models.cache import ArraysCache, RotatingKVCache, trim_prompt_cache
+from mlx_lm.models.deepseek_v41 import LayerCache
+
+REBINDING = (LayerCache,)  # caches whose updates assign new arrays to their attributes, never into them
+
+
+def _restorable(c) -> bool:
+    return isinstance(c, (ArraysCache, *REBINDING))
 
 
 def speculable(cache: list) -> bool:
     """Whether every layer's cache can take positions back: trimmable attention (a sliding
-    window that wraps cannot) or a recurrent state."""
-    return all(isinstance(c, ArraysCache) or (c.is_trimmable() and not isinstance(c, RotatingKVCache)) for c in cache)
+    window that wraps cannot), or a cache kept aside and put back."""
+    return all(_restorable(c) or (c.is_trimmable() and not isinstance(c, RotatingKVCache)) for c in cache)
 
 
 def keep_states(cache: list) -> list | None:
-    """The recurrent states before a forward that may be partly taken back; None for a model
-    without recurrent layers (trimming is enough)."""
-    if not any(isinstance(c, ArraysCache) for c in cache):
+    """What the caches that cannot trim hold before a forward that may be partly taken back (None
+    per layer that trims); None when every layer trims."""
+    if not any(_restorable(c) for c in cache):
         return None
-    return [list(c.cache) if isinstance(c, ArraysCache) else None for c in cache]
+    return [(list(c.cache) if isinstance(c, ArraysCache) else dict(vars(c))) if _restorable(c) else None for c in cache]
+
+
+def restore(cache: list, states: list) -> None:
+    """Puts back what `keep_states` kept (layers that trim are left to the caller)."""
+    for c, state in zip(cache, states):
+        if isinstance(c, ArraysCache):
+            c.cache = list(state)
+        elif state is not None:
+            vars(c).update(state)
 
 
 def take_back(model, cache: list, states: list | None, fed: list[int], keep: int) -> None:
@@ -39,8 +58,7 @@ def take_back(model, cache: list, states: list | None, fed: list[int], keep: int
     for c, state in zip(cache, states):
         if state is None:
             c.trim(len(fed))
-        else:
-            c.cache = list(state)
+    restore(cache, states)
     if keep:
         model(mx.array([fed[:keep]]), cache=cache)
         mx.eval([c.state for c in cache])

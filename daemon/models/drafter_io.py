@@ -39,7 +39,7 @@ def checkpoint_keys(weights: dict) -> dict:
 def build(config: DrafterConfig, weights: dict | None = None, bits: int | None = None) -> MTPDrafter:
     """A drafter from checkpoint weights, or randomly initialised when `weights` is None; `bits`:
     the weights are stored quantized (daemon.models.drafter_io.quantize)."""
-    drafter = MTPDrafter(config)
+    drafter = getattr(family.adapter(config.target["model_type"]), "Drafter", MTPDrafter)(config)
     if bits is not None:
         nn.quantize(drafter, group_size=GROUP_SIZE, bits=bits, class_predicate=_linear)
     if weights is not None:
@@ -51,8 +51,9 @@ def build(config: DrafterConfig, weights: dict | None = None, bits: int | None =
 
 def from_checkpoint(text_config: dict, mtp: dict) -> MTPDrafter:
     """A family's own MTP layer, its tensors already in the drafter's names (daemon.models.family)."""
-    config = DrafterConfig(text_config, text_config["num_hidden_layers"], own_head="shared_head.head.weight" in mtp,
-                           combine=family.adapter(text_config["model_type"]).COMBINE)
+    adapter = family.adapter(text_config["model_type"])
+    config = DrafterConfig(text_config, text_config["num_hidden_layers"], getattr(adapter, "HIDDEN", "post_norm"),
+                           own_head="shared_head.head.weight" in mtp, combine=adapter.COMBINE)
     return build(config, mtp)
 
 
@@ -118,10 +119,10 @@ def quantize(drafter: MTPDrafter, bits: int, keep_quantized: bool, group_size: i
         nn.quantize(drafter, group_size=group_size, bits=bits, class_predicate=_linear)
         return
     rounded = [
-        (name, mx.dequantize(*mx.quantize(w.astype(mx.float32), group_size=group_size, bits=bits),
-                             group_size=group_size, bits=bits))
-        for name, w in tree_flatten(drafter.parameters())
-        if w.ndim == 2 and w.shape[-1] % group_size == 0
+        (f"{name}.weight", mx.dequantize(*mx.quantize(m.weight.astype(mx.float32), group_size=group_size, bits=bits),
+                                         group_size=group_size, bits=bits))
+        for name, m in drafter.named_modules()
+        if _linear(name, m)  # what nn.quantize would quantize
     ]
     drafter.load_weights(rounded, strict=False)
     drafter.update(tree_map(lambda p: p.astype(mx.float32), drafter.parameters()))

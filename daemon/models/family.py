@@ -14,15 +14,18 @@ One adapter module per family group, in mlx-lm's one-file-per-family shape. Each
                one decoder layer of the family, built by mlx-lm's class
   ARRAY_MASK   whether that layer wants an explicit mask array (MLA attention)
   make_cache(config)  (optional) the layer's cache, when it is not one KVCache
+  HIDDEN       (optional) the target state it reads, when not the post-norm hidden state
+  Drafter      (optional) its own drafter module, when the forward is not daemon.models.mtp's
 """
 
 from __future__ import annotations
 
 from types import ModuleType
 
-from daemon.models.families import deepseek, llama, mimo, qwen3_next
+from daemon.models.families import deepseek, deepseek_v4, llama, mimo, qwen3_next
 
-ADAPTERS: dict[str, ModuleType] = {name: m for m in (llama, deepseek, qwen3_next, mimo) for name in m.FAMILIES}
+ADAPTERS: dict[str, ModuleType] = {
+    name: m for m in (llama, deepseek, deepseek_v4, qwen3_next, mimo) for name in m.FAMILIES}
 
 
 def adapter(model_type: str) -> ModuleType | None:

@@ -30,9 +30,9 @@ from daemon.engine.forward import feature_source
 from daemon.models import family
 from daemon.models.target import target_embedding, target_head, target_head_weight
 
-HIDDEN_SOURCES = ("post_norm", "pre_norm")
+HIDDEN_SOURCES = ("post_norm", "pre_norm", "streams")  # streams: a hyper-connection trunk's (DeepSeek V4)
 COMBINES = ("embedding_first", "hidden_first")
-BLOCK_PARTS = ("input_layernorm", "self_attn", "post_attention_layernorm", "mlp")
+BLOCK_PARTS = ("input_layernorm", "self_attn", "post_attention_layernorm", "mlp", "attn_hc", "ffn_hc")
 MATCH_CLASSES = 5  # offer match lengths 0 (none) .. 4 (daemon.drafting.lookup.NgramIndex's n_max)
 
 
@@ -40,7 +40,7 @@ MATCH_CLASSES = 5  # offer match lengths 0 (none) .. 4 (daemon.drafting.lookup.N
 class DrafterConfig:
     target: dict  # the target family's config (model_type + args); the block is built from it
     layer_index: int  # index of the MTP block in the checkpoint (num_hidden_layers for DeepSeek-V3)
-    hidden_source: str = "post_norm"  # which target hidden state h_i is: after or before its final norm
+    hidden_source: str = "post_norm"  # which target hidden state h_i is: after or before its final norm, or the streams
     own_head: bool = False  # the drafter ships `shared_head.head` (else the target's head is used)
     head_vocab: list[int] | None = field(default=None, repr=False)  # own head over these token ids
     feature_layers: list[int] = field(default_factory=list)  # target blocks whose outputs it also reads
@@ -60,6 +60,14 @@ class DrafterConfig:
     def source(self) -> str:
         """What it reads from the target's forward (daemon.engine.forward.HiddenTap.hidden)."""
         return feature_source(self.hidden_source, self.feature_layers)
+
+    @property
+    def width(self) -> int:
+        """The size of one position's hidden input."""
+        hidden = self.target["hidden_size"]
+        if self.hidden_source == "streams":
+            return self.target["hc_mult"] * (hidden + 1)  # daemon.engine.forward.join_streams
+        return hidden * (1 + len(self.feature_layers))
 
 
 class SharedHead(nn.Module):
