@@ -8,9 +8,9 @@ import pytest
 from families import write_with_mtp
 from mlx_lm.models.base import create_attention_mask
 
+from daemon.engine.forward import hidden_tap
 from daemon.engine.generate import generate
 from daemon.engine.records import Request
-from daemon.engine.forward import hidden_tap
 from daemon.models.families import deepseek_v4, mimo, qwen3_next
 from daemon.models.loading import load
 from daemon.models.target import target_embedding, target_head_weight, trunk
