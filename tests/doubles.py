@@ -29,7 +29,7 @@ class RuleDrafter:
     what it proposes after `prefix`."""
 
     def __init__(self, first_token: int, rule, hidden_size: int):
-        self.config = SimpleNamespace(source="post_norm", reads_offers=False)
+        self.config = SimpleNamespace(source="post_norm", reads_offers=False, width=hidden_size)
         self.first_token = first_token
         self.rule = rule
         self.hidden_size = hidden_size

@@ -192,54 +192,68 @@ def _draw(module, seed: int):
     return module
 
 
-def write_with_mtp(folder: Path, family: str, tokenizer, vocab: int, seed: int = 0) -> dict:
-    """A tiny `family` checkpoint in its released layout with one MTP layer. Returns what an
-    independent reference of the MTP forward needs: effective norm weights (as they multiply),
-    the projection, the head (None: the target's), the block as an mlx-lm layer, the order."""
+def write_with_mtp(folder: Path, family: str, tokenizer, vocab: int, seed: int = 0, layers: int = 1) -> dict:
+    """A tiny `family` checkpoint in its released layout with `layers` MTP layers (one for the
+    Qwen families, whose MTP module stacks its layers). Returns what an independent reference of
+    the MTP forward needs, for the first layer (the later ones under "later"): effective norm
+    weights (as they multiply), the projection(s), the head (None: the target's), the block as an
+    mlx-lm layer, the order."""
     from daemon.models import family as families
 
     config = configs(vocab)[family]
     text = families.text_config(config)
+    if layers > 1:
+        (config["text_config"] if "text_config" in config else config)["num_nextn_predict_layers"] = layers
     model = random_model(config, seed)
     weights = dict(tree_flatten(model.parameters()))
+    raw = released_qwen(weights, family) if family in ("qwen3_5", "qwen3_next") else (
+        released_deepseek_v41(weights) if family == "deepseek_v41" else dict(weights))
+    refs = []
+    for j in range(layers):
+        tensors, ref = _mtp_layer(family, text, weights, vocab, seed + 10 * j, j)
+        raw.update(tensors)
+        refs.append(ref)
+    write_folder(folder, config, raw, tokenizer)
+    return {**refs[0], "later": refs[1:]}
+
+
+def _mtp_layer(family: str, text: dict, weights: dict, vocab: int, seed: int, j: int) -> tuple[dict, dict]:
+    """MTP layer j's tensors under the family's released names, and its reference."""
+    from daemon.models import family as families
+
     n, hidden = text["num_hidden_layers"], text["hidden_size"]
-    block = _draw(families.block(text, n), seed + 1)
+    block = _draw(families.block(text, n + j), seed + 1)
     block_params = dict(tree_flatten(block.parameters()))
     mx.random.seed(seed + 2)
     ref = {"enorm": 1 + 0.1 * mx.random.normal((hidden,)), "hnorm": 1 + 0.1 * mx.random.normal((hidden,)),
            "norm": 1 + 0.1 * mx.random.normal((hidden,)), "proj": mx.random.normal((hidden, 2 * hidden)) * 0.2,
            "head": None, "block": block, "order": "embedding_first"}
     if family in ("qwen3_5", "qwen3_next"):
-        raw = released_qwen(weights, family)
-        layer = released_qwen({f"mtp.layers.0.{k}": v for k, v in block_params.items()}, family)
-        raw.update(layer)
+        raw = released_qwen({f"mtp.layers.0.{k}": v for k, v in block_params.items()}, family)
         raw.update({"mtp.fc.weight": ref["proj"], "mtp.pre_fc_norm_embedding.weight": ref["enorm"] - 1,
                     "mtp.pre_fc_norm_hidden.weight": ref["hnorm"] - 1, "mtp.norm.weight": ref["norm"] - 1})
     elif family == "mimo":
-        raw = dict(weights)
         ref["order"] = "hidden_first"
-        raw.update({f"model.mtp_layers.0.{k}": v for k, v in block_params.items()})
-        raw.update({"model.mtp_layers.0.input_proj.weight": ref["proj"], "model.mtp_layers.0.token_layernorm.weight":
-                    ref["enorm"], "model.mtp_layers.0.hidden_layernorm.weight": ref["hnorm"],
-                    "model.mtp_layers.0.final_layernorm.weight": ref["norm"]})
+        raw = {f"model.mtp_layers.{j}.{k}": v for k, v in block_params.items()}
+        raw.update({f"model.mtp_layers.{j}.input_proj.weight": ref["proj"],
+                    f"model.mtp_layers.{j}.token_layernorm.weight": ref["enorm"],
+                    f"model.mtp_layers.{j}.hidden_layernorm.weight": ref["hnorm"],
+                    f"model.mtp_layers.{j}.final_layernorm.weight": ref["norm"]})
     elif family == "deepseek_v41":
-        raw = released_deepseek_v41(weights)
         ref.update(proj=mx.random.normal((hidden, hidden)) * 0.2, e_proj=mx.random.normal((hidden, hidden)) * 0.2,
                    hc_head=(mx.random.normal((text["hc_mult"], text["hc_mult"] * hidden)) * 0.3,
                             mx.random.normal((text["hc_mult"],)) * 0.3, mx.array([1.2])))
         layer = released_deepseek_v41({f"model.layers.0.{k}": v for k, v in block_params.items()})
-        raw.update({f"mtp.0.{k.removeprefix('layers.0.')}": v for k, v in layer.items()})
+        raw = {f"mtp.{j}.{k.removeprefix('layers.0.')}": v for k, v in layer.items()}
         fn, base, scale = ref["hc_head"]
-        raw.update({"mtp.0.h_proj.weight": ref["proj"], "mtp.0.e_proj.weight": ref["e_proj"],
-                    "mtp.0.enorm.weight": ref["enorm"], "mtp.0.hnorm.weight": ref["hnorm"],
-                    "mtp.0.norm.weight": ref["norm"], "mtp.0.hc_head_fn": fn, "mtp.0.hc_head_base": base,
-                    "mtp.0.hc_head_scale": scale, "mtp.0.emb.tok_emb.weight": weights["model.embed_tokens.weight"]})
-    else:  # DeepSeek-style: model.layers.{N}
-        raw = dict(weights)
+        raw.update({f"mtp.{j}.{k}": v for k, v in {
+            "h_proj.weight": ref["proj"], "e_proj.weight": ref["e_proj"], "enorm.weight": ref["enorm"],
+            "hnorm.weight": ref["hnorm"], "norm.weight": ref["norm"], "hc_head_fn": fn, "hc_head_base": base,
+            "hc_head_scale": scale, "emb.tok_emb.weight": weights["model.embed_tokens.weight"]}.items()})
+    else:  # DeepSeek-style: model.layers.{N + j}
         ref["head"] = mx.random.normal((vocab, hidden)) * 0.3
         layer = {"enorm.weight": ref["enorm"], "hnorm.weight": ref["hnorm"], "eh_proj.weight": ref["proj"],
                  "shared_head.norm.weight": ref["norm"], "shared_head.head.weight": ref["head"],
                  "embed_tokens.weight": weights["model.embed_tokens.weight"], **unstack_experts(block_params)}
-        raw.update({f"model.layers.{n}.{k}": v for k, v in layer.items()})
-    write_folder(folder, config, raw, tokenizer)
-    return ref
+        raw = {f"model.layers.{n + j}.{k}": v for k, v in layer.items()}
+    return raw, ref

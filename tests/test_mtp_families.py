@@ -13,6 +13,7 @@ from daemon.engine.generate import generate
 from daemon.engine.records import Request
 from daemon.models.families import deepseek_v4, mimo, qwen3_next
 from daemon.models.loading import load
+from daemon.models.mtp import mtp_layers
 from daemon.models.target import target_embedding, target_head_weight, trunk
 from policies.fixed import Fixed
 
@@ -34,56 +35,88 @@ def rms(x, w, eps):
 
 def reference_logits(ref: dict, lm, ids) -> mx.array:
     """The MTP forward over positions 0..L-2 (h_i, t_{i+1}) -> logits for t_{i+2}, [1, L-1, V]."""
-    if lm.config["model_type"] == "deepseek_v41":
-        return reference_v4_logits(ref, lm, ids)
-    eps = lm.config["rms_norm_eps"]
+    return reference_chain(ref, lm, ids)[0]
+
+
+def reference_chain(ref: dict, lm, ids) -> list[mx.array]:
+    """Each MTP layer j as trained (DeepSeek-V3's sequential modules, MiMo's layers): over positions
+    i = 0..L-2-j it reads layer j - 1's block output at i (the target's state for j = 0) and
+    t_{i+j+1}, and gives the logits for t_{i+j+2} [1, L-1-j, V]."""
     tokens = mx.array([ids])
-    h = trunk(lm.model)(tokens)[:, :-1]  # after the final norm
-    e = target_embedding(lm.model)(tokens[:, 1:])
+    v4 = lm.config["model_type"] == "deepseek_v41"
+    state = target_v4_state(lm, tokens) if v4 else trunk(lm.model)(tokens)  # h after the final norm
+    out = []
+    for j, layer in enumerate([ref, *ref["later"]]):
+        state = (state[0][:, :-1], state[1][:, :-1]) if v4 else state[:, :-1]
+        logits, state = (reference_v4_layer if v4 else reference_layer)(layer, lm, state, tokens[:, j + 1 :])
+        out.append(logits)
+    return out
+
+
+def reference_layer(ref: dict, lm, h, next_tokens) -> tuple[mx.array, mx.array]:
+    """vLLM's DeepSeek / Qwen3-Next / MiMo MTP layer: (logits, block output)."""
+    eps = lm.config["rms_norm_eps"]
+    e = target_embedding(lm.model)(next_tokens)
     parts = [rms(e, ref["enorm"], eps), rms(h, ref["hnorm"], eps)]
     if ref["order"] == "hidden_first":
         parts.reverse()
     x = mx.concatenate(parts, axis=-1) @ ref["proj"].T
     x = ref["block"](x, create_attention_mask(x, None, return_array=True), None)
     head = ref["head"] if ref["head"] is not None else target_head_weight(lm.model)
-    return rms(x, ref["norm"], eps) @ head.T
+    return rms(x, ref["norm"], eps) @ head.T, x
 
 
-def reference_v4_logits(ref: dict, lm, ids) -> mx.array:
-    """DeepSeek's MTPBlock.forward and ParallelHead.hc_head (`inference/model.py`) on mlx-lm's V4.1
-    layers: the trunk's streams S and pre-mix P after its last layer; x = h_proj(hnorm(S)) +
-    e_proj(enorm(e)); the layer on (x, P); its own sigmoid collapse; norm; the target's head."""
-    from mlx_lm.models.deepseek_v41 import LayerCache, _window_indices
+def _window(lm, n):
+    from mlx_lm.models.deepseek_v41 import _window_indices
 
-    config, eps, tokens = lm.config, lm.config["rms_norm_eps"], mx.array([ids])
-    hc, length = config["hc_mult"], len(ids) - 1
-    body = trunk(lm.model)
+    return _window_indices(previous=0, length=n, window=lm.config["sliding_window"])[None]
 
-    def window(n):
-        return _window_indices(previous=0, length=n, window=config["sliding_window"])[None]
 
+def target_v4_state(lm, tokens) -> tuple[mx.array, mx.array]:
+    """mlx-lm's V4.1 trunk up to its last layer: the streams S [1, L, hc, H] and the pre-mix P."""
+    from mlx_lm.models.deepseek_v41 import LayerCache
+
+    body, hc, length = trunk(lm.model), lm.config["hc_mult"], tokens.shape[1]
     h = body.embed_tokens(tokens)
-    streams, pre = mx.broadcast_to(h[:, :, None], (1, len(ids), hc, h.shape[-1])), mx.zeros((1, len(ids), hc)).at[..., 0].add(1.0)
+    streams, pre = mx.broadcast_to(h[:, :, None], (1, length, hc, h.shape[-1])), mx.zeros((1, length, hc)).at[..., 0].add(1.0)
     shared = {}
     for layer in body.layers:
-        streams, pre = layer(streams, pre, start_pos=0, window_idx=window(len(ids)), cache=LayerCache(8), shared=shared)
-    e = rms(target_embedding(lm.model)(tokens[:, 1:]), ref["enorm"], eps)
-    x = rms(streams[:, :-1], ref["hnorm"], eps) @ ref["proj"].T + (e @ ref["e_proj"].T)[:, :, None]
-    x, _ = ref["block"](x, pre[:, :-1], start_pos=0, window_idx=window(length), cache=LayerCache(8), shared={})
+        streams, pre = layer(streams, pre, start_pos=0, window_idx=_window(lm, length), cache=LayerCache(8), shared=shared)
+    return streams, pre
+
+
+def reference_v4_layer(ref: dict, lm, state, next_tokens) -> tuple[mx.array, tuple]:
+    """DeepSeek's MTPBlock.forward and ParallelHead.hc_head (`inference/model.py`) on mlx-lm's V4.1
+    layer: x = h_proj(hnorm(S)) + e_proj(enorm(e)); the layer on (x, P); its own sigmoid collapse;
+    norm; the target's head. Returns (logits, the layer's (streams, pre-mix))."""
+    from mlx_lm.models.deepseek_v41 import LayerCache
+
+    eps, (streams, pre), length = lm.config["rms_norm_eps"], state, next_tokens.shape[1]
+    e = rms(target_embedding(lm.model)(next_tokens), ref["enorm"], eps)
+    x = rms(streams, ref["hnorm"], eps) @ ref["proj"].T + (e @ ref["e_proj"].T)[:, :, None]
+    x, p = ref["block"](x, pre, start_pos=0, window_idx=_window(lm, length), cache=LayerCache(8), shared={})
     fn, base, scale = ref["hc_head"]
     flat = x.reshape(1, length, -1)
     mix = (flat @ fn.T) * mx.rsqrt(mx.mean(flat * flat, axis=-1, keepdims=True) + eps)
-    weights = mx.sigmoid(mix * scale + base) + config["hc_eps"]
+    weights = mx.sigmoid(mix * scale + base) + lm.config["hc_eps"]
     y = mx.sum(weights[..., None] * x, axis=2)
-    return rms(y, ref["norm"], eps) @ target_head_weight(lm.model).T
+    return rms(y, ref["norm"], eps) @ target_head_weight(lm.model).T, (x, p)
 
 
-def drafter_logits(lm, ids) -> mx.array:
+def drafter_chain(lm, ids) -> list[mx.array]:
+    """Our MTP layers over the same positions as `reference_chain`."""
     tokens = mx.array([ids])
     tap = hidden_tap(lm.model, lm.drafter.config.source)
     lm.model(tokens)
-    h = tap.hidden(lm.drafter.config.source)[:, :-1]
-    return lm.drafter(h, tokens[:, 1:], lm.drafter.make_cache(), lm.model)[0]
+    h, out = tap.hidden(lm.drafter.config.source), []
+    for j, layer in enumerate(mtp_layers(lm.drafter)):
+        logits, h = layer(h[:, :-1], tokens[:, j + 1 :], layer.make_cache(), lm.model)
+        out.append(logits)
+    return out
+
+
+def drafter_logits(lm, ids) -> mx.array:
+    return drafter_chain(lm, ids)[0]
 
 
 @pytest.mark.parametrize("family", MTP_FAMILIES)
@@ -164,3 +197,63 @@ def test_extracted_drafter_serves_a_conversion_that_dropped_the_layer(written, f
     quantized = load(str(stripped), drafter=str(tmp_path / "drafter4"))
     spec = list(generate(quantized, Request(PROMPT, max_tokens=16), Fixed(2)))[-1]
     assert spec.token_ids == plain.token_ids and spec.stats.drafted > 0
+
+
+MULTI = ["mimo", "deepseek_v41", "deepseek_v3"]
+
+
+@pytest.fixture(scope="module")
+def written_multi(tmp_path_factory, tiny_lm):
+    root = tmp_path_factory.mktemp("mtp3")
+    vocab = tiny_lm.config["vocab_size"]
+    return {f: (root / f, write_with_mtp(root / f, f, tiny_lm.tokenizer, vocab, seed=3, layers=3)) for f in MULTI}
+
+
+@pytest.mark.parametrize("family", MULTI)
+def test_each_of_several_mtp_layers_matches_the_reference_on_the_layer_before(written_multi, family):
+    folder, ref = written_multi[family]
+    lm = load(str(folder))
+    assert len(mtp_layers(lm.drafter)) == 3
+    for ours, theirs in zip(drafter_chain(lm, PROMPT), reference_chain(ref, lm, PROMPT), strict=True):
+        np.testing.assert_allclose(np.array(ours), np.array(theirs), atol=2e-3, rtol=1e-3)
+
+
+@pytest.mark.parametrize("family", MULTI)
+def test_several_mtp_layers_draft_their_own_positions_in_turn(written_multi, family):
+    """Draft j + 1 of a round is layer j's at the last position, each layer having read every
+    position as trained (the reference chain), in the first round and after rounds rewound."""
+    from mlx_lm.models.cache import make_prompt_cache
+
+    from daemon.drafting.lookup import NgramIndex
+    from daemon.drafting.session import DraftingSession
+    from daemon.engine.sampling import SamplingParams
+
+    folder, ref = written_multi[family]
+    lm = load(str(folder))
+    source, cache, ids = lm.drafter.config.source, make_prompt_cache(lm.model), list(PROMPT)
+    tap = hidden_tap(lm.model, source)
+    logits = lm.model(mx.array([ids]), cache=cache)
+    index = NgramIndex()
+    index.extend(ids)
+    session = DraftingSession(lm.drafter, lm.model, index)
+    session.start(tap.hidden(source), mx.argmax(logits[0, -1]).item())
+    index.extend([mx.argmax(logits[0, -1]).item()])
+    ids = list(index.tokens)
+    for _ in range(3):
+        drafts = session.draft(3, SamplingParams(), None).tokens
+        chain = reference_chain(ref, lm, ids + drafts[:2])
+        assert drafts == [mx.argmax(chain[j][0, len(ids) - 2]).item() for j in range(3)]
+        logits = lm.model(mx.array([[ids[-1], drafts[0]]]), cache=cache)  # the target keeps the first draft
+        out = [drafts[0], mx.argmax(logits[0, -1]).item()]
+        session.rewind(tap.hidden(source), out)
+        index.extend(out)
+        ids = list(index.tokens)
+
+
+@pytest.mark.parametrize("family", MULTI)
+def test_several_mtp_layers_stay_lossless(written_multi, family):
+    lm = load(str(written_multi[family][0]))
+    plain = list(generate(lm, Request(PROMPT, max_tokens=24), Fixed(0)))[-1]
+    for k in (2, 4):
+        spec = list(generate(lm, Request(PROMPT, max_tokens=24), Fixed(k)))[-1]
+        assert spec.token_ids == plain.token_ids and all(d > 0 for d in spec.stats.drafted_by_position), k

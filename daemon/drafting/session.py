@@ -5,6 +5,12 @@ with the target's positions, and drafts t_{i+2}, then chains on its own block ou
 not read yet wait here (`pending`): after a plain step or a copied (lookup) round it catches up on
 them at its next draft; after a drafted round it drops its chained positions (`rewind`) and reads
 the target's real hidden states of the accepted ones instead.
+
+A checkpoint with several MTP layers (daemon.models.mtp.MTPLayers) runs them as they were trained:
+layer j reads (layer j - 1's output at position i, t_{i+j+1}) at every position, so it lags j
+positions behind the first and catches up with it; in a round, draft j + 1 comes from layer j over
+its positions up to the last, fed the drafts so far as the tokens not yet known; drafts past the
+last layer chain it on its own output.
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ from daemon.engine.forward import PREFILL_CHUNK
 from daemon.engine.grammar import Grammar, masked
 from daemon.engine.rollback import keep_states, restore
 from daemon.engine.sampling import SamplingParams, target_logprobs
-from daemon.models.mtp import offer_arrays
+from daemon.models.mtp import mtp_layers, offer_arrays
 
 
 @dataclass
@@ -35,11 +41,14 @@ class DraftingSession:
         """`index`: the text so far (prompt and emitted tokens), whose offers the drafter may read;
         the pending tokens are always its last ones."""
         self.drafter, self.model, self.index = drafter, model, index
-        self.cache = drafter.make_cache()
-        self.pending_hidden: list[mx.array] = []  # chunks [1, m_i, H]
+        self.layers = mtp_layers(drafter)
+        self.caches = [layer.make_cache() for layer in self.layers]
+        self.pending_hidden: list[mx.array] = []  # the first layer's pairs: chunks [1, m_i, H]
         self.pending_tokens: list[int] = []
-        self.chained = 0  # positions in the cache past the pairs: the last draft's chain
-        self.before_chain = None  # a cache that cannot trim, as it was before that chain (daemon.engine.rollback)
+        self.read_upto = [0] * len(self.layers)  # positions each layer has read
+        self.lagging: list[mx.array | None] = [None] * len(self.layers)  # layer j: layer j - 1's outputs it has not read
+        self.chained = [0] * len(self.layers)  # rows in each cache past what it read: the last draft's chain
+        self.before_chain: list = [None] * len(self.layers)  # a cache that cannot trim, before that chain
 
     def start(self, prompt_hidden: mx.array, first_token: int) -> None:
         """Reads the prompt's pairs now (the index holds the prompt alone), as part of the prefill,
@@ -47,7 +56,7 @@ class DraftingSession:
         token. prompt_hidden: [1, n, H]."""
         prompt = self.index.tokens
         if len(prompt) > 1:
-            mx.eval(self._catch_up(prompt_hidden[:, :-1], prompt[1:], self.index.offers[1:])[1])
+            mx.eval(self._catch_up(prompt_hidden[:, :-1], prompt[1:], self.index.offers[1:]))
         self.pending_hidden, self.pending_tokens = [prompt_hidden[:, -1:]], [first_token]
 
     def read(self, hidden: mx.array, tokens: list[int]) -> None:
@@ -58,11 +67,12 @@ class DraftingSession:
     def rewind(self, hidden: mx.array, tokens: list[int]) -> None:
         """After a drafted round: drop the chain; the target's hidden states [1, m, H] of the kept
         positions and the tokens after them are what it reads next."""
-        if self.before_chain is None:
-            trim_prompt_cache([self.cache], self.chained)
-        else:
-            restore([self.cache], self.before_chain)
-        self.chained = 0
+        for cache, chained, kept in zip(self.caches, self.chained, self.before_chain):
+            if kept is None:
+                trim_prompt_cache([cache], chained)
+            else:
+                restore([cache], kept)
+        self.chained = [0] * len(self.layers)
         self.pending_hidden, self.pending_tokens = [hidden], list(tokens)
 
     def draft(self, k: int, sampling: SamplingParams, split, min_confidence: float = 0.0,
@@ -70,12 +80,11 @@ class DraftingSession:
         """Catches up on the pending pairs, then chains up to k drafts, stopping at the first it gives
         a probability below `min_confidence` (dropped). `split(n)`: fresh PRNG keys (sampling). A
         grammar masks every draft and moves on by the kept ones (the caller rolls it back)."""
-        drafter = self.drafter
         unseen = mx.concatenate(self.pending_hidden, axis=1) if len(self.pending_hidden) > 1 else self.pending_hidden[0]
         tokens = self.pending_tokens
-        logits, own = self._catch_up(unseen, tokens, self.index.offers[-len(tokens):])
+        logits, own, _ = self._catch_up(unseen, tokens, self.index.offers[-len(tokens):])
         self.pending_hidden, self.pending_tokens = [], []  # read now
-        self.before_chain = keep_states([self.cache])
+        self.before_chain = [keep_states([cache]) for cache in self.caches]
         out = Drafts()
         for j in range(k):
             row = logits[0]
@@ -95,25 +104,64 @@ class DraftingSession:
             if q is not None:
                 out.q_rows.append(q)
             if j < k - 1:
-                offers = None
-                if drafter.config.reads_offers:  # the lookup's offer after the drafts so far
-                    offers = offer_arrays(drafter, [self.index.offer_after(tuple(out.tokens))])
-                logits, own = drafter.draft(drafter.chained(own[:, -1:], unseen[:, -1:]), d[None], self.cache, self.model, offers)
-        self.chained = len(out.tokens) - (not out.stopped)  # a full chain never reads its last draft
+                logits, own = self._chain(out.tokens, own, unseen[:, -1:])
         if grammar is not None and len(out.allowed) == len(out.tokens):
             out.allowed.append(grammar.allowed())
         return out
 
-    def _catch_up(self, hidden: mx.array, tokens, offers) -> tuple[mx.array, mx.array]:
-        """Reads (hidden [1, m, H], next token) pairs into the cache in chunks, with the lookup's
-        offers beside the tokens if it reads them. Returns draft logits [1, V] and block output
-        after the last pair."""
+    def _chain(self, drafts: list[int], own: mx.array, real: mx.array) -> tuple[mx.array, mx.array]:
+        """The logits [1, V] of the next draft after `drafts` and what the chain goes on from. Layer
+        j = len(drafts) reads its positions up to the last: layer j - 1's outputs (those waiting,
+        then `own`: this chain's), the tokens after them known or drafted. Past the last layer it
+        chains on its own output at the next position (`real`: the last real hidden input, for a
+        trained drafter's block features)."""
+        j = len(drafts)
+        if j >= len(self.layers):
+            layer = self.layers[-1]
+            offers = None
+            if layer.config.reads_offers:  # the lookup's offer after the drafts so far
+                offers = offer_arrays(layer, [self.index.offer_after(tuple(drafts))])
+            self.chained[-1] += 1
+            return layer.draft(layer.chained(own[:, -1:], real), mx.array([drafts[-1:]]), self.caches[-1], self.model, offers)
+        if j == 1:  # the first layer's outputs up to the last position are all waiting already
+            rows = self.lagging[1]
+        else:
+            rows = own if self.lagging[j] is None else mx.concatenate([self.lagging[j], own], axis=1)
+        known = self.index.tokens + drafts
+        first = self.read_upto[j]
+        ids = known[first + j + 1 : first + j + 1 + rows.shape[1]]
+        self.chained[j] += rows.shape[1]
+        return self.layers[j].draft(rows, mx.array([ids]), self.caches[j], self.model)
+
+    def _catch_up(self, hidden: mx.array, tokens, offers) -> tuple[mx.array, mx.array, list]:
+        """Reads (hidden [1, m, H], next token) pairs into the first layer's cache in chunks, with the
+        lookup's offers beside the tokens if it reads them, and lets the later layers read what they
+        can. Returns draft logits [1, V] and block output after the last pair, and the later layers'
+        outputs."""
+        first, later = self.layers[0], []
         for start in range(0, len(tokens), PREFILL_CHUNK):
             chunk = slice(start, start + PREFILL_CHUNK)
-            logits, own = self.drafter.draft(
-                hidden[:, chunk], mx.array([tokens[chunk]]), self.cache, self.model, offer_arrays(self.drafter, offers[chunk])
-            )
-        return logits, own
+            logits, own = first.draft(hidden[:, chunk], mx.array([tokens[chunk]]), self.caches[0], self.model,
+                                      offer_arrays(first, offers[chunk]))
+            self.read_upto[0] += len(tokens[chunk])
+            later += self._feed(1, own)
+        return logits, own, later
+
+    def _feed(self, j: int, produced: mx.array) -> list:
+        """Layer j - 1's new outputs reach layer j, which reads the positions whose token after next
+        is known (position i needs t_{i+j+1}); the rest wait. Returns the outputs it computed."""
+        if j == len(self.layers):
+            return []
+        rows = produced if self.lagging[j] is None else mx.concatenate([self.lagging[j], produced], axis=1)
+        first, known = self.read_upto[j], self.index.tokens
+        usable = max(0, min(rows.shape[1], len(known) - j - 1 - first))
+        self.lagging[j] = rows[:, usable:] if usable < rows.shape[1] else None
+        if not usable:
+            return []
+        _, out = self.layers[j].features(rows[:, :usable], mx.array([known[first + j + 1 : first + j + 1 + usable]]),
+                                         self.caches[j], self.model)
+        self.read_upto[j] += usable
+        return [out, *self._feed(j + 1, out)]
 
 
 def _pick(row: mx.array, sampling: SamplingParams, split, min_confidence: float):

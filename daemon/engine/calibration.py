@@ -19,7 +19,7 @@ from daemon.engine.batch import run_rows
 from daemon.engine.ragged import batchable
 from daemon.engine.rows import Forward
 from daemon.models.loading import LoadedModel, backend
-from daemon.models.mtp import offer_arrays
+from daemon.models.mtp import mtp_layers, offer_arrays
 from policies.adaptive import K_MAX, SharedEstimates
 from policies.cost import RowCosts, StepCosts
 
@@ -54,7 +54,7 @@ def _fastest_seconds(run, repeats: int = PROBE_REPEATS) -> float:
 def probe_costs(lm: LoadedModel, k_max: int = K_MAX, verify_penalty: float = 0.0) -> StepCosts:
     """Times a target forward over n = 1 .. k_max + 1 positions and one drafter step.
     `verify_penalty`: seconds counted on top for each row past the first (daemon.engine.generate)."""
-    model, drafter = lm.model, lm.drafter
+    model, drafter = lm.model, mtp_layers(lm.drafter)[0]  # the layer that drafts every round
     cache = make_prompt_cache(model)
     context = mx.array([[(i * 37) % 1000 + 10 for i in range(PROBE_CONTEXT)]])
     mx.eval(model(context, cache=cache))

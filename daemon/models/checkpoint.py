@@ -72,8 +72,8 @@ def inspect(path: str) -> dict:
     return report
 
 
-def read_mtp(folder: Path) -> tuple[dict, dict, dict]:
-    """(the checkpoint's config, its text config, the MTP layer in the drafter's names), reading
+def read_mtp(folder: Path) -> tuple[dict, dict, list[dict]]:
+    """(the checkpoint's config, its text config, the MTP layers in the drafter's names), reading
     only the MTP tensors."""
     config = _config(folder)
     text = family.text_config(config)
@@ -105,4 +105,5 @@ def extract(src: str, out: str, bits: int | None = None) -> dict:
     if bits is not None:
         drafter_io.quantize(drafter, bits, keep_quantized=True)
     drafter_io.save(drafter, out, extra={"source": str(src), "bits": bits})
-    return {"drafter": str(out), "family": text["model_type"], "tensors": len(mtp), "bits": bits}
+    return {"drafter": str(out), "family": text["model_type"], "layers": len(mtp), "tensors": sum(map(len, mtp)),
+            "bits": bits}

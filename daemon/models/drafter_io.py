@@ -12,7 +12,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_map
 
 from daemon.models import family
-from daemon.models.mtp import BLOCK_PARTS, DrafterConfig, MTPDrafter
+from daemon.models.mtp import BLOCK_PARTS, DrafterConfig, MTPDrafter, MTPLayers, mtp_layers
 
 _LAYER_PREFIX = re.compile(r"^model\.layers\.\d+\.")
 GROUP_SIZE = 64
@@ -49,12 +49,17 @@ def build(config: DrafterConfig, weights: dict | None = None, bits: int | None =
     return drafter
 
 
-def from_checkpoint(text_config: dict, mtp: dict) -> MTPDrafter:
-    """A family's own MTP layer, its tensors already in the drafter's names (daemon.models.family)."""
+def stacked(drafters: list):
+    """One drafter, or its MTP layers together."""
+    return drafters[0] if len(drafters) == 1 else MTPLayers(drafters)
+
+
+def from_checkpoint(text_config: dict, layers: list[dict]):
+    """A family's own MTP layers, their tensors already in the drafter's names (daemon.models.family)."""
     adapter = family.adapter(text_config["model_type"])
-    config = DrafterConfig(text_config, text_config["num_hidden_layers"], getattr(adapter, "HIDDEN", "post_norm"),
-                           own_head="shared_head.head.weight" in mtp, combine=adapter.COMBINE)
-    return build(config, mtp)
+    hidden, n = getattr(adapter, "HIDDEN", "post_norm"), text_config["num_hidden_layers"]
+    return stacked([build(DrafterConfig(text_config, n + j, hidden, own_head="shared_head.head.weight" in mtp,
+                                        combine=adapter.COMBINE), mtp) for j, mtp in enumerate(layers)])
 
 
 def random_drafter(target_config: dict, seed: int = 0, hidden_source: str = "post_norm") -> MTPDrafter:
@@ -62,12 +67,17 @@ def random_drafter(target_config: dict, seed: int = 0, hidden_source: str = "pos
     return build(DrafterConfig(target_config, target_config["num_hidden_layers"], hidden_source))
 
 
-def save(drafter: MTPDrafter, folder: str | Path, extra: dict | None = None) -> None:
-    """config.json + model.safetensors in the extracted-MTP layout, written atomically per file."""
+def save(drafter, folder: str | Path, extra: dict | None = None) -> None:
+    """config.json + model.safetensors in the extracted-MTP layout (several layers under
+    `layers.{j}.`), written atomically per file."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    config = {"model_type": "mtp_drafter", **asdict(drafter.config), **(extra or {})}
-    weights = checkpoint_keys(dict(tree_flatten(drafter.parameters())))
+    layers = mtp_layers(drafter)
+    config = {"model_type": "mtp_drafter", **asdict(drafter.config), "mtp_layers": len(layers), **(extra or {})}
+    weights = {}
+    for j, layer in enumerate(layers):
+        prefix = f"layers.{j}." if len(layers) > 1 else ""
+        weights.update({prefix + k: v for k, v in checkpoint_keys(dict(tree_flatten(layer.parameters()))).items()})
     tmp = folder / "model.tmp.safetensors"
     mx.save_safetensors(str(tmp), weights)
     tmp.replace(folder / "model.safetensors")
@@ -75,9 +85,10 @@ def save(drafter: MTPDrafter, folder: str | Path, extra: dict | None = None) -> 
     (folder / "config.json.tmp").replace(folder / "config.json")
 
 
-def load_folder(folder: str | Path, target_config: dict) -> MTPDrafter:
+def load_folder(folder: str | Path, target_config: dict):
     """A separate drafter folder: config.json (our fields, or a DeepSeek-style `num_hidden_layers`)
-    and one or more safetensors files with the MTP layer's weights."""
+    and one or more safetensors files with the MTP layer's weights (several layers: `mtp_layers`,
+    each under `layers.{j}.`)."""
     folder = Path(folder)
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(f"no drafter at {folder}: expected config.json and *.safetensors")
@@ -87,22 +98,28 @@ def load_folder(folder: str | Path, target_config: dict) -> MTPDrafter:
         weights.update(mx.load(str(file)))
     if not weights:
         raise FileNotFoundError(f"no *.safetensors in drafter folder {folder}")
-    config = DrafterConfig(
-        target=meta.get("target", target_config),
-        layer_index=meta.get("layer_index", target_config["num_hidden_layers"]),
-        hidden_source=meta.get("hidden_source", "post_norm"),
-        feature_layers=meta.get("feature_layers", []),
-        reads_offers=meta.get("reads_offers", False),
-        own_head=any(k.endswith("shared_head.head.weight") for k in weights),
-        head_vocab=meta.get("head_vocab"),
-        combine=meta.get("combine", "embedding_first"),
-    )
-    if config.target["hidden_size"] != target_config["hidden_size"]:
-        raise ValueError(
-            f"drafter hidden size {config.target['hidden_size']} does not match the target's "
-            f"{target_config['hidden_size']}"
+    count = meta.get("mtp_layers", 1)
+    per_layer = [weights] if count == 1 else [
+        {k.removeprefix(f"layers.{j}."): v for k, v in weights.items() if k.startswith(f"layers.{j}.")} for j in range(count)]
+    drafters = []
+    for j, layer in enumerate(per_layer):
+        config = DrafterConfig(
+            target=meta.get("target", target_config),
+            layer_index=meta.get("layer_index", target_config["num_hidden_layers"]) + j,
+            hidden_source=meta.get("hidden_source", "post_norm"),
+            feature_layers=meta.get("feature_layers", []),
+            reads_offers=meta.get("reads_offers", False),
+            own_head=any(k.endswith("shared_head.head.weight") for k in layer),
+            head_vocab=meta.get("head_vocab"),
+            combine=meta.get("combine", "embedding_first"),
         )
-    return build(config, weights, meta.get("bits"))
+        if config.target["hidden_size"] != target_config["hidden_size"]:
+            raise ValueError(
+                f"drafter hidden size {config.target['hidden_size']} does not match the target's "
+                f"{target_config['hidden_size']}"
+            )
+        drafters.append(build(config, layer, meta.get("bits")))
+    return stacked(drafters)
 
 
 def _linear(_, module) -> bool:
@@ -110,7 +127,7 @@ def _linear(_, module) -> bool:
     return isinstance(module, nn.Linear) and module.weight.shape[-1] % GROUP_SIZE == 0
 
 
-def quantize(drafter: MTPDrafter, bits: int, keep_quantized: bool, group_size: int = GROUP_SIZE) -> None:
+def quantize(drafter, bits: int, keep_quantized: bool, group_size: int = GROUP_SIZE) -> None:
     """Quantize the drafter on its own. On Metal the weights stay quantized; on a CPU they are
     rounded to `bits` and kept as fp32 (same acceptance, fast fp32 matmuls)."""
     if bits not in (3, 4, 8):

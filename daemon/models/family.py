@@ -6,10 +6,10 @@ One adapter module per family group, in mlx-lm's one-file-per-family shape. Each
   COMBINE      "embedding_first" ([enorm(e); hnorm(h)]) or "hidden_first" ([hnorm(h); enorm(e)])
   is_mtp(key)  whether a checkpoint key belongs to the MTP layer(s)
   convert(mtp, weights, config, sanitize)
-               the MTP tensors (checkpoint names) -> the drafter's names (DeepSeek's extracted
-               layout: enorm, hnorm, eh_proj, shared_head.*, then the block's own names); `weights`
-               is the whole checkpoint (for conventions decided by the trunk), `sanitize` the
-               family's own mlx-lm sanitize
+               the MTP tensors (checkpoint names) -> one dict per MTP layer, in order, in the
+               drafter's names (DeepSeek's extracted layout: enorm, hnorm, eh_proj, shared_head.*,
+               then the block's own names); `weights` is the whole checkpoint (for conventions
+               decided by the trunk), `sanitize` the family's own mlx-lm sanitize
   block(config, layer_index)
                one decoder layer of the family, built by mlx-lm's class
   ARRAY_MASK   whether that layer wants an explicit mask array (MLA attention)

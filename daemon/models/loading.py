@@ -103,10 +103,10 @@ def settle(module: nn.Module, blocks: list, head: nn.Module | None = None, fast_
     mx.eval(module.parameters())
 
 
-def _keeping_mtp(found: dict):
-    """mlx-lm model classes whose sanitize() first takes the MTP layer out of the checkpoint into
-    `found` (in the drafter's names, by the family's adapter: daemon.models.family); mlx-lm
-    would drop it."""
+def _keeping_mtp(found: list):
+    """mlx-lm model classes whose sanitize() first takes the MTP layers out of the checkpoint into
+    `found` (one dict per layer in the drafter's names, by the family's adapter:
+    daemon.models.family); mlx-lm would drop them."""
     from mlx_lm.utils import _get_classes
 
     def classes(config: dict):
@@ -121,7 +121,7 @@ def _keeping_mtp(found: dict):
                 parent = getattr(model_cls, "sanitize", lambda _, w: w)
                 mtp = {k: weights.pop(k) for k in [k for k in weights if adapter.is_mtp(k, text)]}
                 if mtp:
-                    found.update(adapter.convert(mtp, weights, text, lambda w: parent(self, w)))
+                    found.extend(adapter.convert(mtp, weights, text, lambda w: parent(self, w)))
                 return parent(self, weights)
 
         return KeepMTP, args_cls
@@ -129,8 +129,8 @@ def _keeping_mtp(found: dict):
     return classes
 
 
-def _load_target(spec: str | None, quantized: bool, lazy: bool) -> tuple[LoadedModel, dict]:
-    """The target model, and the MTP weights found in its checkpoint (possibly none)."""
+def _load_target(spec: str | None, quantized: bool, lazy: bool) -> tuple[LoadedModel, list]:
+    """The target model, and the MTP layers found in its checkpoint (possibly none)."""
     if spec is None or spec.endswith(".gguf"):
         from daemon.models.gguf import load_gguf
 
@@ -139,13 +139,13 @@ def _load_target(spec: str | None, quantized: bool, lazy: bool) -> tuple[LoadedM
             raise FileNotFoundError(f"no such GGUF file: {path}")
         model, tokenizer, config = load_gguf(path, quantized=quantized, lazy=lazy)
         name = DEFAULT_NAME if spec is None else path.stem
-        return LoadedModel(model, tokenizer, name, str(path), quantized, config), {}
+        return LoadedModel(model, tokenizer, name, str(path), quantized, config), []
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never fetch weights at run time
     from mlx_lm.utils import _download, load_model, load_tokenizer
 
     path = _download(spec)
-    mtp: dict = {}
+    mtp: list = []
     model, config = load_model(path, lazy=lazy, get_model_classes=_keeping_mtp(mtp))
     tokenizer = load_tokenizer(path, eos_token_ids=config.get("eos_token_id"))
     if not quantized:
@@ -167,6 +167,7 @@ def load(spec: str | None = None, drafter: str | None = None, drafter_bits: int 
     from daemon.drafting.phrases import Phrasebook
     from daemon.engine.rollback import speculable
     from daemon.models import drafter_io
+    from daemon.models.mtp import mtp_layers
     from daemon.models.target import target_head_layer
 
     quantized = on_gpu()
@@ -198,5 +199,5 @@ def load(spec: str | None = None, drafter: str | None = None, drafter_bits: int 
         elif not quantized:
             _to_fp32(lm.drafter)
         if not stock:
-            _tune(lm.drafter, [lm.drafter.block], quantized)
+            _tune(lm.drafter, [layer.block for layer in mtp_layers(lm.drafter)], quantized)
     return lm

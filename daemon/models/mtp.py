@@ -163,6 +163,24 @@ class MTPDrafter(nn.Module):
         return family.make_cache(self.config.target)
 
 
+class MTPLayers(nn.Module):
+    """Several MTP layers of one checkpoint, in order: in a round, layer j drafts the (j+1)-th token
+    from layer j - 1's outputs (daemon.drafting.session); the first says what the target must give."""
+
+    def __init__(self, layers: list):
+        super().__init__()
+        self.layers = layers
+
+    @property
+    def config(self) -> DrafterConfig:
+        return self.layers[0].config
+
+
+def mtp_layers(drafter) -> list:
+    """A drafter's MTP layers in order: one, unless it is MTPLayers."""
+    return list(drafter.layers) if isinstance(drafter, MTPLayers) else [drafter]
+
+
 def offer_arrays(drafter, offers: list[tuple[int, int]]):
     """A drafter's `offers` argument for one row of (token, match) pairs (daemon.drafting.lookup); None
     when it does not read them."""

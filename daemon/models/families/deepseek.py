@@ -5,7 +5,8 @@ The MTP layer sits after the trunk at `model.layers.{num_hidden_layers}` (mlx-lm
     x = eh_proj([enorm(embed(t_{i+1})); hnorm(h_i)])   # embedding first; h_i after the final norm
     x = the family's decoder layer (x)                   # a MoE layer where the trunk's are
     logits = shared_head.head(shared_head.norm(x))       # head shipped again (equals lm_head)
-Plain RMSNorm weights (w, not 1 + w). Later layers (num_nextn_predict_layers > 1) are ignored.
+Plain RMSNorm weights (w, not 1 + w). With num_nextn_predict_layers > 1 the layers at N + 1, ...
+draft the later positions in turn (daemon.drafting.session).
 """
 
 from __future__ import annotations
@@ -35,12 +36,15 @@ def is_mtp(key: str, config: dict) -> bool:
     return layer is not None and layer >= config["num_hidden_layers"]
 
 
-def convert(mtp: dict, weights: dict, config: dict, sanitize) -> dict:
-    """The first MTP layer through the family's own sanitize as if it were layer 0, so that fp8
+def convert(mtp: dict, weights: dict, config: dict, sanitize) -> list[dict]:
+    """Each MTP layer through the family's own sanitize as if it were layer 0, so that fp8
     dequantization, MLA splits and expert stacking apply to it too."""
-    prefix = f"model.layers.{config['num_hidden_layers']}."
-    first = {"model.layers.0." + k[len(prefix):]: v for k, v in mtp.items() if k.startswith(prefix)}
-    return {k.removeprefix("model.layers.0."): v for k, v in sanitize(first).items()}
+    layers = []
+    for index in sorted({_layer_of(k) for k in mtp}):
+        prefix = f"model.layers.{index}."
+        layer = {"model.layers.0." + k[len(prefix):]: v for k, v in mtp.items() if k.startswith(prefix)}
+        layers.append({k.removeprefix("model.layers.0."): v for k, v in sanitize(layer).items()})
+    return layers
 
 
 def make_cache(config: dict):

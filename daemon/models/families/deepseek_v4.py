@@ -12,7 +12,8 @@ Reference: DeepSeek's `inference/model.py` (MTPBlock.forward, ParallelHead.hc_he
                                                               # streams), then the target's head
 Keys `mtp.{i}.*` under DeepSeek's own names (mlx-lm's sanitize drops them); the block's tensors go
 through the family's sanitize (renames, expert stacking, fp8/fp4 scales). Plain RMSNorm weights. A
-chained draft reads its own (s, p). Layers past the first are ignored.
+chained draft reads its own (s, p). Several layers draft the later positions in turn
+(daemon.drafting.session).
 """
 
 from __future__ import annotations
@@ -42,21 +43,20 @@ def is_mtp(key: str, config: dict) -> bool:
     return key.startswith("mtp.")
 
 
-def convert(mtp: dict, weights: dict, config: dict, sanitize) -> dict:
-    """The first MTP layer: its own tensors renamed here, its block's through the family's sanitize
-    as if it were the trunk's layer 0; its copy of the embedding (`emb.*`) is the target's."""
-    out, block = {}, {}
+def convert(mtp: dict, weights: dict, config: dict, sanitize) -> list[dict]:
+    """Each MTP layer: its own tensors renamed here, its block's through the family's sanitize as
+    if it were the trunk's layer 0; its copy of the embedding (`emb.*`) is the target's."""
+    own: dict[int, dict] = {}
+    blocks: dict[int, dict] = {}
     for key, value in mtp.items():
-        if not key.startswith("mtp.0."):
-            continue
-        rest = key.removeprefix("mtp.0.")
+        index, _, rest = key.removeprefix("mtp.").partition(".")
         head, _, tail = rest.partition(".")
         if head in _OWN:
-            out[_OWN[head] + (f".{tail}" if tail else "")] = value
+            own.setdefault(int(index), {})[_OWN[head] + (f".{tail}" if tail else "")] = value
         elif head != "emb":
-            block[f"layers.0.{rest}"] = value
-    out.update({k.removeprefix("model.layers.0."): v for k, v in sanitize(block).items()})
-    return out
+            blocks.setdefault(int(index), {})[f"layers.0.{rest}"] = value
+    return [{**own[i], **{k.removeprefix("model.layers.0."): v for k, v in sanitize(blocks[i]).items()}}
+            for i in sorted(own)]
 
 
 def make_cache(config: dict):

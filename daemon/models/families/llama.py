@@ -18,8 +18,8 @@ def is_mtp(key: str, config: dict) -> bool:
     return False
 
 
-def convert(mtp: dict, weights: dict, config: dict, sanitize) -> dict:
-    return mtp
+def convert(mtp: dict, weights: dict, config: dict, sanitize) -> list[dict]:
+    return [mtp]
 
 
 def block(config: dict, layer_index: int):

@@ -5,7 +5,7 @@ Reference: vLLM `vllm/model_executor/models/mimo_mtp.py` (MiMoMultiTokenPredicto
     x = a Qwen2 decoder layer (x)
     logits = lm_head(final_layernorm(x))                                      # the target's head
 Keys `model.mtp_layers.{i}.*` (mlx-lm's sanitize drops them); plain RMSNorm weights; h_i after the
-final norm. Layers past the first are ignored.
+final norm. Several layers draft the later positions in turn (daemon.drafting.session).
 """
 
 from __future__ import annotations
@@ -27,16 +27,14 @@ def is_mtp(key: str, config: dict) -> bool:
     return key.startswith("model.mtp_layers.")
 
 
-def convert(mtp: dict, weights: dict, config: dict, sanitize) -> dict:
-    out = {}
+def convert(mtp: dict, weights: dict, config: dict, sanitize) -> list[dict]:
+    layers: dict[int, dict] = {}
     for key, value in mtp.items():
-        if not key.startswith("model.mtp_layers.0."):
-            continue
-        head, _, rest = key.removeprefix("model.mtp_layers.0.").partition(".")
-        if "rotary_emb" in rest:
-            continue
-        out[f"{_NAMES.get(head, head)}.{rest}"] = value
-    return out
+        index, _, rest = key.removeprefix("model.mtp_layers.").partition(".")
+        head, _, rest = rest.partition(".")
+        if "rotary_emb" not in rest:
+            layers.setdefault(int(index), {})[f"{_NAMES.get(head, head)}.{rest}"] = value
+    return [layers[i] for i in sorted(layers)]
 
 
 def block(config: dict, layer_index: int):

@@ -44,7 +44,7 @@ def zero_centred(weights: dict, family: str) -> bool:
     return any("conv1d.weight" in k and v.shape[-1] != 1 for k, v in weights.items())
 
 
-def convert(mtp: dict, weights: dict, config: dict, sanitize) -> dict:
+def convert(mtp: dict, weights: dict, config: dict, sanitize) -> list[dict]:
     out, experts = {}, {}
     for key, value in mtp.items():
         rest = _KEY.match(key).group(1)
@@ -70,7 +70,7 @@ def convert(mtp: dict, weights: dict, config: dict, sanitize) -> dict:
         out[f"mlp.switch_mlp.{proj}.weight"] = mx.stack([by_index[e] for e in sorted(by_index)])
     if zero_centred(weights, config["model_type"]):
         out.update({k: out[k] + 1.0 for k in _NORMS if k in out})
-    return out
+    return [out]  # its layers stack inside one MTP module; the first is used
 
 
 def block(config: dict, layer_index: int):
