@@ -210,12 +210,17 @@ def written_multi(tmp_path_factory, tiny_lm):
 
 
 @pytest.mark.parametrize("family", MULTI)
-def test_each_of_several_mtp_layers_matches_the_reference_on_the_layer_before(written_multi, family):
+def test_each_of_several_mtp_layers_matches_the_reference_on_the_layer_before(written_multi, family, tmp_path):
+    """Inside the checkpoint, and extracted into a drafter folder (`mtpd drafter extract`)."""
+    from daemon.models.checkpoint import extract, inspect
+
     folder, ref = written_multi[family]
-    lm = load(str(folder))
-    assert len(mtp_layers(lm.drafter)) == 3
-    for ours, theirs in zip(drafter_chain(lm, PROMPT), reference_chain(ref, lm, PROMPT), strict=True):
-        np.testing.assert_allclose(np.array(ours), np.array(theirs), atol=2e-3, rtol=1e-3)
+    assert inspect(str(folder))["mtp_layers"] == 3
+    extract(str(folder), str(tmp_path / "drafter"))
+    for lm in (load(str(folder)), load(str(folder), drafter=str(tmp_path / "drafter"))):
+        assert len(mtp_layers(lm.drafter)) == 3
+        for ours, theirs in zip(drafter_chain(lm, PROMPT), reference_chain(ref, lm, PROMPT), strict=True):
+            np.testing.assert_allclose(np.array(ours), np.array(theirs), atol=2e-3, rtol=1e-3)
 
 
 @pytest.mark.parametrize("family", MULTI)

@@ -59,7 +59,8 @@ def inspect(path: str) -> dict:
     total, mtp_bytes = sum(b for _, b in index.values()), sum(index[k][1] for k in mtp)
     report = {"model": str(folder), "family": config["model_type"], "layers": text.get("num_hidden_layers"),
               "hidden_size": text.get("hidden_size"), "tensors": len(index), "bytes": total,
-              "mtp_tensors": len(mtp), "mtp_bytes": mtp_bytes, "mtp_share": mtp_bytes / total if total else 0.0}
+              "mtp_layers": len({adapter.LAYER.match(k).group(1) for k in mtp}), "mtp_tensors": len(mtp),
+              "mtp_bytes": mtp_bytes, "mtp_share": mtp_bytes / total if total else 0.0}
     if adapter is None:
         report["plan"] = "plain decoding: mtpd has no MTP adapter for this family (a trained drafter folder still works)"
     else:

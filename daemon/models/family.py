@@ -5,6 +5,7 @@ One adapter module per family group, in mlx-lm's one-file-per-family shape. Each
   FORWARD      its MTP forward in words (which hidden state, how e and h combine, norms, head)
   COMBINE      "embedding_first" ([enorm(e); hnorm(h)]) or "hidden_first" ([hnorm(h); enorm(e)])
   is_mtp(key)  whether a checkpoint key belongs to the MTP layer(s)
+  LAYER        a pattern whose group tells which MTP layer a key of theirs belongs to
   convert(mtp, weights, config, sanitize)
                the MTP tensors (checkpoint names) -> one dict per MTP layer, in order, in the
                drafter's names (DeepSeek's extracted layout: enorm, hnorm, eh_proj, shared_head.*,

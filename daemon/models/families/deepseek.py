@@ -21,13 +21,13 @@ FORWARD = {
     "combine": "eh_proj([enorm(e); hnorm(h)])",
     "norms": "RMSNorm (w)",
     "head": "shared_head.head (shipped with the layer)",
-    "layers": "model.layers.{N}",
+    "layers": "model.layers.{N+i}",
 }
-_LAYER = re.compile(r"^model\.layers\.(\d+)\.")
+LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 
 
 def _layer_of(key: str) -> int | None:
-    m = _LAYER.match(key)
+    m = LAYER.match(key)
     return int(m.group(1)) if m else None
 
 

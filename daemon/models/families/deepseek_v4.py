@@ -18,6 +18,8 @@ chained draft reads its own (s, p). Several layers draft the later positions in 
 
 from __future__ import annotations
 
+import re
+
 import mlx.core as mx
 import mlx.nn as nn
 
@@ -34,6 +36,7 @@ FORWARD = {
     "head": "its own hc_head collapse, norm, then the target's head (or mtp.{i}.head)",
     "layers": "mtp.{i}",
 }
+LAYER = re.compile(r"^mtp\.(\d+)\.")
 _OWN = {"e_proj": "e_proj", "h_proj": "h_proj", "enorm": "enorm", "hnorm": "hnorm", "norm": "shared_head.norm",
         "head": "shared_head.head", "hc_head_fn": "hc_head.fn", "hc_head_base": "hc_head.base",
         "hc_head_scale": "hc_head.scale"}

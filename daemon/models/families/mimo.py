@@ -10,6 +10,8 @@ final norm. Several layers draft the later positions in turn (daemon.drafting.se
 
 from __future__ import annotations
 
+import re
+
 FAMILIES = ("mimo",)
 COMBINE = "hidden_first"
 FORWARD = {
@@ -19,6 +21,7 @@ FORWARD = {
     "head": "the target's lm_head",
     "layers": "model.mtp_layers.{i}",
 }
+LAYER = re.compile(r"^model\.mtp_layers\.(\d+)\.")
 _NAMES = {"token_layernorm": "enorm", "hidden_layernorm": "hnorm", "input_proj": "eh_proj",
           "final_layernorm": "shared_head.norm"}
 

@@ -27,6 +27,7 @@ FORWARD = {
     "layers": "mtp.layers.{i} (mtp_num_hidden_layers)",
 }
 _KEY = re.compile(r"^(?:model\.)?(?:language_model\.)?mtp\.(.+)$")
+LAYER = re.compile(r"^(?:model\.)?(?:language_model\.)?(mtp)\.")  # one MTP module, its layers stacked inside
 _TOP = {"fc": "eh_proj", "pre_fc_norm_embedding": "enorm", "pre_fc_norm_hidden": "hnorm", "norm": "shared_head.norm"}
 _NORMS = ("enorm.weight", "hnorm.weight", "shared_head.norm.weight", "input_layernorm.weight",
           "post_attention_layernorm.weight", "self_attn.q_norm.weight", "self_attn.k_norm.weight")
