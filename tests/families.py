@@ -69,6 +69,11 @@ def configs(vocab: int) -> dict[str, dict]:
             index_source_layer_ids=[1], index_n_heads=2, index_head_dim=16, index_topk=4, candidate_source_layer_id=-1,
             hc_mult=4, hc_sinkhorn_iters=20, hc_eps=1e-6, num_nextn_predict_layers=1, max_position_embeddings=4096,
             rope_theta=10000.0, compress_rope_theta=160000.0)),
+        "step3p5": dict(base, model_type="step3p5", num_hidden_layers=3, num_attention_groups=2, head_dim=16,
+                        rms_norm_eps=1e-5, sliding_window=8,  # layer_types: the trunk's, then the MTP layer's
+                        layer_types=["full_attention", "sliding_attention", "full_attention", "full_attention"],
+                        moe_num_experts=4, moe_top_k=2, moe_intermediate_size=32, share_expert_dim=32,
+                        moe_layers_enum="1,2,4,5", moe_router_scaling_factor=3.0, num_nextn_predict_layers=1),
         "nemotron_h": dict(model_type="nemotron_h", vocab_size=vocab, hidden_size=64, intermediate_size=128,
                            max_position_embeddings=1024, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
                            attention_bias=False, mamba_num_heads=4, mamba_head_dim=16, mamba_proj_bias=False,
@@ -161,6 +166,21 @@ _V41_NAMES = [(".self_attn.", ".attn."), (".mlp.", ".ffn."), (".input_layernorm.
 _V41_EXPERTS = {"gate_proj": "w1", "down_proj": "w2", "up_proj": "w3"}
 
 
+_STEP_NAMES = [(".mlp.switch_mlp.", ".moe."), (".mlp.gate.gate.", ".moe.gate."), (".mlp.gate.router_bias", ".moe.router_bias"),
+               (".mlp.share_expert.", ".share_expert.")]
+
+
+def released_step(weights: dict) -> dict:
+    """mlx-lm's Step-3.5 weights -> the release's names (`.moe.*`, `.share_expert.*`) and its
+    zero-centred norms (w - 1)."""
+    out = {}
+    for name, value in weights.items():
+        for ours, theirs in _STEP_NAMES:
+            name = name.replace(ours, theirs)
+        out[name] = value - 1.0 if "norm" in name and name.endswith(".weight") else value
+    return out
+
+
 def released_deepseek_v41(weights: dict) -> dict:
     """mlx-lm's DeepSeek V4.1 weights -> DeepSeek's names as released (`layers.{i}.attn.wq_a`,
     `hc_attn_fn`, one tensor per expert, `wo_a` as one matrix); checked against mlx-lm's own rename."""
@@ -201,13 +221,17 @@ def write_with_mtp(folder: Path, family: str, tokenizer, vocab: int, seed: int =
     from daemon.models import family as families
 
     config = configs(vocab)[family]
-    text = families.text_config(config)
     if layers > 1:
-        (config["text_config"] if "text_config" in config else config)["num_nextn_predict_layers"] = layers
+        fields = config["text_config"] if "text_config" in config else config
+        fields["num_nextn_predict_layers"] = layers
+        if "layer_types" in fields:  # padded with the MTP layers', as the releases do
+            fields["layer_types"] = fields["layer_types"] + ["full_attention"] * (layers - 1)
+    text = families.text_config(config)
     model = random_model(config, seed)
     weights = dict(tree_flatten(model.parameters()))
-    raw = released_qwen(weights, family) if family in ("qwen3_5", "qwen3_next") else (
-        released_deepseek_v41(weights) if family == "deepseek_v41" else dict(weights))
+    released = {"qwen3_5": lambda w: released_qwen(w, "qwen3_5"), "qwen3_next": lambda w: released_qwen(w, "qwen3_next"),
+                "deepseek_v41": released_deepseek_v41, "step3p5": released_step}
+    raw = released.get(family, dict)(weights)
     refs = []
     for j in range(layers):
         tensors, ref = _mtp_layer(family, text, weights, vocab, seed + 10 * j, j)
@@ -250,6 +274,13 @@ def _mtp_layer(family: str, text: dict, weights: dict, vocab: int, seed: int, j:
             "h_proj.weight": ref["proj"], "e_proj.weight": ref["e_proj"], "enorm.weight": ref["enorm"],
             "hnorm.weight": ref["hnorm"], "norm.weight": ref["norm"], "hc_head_fn": fn, "hc_head_base": base,
             "hc_head_scale": scale, "emb.tok_emb.weight": weights["model.embed_tokens.weight"]}.items()})
+    elif family == "step3p5":
+        ref["head"] = mx.random.normal((vocab, hidden)) * 0.3
+        raw = {f"model.layers.{n + j}.transformer.{k.removeprefix('model.layers.0.')}": v
+               for k, v in released_step({f"model.layers.0.{k}": v for k, v in block_params.items()}).items()}
+        raw.update({f"model.layers.{n + j}.{k}": v for k, v in {
+            "enorm.weight": ref["enorm"] - 1, "hnorm.weight": ref["hnorm"] - 1, "eh_proj.weight": ref["proj"],
+            "shared_head.norm.weight": ref["norm"] - 1, "shared_head.output.weight": ref["head"]}.items()})
     else:  # DeepSeek-style: model.layers.{N + j}
         ref["head"] = mx.random.normal((vocab, hidden)) * 0.3
         layer = {"enorm.weight": ref["enorm"], "hnorm.weight": ref["hnorm"], "eh_proj.weight": ref["proj"],

@@ -1,13 +1,14 @@
-"""Targets whose caches cannot trim (Gated DeltaNet in Qwen3.5 / Qwen3-Next, Mamba in Nemotron-H, DeepSeek
-V4's sliding window and compressed groups): a partly rejected draft is taken back exactly, the
-recurrent state or the layer cache included (daemon.engine.rollback)."""
+"""Targets whose caches cannot trim (Gated DeltaNet in Qwen3.5 / Qwen3-Next, Mamba in Nemotron-H, the
+sliding windows of Gemma 3 and Step-3.5 once they wrap, DeepSeek V4's window and compressed groups):
+a partly rejected draft is taken back exactly, the recurrent state, the window or the layer cache
+included (daemon.engine.rollback)."""
 
 import mlx.core as mx
 import numpy as np
 import pytest
 from doubles import RuleDrafter, planted_errors, speculated_cache
 from families import write_family
-from mlx_lm.models.cache import ArraysCache, make_prompt_cache
+from mlx_lm.models.cache import ArraysCache, RotatingKVCache, make_prompt_cache
 from mlx_lm.models.deepseek_v41 import LayerCache
 
 from daemon.engine.generate import generate
@@ -17,14 +18,15 @@ from daemon.models.loading import load
 from policies.fixed import Fixed
 
 PROMPT = (1, 80, 120, 7, 200, 33, 150)
-HYBRIDS = ["qwen3_5", "qwen3_next", "nemotron_h", "deepseek_v41"]
+HYBRIDS = ["qwen3_5", "qwen3_next", "nemotron_h", "deepseek_v41", "gemma3_text", "step3p5"]
 
 
 @pytest.fixture(scope="module")
 def hybrids(tmp_path_factory, tiny_lm):
     root = tmp_path_factory.mktemp("hybrid")
     vocab = tiny_lm.config["vocab_size"]
-    return {f: load(str(write_family(root / f, f, tiny_lm.tokenizer, vocab, seed=2))) for f in HYBRIDS}
+    seeds = {"gemma3_text": 3}  # seed 2's tiny Gemma 3 ends its answer after 11 tokens
+    return {f: load(str(write_family(root / f, f, tiny_lm.tokenizer, vocab, seed=seeds.get(f, 2)))) for f in HYBRIDS}
 
 
 def planted(lm, k):
@@ -59,6 +61,12 @@ def test_hybrid_cache_after_speculation_equals_plain_prefill(hybrids, family):
         if isinstance(ours, ArraysCache):
             for a, b in zip(ours.cache, theirs.cache):
                 np.testing.assert_allclose(np.array(a), np.array(b), atol=1e-4)
+        elif isinstance(ours, RotatingKVCache):  # the window's rows in order (a prefill keeps more before them)
+            window = ours.max_size - 1
+            assert ours.offset == len(sequence) > ours.max_size
+            for a, b in zip(ours.state[:2], theirs.state[:2]):
+                a, b = ours._temporal_order(a), theirs._temporal_order(b)
+                np.testing.assert_allclose(np.array(a[..., -window:, :]), np.array(b[..., -window:, :]), atol=1e-4)
         elif isinstance(ours, LayerCache):  # window, compressed groups, index keys, the open group, offset
             assert ours.offset == len(sequence) and ours.window.shape[1] == lm.config["sliding_window"]
             for a, b in zip(ours.state, theirs.state):

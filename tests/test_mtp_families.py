@@ -11,7 +11,7 @@ from mlx_lm.models.base import create_attention_mask
 from daemon.engine.forward import hidden_tap
 from daemon.engine.generate import generate
 from daemon.engine.records import Request
-from daemon.models.families import deepseek_v4, mimo, qwen3_next
+from daemon.models.families import deepseek_v4, mimo, qwen3_next, step3p5
 from daemon.models.loading import load
 from daemon.models.mtp import mtp_layers
 from daemon.models.target import target_embedding, target_head_weight, trunk
@@ -19,7 +19,7 @@ from policies.fixed import Fixed
 
 PROMPT = (1, 80, 120, 7, 200, 33, 150)
 MTP_FAMILIES = ["deepseek_v3", "deepseek_v32", "glm4_moe", "glm4_moe_lite", "qwen3_5", "qwen3_next", "mimo",
-                "deepseek_v41"]
+                "deepseek_v41", "step3p5"]
 
 
 @pytest.fixture(scope="module")
@@ -155,7 +155,8 @@ def test_a_wrong_adapter_fails_the_reference(written, monkeypatch):
 
     for family, module, name, wrong in [("qwen3_5", qwen3_next, "zero_centred", lambda *_: False),
                                         ("mimo", mimo, "COMBINE", "embedding_first"),
-                                        ("deepseek_v41", deepseek_v4, "combine", swapped)]:
+                                        ("deepseek_v41", deepseek_v4, "combine", swapped),
+                                        ("step3p5", step3p5, "zero_centred", lambda *_: False)]:
         folder, ref = written[family]
         with monkeypatch.context() as m:
             m.setattr(module, name, wrong)
@@ -199,7 +200,7 @@ def test_extracted_drafter_serves_a_conversion_that_dropped_the_layer(written, f
     assert spec.token_ids == plain.token_ids and spec.stats.drafted > 0
 
 
-MULTI = ["mimo", "deepseek_v41", "deepseek_v3"]
+MULTI = ["mimo", "deepseek_v41", "deepseek_v3", "step3p5"]
 
 
 @pytest.fixture(scope="module")

@@ -2,11 +2,13 @@
 
 Attention caches (KVCache and kin) trim: they drop their last positions. A recurrent layer (mlx-lm's
 ArraysCache: Gated DeltaNet in Qwen3.5/3.6/Next, Mamba in Nemotron-H, LFM2's convolutions) keeps
-one state that has already absorbed every verified row, and DeepSeek V4's layer cache (a sliding
-window, compressed groups and the rows of the open group) has already dropped rows it cannot get
-back; such a cache is kept aside before the forward (MLX arrays are immutable, and these caches
-replace their arrays rather than write into them: keeping costs references, not copies) and put
-back after it; the positions to keep are then run through the model again (snapshot and replay).
+one state that has already absorbed every verified row, and a sliding window that has wrapped
+(RotatingKVCache: Gemma 3, Step-3.5) or DeepSeek V4's layer cache (a window, compressed groups and
+the rows of the open group) has already dropped rows it cannot get back; such a cache is kept aside
+before the forward (MLX arrays are immutable, and these caches replace their arrays rather than
+write into them when several rows come at once, as a verification's do: keeping costs references,
+not copies) and put back after it; the positions to keep are then run through the model again
+(snapshot and replay).
 The replay costs a forward over the kept rows, only in rounds that rejected a draft and only on
 models with such caches.
 """
@@ -17,7 +19,7 @@ import mlx.core as mx
 from mlx_lm.models.cache import ArraysCache, RotatingKVCache, trim_prompt_cache
 from mlx_lm.models.deepseek_v41 import LayerCache
 
-REBINDING = (LayerCache,)  # caches whose updates assign new arrays to their attributes, never into them
+REBINDING = (LayerCache, RotatingKVCache)  # their updates of several rows assign new arrays, never write into them
 
 
 def _restorable(c) -> bool:
@@ -25,14 +27,14 @@ def _restorable(c) -> bool:
 
 
 def speculable(cache: list) -> bool:
-    """Whether every layer's cache can take positions back: trimmable attention (a sliding
-    window that wraps cannot), or a cache kept aside and put back."""
-    return all(_restorable(c) or (c.is_trimmable() and not isinstance(c, RotatingKVCache)) for c in cache)
+    """Whether every layer's cache can take positions back: trimmable attention, or a cache kept
+    aside and put back."""
+    return all(_restorable(c) or c.is_trimmable() for c in cache)
 
 
 def keep_states(cache: list) -> list | None:
-    """What the caches that cannot trim hold before a forward that may be partly taken back (None
-    per layer that trims); None when every layer trims."""
+    """What the caches that cannot trim hold before a forward of several rows that may be partly
+    taken back (None per layer that trims); None when every layer trims."""
     if not any(_restorable(c) for c in cache):
         return None
     return [(list(c.cache) if isinstance(c, ArraysCache) else dict(vars(c))) if _restorable(c) else None for c in cache]

@@ -191,7 +191,7 @@ def load(spec: str | None = None, drafter: str | None = None, drafter_bits: int 
             hint="plain decoding; pass --drafter DIR (mtpd drafter extract, mtpd train-drafter) to speculate")
     if lm.drafter is not None and not speculable(make_prompt_cache(lm.model)):
         structlog.get_logger().warning("drafter unused", model=lm.name, drafter=lm.drafter_name,
-                                       reason="the model's sliding-window caches cannot take rejected drafts back")
+                                       reason="the model's caches cannot take rejected drafts back")
         lm.drafter = lm.drafter_name = None
     if lm.drafter is not None:
         if drafter_bits is not None:

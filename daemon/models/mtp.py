@@ -28,7 +28,7 @@ from mlx_lm.models.cache import CacheList
 from daemon.cpu.layout import column_major_matrix
 from daemon.engine.forward import feature_source
 from daemon.models import family
-from daemon.models.target import target_embedding, target_head, target_head_weight
+from daemon.models.target import SharedHead, target_embedding, target_head, target_head_weight
 
 HIDDEN_SOURCES = ("post_norm", "pre_norm", "streams")  # streams: a hyper-connection trunk's (DeepSeek V4)
 COMBINES = ("embedding_first", "hidden_first")
@@ -68,14 +68,6 @@ class DrafterConfig:
         if self.hidden_source == "streams":
             return self.target["hc_mult"] * (hidden + 1)  # daemon.engine.forward.join_streams
         return hidden * (1 + len(self.feature_layers))
-
-
-class SharedHead(nn.Module):
-    def __init__(self, hidden: int, eps: float, vocab: int | None):
-        super().__init__()
-        self.norm = nn.RMSNorm(hidden, eps=eps)
-        if vocab is not None:
-            self.head = nn.Linear(hidden, vocab, bias=False)
 
 
 class MTPDrafter(nn.Module):

@@ -8,6 +8,16 @@ import mlx.core as mx
 import mlx.nn as nn
 
 
+class SharedHead(nn.Module):
+    """A drafter's head: its norm, and its own projection when it ships one (else the target's is used)."""
+
+    def __init__(self, hidden: int, eps: float, vocab: int | None):
+        super().__init__()
+        self.norm = nn.RMSNorm(hidden, eps=eps)
+        if vocab is not None:
+            self.head = nn.Linear(hidden, vocab, bias=False)
+
+
 def language_model(model) -> nn.Module:
     """The module holding the head: the model itself, or its `language_model`."""
     return model.language_model if "language_model" in model else model

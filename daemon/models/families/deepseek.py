@@ -26,13 +26,13 @@ FORWARD = {
 LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 
 
-def _layer_of(key: str) -> int | None:
+def layer_of(key: str) -> int | None:
     m = LAYER.match(key)
     return int(m.group(1)) if m else None
 
 
 def is_mtp(key: str, config: dict) -> bool:
-    layer = _layer_of(key)
+    layer = layer_of(key)
     return layer is not None and layer >= config["num_hidden_layers"]
 
 
@@ -40,7 +40,7 @@ def convert(mtp: dict, weights: dict, config: dict, sanitize) -> list[dict]:
     """Each MTP layer through the family's own sanitize as if it were layer 0, so that fp8
     dequantization, MLA splits and expert stacking apply to it too."""
     layers = []
-    for index in sorted({_layer_of(k) for k in mtp}):
+    for index in sorted({layer_of(k) for k in mtp}):
         prefix = f"model.layers.{index}."
         layer = {"model.layers.0." + k[len(prefix):]: v for k, v in mtp.items() if k.startswith(prefix)}
         layers.append({k.removeprefix("model.layers.0."): v for k, v in sanitize(layer).items()})

@@ -24,7 +24,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from daemon.engine.forward import join_streams, split_streams
-from daemon.models.target import target_embedding, target_head
+from daemon.models.target import SharedHead, target_embedding, target_head
 
 FAMILIES = ("deepseek_v41",)
 COMBINE = "embedding_first"
@@ -102,8 +102,6 @@ class Drafter(nn.Module):
     def __init__(self, config):
         super().__init__()
         from mlx_lm.models.deepseek_v41 import ModelArgs, _window_indices
-
-        from daemon.models.mtp import SharedHead
 
         self.config = config
         args = ModelArgs.from_dict(config.target)
