@@ -78,7 +78,10 @@ def configs(vocab: int) -> dict[str, dict]:
                            max_position_embeddings=1024, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
                            attention_bias=False, mamba_num_heads=4, mamba_head_dim=16, mamba_proj_bias=False,
                            ssm_state_size=16, conv_kernel=4, n_groups=1, mlp_bias=False, layer_norm_epsilon=1e-5,
-                           use_bias=False, use_conv_bias=True, hybrid_override_pattern=["M", "*", "M", "-"]),
+                           use_bias=False, use_conv_bias=True, hybrid_override_pattern=["M", "*", "M", "-"],
+                           num_nextn_predict_layers=1, mtp_hybrid_override_pattern="*E", n_routed_experts=4,
+                           num_experts_per_tok=2, moe_intermediate_size=32, moe_shared_expert_intermediate_size=32,
+                           n_shared_experts=1, n_group=1, topk_group=1, norm_topk_prob=True, routed_scaling_factor=1.0),
         "lfm2": dict(model_type="lfm2", vocab_size=vocab, hidden_size=64, num_hidden_layers=3, num_attention_heads=4,
                      num_key_value_heads=2, max_position_embeddings=1024, norm_eps=1e-5, conv_bias=False,
                      conv_L_cache=3, block_dim=64, block_multiple_of=16, block_ffn_dim_multiplier=1.0,
@@ -136,6 +139,20 @@ def unstack_experts(params: dict) -> dict:
             proj = tail.split(".")[0]
             for e in range(value.shape[0]):
                 out[f"{head}experts.{e}.{proj}.weight"] = value[e]
+        else:
+            out[name] = value
+    return out
+
+
+def unstack_nemotron(params: dict) -> dict:
+    """mlx-lm's stacked Nemotron-H experts (`switch_mlp.fc1/fc2` [E, ...]) -> the release's
+    `experts.{e}.up_proj / down_proj`."""
+    out = {}
+    for name, value in params.items():
+        head, sep, tail = name.partition("switch_mlp.")
+        if sep:
+            proj = {"fc1": "up_proj", "fc2": "down_proj"}[tail.split(".")[0]]
+            out.update({f"{head}experts.{e}.{proj}.weight": value[e] for e in range(value.shape[0])})
         else:
             out[name] = value
     return out
@@ -226,8 +243,8 @@ def write_with_mtp(folder: Path, family: str, tokenizer, vocab: int, seed: int =
         fields["num_nextn_predict_layers"] = layers
         if "layer_types" in fields:  # padded with the MTP layers', as the releases do
             fields["layer_types"] = fields["layer_types"] + ["full_attention"] * (layers - 1)
-    text = families.text_config(config)
     model = random_model(config, seed)
+    text = families.text_config(config, len(model.layers))  # Nemotron-H's count is its pattern's length
     weights = dict(tree_flatten(model.parameters()))
     released = {"qwen3_5": lambda w: released_qwen(w, "qwen3_5"), "qwen3_next": lambda w: released_qwen(w, "qwen3_next"),
                 "deepseek_v41": released_deepseek_v41, "step3p5": released_step}
@@ -274,6 +291,14 @@ def _mtp_layer(family: str, text: dict, weights: dict, vocab: int, seed: int, j:
             "h_proj.weight": ref["proj"], "e_proj.weight": ref["e_proj"], "enorm.weight": ref["enorm"],
             "hnorm.weight": ref["hnorm"], "norm.weight": ref["norm"], "hc_head_fn": fn, "hc_head_base": base,
             "hc_head_scale": scale, "emb.tok_emb.weight": weights["model.embed_tokens.weight"]}.items()})
+    elif family == "nemotron_h":
+        raw = {}
+        for name, value in unstack_nemotron(block_params).items():
+            index, _, rest = name.removeprefix("sublayers.").partition(".")
+            raw[f"mtp.layers.{index}.{rest}"] = value
+        last = len(text["mtp_hybrid_override_pattern"]) - 1
+        raw.update({"mtp.layers.0.enorm.weight": ref["enorm"], "mtp.layers.0.hnorm.weight": ref["hnorm"],
+                    "mtp.layers.0.eh_proj.weight": ref["proj"], f"mtp.layers.{last}.final_layernorm.weight": ref["norm"]})
     elif family == "step3p5":
         ref["head"] = mx.random.normal((vocab, hidden)) * 0.3
         raw = {f"model.layers.{n + j}.transformer.{k.removeprefix('model.layers.0.')}": v

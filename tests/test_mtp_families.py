@@ -11,7 +11,7 @@ from mlx_lm.models.base import create_attention_mask
 from daemon.engine.forward import hidden_tap
 from daemon.engine.generate import generate
 from daemon.engine.records import Request
-from daemon.models.families import deepseek_v4, mimo, qwen3_next, step3p5
+from daemon.models.families import deepseek_v4, mimo, nemotron_h, qwen3_next, step3p5
 from daemon.models.loading import load
 from daemon.models.mtp import mtp_layers
 from daemon.models.target import target_embedding, target_head_weight, trunk
@@ -19,7 +19,7 @@ from policies.fixed import Fixed
 
 PROMPT = (1, 80, 120, 7, 200, 33, 150)
 MTP_FAMILIES = ["deepseek_v3", "deepseek_v32", "glm4_moe", "glm4_moe_lite", "qwen3_5", "qwen3_next", "mimo",
-                "deepseek_v41", "step3p5"]
+                "deepseek_v41", "step3p5", "nemotron_h"]
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +55,7 @@ def reference_chain(ref: dict, lm, ids) -> list[mx.array]:
 
 def reference_layer(ref: dict, lm, h, next_tokens) -> tuple[mx.array, mx.array]:
     """vLLM's DeepSeek / Qwen3-Next / MiMo MTP layer: (logits, block output)."""
-    eps = lm.config["rms_norm_eps"]
+    eps = lm.config.get("rms_norm_eps", lm.config.get("layer_norm_epsilon"))
     e = target_embedding(lm.model)(next_tokens)
     parts = [rms(e, ref["enorm"], eps), rms(h, ref["hnorm"], eps)]
     if ref["order"] == "hidden_first":
@@ -138,7 +138,7 @@ def test_speculation_with_the_mtp_layer_is_lossless(written, family):
         assert spec.token_ids == plain.token_ids and spec.stats.drafted > 0, k
 
 
-@pytest.mark.parametrize("family", ["qwen3_5", "mimo", "deepseek_v41"])
+@pytest.mark.parametrize("family", ["qwen3_5", "mimo", "deepseek_v41", "step3p5", "nemotron_h"])
 def test_quantized_mtp_layer_loads_and_stays_lossless(written, family):
     lm = load(str(written[family][0]), drafter_bits=4)
     assert lm.drafter is not None
@@ -148,15 +148,16 @@ def test_quantized_mtp_layer_loads_and_stays_lossless(written, family):
 
 
 def test_a_wrong_adapter_fails_the_reference(written, monkeypatch):
-    """The reference test has teeth: the norms' +1 missed (Qwen3.5), the concatenation swapped (MiMo),
-    the embedding's and the hidden state's projections swapped (DeepSeek V4)."""
+    """The reference test has teeth: the norms' +1 missed (Qwen3.5, Step-3.5), the concatenation
+    swapped (MiMo, Nemotron-H), the embedding's and the hidden state's projections swapped (DeepSeek V4)."""
     def swapped(drafter, e, streams):
         return drafter.e_proj(drafter.hnorm(streams)) + drafter.h_proj(e)[..., None, :]
 
     for family, module, name, wrong in [("qwen3_5", qwen3_next, "zero_centred", lambda *_: False),
                                         ("mimo", mimo, "COMBINE", "embedding_first"),
                                         ("deepseek_v41", deepseek_v4, "combine", swapped),
-                                        ("step3p5", step3p5, "zero_centred", lambda *_: False)]:
+                                        ("step3p5", step3p5, "zero_centred", lambda *_: False),
+                                        ("nemotron_h", nemotron_h, "COMBINE", "hidden_first")]:
         folder, ref = written[family]
         with monkeypatch.context() as m:
             m.setattr(module, name, wrong)
@@ -165,7 +166,7 @@ def test_a_wrong_adapter_fails_the_reference(written, monkeypatch):
         assert not np.allclose(ours, np.array(reference_logits(ref, lm, PROMPT)), atol=2e-3, rtol=1e-3), family
 
 
-@pytest.mark.parametrize("family", ["qwen3_5", "deepseek_v3", "deepseek_v41"])
+@pytest.mark.parametrize("family", ["qwen3_5", "deepseek_v3", "deepseek_v41", "nemotron_h"])
 def test_extracted_drafter_serves_a_conversion_that_dropped_the_layer(written, family, tmp_path):
     """`mtpd drafter extract` reads the MTP tensors alone; `mtpd inspect` tells the stripped copy
     from the original; the extracted folder drafts next to the stripped copy as the layer did inside."""

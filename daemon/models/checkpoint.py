@@ -76,21 +76,21 @@ def inspect(path: str) -> dict:
 def read_mtp(folder: Path) -> tuple[dict, dict, list[dict]]:
     """(the checkpoint's config, its text config, the MTP layers in the drafter's names), reading
     only the MTP tensors."""
+    from mlx_lm.utils import _get_classes
+
     config = _config(folder)
-    text = family.text_config(config)
     adapter = family.adapter(config["model_type"])
     if adapter is None:
         raise ValueError(f"no MTP adapter for the {config['model_type']!r} family")
+    model_cls, args_cls = _get_classes(config)
+    owner = SimpleNamespace(args=args_cls.from_dict(config))  # sanitize reads the model's args alone
+    text = family.text_config(config, getattr(owner.args, "num_hidden_layers", None))  # Nemotron-H's is implicit
     lazy = {}
     for file in sorted(folder.glob("*.safetensors")):
         lazy.update(mx.load(str(file)))
     mtp = {k: lazy.pop(k) for k in [k for k in lazy if adapter.is_mtp(k, text)]}
     if not mtp:
         raise ValueError(f"{folder} has no MTP tensors for the {config['model_type']!r} family")
-    from mlx_lm.utils import _get_classes
-
-    model_cls, args_cls = _get_classes(config)
-    owner = SimpleNamespace(args=args_cls.from_dict(config))  # sanitize reads the model's args alone
     sanitize = getattr(model_cls, "sanitize", None)
     converted = adapter.convert(mtp, lazy, text, (lambda w: sanitize(owner, w)) if sanitize else (lambda w: w))
     return config, text, converted

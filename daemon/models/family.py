@@ -23,10 +23,10 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from daemon.models.families import deepseek, deepseek_v4, llama, mimo, qwen3_next, step3p5
+from daemon.models.families import deepseek, deepseek_v4, llama, mimo, nemotron_h, qwen3_next, step3p5
 
 ADAPTERS: dict[str, ModuleType] = {
-    name: m for m in (llama, deepseek, deepseek_v4, qwen3_next, mimo, step3p5) for name in m.FAMILIES}
+    name: m for m in (llama, deepseek, deepseek_v4, qwen3_next, mimo, step3p5, nemotron_h) for name in m.FAMILIES}
 
 
 def adapter(model_type: str) -> ModuleType | None:

@@ -32,7 +32,7 @@ from daemon.models.target import SharedHead, target_embedding, target_head, targ
 
 HIDDEN_SOURCES = ("post_norm", "pre_norm", "streams")  # streams: a hyper-connection trunk's (DeepSeek V4)
 COMBINES = ("embedding_first", "hidden_first")
-BLOCK_PARTS = ("input_layernorm", "self_attn", "post_attention_layernorm", "mlp", "attn_hc", "ffn_hc")
+BLOCK_PARTS = ("input_layernorm", "self_attn", "post_attention_layernorm", "mlp", "attn_hc", "ffn_hc", "sublayers")
 MATCH_CLASSES = 5  # offer match lengths 0 (none) .. 4 (daemon.drafting.lookup.NgramIndex's n_max)
 
 
@@ -62,6 +62,11 @@ class DrafterConfig:
         return feature_source(self.hidden_source, self.feature_layers)
 
     @property
+    def eps(self) -> float:
+        """The norms' epsilon, under the target config's name for it (Nemotron-H's layer_norm_epsilon)."""
+        return self.target["rms_norm_eps"] if "rms_norm_eps" in self.target else self.target["layer_norm_epsilon"]
+
+    @property
     def width(self) -> int:
         """The size of one position's hidden input."""
         hidden = self.target["hidden_size"]
@@ -74,7 +79,7 @@ class MTPDrafter(nn.Module):
     def __init__(self, config: DrafterConfig):
         super().__init__()
         self.config = config
-        hidden, eps = config.target["hidden_size"], config.target["rms_norm_eps"]
+        hidden, eps = config.target["hidden_size"], config.eps
         self.enorm = nn.RMSNorm(hidden, eps=eps)
         self.hnorm = nn.RMSNorm(hidden, eps=eps)
         if config.feature_layers:
