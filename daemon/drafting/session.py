@@ -45,7 +45,7 @@ class DraftingSession:
         self.caches = [layer.make_cache() for layer in self.layers]
         self.pending_hidden: list[mx.array] = []  # the first layer's pairs: chunks [1, m_i, H]
         self.pending_tokens: list[int] = []
-        self.read_upto = [0] * len(self.layers)  # positions each layer has read
+        self.read_upto = [0] * len(self.layers)  # positions each later layer has read (the first's: the pairs)
         self.lagging: list[mx.array | None] = [None] * len(self.layers)  # layer j: layer j - 1's outputs it has not read
         self.chained = [0] * len(self.layers)  # rows in each cache past what it read: the last draft's chain
         self.before_chain: list = [None] * len(self.layers)  # a cache that cannot trim, before that chain
@@ -82,7 +82,8 @@ class DraftingSession:
         grammar masks every draft and moves on by the kept ones (the caller rolls it back)."""
         unseen = mx.concatenate(self.pending_hidden, axis=1) if len(self.pending_hidden) > 1 else self.pending_hidden[0]
         tokens = self.pending_tokens
-        logits, own, _ = self._catch_up(unseen, tokens, self.index.offers[-len(tokens):])
+        logits, own, later = self._catch_up(unseen, tokens, self.index.offers[-len(tokens):])
+        mx.async_eval(later)  # the later layers' reading runs beside the first draft
         self.pending_hidden, self.pending_tokens = [], []  # read now
         self.before_chain = [keep_states([cache]) for cache in self.caches]
         out = Drafts()
@@ -143,7 +144,6 @@ class DraftingSession:
             chunk = slice(start, start + PREFILL_CHUNK)
             logits, own = first.draft(hidden[:, chunk], mx.array([tokens[chunk]]), self.caches[0], self.model,
                                       offer_arrays(first, offers[chunk]))
-            self.read_upto[0] += len(tokens[chunk])
             later += self._feed(1, own)
         return logits, own, later
 
