@@ -13,7 +13,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))
 
-FAMILIES = ["deepseek_v3", "deepseek_v32", "glm4_moe", "glm4_moe_lite", "qwen3_5", "qwen3_next", "mimo", "deepseek_v41"]
+FAMILIES = ["deepseek_v3", "deepseek_v32", "glm4_moe", "glm4_moe_lite", "qwen3_5", "qwen3_next", "mimo", "deepseek_v41",
+            "step3p5", "nemotron_h"]
+SEVERAL = ["mimo", "deepseek_v41", "step3p5"]  # also written with three MTP layers, as FAMILY-3
 
 
 def main(out: Path) -> None:
@@ -28,6 +30,9 @@ def main(out: Path) -> None:
     for family in FAMILIES:
         write_with_mtp(out / family, family, lm.tokenizer, lm.config["vocab_size"], seed=1)
         print(out / family)
+    for family in SEVERAL:
+        write_with_mtp(out / f"{family}-3", family, lm.tokenizer, lm.config["vocab_size"], seed=3, layers=3)
+        print(out / f"{family}-3")
 
 
 if __name__ == "__main__":
