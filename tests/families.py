@@ -229,12 +229,15 @@ def _draw(module, seed: int):
     return module
 
 
-def write_with_mtp(folder: Path, family: str, tokenizer, vocab: int, seed: int = 0, layers: int = 1) -> dict:
+def write_with_mtp(folder: Path, family: str, tokenizer, vocab: int, seed: int = 0, layers: int = 1,
+                   converted: bool = False) -> dict:
     """A tiny `family` checkpoint in its released layout with `layers` MTP layers (one for the
-    Qwen families, whose MTP module stacks its layers). Returns what an independent reference of
-    the MTP forward needs, for the first layer (the later ones under "later"): effective norm
-    weights (as they multiply), the projection(s), the head (None: the target's), the block as an
-    mlx-lm layer, the order."""
+    Qwen families, whose MTP module stacks its layers); `converted`: as an mlx-lm conversion that
+    kept the MTP layers would hold it instead (mlx-lm's names and norms as they multiply, the MTP
+    layers' own tensors under the release's names). Returns what an independent reference of the
+    MTP forward needs, for the first layer (the later ones under "later"): effective norm weights
+    (as they multiply), the projection(s), the head (None: the target's), the block as an mlx-lm
+    layer, the order."""
     from daemon.models import family as families
 
     config = configs(vocab)[family]
@@ -248,18 +251,19 @@ def write_with_mtp(folder: Path, family: str, tokenizer, vocab: int, seed: int =
     weights = dict(tree_flatten(model.parameters()))
     released = {"qwen3_5": lambda w: released_qwen(w, "qwen3_5"), "qwen3_next": lambda w: released_qwen(w, "qwen3_next"),
                 "deepseek_v41": released_deepseek_v41, "step3p5": released_step}
-    raw = released.get(family, dict)(weights)
+    raw = dict(weights) if converted else released.get(family, dict)(weights)
     refs = []
     for j in range(layers):
-        tensors, ref = _mtp_layer(family, text, weights, vocab, seed + 10 * j, j)
+        tensors, ref = _mtp_layer(family, text, weights, vocab, seed + 10 * j, j, converted)
         raw.update(tensors)
         refs.append(ref)
     write_folder(folder, config, raw, tokenizer)
     return {**refs[0], "later": refs[1:]}
 
 
-def _mtp_layer(family: str, text: dict, weights: dict, vocab: int, seed: int, j: int) -> tuple[dict, dict]:
-    """MTP layer j's tensors under the family's released names, and its reference."""
+def _mtp_layer(family: str, text: dict, weights: dict, vocab: int, seed: int, j: int,
+               converted: bool = False) -> tuple[dict, dict]:
+    """MTP layer j's tensors under the family's released names (or a conversion's), and its reference."""
     from daemon.models import family as families
 
     n, hidden = text["num_hidden_layers"], text["hidden_size"]
@@ -269,10 +273,12 @@ def _mtp_layer(family: str, text: dict, weights: dict, vocab: int, seed: int, j:
     ref = {"enorm": 1 + 0.1 * mx.random.normal((hidden,)), "hnorm": 1 + 0.1 * mx.random.normal((hidden,)),
            "norm": 1 + 0.1 * mx.random.normal((hidden,)), "proj": mx.random.normal((hidden, 2 * hidden)) * 0.2,
            "head": None, "block": block, "order": "embedding_first"}
+    shift = 0.0 if converted else 1.0  # the release stores zero-centred norms (Qwen, Step-3.5)
     if family in ("qwen3_5", "qwen3_next"):
-        raw = released_qwen({f"mtp.layers.0.{k}": v for k, v in block_params.items()}, family)
-        raw.update({"mtp.fc.weight": ref["proj"], "mtp.pre_fc_norm_embedding.weight": ref["enorm"] - 1,
-                    "mtp.pre_fc_norm_hidden.weight": ref["hnorm"] - 1, "mtp.norm.weight": ref["norm"] - 1})
+        layer = {f"mtp.layers.0.{k}": v for k, v in block_params.items()}
+        raw = layer if converted else released_qwen(layer, family)
+        raw.update({"mtp.fc.weight": ref["proj"], "mtp.pre_fc_norm_embedding.weight": ref["enorm"] - shift,
+                    "mtp.pre_fc_norm_hidden.weight": ref["hnorm"] - shift, "mtp.norm.weight": ref["norm"] - shift})
     elif family == "mimo":
         ref["order"] = "hidden_first"
         raw = {f"model.mtp_layers.{j}.{k}": v for k, v in block_params.items()}
@@ -301,11 +307,12 @@ def _mtp_layer(family: str, text: dict, weights: dict, vocab: int, seed: int, j:
                     "mtp.layers.0.eh_proj.weight": ref["proj"], f"mtp.layers.{last}.final_layernorm.weight": ref["norm"]})
     elif family == "step3p5":
         ref["head"] = mx.random.normal((vocab, hidden)) * 0.3
+        layer = {f"model.layers.0.{k}": v for k, v in block_params.items()}
         raw = {f"model.layers.{n + j}.transformer.{k.removeprefix('model.layers.0.')}": v
-               for k, v in released_step({f"model.layers.0.{k}": v for k, v in block_params.items()}).items()}
+               for k, v in (layer if converted else released_step(layer)).items()}
         raw.update({f"model.layers.{n + j}.{k}": v for k, v in {
-            "enorm.weight": ref["enorm"] - 1, "hnorm.weight": ref["hnorm"] - 1, "eh_proj.weight": ref["proj"],
-            "shared_head.norm.weight": ref["norm"] - 1, "shared_head.output.weight": ref["head"]}.items()})
+            "enorm.weight": ref["enorm"] - shift, "hnorm.weight": ref["hnorm"] - shift, "eh_proj.weight": ref["proj"],
+            "shared_head.norm.weight": ref["norm"] - shift, "shared_head.output.weight": ref["head"]}.items()})
     else:  # DeepSeek-style: model.layers.{N + j}
         ref["head"] = mx.random.normal((vocab, hidden)) * 0.3
         layer = {"enorm.weight": ref["enorm"], "hnorm.weight": ref["hnorm"], "eh_proj.weight": ref["proj"],

@@ -166,6 +166,17 @@ def test_a_wrong_adapter_fails_the_reference(written, monkeypatch):
         assert not np.allclose(ours, np.array(reference_logits(ref, lm, PROMPT)), atol=2e-3, rtol=1e-3), family
 
 
+@pytest.mark.parametrize("family", ["qwen3_5", "qwen3_next", "step3p5", "deepseek_v41", "mimo"])
+def test_a_conversion_that_kept_the_mtp_layers_loads_as_the_release(tiny_lm, tmp_path, family):
+    """mlx-lm's names and already-shifted norms: the norms are not shifted a second time."""
+    ref = write_with_mtp(tmp_path / family, family, tiny_lm.tokenizer, tiny_lm.config["vocab_size"], seed=1,
+                         converted=True)
+    lm = load(str(tmp_path / family))
+    assert lm.drafter_name.endswith("(built-in MTP)")
+    np.testing.assert_allclose(np.array(drafter_logits(lm, PROMPT)), np.array(reference_logits(ref, lm, PROMPT)),
+                               atol=2e-3, rtol=1e-3)
+
+
 @pytest.mark.parametrize("family", ["qwen3_5", "deepseek_v3", "deepseek_v41", "nemotron_h"])
 def test_extracted_drafter_serves_a_conversion_that_dropped_the_layer(written, family, tmp_path):
     """`mtpd drafter extract` reads the MTP tensors alone; `mtpd inspect` tells the stripped copy
