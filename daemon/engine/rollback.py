@@ -8,9 +8,9 @@ the rows of the open group) has already dropped rows it cannot get back; such a 
 before the forward (MLX arrays are immutable, and these caches replace their arrays rather than
 write into them when several rows come at once, as a verification's do: keeping costs references,
 not copies) and put back after it; the positions to keep are then run through the model again
-(snapshot and replay).
-The replay costs a forward over the kept rows, only in rounds that rejected a draft and only on
-models with such caches.
+(snapshot and replay). The replay costs a forward over the kept rows, only in rounds that rejected
+a draft and only on models with such caches (docs/models.md measures it against keeping every
+position's state).
 """
 
 from __future__ import annotations
