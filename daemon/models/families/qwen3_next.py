@@ -27,7 +27,7 @@ FORWARD = {
     "layers": "mtp.layers.{i} (mtp_num_hidden_layers)",
 }
 _KEY = re.compile(r"^(?:model\.)?(?:language_model\.)?mtp\.(.+)$")
-LAYER = re.compile(r"^(?:model\.)?(?:language_model\.)?(mtp)\.")  # one MTP module, its layers stacked inside
+LAYER = re.compile(r"^(?:model\.)?(?:language_model\.)?(mtp)\.")  # one MTP module (its fc and norms shared)
 _TOP = {"fc": "eh_proj", "pre_fc_norm_embedding": "enorm", "pre_fc_norm_hidden": "hnorm", "norm": "shared_head.norm"}
 _NORMS = ("enorm.weight", "hnorm.weight", "shared_head.norm.weight", "input_layernorm.weight",
           "post_attention_layernorm.weight", "self_attn.q_norm.weight", "self_attn.k_norm.weight")
@@ -71,7 +71,7 @@ def convert(mtp: dict, weights: dict, config: dict, sanitize) -> list[dict]:
         out[f"mlp.switch_mlp.{proj}.weight"] = mx.stack([by_index[e] for e in sorted(by_index)])
     if zero_centred(weights, config["model_type"]):
         out.update({k: out[k] + 1.0 for k in _NORMS if k in out})
-    return [out]  # its layers stack inside one MTP module; the first is used
+    return [out]  # one module: its layers past the first (fc and norms shared with it) are not used
 
 
 def block(config: dict, layer_index: int):
