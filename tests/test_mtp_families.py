@@ -147,6 +147,23 @@ def test_quantized_mtp_layer_loads_and_stays_lossless(written, family):
     assert spec.token_ids == plain.token_ids and spec.stats.drafted > 0
 
 
+@pytest.mark.parametrize("family", ["deepseek_v41", "nemotron_h"])
+def test_a_drafter_kept_quantized_drafts_and_stays_lossless(written, family):
+    """As on a GPU, where the drafter's layers stay quantized (packed integers): the same logits as
+    the CPU's rounded floats, and lossless."""
+    from daemon.models import drafter_io
+
+    kept, rounded = load(str(written[family][0])), load(str(written[family][0]))
+    drafter_io.quantize(kept.drafter, 4, keep_quantized=True)
+    drafter_io.quantize(rounded.drafter, 4, keep_quantized=False)
+    assert "scales" in (kept.drafter.eh_proj if "eh_proj" in kept.drafter else kept.drafter.e_proj)
+    np.testing.assert_allclose(np.array(drafter_logits(kept, PROMPT)), np.array(drafter_logits(rounded, PROMPT)),
+                               atol=2e-3, rtol=1e-3)
+    plain = list(generate(kept, Request(PROMPT, max_tokens=16), Fixed(0)))[-1]
+    spec = list(generate(kept, Request(PROMPT, max_tokens=16), Fixed(2)))[-1]
+    assert spec.token_ids == plain.token_ids and spec.stats.drafted > 0
+
+
 def test_a_wrong_adapter_fails_the_reference(written, monkeypatch):
     """The reference test has teeth: the norms' +1 missed (Qwen3.5, Step-3.5), the concatenation
     swapped (MiMo, Nemotron-H), the embedding's and the hidden state's projections swapped (DeepSeek V4)."""

@@ -119,7 +119,7 @@ class Drafter(nn.Module):
         """hidden [B, L, hc * (H + 1)]: the target's (or its own) streams and pre-mix; tokens [B, L]:
         the tokens after them. Returns (norm(hc_head(s)) [B, L, H], (s, p) joined for chaining)."""
         streams, pre_mix = split_streams(hidden, self._hc)
-        dtype = self.e_proj.weight.dtype
+        dtype = self.hnorm.weight.dtype  # (a quantized e_proj holds packed integers)
         e = self.enorm(target_embedding(target)(tokens))
         s = combine(self, e, streams.astype(dtype))
         previous = 0 if cache.window is None else cache.window.shape[1]
