@@ -138,7 +138,7 @@ def test_speculation_with_the_mtp_layer_is_lossless(written, family):
         assert spec.token_ids == plain.token_ids and spec.stats.drafted > 0, k
 
 
-@pytest.mark.parametrize("family", ["qwen3_5", "mimo", "deepseek_v41", "step3p5", "nemotron_h"])
+@pytest.mark.parametrize("family", MTP_FAMILIES)
 def test_quantized_mtp_layer_loads_and_stays_lossless(written, family):
     lm = load(str(written[family][0]), drafter_bits=4)
     assert lm.drafter is not None
