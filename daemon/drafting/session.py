@@ -128,9 +128,7 @@ class DraftingSession:
             rows = self.lagging[1]
         else:
             rows = own if self.lagging[j] is None else mx.concatenate([self.lagging[j], own], axis=1)
-        known = self.index.tokens + drafts
-        first = self.read_upto[j]
-        ids = known[first + j + 1 : first + j + 1 + rows.shape[1]]
+        ids = self._after(self.read_upto[j] + j + 1, rows.shape[1], drafts)
         self.chained[j] += rows.shape[1]
         return self.layers[j].draft(rows, mx.array([ids]), self.caches[j], self.model)
 
@@ -153,15 +151,20 @@ class DraftingSession:
         if j == len(self.layers):
             return []
         rows = produced if self.lagging[j] is None else mx.concatenate([self.lagging[j], produced], axis=1)
-        first, known = self.read_upto[j], self.index.tokens
-        usable = max(0, min(rows.shape[1], len(known) - j - 1 - first))
+        first = self.read_upto[j] + j + 1  # the token after next of the first row waiting
+        usable = max(0, min(rows.shape[1], len(self.index.tokens) - first))
         self.lagging[j] = rows[:, usable:] if usable < rows.shape[1] else None
         if not usable:
             return []
-        _, out = self.layers[j].features(rows[:, :usable], mx.array([known[first + j + 1 : first + j + 1 + usable]]),
-                                         self.caches[j], self.model)
+        _, out = self.layers[j].features(rows[:, :usable], mx.array([self._after(first, usable)]), self.caches[j], self.model)
         self.read_upto[j] += usable
         return [out, *self._feed(j + 1, out)]
+
+    def _after(self, start: int, n: int, drafts: list[int] | tuple = ()) -> list[int]:
+        """The n tokens from position `start` on: the text's, then the drafts after it."""
+        known = self.index.tokens[start : start + n]
+        past = max(0, start - len(self.index.tokens))
+        return known + list(drafts[past : past + n - len(known)])
 
 
 def _pick(row: mx.array, sampling: SamplingParams, split, min_confidence: float):

@@ -38,6 +38,16 @@ def tensor_index(folder: Path) -> dict[str, tuple[Path, int]]:
     return index
 
 
+def _text(config: dict):
+    """(the text config, mlx-lm's model class and args for `config`); the text config carries the
+    layer count the args derive where the config leaves it implicit (Nemotron-H)."""
+    from mlx_lm.utils import _get_classes
+
+    model_cls, args_cls = _get_classes(config)
+    args = args_cls.from_dict(config)
+    return family.text_config(config, getattr(args, "num_hidden_layers", None)), model_cls, args
+
+
 def _itemsize(dtype: str) -> int:
     return {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2, "U16": 2}.get(
         dtype, 1)
@@ -52,8 +62,8 @@ def inspect(path: str) -> dict:
         return {"model": str(folder), "family": "llama (GGUF)", "mtp_tensors": 0,
                 "plan": "plain decoding; a drafter folder (--drafter DIR, mtpd train-drafter) speculates"}
     config = _config(folder)
-    text = family.text_config(config)
     adapter = family.adapter(config["model_type"])
+    text = _text(config)[0] if adapter is not None else family.text_config(config)
     index = tensor_index(folder)
     mtp = [k for k in index if adapter is not None and adapter.is_mtp(k, text)]
     total, mtp_bytes = sum(b for _, b in index.values()), sum(index[k][1] for k in mtp)
@@ -76,15 +86,12 @@ def inspect(path: str) -> dict:
 def read_mtp(folder: Path) -> tuple[dict, dict, list[dict]]:
     """(the checkpoint's config, its text config, the MTP layers in the drafter's names), reading
     only the MTP tensors."""
-    from mlx_lm.utils import _get_classes
-
     config = _config(folder)
     adapter = family.adapter(config["model_type"])
     if adapter is None:
         raise ValueError(f"no MTP adapter for the {config['model_type']!r} family")
-    model_cls, args_cls = _get_classes(config)
-    owner = SimpleNamespace(args=args_cls.from_dict(config))  # sanitize reads the model's args alone
-    text = family.text_config(config, getattr(owner.args, "num_hidden_layers", None))  # Nemotron-H's is implicit
+    text, model_cls, args = _text(config)
+    owner = SimpleNamespace(args=args)  # sanitize reads the model's args alone
     lazy = {}
     for file in sorted(folder.glob("*.safetensors")):
         lazy.update(mx.load(str(file)))
