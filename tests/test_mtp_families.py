@@ -292,3 +292,8 @@ def test_several_mtp_layers_stay_lossless(written_multi, family):
     for k in (2, 4):
         spec = list(generate(lm, Request(PROMPT, max_tokens=24), Fixed(k)))[-1]
         assert spec.token_ids == plain.token_ids and all(d > 0 for d in spec.stats.drafted_by_position), k
+
+
+def test_a_whole_checkpoint_given_as_drafter_is_refused_in_one_line(written):
+    with pytest.raises(ValueError, match=r"is not an MTP drafter for this qwen3_5 model \(Received \d+ parameters"):
+        load(str(written["qwen3_5"][0]), drafter=str(written["deepseek_v41"][0]))

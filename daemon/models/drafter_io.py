@@ -118,7 +118,12 @@ def load_folder(folder: str | Path, target_config: dict):
                 f"drafter hidden size {config.target['hidden_size']} does not match the target's "
                 f"{target_config['hidden_size']}"
             )
-        drafters.append(build(config, layer, meta.get("bits")))
+        try:
+            drafters.append(build(config, layer, meta.get("bits")))
+        except ValueError as e:  # mlx's strict load lists every name: keep its first words
+            summary = str(e).split(":")[0]
+            raise ValueError(f"{folder} is not an MTP drafter for this {target_config['model_type']} model ({summary}); "
+                             "a checkpoint with its own MTP layers goes through `mtpd drafter extract` first") from None
     return stacked(drafters)
 
 
