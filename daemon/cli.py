@@ -30,12 +30,13 @@ def _settings(args, *flags: str):
 
 
 def _load(settings, cluster=None, **overrides):
+    """The model as the settings name it; `overrides` win over them (the baseline: stock, no drafter)."""
     import structlog
 
     from daemon.models.loading import describe, load
 
-    lm = load(settings.model, drafter=settings.drafter, drafter_bits=settings.drafter_bits, lazy=cluster is not None,
-              **overrides)
+    options = {"drafter": settings.drafter, "drafter_bits": settings.drafter_bits, "lazy": cluster is not None}
+    lm = load(settings.model, **(options | overrides))
     structlog.get_logger().info("model loaded", **describe(lm))
     if cluster is not None:
         cluster.join(lm)
