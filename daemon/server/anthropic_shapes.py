@@ -8,6 +8,7 @@ import json
 import uuid
 from typing import Annotated, Literal
 
+from partial_json_parser import loads as partial_loads
 from pydantic import Field, model_validator
 
 from daemon.engine.records import Finished
@@ -207,7 +208,7 @@ def tool_use_block(call: dict) -> dict:
     """An OpenAI tool call (daemon.server.tool_calls) as a tool_use block."""
     arguments = call["function"]["arguments"]
     try:
-        given = json.loads(arguments)
+        given = partial_loads(arguments) if arguments else {}  # a call cut short: its input as far as it got
     except ValueError:
         given = None
     return {"type": "tool_use", "id": "toolu_" + call["id"].removeprefix("call_"), "name": call["function"]["name"],

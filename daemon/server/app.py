@@ -15,13 +15,14 @@ import time
 
 import structlog
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from daemon.cluster.faults import RankLost
-from daemon.server.anthropic_shapes import error_body
 from daemon.server.handlers import setup_routes
 from daemon.server.keys import METRICS, SETTINGS, TOTALS, WORKER, Totals
 from daemon.server.metrics import Metrics
 from daemon.server.openai_shapes import ApiError
+from daemon.server.protocol import Runner, error_response, said
 from daemon.server.streaming import ClientGone
 from daemon.server.worker import Worker
 from daemon.settings import Settings
@@ -58,9 +59,7 @@ async def measured(http: web.Request, handler):
 
 
 def _error(http: web.Request, e: ApiError) -> web.Response:
-    """In the shape of the API the path belongs to: Anthropic's under /v1/messages, else OpenAI's."""
-    body = error_body(e) if http.path.startswith("/v1/messages") else e.body()
-    return web.json_response(body, status=e.status, headers=e.headers)
+    return error_response(http.path, e)
 
 
 @web.middleware
@@ -74,8 +73,11 @@ async def errors(http: web.Request, handler):
             raise
         message = "the request body is too large" if e.status == 413 else e.reason
         code = {404: "not_found", 405: "method_not_allowed", 413: "body_too_large"}.get(e.status)
-        return _error(http, ApiError(e.status, message, code=code))
-    except ClientGone:
+        allow = {"Allow": e.headers["Allow"]} if "Allow" in e.headers else None  # a 405 must say what is allowed
+        return _error(http, ApiError(e.status, message, code=code, headers=allow))
+    except HttpProcessingError as e:  # the body as it was read: broken chunking, a bad length
+        return _error(http, ApiError(400, said(e), code="bad_request"))
+    except (ClientGone, ConnectionError):  # the client left, while its body was read or its answer written
         return web.Response(status=499)
     except Exception:
         log.exception("internal error", path=http.path)
@@ -122,7 +124,7 @@ async def serve(app: web.Application) -> RankLost | None:
     """Serves until SIGTERM / SIGINT, or until a rank of the cluster is lost, then stops accepting,
     lets in-flight requests finish within the shutdown timeout and returns the loss, if any."""
     settings = app[SETTINGS]
-    runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=settings.shutdown_timeout_s, access_log=None)
+    runner = Runner(app, handle_signals=False, shutdown_timeout=settings.shutdown_timeout_s, access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, settings.host, settings.port)
     await site.start()

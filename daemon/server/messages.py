@@ -28,6 +28,9 @@ class MessagesReply:
     def _events(self, text: str) -> list[tuple[str, object]]:
         return self.calls.feed(text) if self.calls is not None else [("text", text)]
 
+    def _closing(self) -> list[tuple[str, object]]:
+        return self.calls.close(self.done.finish_reason == "length") if self.calls is not None else []
+
     def _message(self, content: list[dict]) -> dict:
         rid, _, model = self.head
         extension = speculation_figures(self.done, self.prepared.speculation) if self.done else None
@@ -40,7 +43,7 @@ class MessagesReply:
                 self.text.append(record.text)
             else:
                 self.done = record
-        events = self._events("".join(self.text)) + (self.calls.close() if self.calls is not None else [])
+        events = self._events("".join(self.text)) + self._closing()
         content, text = [], "".join(e for kind, e in events if kind == "text")
         if text:
             content.append({"type": "text", "text": text})
@@ -71,7 +74,7 @@ class MessagesReply:
                 for event in self._events(record.text):
                     await blocks.add(event)
             self.done = record
-            for event in self.calls.close() if self.calls is not None else []:
+            for event in self._closing():
                 await blocks.add(event)
             await blocks.close()
             body = self._message([])

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from daemon.engine.grammar import Grammar, GrammarError
 from daemon.engine.records import Request
 from daemon.engine.sampling import SamplingParams
 from daemon.models.prompts import encode_chat, encode_text, system_prefix_length
@@ -31,6 +32,16 @@ def default_speculation(served: ServedModel, settings: Settings) -> str:
     return settings.speculation if served.drafter is not None else "off"
 
 
+def _followable(served: ServedModel, grammar: str | None, param: str) -> str | None:
+    """`grammar`, once llguidance has followed it toward completion from the start (a 400 if not)."""
+    if grammar is not None:
+        try:
+            Grammar(served.tokenizer, grammar, served.vocab_size).check()
+        except GrammarError as e:
+            raise ApiError(400, f"{param}: the schema is too complex to follow: {e}", param, "grammar_too_complex") from None
+    return grammar
+
+
 def _chat_ids(served: ServedModel, body: ChatRequest, settings: Settings):
     """(the prompt ids, how many leading ones are a system prompt worth keeping on disk, the reader
     of the answer's tool calls, the grammar the answer follows). A forced call ("required", a named
@@ -39,7 +50,7 @@ def _chat_ids(served: ServedModel, body: ChatRequest, settings: Settings):
     messages, tools, forced = [m.as_dict() for m in body.messages], body.tool_dicts(), body.forced_tool()
     ids = encode_chat(served.tokenizer, messages, tools)
     length = system_prefix_length(served.tokenizer, messages, ids, tools)
-    calls, grammar = None, response_grammar(body.response_format)
+    calls, grammar = None, _followable(served, response_grammar(body.response_format), "response_format")
     if tools:
         fmt = tool_format(served.tokenizer)
         opening = "" if forced is None else fmt.start + "\n" + (f'{{"name": "{forced}", "arguments": ' if forced else "")
@@ -47,7 +58,7 @@ def _chat_ids(served: ServedModel, body: ChatRequest, settings: Settings):
         calls = ToolCalls(fmt, tools, body.parallel_tool_calls is not False, forced is not None,
                           opening.removeprefix(fmt.start))
         if forced is not None and fmt.json_calls:
-            grammar = tool_call_grammar(tools, forced, fmt.end)
+            grammar = _followable(served, tool_call_grammar(tools, forced, fmt.end), "tool_choice")
     return ids, length if length >= settings.prompt_cache_min_tokens else 0, calls, grammar
 
 

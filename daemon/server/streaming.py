@@ -11,6 +11,7 @@ import structlog
 from aiohttp import web
 
 from daemon.cluster.faults import RankLost
+from daemon.engine.grammar import GrammarError
 from daemon.engine.records import Delta, Finished
 from daemon.server.openai_shapes import (
     ApiError,
@@ -80,6 +81,8 @@ async def records(http: web.Request, job: Job, out: asyncio.Queue, heartbeat: fl
             raise ApiError(504, str(record), code="timeout")
         if isinstance(record, RankLost):
             raise rank_lost(record)
+        if isinstance(record, GrammarError):
+            raise ApiError(400, f"the answer's grammar could not go on: {record}", code="grammar_too_complex")
         if isinstance(record, Exception):
             raise record
         yield record
@@ -117,7 +120,7 @@ class Reply:
                                                          self.extension()))
         text, calls = "".join(self.text), None
         if self.calls is not None:
-            events = self.calls.feed(text) + self.calls.close()
+            events = self.calls.feed(text) + self.calls.close(self.done.finish_reason == "length")
             text, calls = "".join(e for kind, e in events if kind == "text"), self.calls.calls or None
         return web.json_response(chat_response(self.head, text, self.done, logprobs, self.extension(), calls))
 
@@ -140,7 +143,8 @@ class Reply:
     def _last_chunks(self) -> list[dict]:
         finish = self.done.finish_reason
         if self.chat:
-            chunks = [self._event_chunk(e) for e in self.calls.close()] if self.calls is not None else []
+            cut = finish == "length"
+            chunks = [self._event_chunk(e) for e in self.calls.close(cut)] if self.calls is not None else []
             if self.calls is not None and self.calls.calls and finish == "stop":
                 finish = "tool_calls"
             chunks.append(chat_chunk(self.head, {}, finish_reason=finish))

@@ -1,13 +1,19 @@
 """Tool calls read back out of the model's text, as it streams: content and calls between the
 format's start and end markers, each call parsed by the model family's parser (mlx-lm's) or the
-generic JSON one (daemon.models.prompts), shaped as OpenAI's `tool_calls`."""
+generic JSON one (daemon.models.prompts), shaped as OpenAI's `tool_calls`. A call the answer's room
+cut short is kept as far as it got, as OpenAI's API and vLLM do: its name and its arguments' text as
+written; the format's markup never reaches the content."""
 
 from __future__ import annotations
 
 import json
+import re
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
+
+from partial_json_parser import Allow
+from partial_json_parser import loads as partial_loads
 
 from daemon.models.prompts import GENERIC_END, GENERIC_START, native_tools
 
@@ -73,11 +79,12 @@ class ToolCalls:
                 out += self._text(self._buffer[:i])
             self._buffer, self._inside = self._buffer[i + len(marker) :], not self._inside
 
-    def close(self) -> list[tuple[str, object]]:
-        """At the end of the answer: a call left open is parsed as it stands."""
+    def close(self, cut: bool = False) -> list[tuple[str, object]]:
+        """At the end of the answer: a call left open is parsed as it stands, or, `cut` by the
+        answer's room, kept as far as it got."""
         rest, self._buffer = self._buffer, ""
         if self._inside:
-            return self._call(rest, self.fmt.start + rest)
+            return self._call(rest, self.fmt.start + rest, cut)
         return self._text(rest)
 
     def _text(self, text: str) -> list:
@@ -85,15 +92,30 @@ class ToolCalls:
             return []  # the whitespace between calls
         return [] if self.calls and not self.parallel else [("text", text)]
 
-    def _call(self, body: str, raw: str) -> list:
+    def _call(self, body: str, raw: str, cut: bool = False) -> list:
         if self.calls and not self.parallel:
             return []
         try:
             parsed = self.fmt.parse(body, self.tools)
             name, arguments = parsed["name"], parsed.get("arguments", {})
         except (ValueError, KeyError, TypeError, AttributeError):
+            if cut:
+                return self._partial(body)
             return [("text", raw)]  # not a call after all: the text as the model wrote it
-        call = {"id": "call_" + uuid.uuid4().hex[:24], "type": "function",
-                "function": {"name": name, "arguments": arguments if isinstance(arguments, str) else json.dumps(arguments)}}
+        return self._record(name, arguments if isinstance(arguments, str) else json.dumps(arguments))
+
+    def _partial(self, body: str) -> list:
+        """A JSON call cut short: its name, once whole, and its arguments' text so far; else nothing."""
+        try:
+            head = partial_loads(body, Allow.ALL & ~Allow.STR)  # strings only when closed: a whole name
+        except ValueError:
+            return []
+        if not isinstance(head, dict) or head.get("name") not in {t["function"]["name"] for t in self.tools}:
+            return []
+        arguments = re.search(r'"arguments"\s*:\s*', body)
+        return self._record(head["name"], body[arguments.end() :] if arguments else "")
+
+    def _record(self, name: str, arguments: str) -> list:
+        call = {"id": "call_" + uuid.uuid4().hex[:24], "type": "function", "function": {"name": name, "arguments": arguments}}
         self.calls.append(call)
         return [("call", call)]

@@ -24,6 +24,7 @@ from daemon.cluster.faults import RankLost
 from daemon.engine.batch import Batch
 from daemon.engine.forward import PREFILL_CHUNK
 from daemon.engine.generate import sequence
+from daemon.engine.grammar import GrammarError
 from daemon.engine.prompt_cache import PromptCache
 from daemon.engine.records import Finished, Request
 from daemon.models.loading import LoadedModel, backend
@@ -257,6 +258,8 @@ class Worker:
             self._measure(record)
             if self.shared is not None and self.jobs_done % SAVE_EVERY == 0:
                 self.shared.save()
+        elif isinstance(record, GrammarError):  # the client's schema: said to the client, no traceback
+            log.warning("grammar gave up", error=str(record))
         elif isinstance(record, Exception):
             log.error("generation failed", exc_info=record)  # the traceback goes to the log only
 
