@@ -3,13 +3,16 @@ prefix of the next prompt (multi-turn chat, shared system prompts).
 
 Entries live in memory, least recently used first out, bounded in bytes. Entries marked
 `persist` (system prompts) are also written to disk, atomically (temporary file, then rename), so a
-restarted daemon finds them; a file that cannot be read is deleted, never fatal. Each entry keeps
-the hidden states the drafter reads, so a speculative request can start from it too.
+restarted daemon finds them; a file that cannot be read is deleted, never fatal, and so are the
+temporary files of writes that were killed. A disk that is full or read-only keeps entries in memory
+only (logged once). Each entry keeps the hidden states the drafter reads, so a speculative request
+can start from it too.
 Runs on the thread that owns MLX.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 from collections import OrderedDict
@@ -22,6 +25,7 @@ import structlog
 from mlx_lm.models.cache import KVCache
 
 log = structlog.get_logger()
+TMP_SUFFIX = ".tmp.safetensors"  # a write in progress, or one that was killed
 
 
 @dataclass
@@ -89,6 +93,7 @@ class PromptCache:
         self._disk: dict[tuple[int, ...], Path] = {}
         self.hits = self.misses = 0
         self.hit_tokens = 0
+        self._unwritable = False  # a write failed (logged once)
         if directory is not None:
             self._scan_disk()
 
@@ -146,18 +151,25 @@ class PromptCache:
         return self.directory / (hashlib.sha1(np.asarray(ids, dtype=np.int64).tobytes()).hexdigest()[:24] + ".safetensors")
 
     def _write(self, state: PromptState) -> None:
-        self.directory.mkdir(parents=True, exist_ok=True)
         path = self._path(state.ids)
-        tmp = path.with_name(path.stem + f".{os.getpid()}.tmp.safetensors")
+        tmp = path.with_name(path.stem + f".{os.getpid()}{TMP_SUFFIX}")
         arrays = {"ids": mx.array(state.ids, dtype=mx.int32)}
         for i, (k, v) in enumerate(zip(state.keys, state.values)):
             arrays[f"keys.{i}"], arrays[f"values.{i}"] = k, v
         if state.hidden is not None:
             arrays["hidden"] = state.hidden
-        mx.save_safetensors(str(tmp), arrays, metadata={"hidden_source": state.hidden_source or ""})
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            mx.save_safetensors(str(tmp), arrays, metadata={"hidden_source": state.hidden_source or ""})
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except (OSError, RuntimeError) as e:  # MLX raises RuntimeError for a failed write (ENOSPC)
+            _remove(tmp)
+            if not self._unwritable:
+                log.warning("prompt cache not written to disk", directory=str(self.directory), error=str(e))
+            self._unwritable = True
+            return
         self._disk[state.ids] = path
         self._trim_disk()
         log.info("prompt cached on disk", tokens=len(state.ids), file=path.name)
@@ -169,7 +181,7 @@ class PromptCache:
             if total <= self.max_disk_bytes:
                 break
             total -= path.stat().st_size
-            path.unlink(missing_ok=True)
+            _remove(path)
             del self._disk[ids]
 
     def _read(self, path: Path) -> PromptState | None:
@@ -185,23 +197,36 @@ class PromptCache:
             )
             if any(k.shape[2] != len(state.ids) for k in state.keys):
                 raise ValueError("cache length does not match its token ids")
-            path.touch()
-            return state
         except Exception as e:  # a damaged file must never stop the daemon
-            log.warning("unreadable prompt cache file deleted", file=str(path), error=str(e))
-            path.unlink(missing_ok=True)
+            _drop_unreadable(path, e)
             return None
+        with contextlib.suppress(OSError):  # the most recently used is trimmed last (not on a read-only disk)
+            path.touch()
+        return state
 
     def _scan_disk(self) -> None:
+        """Finds the entries on disk; removes what killed writes left, damaged files and the oldest
+        entries past `max_disk_bytes` (where the disk lets it)."""
         if not self.directory.is_dir():
             return
-        for tmp in self.directory.glob("*.tmp.safetensors"):
-            tmp.unlink(missing_ok=True)
         for path in self.directory.glob("*.safetensors"):
+            if path.name.endswith(TMP_SUFFIX):
+                _remove(path)
+                continue
             try:
                 ids = mx.load(str(path))["ids"].tolist()
             except Exception as e:
-                log.warning("unreadable prompt cache file deleted", file=str(path), error=str(e))
-                path.unlink(missing_ok=True)
+                _drop_unreadable(path, e)
                 continue
             self._disk[tuple(ids)] = path
+        self._trim_disk()
+
+
+def _remove(path: Path) -> None:
+    with contextlib.suppress(OSError):  # a read-only disk keeps it; it is never read
+        path.unlink(missing_ok=True)
+
+
+def _drop_unreadable(path: Path, error: Exception) -> None:
+    log.warning("unreadable prompt cache file", file=str(path), error=str(error))
+    _remove(path)
