@@ -18,6 +18,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import structlog
 
 from policies.acceptance import (
     LOOKUP_KEYS,
@@ -53,13 +54,22 @@ class SharedEstimates:
         self.acceptance = acceptance or AcceptanceCounts(costs.k_max)
         self.lookup = lookup or AcceptanceCounts(costs.k_max, prior=lookup_prior(costs.k_max), keys=LOOKUP_KEYS)
         self.path = path
+        self.unsaved = False  # a save failed (logged once)
 
     def save(self) -> None:
-        if self.path is not None:
+        """To `path`; a disk that is full or read-only loses only the file (logged once): the
+        next start probes again."""
+        if self.path is None:
+            return
+        try:
             save_json(self.path, {
                 "costs": self.costs.to_dict(), "acceptance": self.acceptance.to_dict(), "lookup": self.lookup.to_dict(),
                 **({"rows": self.rows.to_dict()} if self.rows is not None else {}),
             })
+        except OSError as e:
+            if not self.unsaved:
+                structlog.get_logger().warning("calibration not saved", file=str(self.path), error=str(e))
+            self.unsaved = True
 
     def expected_speedup(self, cls: str, plan: Plan, offer: Proposal) -> float:
         """E(k)/T(k) of a plan over the plain rate 1/T(0), from the shared estimates."""

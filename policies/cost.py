@@ -9,6 +9,7 @@ machine) so a restarted daemon starts calibrated.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -140,8 +141,14 @@ def best_draft_length(rates, costs: StepCosts, k_max: int, off_margin: float = 0
 
 
 def save_json(path: Path, data: dict) -> None:
-    """Atomic: a crash leaves either the old file or the new one, never half of one."""
+    """Atomic: a crash leaves either the old file or the new one, never half of one; a failed
+    write (a full or read-only disk) removes its temporary file and raises."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data))
-    tmp.replace(path)
+    try:
+        tmp.write_text(json.dumps(data))
+        tmp.replace(path)
+    except OSError:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        raise

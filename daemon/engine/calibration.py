@@ -3,6 +3,7 @@ persisted per (model, drafter, machine) so a restarted daemon starts calibrated.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import itertools
 import os
@@ -83,12 +84,20 @@ def probe_costs(lm: LoadedModel, k_max: int = K_MAX, verify_penalty: float = 0.0
 
 def shared_estimates(lm: LoadedModel, root: Path | None, verify_penalty: float = 0.0) -> SharedEstimates | None:
     """The saved estimates for this model, drafter and machine under `root` (the settings'
-    cache_dir), or a fresh probe, then saved there (root None: kept in memory only). None without
-    a drafter."""
+    cache_dir), or a fresh probe, then saved there (root None: kept in memory only); an unreadable
+    file is probed again, and what a killed save left is removed. None without a drafter."""
     if lm.drafter is None:
         return None
+    log = structlog.get_logger()
     path = estimates_path(lm, root, verify_penalty) if root is not None else None
-    shared = SharedEstimates.load(path) if path is not None else None
+    shared = None
+    if path is not None:
+        for tmp in path.parent.glob(f"{path.stem}.*.tmp"):  # a save that was killed
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+        shared = SharedEstimates.load(path)
+        if shared is None and path.exists():
+            log.warning("calibration unreadable: probed again", file=str(path))
     probed = shared is None or shared.rows is None
     if shared is None:
         shared = SharedEstimates(probe_costs(lm, verify_penalty=verify_penalty), path=path)
@@ -96,7 +105,7 @@ def shared_estimates(lm: LoadedModel, root: Path | None, verify_penalty: float =
         shared.rows = probe_rows(lm, shared.costs)
     if probed:
         shared.save()
-    structlog.get_logger().info("calibration probed" if probed else "calibration loaded", file=str(path))
+    log.info("calibration probed" if probed else "calibration loaded", file=str(path))
     return shared
 
 
