@@ -7,8 +7,8 @@
 
 It starts `mtpd serve` itself on a free loopback port (its own cache and config folders; settings
 from the flags it passes through only), or attaches to `--url` (and `--pid` for /proc). Each client
-goes through the request kinds in a seeded shuffled order, one round after another, and stops at
-the end of the round in which time runs out, so every kind runs at least once per client: OpenAI
+goes through the request kinds in a seeded shuffled order, one round after another, and sends no
+more once time is up and it has finished its first round (so every kind runs at least once): OpenAI
 chat (plain, streamed, a forced tool call, a `response_format` json_schema), /v1/completions,
 Anthropic messages (plain, streamed), and a stream dropped after a few chunks. Prompts come from
 bench/prompts.jsonl and bench/tool-prompts.jsonl, max_tokens from 16 to 96, greedy or sampled.
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import os
 import random
@@ -157,13 +158,14 @@ async def attempt(tally: Tally, kind: str, request) -> None:
 
 
 async def client(c: Clients, tally: Tally, rng: random.Random, prompts: dict, deadline: float) -> None:
-    while time.monotonic() < deadline:
-        deck = list(KINDS)
-        rng.shuffle(deck)
-        for kind in deck:
-            prompt = rng.choice(prompts["tools" if kind == "tool_call" else "plain"])
-            request = KINDS[kind](c, prompt, rng.randint(16, 96), rng.choice((0.0, 0.7)))
-            await attempt(tally, kind, request)
+    for n in itertools.count():
+        if n >= len(KINDS) and time.monotonic() >= deadline:
+            return  # only after a whole first round, so that every kind runs at least once
+        if n % len(KINDS) == 0:
+            deck = rng.sample(list(KINDS), len(KINDS))
+        kind = deck[n % len(KINDS)]
+        prompt = rng.choice(prompts["tools" if kind == "tool_call" else "plain"])
+        await attempt(tally, kind, KINDS[kind](c, prompt, rng.randint(16, 96), rng.choice((0.0, 0.7))))
 
 
 def proc_memory(pid: int | None) -> dict:
@@ -232,13 +234,13 @@ async def soak(url: str, pid: int | None, clients: int, minutes: float, every: f
         samples.append(await sample(c, pid, tally))
     return {"url": url, "pid": pid, "model": c.model, "clients": clients, "minutes": minutes, "seed": seed,
             "sample_s": every, "requests": {**tally.totals(), "by_kind": {k: dict(v) for k, v in tally.by_kind.items()}},
-            "idle_after": idle, "memory": marks(samples), "failures": tally.failures[:100], "samples": samples}
+            "idle_after": idle, "memory": marks(samples, minutes), "failures": tally.failures[:100], "samples": samples}
 
 
-def marks(samples: list[dict]) -> dict:
+def marks(samples: list[dict], minutes: float) -> dict:
     """RSS and RssAnon + VmSwap at the start, a third of the way (10 min of 30) and the end."""
     end = samples[-1]
-    third = min(samples, key=lambda s: abs(s["t"] - end["t"] / 3))
+    third = min(samples, key=lambda s: abs(s["t"] - minutes * 20))
     out = {name: {k: s[k] for k in ("t", "rss", "anon_swap")} for name, s in
            (("start", samples[0]), ("third", third), ("end", end))}
     out["end_over_third"] = {k: round(end[k] / third[k], 4) if end[k] and third[k] else None
