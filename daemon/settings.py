@@ -38,6 +38,10 @@ class Settings(BaseSettings):
     speculation: str = Field("adaptive", description="default draft policy: adaptive | adaptive:mtp | off | fixed:K")
     tie_margin: float | None = Field(None, gt=0, description="near-tie guard margin in logits (default: by precision)")
     api_key: SecretStr | None = Field(None, description="if set, requests need 'Authorization: Bearer <key>'")
+    allowed_origins: list[str] = Field(
+        ["http://localhost:*", "http://127.0.0.1:*", "http://[::1]:*"],
+        description="browser origins that may call the API (port '*': any port; '*': every origin); "
+                    "a request with another Origin header gets 403")
     max_queue: int = Field(16, ge=1, description="requests waiting for the engine before 503")
     max_running: int = Field(8, ge=1, description="requests decoding together in one batch (1: one at a time)")
     max_batch_rows: int = Field(64, ge=1, description="rows of one batched forward; drafts are cut first to fit")
@@ -48,6 +52,8 @@ class Settings(BaseSettings):
     context_overflow: Literal["clamp", "reject"] = Field(
         "clamp", description="max_tokens past the context left: clamp it (the answer may end with 'length') "
                              "or reject the request (400 context_length_exceeded)")
+    mlx_cache_bytes: int | None = Field(None, ge=0, description="MLX's buffer cache limit (default: 1 GiB on a GPU, where "
+                                                               "MLX's own is its whole memory limit; MLX's 32 MiB on the CPU)")
     prompt_cache_bytes: int = Field(512 * MiB, ge=0, description="memory for the prompt cache (0: off)")
     prompt_cache_disk_bytes: int = Field(1024 * MiB, ge=0, description="disk for cached system prompts (0: off)")
     prompt_cache_min_tokens: int = Field(32, ge=1, description="shortest system prompt kept on disk")

@@ -1,11 +1,15 @@
 """The HTTP app in-process (aiohttp's `aiohttp_client`) with a fake engine worker: how every
 failure maps to a status code and OpenAI's error JSON, and that the app goes on serving."""
 
+import functools
 import json
 
 import pytest
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
 
 from daemon.cluster.faults import RankLost
+from daemon.engine.memory import Memory
 from daemon.engine.records import Delta, Finished, SpecStats
 from daemon.server.app import init_app
 from daemon.server.metrics import Metrics
@@ -15,11 +19,27 @@ from daemon.settings import Settings
 HI = [{"role": "user", "content": "hi"}]
 
 
+@functools.cache
+def _byte_tokenizer():
+    """A Hugging Face tokenizer with one token per byte (id = the byte), so grammars compile over it."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    others = [b for b in range(256) if b not in printable]
+    shown = {**{b: chr(b) for b in printable}, **{b: chr(256 + i) for i, b in enumerate(others)}}  # GPT-2's byte alphabet
+    model = Tokenizer(models.BPE({shown[b]: b for b in range(256)}, []))
+    model.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    model.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=model, eos_token=shown[0])
+
+
 class CharTokenizer:
     """One token per character (ids 0..255), no chat template."""
 
     has_chat_template = False
     eos_token_ids = ()
+
+    @property
+    def _tokenizer(self):  # what grammars are compiled over (daemon.engine.grammar)
+        return _byte_tokenizer()
 
     def encode(self, text):
         return [ord(c) % 256 for c in text]
@@ -37,6 +57,7 @@ class FakeWorker:
         self.jobs = []
         self.waiting, self.running, self.busy, self.started, self.stopped = 0, 0, False, False, False
         self.lost = None
+        self.memory = Memory(mlx_active_bytes=1000)
 
     def start(self):
         self.started = True

@@ -20,6 +20,7 @@ from prometheus_client import (
     disable_created_metrics,
 )
 
+from daemon.engine.memory import Memory, resident_bytes
 from daemon.engine.records import SOURCES, Finished
 from policies.classifier import CLASSES
 from policies.registry import MAX_DRAFT
@@ -86,6 +87,8 @@ class Metrics:
         self.in_flight = Gauge("mtpd_requests_in_flight", "generation requests being served or waiting", registry=r)
         self.info = Info("mtpd_model", "the served model and drafter", registry=r)
         self.memory = Gauge("mtpd_mlx_memory_bytes", "MLX memory by kind (active, peak, cache)", ["kind"], registry=r)
+        Gauge("mtpd_resident_memory_bytes", "the process's resident set (RSS), MLX's memory and the rest",
+              registry=r).set_function(resident_bytes)
         for klass in CLASSES:
             for source in SOURCES:
                 for metric in (self.drafts, self.draft_tokens, self.accepted_tokens):
@@ -139,8 +142,9 @@ class Metrics:
             self.batch_rows.observe(step.rows)
             self.batch_drafts.inc(step.drafted)
 
-    def observe_memory(self, active: int, peak: int, cache: int) -> None:
-        for kind, value in (("active", active), ("peak", peak), ("cache", cache)):
+    def observe_memory(self, memory: Memory) -> None:
+        for kind, value in (("active", memory.mlx_active_bytes), ("peak", memory.mlx_peak_bytes),
+                            ("cache", memory.mlx_cache_bytes)):
             self.memory.labels(kind).set(value)
 
     def observe_prompt_cache(self, memory_bytes: int, disk_bytes: int) -> None:

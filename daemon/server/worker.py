@@ -25,9 +25,10 @@ from daemon.engine.batch import Batch
 from daemon.engine.forward import PREFILL_CHUNK
 from daemon.engine.generate import sequence
 from daemon.engine.grammar import GrammarError
+from daemon.engine.memory import CLEAR_EVERY, Memory, limit_cache, release
 from daemon.engine.prompt_cache import PromptCache
 from daemon.engine.records import Finished, Request
-from daemon.models.loading import LoadedModel, backend
+from daemon.models.loading import LoadedModel, backend, on_gpu
 from daemon.server.metrics import Metrics
 from policies.registry import make_policy
 
@@ -119,6 +120,7 @@ class Worker:
         self.on_lost: Callable[[RankLost], None] = lambda lost: None  # told once, from any thread
         self._lose_once = threading.Lock()
         self._batch: Batch | None = None
+        self.memory = Memory()  # as of the last request or idle moment, taken on the engine thread
 
     @property
     def waiting(self) -> int:
@@ -188,6 +190,8 @@ class Worker:
             if self.cluster is not None:
                 self.cluster.on_lost = self.lose
             self.served = ServedModel.of(loaded.lm)
+            if self.metrics is not None:
+                self.metrics.describe_model(self.lm, backend())
             self._measure()
         except BaseException as e:  # handed to start()
             self._failed = e
@@ -197,8 +201,10 @@ class Worker:
         rows = self.shared.rows if self.shared is not None else None
         draft_seconds = self.shared.costs.t_draft if self.shared is not None else 0.0
         batch = self._batch = Batch(self.lm.model, self._deliver, self.limits.max_rows, rows, draft_seconds)
+        steps = 0
         while (batch.running or not self._stopping) and self.lost is None:
             self._arrivals(batch, wait=True)
+            admitted = bool(batch.running)
             for r in list(batch.running):
                 self._check(batch, r)
             self.running = len(batch.running)
@@ -206,6 +212,10 @@ class Worker:
             self.running = len(batch.running)
             if self.metrics is not None:
                 self.metrics.observe_step(step, self.running)
+            steps += step is not None
+            if admitted and (not batch.running or step is not None and steps % CLEAR_EVERY == 0):  # idle, or so often
+                release()
+                self._measure()
 
     def _arrivals(self, batch: Batch, wait: bool = False) -> None:
         """Admits queued jobs while the batch has room; `wait`: block for one when it is empty."""
@@ -264,12 +274,12 @@ class Worker:
             log.error("generation failed", exc_info=record)  # the traceback goes to the log only
 
     def _measure(self, done: Finished | None = None) -> None:
+        """After a request, and when the model is loaded or memory released (no `done`)."""
+        self.memory = Memory.now(self.prompt_cache.nbytes if self.prompt_cache is not None else 0)
         if self.metrics is None:
             return
         m = self.metrics
-        if done is None:
-            m.describe_model(self.lm, backend())
-        else:
+        if done is not None:
             m.observe_request(done)
             expected = done.stats.expected_speedups
             rate = done.stats.speculative_rate()
@@ -279,7 +289,7 @@ class Worker:
             m.observe_costs(self.shared.costs)
         if self.prompt_cache is not None:
             m.observe_prompt_cache(self.prompt_cache.nbytes, self.prompt_cache.disk_bytes)
-        m.observe_memory(mx.get_active_memory(), mx.get_peak_memory(), mx.get_cache_memory())
+        m.observe_memory(self.memory)
 
 
 def load_for_serving(settings, cluster=None) -> Loaded:
@@ -292,7 +302,7 @@ def load_for_serving(settings, cluster=None) -> Loaded:
     from daemon.models.loading import describe, load
 
     lm = load(settings.model, drafter=settings.drafter, drafter_bits=settings.drafter_bits, lazy=cluster is not None)
-    log.info("model loaded", **describe(lm))
+    log.info("model loaded", **describe(lm), mlx_cache_limit=limit_cache(settings.mlx_cache_bytes, on_gpu()))
     if cluster is not None:
         cluster.join(lm)
     shared = shared_estimates(lm, root=settings.cache_dir)
