@@ -131,13 +131,13 @@ class _Common(Strict):
     stop: str | Annotated[list[str], Field(max_length=4)] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    n: int = 1
+    n: Annotated[int, Field(json_schema_extra={"const": 1})] = 1
     user: str | None = None  # identifiers and metadata: accepted, they change nothing
     metadata: dict[str, str] | None = None
     safety_identifier: str | None = None
     prompt_cache_key: str | None = None  # mtpd's prompt cache matches prefixes by itself
-    service_tier: str | None = None
-    store: bool | None = None
+    service_tier: Annotated[str | None, Field(json_schema_extra={"enum": ["auto", "default", None]})] = None
+    store: Annotated[bool | None, Field(json_schema_extra={"enum": [False, None]})] = None
     frequency_penalty: Annotated[float, Field(ge=-2, le=2)] | None = None
     presence_penalty: Annotated[float, Field(ge=-2, le=2)] | None = None
     logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = None
