@@ -38,6 +38,7 @@ def test_short_soak_answers_every_kind_and_plots_memory(tmp_path, tiny_gguf):
     assert report["serve_args"] == ["--model", str(tiny_gguf), "--drafter", "random"]
     samples = report["samples"]
     assert len(samples) >= 3 and all(s["health"] and s["vm_rss"] > 0 for s in samples)
+    assert all(s[k] is not None for s in samples for k in soak.HEALTH_MEMORY)  # /health's memory, read
     assert samples[-1]["answered"] == requests["answered"]
     assert report["memory"]["end"]["rss"] == samples[-1]["vm_rss"]
     assert png.stat().st_size > 10_000
