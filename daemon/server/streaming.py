@@ -76,6 +76,8 @@ async def records(http: web.Request, job: Job, out: asyncio.Queue, heartbeat: fl
                 quiet_since = time.monotonic()
                 yield None
             continue
+        if _closing(http):  # also while records keep coming (a fast model's): the engine is told at once
+            raise ClientGone
         quiet_since = time.monotonic()
         if isinstance(record, DeadlineExceeded):
             raise ApiError(504, str(record), code="timeout")
