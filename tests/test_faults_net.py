@@ -49,9 +49,10 @@ def until(condition, timeout: float = 60.0):
     return value
 
 
-def gone(daemon, stream: bool, min_prompt: int = 0) -> list[dict]:
+def gone(daemon, stream: bool, prompt_tokens=lambda n: True) -> list[dict]:
+    """The request log's lines of requests whose client left."""
     return [r for r in daemon.log_records() if r.get("event") == "request" and r["status"] == "client_gone"
-            and r["stream"] is stream and r["prompt_tokens"] >= min_prompt]
+            and r["stream"] is stream and prompt_tokens(r["prompt_tokens"])]
 
 
 def assert_dropped(daemon, finished: float, reference: tuple[str, int]) -> None:
@@ -109,8 +110,18 @@ def test_a_client_gone_mid_prefill_frees_the_engine(tiny_daemon, reference):
     head, body = request_bytes({"messages": LONG, "max_tokens": 400})
     with socket.create_connection(("127.0.0.1", tiny_daemon.port), timeout=60) as s:
         s.sendall(head + body)  # and closes at once
-    (record,) = until(lambda: gone(tiny_daemon, stream=False, min_prompt=1000))
+    (record,) = until(lambda: gone(tiny_daemon, stream=False, prompt_tokens=lambda n: n > 1000))
     assert "completion_tokens" not in record  # it never finished
+    assert_dropped(tiny_daemon, finished, reference)
+
+
+def test_a_client_gone_mid_answer_frees_the_engine(tiny_daemon, reference):
+    finished = finished_prompt_tokens(tiny_daemon)
+    head, body = request_bytes({"messages": QUESTION, "max_tokens": 1500})  # not streamed: nothing to read
+    with socket.create_connection(("127.0.0.1", tiny_daemon.port), timeout=60) as s:
+        s.sendall(head + body)
+        until(lambda: health(tiny_daemon)["running"] == 1)  # being answered
+    until(lambda: gone(tiny_daemon, stream=False, prompt_tokens=lambda n: n == reference[1]))
     assert_dropped(tiny_daemon, finished, reference)
 
 
