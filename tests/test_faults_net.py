@@ -1,5 +1,5 @@
 """Clients that misbehave, survived: one sending its headers a byte at a time, 200 idle sockets,
-clients that vanish mid-prefill and mid-stream. Each case ends with the daemon serving and its next
+clients that vanish mid-prefill, mid-answer and mid-stream. Each case ends with the daemon serving and its next
 greedy answer token-identical to the one it gave before (docs/serving.md, Faults)."""
 
 import http.client
@@ -59,7 +59,7 @@ def assert_dropped(daemon, finished: float, reference: tuple[str, int]) -> None:
     """The next answer is right, and once the engine is idle it has finished that one alone: the
     vanished request left it unfinished (were it still running, it would have finished by then)."""
     assert answer(daemon) == reference
-    until(lambda: health(daemon)["running"] == 0)
+    until(lambda: (h := health(daemon))["running"] == h["waiting"] == 0)
     assert finished_prompt_tokens(daemon) == finished + reference[1]
 
 
