@@ -23,6 +23,7 @@ from daemon.server.keys import METRICS, SETTINGS, TOTALS, WORKER, Totals
 from daemon.server.metrics import Metrics
 from daemon.server.openai_shapes import ApiError
 from daemon.server.protocol import Runner, error_response, said
+from daemon.server.security import cors, cors_headers
 from daemon.server.streaming import ClientGone
 from daemon.server.worker import Worker
 from daemon.settings import Settings
@@ -110,11 +111,12 @@ async def _engine(app: web.Application):
 
 
 def init_app(settings: Settings, worker: Worker, metrics: Metrics) -> web.Application:
-    middlewares = [measured, errors]
+    middlewares = [measured, errors, cors(settings.allowed_origins)]  # a refused origin never reaches auth
     if settings.api_key is not None:
         middlewares.append(_auth(settings.api_key.get_secret_value()))
     app = web.Application(middlewares=middlewares, client_max_size=settings.max_body_bytes)
     app[SETTINGS], app[WORKER], app[METRICS], app[TOTALS] = settings, worker, metrics, Totals()
+    app.on_response_prepare.append(cors_headers(settings.allowed_origins))
     app.cleanup_ctx.append(_engine)
     setup_routes(app)
     return app
