@@ -86,3 +86,21 @@ def test_seeded_sampling_repeats_and_seeds_differ(tiny_lm):
 def test_bad_requests_are_rejected(bad):
     with pytest.raises(ValueError):
         Request(**bad)
+
+
+def test_speed_counts_only_the_tokens_after_the_first_step():
+    """Drafts accepted with the first token come with it, in no decode time of their own."""
+    done = Finished("length", 5, 11, 0, 0.2, 0.001, first_tokens=10)
+    assert done.tokens_per_second == pytest.approx(1000.0)
+    assert dataclasses.replace(done, first_tokens=11).tokens_per_second == 0.0
+    assert dataclasses.replace(done, first_tokens=1).tokens_per_second == pytest.approx(10000.0)
+
+
+def test_the_first_steps_tokens_are_recorded(tiny_gguf):
+    from daemon.models.loading import load
+    from policies.fixed import Fixed
+
+    lm = load(str(tiny_gguf), drafter="random")
+    records = list(generate(lm, Request(PROMPT * 4, max_tokens=24), Fixed(3)))
+    first = next(r for r in records if isinstance(r, Delta) and r.token_ids)
+    assert records[-1].first_tokens == len(first.token_ids) >= 1

@@ -136,7 +136,7 @@ def sequence(
     else:
         steps = plain_steps(dec, request.prompt_ids, logits, batched)
     output, stats = Output(lm.tokenizer, request.stop, request.max_tokens), SpecStats()
-    first_token_at, reply = None, None
+    first_token_at, reply, first_tokens = None, None, 0
     try:
         while True:
             step = steps.send(reply)
@@ -150,6 +150,7 @@ def sequence(
                 step, closing = closed(step, grammar, request.max_tokens - len(output.token_ids), output.eos)
             stats.observe_step(step, tracker.current)
             delta = output.take(step, last=closing)
+            first_tokens = first_tokens or len(output.token_ids)
             tracker.feed(delta.text)
             yield delta
             if output.finish:
@@ -168,4 +169,5 @@ def sequence(
         stats=stats,
         token_ids=tuple(output.token_ids),
         stop_sequence=output.stops.hit,
+        first_tokens=max(first_tokens, 1),
     )

@@ -144,10 +144,12 @@ class Finished:
     stats: SpecStats = field(default_factory=SpecStats, repr=False)
     token_ids: tuple[int, ...] = field(default=(), repr=False)
     stop_sequence: str | None = None  # the stop string that ended the answer, if one did
+    first_tokens: int = 1  # tokens the first step gave (drafts accepted with it come at once)
 
     @property
     def tokens_per_second(self) -> float:
-        """Decode speed: tokens after the first over the time after the first."""
-        if self.decode_seconds <= 0 or self.completion_tokens < 2:
+        """Decode speed: the tokens after the first step over the time after it (0: one step gave all)."""
+        later = self.completion_tokens - self.first_tokens
+        if self.decode_seconds <= 0 or later < 1:
             return 0.0
-        return (self.completion_tokens - 1) / self.decode_seconds
+        return later / self.decode_seconds

@@ -107,8 +107,8 @@ class Metrics:
         self.cached_tokens.inc(done.cached_tokens)
         self.cache_lookups.labels("hit" if done.cached_tokens else "miss").inc()
         self.ttft.observe(done.ttft_seconds)
-        if done.completion_tokens > 1:
-            self.itl.observe(done.decode_seconds / (done.completion_tokens - 1))
+        if done.completion_tokens > done.first_tokens:
+            self.itl.observe(done.decode_seconds / (done.completion_tokens - done.first_tokens))
         stats = done.stats
         for j, (d, a) in enumerate(zip(stats.drafted_by_position, stats.accepted_by_position)):
             self.drafted_at.labels(str(j + 1)).inc(d)
