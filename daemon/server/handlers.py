@@ -4,6 +4,7 @@ Domain errors are ApiErrors, which the app's error middleware turns into OpenAI'
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 import uuid
 from collections import Counter
@@ -12,6 +13,7 @@ import structlog
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from daemon.engine.memory import resident_bytes
 from daemon.engine.records import Finished
 from daemon.server.anthropic_shapes import CountTokensRequest, MessagesRequest, message_id
 from daemon.server.keys import METRICS, SETTINGS, TOTALS, WORKER
@@ -135,6 +137,7 @@ async def health(http: web.Request) -> web.Response:
         "running": worker.running,
         "waiting": worker.waiting,
         "busy": worker.busy,
+        "memory": {"rss_bytes": resident_bytes(), **dataclasses.asdict(worker.memory)},
     }, status=200 if worker.lost is None else 503)
 
 
