@@ -11,6 +11,7 @@ from pydantic_settings import (
     BaseSettings,
     EnvSettingsSource,
     SettingsConfigDict,
+    SettingsError,
     TomlConfigSettingsSource,
 )
 
@@ -105,6 +106,8 @@ def load_settings(config_file: Path | None = None, overrides: dict | None = None
         from_env = EnvSettingsSource(cls, env_prefix="MTPD_")()
     except ValidationError as e:
         raise ValueError(_first_error(e)) from None
+    except SettingsError as e:  # an MTPD_* variable that does not parse (a list is JSON)
+        raise ValueError(f"invalid setting: {e}") from None
     except (OSError, ValueError) as e:  # an unreadable or malformed TOML file
         raise ValueError(f"cannot read {toml_path}: {e}") from None
     origin = {}

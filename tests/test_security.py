@@ -182,3 +182,6 @@ async def test_the_allow_list_is_a_setting(aiohttp_client, monkeypatch):
     monkeypatch.setenv("MTPD_ALLOWED_ORIGINS", '["*"]')
     settings, origin = load_settings()
     assert settings.allowed_origins == ["*"] and origin["allowed_origins"] == "env MTPD_ALLOWED_ORIGINS"
+    monkeypatch.setenv("MTPD_ALLOWED_ORIGINS", "*")
+    with pytest.raises(ValueError, match='invalid setting: .*"allowed_origins"'):
+        load_settings()
