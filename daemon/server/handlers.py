@@ -18,8 +18,8 @@ from daemon.engine.records import Finished
 from daemon.server.anthropic_shapes import CountTokensRequest, MessagesRequest, message_id
 from daemon.server.keys import METRICS, SETTINGS, TOTALS, WORKER
 from daemon.server.messages import MessagesReply
-from daemon.server.openapi import openapi
 from daemon.server.openai_shapes import ApiError, ChatRequest, CompletionRequest, parse
+from daemon.server.openapi import openapi
 from daemon.server.prepare import MODEL_SUFFIXES, Prepared, default_speculation, prepare, prompt_ids, split_model
 from daemon.server.streaming import KEEPALIVE_SECONDS, ClientGone, Reply, records, submit
 
