@@ -48,6 +48,7 @@ class Settings(BaseSettings):
     max_batch_rows: int = Field(64, ge=1, description="rows of one batched forward; drafts are cut first to fit")
     batch_prefill_chunk: int = Field(64, ge=1, description="prompt rows a new request prefills per step beside others")
     request_timeout_s: float = Field(300.0, gt=0, description="a request's longest time in queue + generation")
+    idle_timeout_s: float = Field(75.0, gt=0, description="a connection with no request in flight is closed after this")
     max_body_bytes: int = Field(4 * MiB, ge=1024, description="largest request body (413 above)")
     default_max_tokens: int = Field(512, ge=1, description="max_tokens when a request (or generate / bench) gives none")
     context_overflow: Literal["clamp", "reject"] = Field(

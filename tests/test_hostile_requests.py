@@ -135,3 +135,16 @@ def test_requests_aiohttp_cannot_parse_get_json_errors(tiny_daemon, request_byte
     assert body["error"]["type"] == "invalid_request_error" and words in body["error"]["message"]
     answer = tiny_daemon.client().chat.completions.create(model="tiny", messages=ASK, max_tokens=2)
     assert answer.choices[0].finish_reason == "length"
+
+
+def test_idle_connections_are_closed_and_open_files_raised(tiny_gguf):
+    daemon = Daemon("--model", str(tiny_gguf), "--drafter", "none", env={"MTPD_IDLE_TIMEOUT_S": "0.5"})
+    try:
+        with socket.create_connection(("127.0.0.1", daemon.port), timeout=30) as idle:
+            assert idle.recv(1) == b""  # closed by the daemon, not by the 30 s timeout (that raises)
+        answer = daemon.client().chat.completions.create(model="tiny", messages=ASK, max_tokens=2)
+        assert answer.choices[0].finish_reason == "length"
+    finally:
+        assert daemon.stop() == 0, daemon.log()
+    serving = next(r for r in daemon.log_records() if r["event"] == "serving")
+    assert serving["open_files"] >= 1024

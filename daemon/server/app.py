@@ -22,7 +22,7 @@ from daemon.server.handlers import setup_routes
 from daemon.server.keys import METRICS, SETTINGS, TOTALS, WORKER, Totals
 from daemon.server.metrics import Metrics
 from daemon.server.openai_shapes import ApiError
-from daemon.server.protocol import Runner, error_response, said
+from daemon.server.protocol import Runner, error_response, more_sockets, said
 from daemon.server.security import cors, cors_headers
 from daemon.server.streaming import ClientGone
 from daemon.server.worker import Worker
@@ -126,12 +126,15 @@ async def serve(app: web.Application) -> RankLost | None:
     """Serves until SIGTERM / SIGINT, or until a rank of the cluster is lost, then stops accepting,
     lets in-flight requests finish within the shutdown timeout and returns the loss, if any."""
     settings = app[SETTINGS]
-    runner = Runner(app, handle_signals=False, shutdown_timeout=settings.shutdown_timeout_s, access_log=None)
+    open_files = more_sockets()
+    runner = Runner(app, handle_signals=False, shutdown_timeout=settings.shutdown_timeout_s, access_log=None,
+                    keepalive_timeout=settings.idle_timeout_s)
     await runner.setup()
     site = web.TCPSite(runner, settings.host, settings.port)
     await site.start()
     served = app[WORKER].served
-    log.info("serving", url=f"http://{settings.host}:{runner.addresses[0][1]}/v1", model=served.name, drafter=served.drafter)
+    log.info("serving", url=f"http://{settings.host}:{runner.addresses[0][1]}/v1", model=served.name, drafter=served.drafter,
+             open_files=open_files)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

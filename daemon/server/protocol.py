@@ -3,10 +3,14 @@
 aiohttp answers a request it cannot parse (a request line or header past 8,190 bytes, an unknown
 method, broken chunking) itself, in plain text, before any middleware runs, and logs a traceback.
 The server's runner gives it a request handler that answers those in JSON, in the shape of the API
-the path belongs to, and logs one line.
+the path belongs to, and logs one line. Connections idle past `idle_timeout_s` (aiohttp's default:
+an hour) are closed, and the limit on open files is raised, so idle sockets cannot use them all up.
 """
 
 from __future__ import annotations
+
+import contextlib
+import resource
 
 import structlog
 from aiohttp import http_exceptions, web
@@ -17,6 +21,7 @@ from daemon.server.anthropic_shapes import error_body
 from daemon.server.openai_shapes import ApiError
 
 log = structlog.get_logger()
+OPEN_FILES = 10_240  # macOS's OPEN_MAX
 SAID = {  # what each of aiohttp's parse errors means, in a client's terms
     http_exceptions.LineTooLong: "the request line or a header is too long",
     http_exceptions.BadHttpMethod: "not an HTTP method mtpd knows",
@@ -52,6 +57,17 @@ class JsonErrors(RequestHandler):
 class _Server(Server):
     def __call__(self) -> RequestHandler:
         return JsonErrors(self, loop=self._loop, **self._kwargs)
+
+
+def more_sockets() -> int:
+    """Raises the soft limit on open files to the hard one (macOS's launchd starts services at 256;
+    each connection is a file), at most OPEN_FILES. Returns the limit in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = OPEN_FILES if hard == resource.RLIM_INFINITY else min(hard, OPEN_FILES)
+    if soft < wanted:
+        with contextlib.suppress(ValueError, OSError):  # macOS refuses past its kernel's own limit
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
 
 
 class Runner(web.AppRunner):
