@@ -47,7 +47,7 @@ class ToolUseBlock(Strict):
 
 class ToolResultBlock(Strict):
     type: Literal["tool_result"]
-    tool_use_id: str
+    tool_use_id: Annotated[str, Field(min_length=1)]  # it becomes a tool turn's tool_call_id, which must be set
     content: str | list[TextBlock] | None = None
     is_error: bool | None = None
     cache_control: CacheControl = None

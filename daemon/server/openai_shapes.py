@@ -57,6 +57,13 @@ class ToolCall(Strict):
 
 
 class Message(Strict):
+    # _tool_fields' rules, for the document: a tool turn names its call, only an assistant's carries calls
+    model_config = ConfigDict(json_schema_extra={"allOf": [
+        {"if": {"properties": {"role": {"const": "tool"}}},
+         "then": {"required": ["tool_call_id"], "properties": {"tool_call_id": {"type": "string", "minLength": 1}}}},
+        {"if": {"properties": {"role": {"not": {"const": "assistant"}}}},
+         "then": {"properties": {"tool_calls": {"anyOf": [{"type": "null"}, {"maxItems": 0}]}}}}]})
+
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
@@ -127,7 +134,7 @@ class _Common(Strict):
     temperature: Annotated[float, Field(ge=0, le=2)] | None = None
     top_p: Annotated[float, Field(gt=0, le=1)] | None = None
     top_k: Annotated[int, Field(ge=0)] | None = None
-    seed: int | None = None
+    seed: Annotated[int, Field(ge=-(2**63), lt=2**63)] | None = None  # OpenAI's range (int64)
     stop: str | Annotated[list[str], Field(max_length=4)] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -151,6 +158,12 @@ class _Common(Strict):
             raise ValueError("only n = 1 is supported")
         return n
 
+    @field_validator("seed")
+    @classmethod
+    def _unsigned(cls, seed):
+        """MLX's PRNG key takes an unsigned 64-bit seed: a negative one is taken modulo 2**64."""
+        return None if seed is None else seed % 2**64
+
     @field_validator("store")
     @classmethod
     def _not_stored(cls, store):
@@ -168,7 +181,7 @@ class _Common(Strict):
     @field_validator("logit_bias")
     @classmethod
     def _token_ids(cls, bias):
-        if bias and not all(k.isdigit() for k in bias):
+        if bias and not all(k.isascii() and k.isdigit() for k in bias):  # not "²", which int() refuses
             raise ValueError("the keys are token ids, as strings")
         return bias
 
