@@ -9,6 +9,7 @@ import pytest
 from conftest import Daemon
 
 from daemon.engine.memory import CACHE_BYTES, limit_cache, release
+from daemon.server.response_models import HealthMemory
 
 
 @pytest.fixture
@@ -51,6 +52,7 @@ def test_health_and_metrics_show_the_memory(tiny_gguf):
         assert daemon.stop() == 0, daemon.log()
     loaded = next(r for r in daemon.log_records() if r["event"] == "model loaded")
     assert loaded["mlx_cache_limit"] == 8 << 20
+    assert set(memory) == set(HealthMemory.model_fields)  # as /openapi.json documents it
     assert memory["rss_bytes"] > memory["mlx_active_bytes"] > memory["prompt_cache_bytes"] > 0
     assert memory["mlx_cache_bytes"] == 0  # released once the last answer was done
     assert memory["mlx_peak_bytes"] >= memory["mlx_active_bytes"]

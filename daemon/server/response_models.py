@@ -192,6 +192,16 @@ class LastSpeculation(BaseModel):
     drafted_steps: int
 
 
+class HealthMemory(BaseModel):
+    """Bytes (daemon.engine.memory): the process's resident set, MLX's, the prompt cache's (part of MLX's active)."""
+
+    rss_bytes: int
+    mlx_active_bytes: int
+    mlx_cache_bytes: int
+    mlx_peak_bytes: int
+    prompt_cache_bytes: int
+
+
 class Health(BaseModel):
     """503 with status "rank lost" (and the error) when a rank of the cluster is gone."""
 
@@ -209,6 +219,7 @@ class Health(BaseModel):
     running: int
     waiting: int
     busy: bool
+    memory: HealthMemory
 
 
 # -- Anthropic's Messages API -----------------------------------------------------------------------
