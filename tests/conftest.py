@@ -34,6 +34,17 @@ def run_mtpd(*args: str, timeout: float = 600, env: dict | None = None) -> subpr
     )
 
 
+def until(condition, timeout: float = 60.0):
+    """Polls `condition()` until it is truthy; returns its value."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not (value := condition()):
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.02)
+    return value
+
+
 def free_port() -> int:
     import socket
 

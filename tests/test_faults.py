@@ -10,12 +10,11 @@ import shutil
 import signal
 import subprocess
 import threading
-import time
 
 import mlx.core as mx
 import openai
 import pytest
-from conftest import Daemon
+from conftest import Daemon, until
 
 # system prompts of one length (so their cache files are one size), each past prompt_cache_min_tokens
 SYSTEMS = [f"You are assistant number {i}. Answer briefly, kindly and in plain words. " * 2 for i in range(6)]
@@ -45,13 +44,6 @@ def strays(root) -> list:
 def entries(root) -> list:
     return [p for p in root.glob("prompts/*/*.safetensors") if ".tmp" not in p.name]
 
-
-def until(condition, timeout: float = 60.0):
-    deadline = time.monotonic() + timeout
-    while not (value := condition()):
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.02)
-    return value
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,7 @@ import time
 import urllib.request
 
 import pytest
+from conftest import until
 
 QUESTION = [{"role": "user", "content": "Say something about the sea."}]
 LONG = [{"role": "user", "content": "The sea is wide and the waves are long. " * 45}]  # prefills in several chunks
@@ -40,13 +41,6 @@ def finished_prompt_tokens(daemon) -> float:
         line = next(x for x in r.read().decode().splitlines() if x.startswith("mtpd_prompt_tokens_total "))
     return float(line.split()[1])
 
-
-def until(condition, timeout: float = 60.0):
-    deadline = time.monotonic() + timeout
-    while not (value := condition()):
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.02)
-    return value
 
 
 def gone(daemon, stream: bool, prompt_tokens=lambda n: True) -> list[dict]:

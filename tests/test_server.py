@@ -4,13 +4,12 @@ error cases run in-process: test_server_app.py)."""
 import concurrent.futures
 import json
 import threading
-import time
 import urllib.error
 import urllib.request
 
 import openai
 import pytest
-from conftest import Daemon
+from conftest import Daemon, until
 
 from daemon.models.prompts import encode_chat
 
@@ -25,14 +24,6 @@ def post(url: str, body: bytes, headers: dict | None = None) -> tuple[int, dict,
     except urllib.error.HTTPError as e:
         return e.code, dict(e.headers), json.loads(e.read())
 
-
-def until(condition, timeout: float = 30.0):
-    """Polls `condition()` until it is truthy; returns its value."""
-    deadline = time.monotonic() + timeout
-    while not (value := condition()):
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.02)
-    return value
 
 
 def health(daemon) -> dict:
