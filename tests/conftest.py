@@ -112,3 +112,12 @@ def tiny_daemon(tiny_gguf):
     daemon = Daemon("--model", str(tiny_gguf), "--drafter", "random", env={"MTPD_MAX_QUEUE": "64"})
     yield daemon
     assert daemon.stop() == 0, daemon.log()
+
+
+@pytest.fixture(scope="session")
+def default_daemon():
+    """`mtpd serve` on the default model, shared: answers are 2 tokens unless a request says more
+    (for the fuzz test), and nothing is written to disk but the calibration."""
+    daemon = Daemon(env={"MTPD_DEFAULT_MAX_TOKENS": "2", "MTPD_REQUEST_TIMEOUT_S": "60", "MTPD_PROMPT_CACHE_DISK_BYTES": "0"})
+    yield daemon
+    assert daemon.stop() == 0, daemon.log()

@@ -94,20 +94,16 @@ def cut_answers(daemon: Daemon, limit: int) -> list[tuple[str, list, str]]:
 
 
 @pytest.mark.real_model
-def test_a_forced_call_cut_by_max_tokens_is_a_length_answer_without_markup():
-    daemon = Daemon()
-    try:
-        for limit in (8, 16, 24):
-            for reason, calls, text in cut_answers(daemon, limit):
-                assert reason in ("length", "max_tokens"), (limit, reason)
-                assert [name for name, _ in calls] == ["get_weather"], (limit, calls)
-                assert "<tool_call>" not in text and "get_weather" not in text, (limit, text)
-        with pytest.raises(openai.BadRequestError, match="too complex to follow"):
-            daemon.client().chat.completions.create(model="SmolLM2-135M-Instruct", messages=ASK,
-                                                    response_format=ENDLESS_FORMAT, max_tokens=8)
-    finally:
-        assert daemon.stop() == 0, daemon.log()
-    assert "Traceback" not in daemon.log()
+def test_a_forced_call_cut_by_max_tokens_is_a_length_answer_without_markup(default_daemon):
+    for limit in (8, 16, 24):
+        for reason, calls, text in cut_answers(default_daemon, limit):
+            assert reason in ("length", "max_tokens"), (limit, reason)
+            assert [name for name, _ in calls] == ["get_weather"], (limit, calls)
+            assert "<tool_call>" not in text and "get_weather" not in text, (limit, text)
+    with pytest.raises(openai.BadRequestError, match="too complex to follow"):
+        default_daemon.client().chat.completions.create(model="SmolLM2-135M-Instruct", messages=ASK,
+                                                        response_format=ENDLESS_FORMAT, max_tokens=8)
+    assert "Traceback" not in default_daemon.log()
 
 
 def raw(daemon: Daemon, request: bytes) -> tuple[int, str, dict]:

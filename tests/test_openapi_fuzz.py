@@ -7,7 +7,6 @@ import urllib.request
 
 import pytest
 import schemathesis
-from conftest import Daemon
 from hypothesis import HealthCheck, settings
 from test_server_app import app_with
 
@@ -15,15 +14,7 @@ from daemon.engine.sampling import new_key
 from daemon.server.openai_shapes import ApiError, ChatRequest, parse
 from daemon.server.openapi import document
 
-MAX_TOKENS = 2  # what a generated request may ask for: the fuzz is about shapes, not answers
-
-
-@pytest.fixture(scope="module")
-def daemon():
-    daemon = Daemon(env={"MTPD_DEFAULT_MAX_TOKENS": str(MAX_TOKENS), "MTPD_REQUEST_TIMEOUT_S": "60",
-                         "MTPD_PROMPT_CACHE_DISK_BYTES": "0"})
-    yield daemon
-    assert daemon.stop() == 0, daemon.log()
+MAX_TOKENS = 2  # what a generated request may ask for (conftest's default_daemon's default too): shapes, not answers
 
 
 def map_body(ctx, body):
@@ -56,13 +47,13 @@ accepted.expected_statuses = [*accepted.expected_statuses, "400"]
 @pytest.mark.real_model
 @api.parametrize()
 @settings(max_examples=50, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)  # CI: the same cases
-def test_every_operation_answers_as_documented(case, daemon):
-    case.call_and_validate(base_url=daemon.url)
+def test_every_operation_answers_as_documented(case, default_daemon):
+    case.call_and_validate(base_url=default_daemon.url)
 
 
 @pytest.mark.real_model
-def test_the_daemon_serves_the_document(daemon):
-    with urllib.request.urlopen(daemon.url + "/openapi.json") as r:
+def test_the_daemon_serves_the_document(default_daemon):
+    with urllib.request.urlopen(default_daemon.url + "/openapi.json") as r:
         assert r.headers["Content-Type"].startswith("application/json")
         assert json.load(r) == document(auth=False)
 
