@@ -37,7 +37,9 @@ def machine() -> str:
 
 
 def estimates_path(lm: LoadedModel, root: Path, verify_penalty: float = 0.0) -> Path:
-    key = f"{lm.path}|{lm.drafter_name}|{machine()}|{verify_penalty}|{COST_FORMS}" + (f"|{lm.placement}" if lm.placement else "")
+    forms = lm.forms.name if lm.forms is not None else "stock"  # the probe's choice: costs differ with it
+    key = f"{lm.path}|{lm.drafter_name}|{machine()}|{verify_penalty}|{COST_FORMS}|{forms}" + (
+        f"|{lm.placement}" if lm.placement else "")
     return root / "calibration" / (hashlib.sha1(key.encode()).hexdigest()[:16] + ".json")
 
 

@@ -32,6 +32,7 @@ class LoadedModel:
     drafter_name: str | None = None
     phrases: object | None = None  # daemon.drafting.phrases.Phrasebook shipped with the drafter, if any
     placement: str | None = None  # over several machines: how (daemon.cluster); None: this process alone
+    forms: object | None = None  # daemon.cpu.forms.Forms: the faster forms it runs (None: as mlx-lm loads it)
 
 
 def describe(lm: LoadedModel) -> dict:
@@ -42,6 +43,7 @@ def describe(lm: LoadedModel) -> dict:
     return {
         "model": lm.name, "path": lm.path, "quantized": lm.quantized, "drafter": lm.drafter_name,
         "phrases": len(lm.phrases or ()), "blas": blas_in_use(), "row_major_blocks": copies(lm.model.layers),
+        **({"speed_paths": lm.forms.name, "probe_ms": lm.forms.probe_ms} if lm.forms is not None else {}),
         **({"placement": lm.placement} if lm.placement else {}),
     }
 
@@ -82,24 +84,31 @@ def _to_fp32(model: nn.Module, lazy: bool = False) -> None:
         mx.eval(model.parameters())
 
 
-def _tune(module: nn.Module, blocks: list, quantized: bool, head: nn.Module | None = None) -> None:
-    """The faster forms of the same computation: column-major matrices on a CPU, FastBlocks, and
-    under MKL row-major copies for few-row inputs (of the blocks and of `head`)."""
-    from daemon.cpu import fast_block, row_major
-    from daemon.cpu.layout import column_major
+def _tune(module: nn.Module, blocks: list, quantized: bool, head: nn.Module | None = None, forms=None):
+    """The faster forms of the same computation, where they win on this machine
+    (daemon.cpu.forms: the probe's choice, or `forms` as given: a drafter runs its target's), and
+    under MKL row-major copies for few-row inputs beside column-major weights (of the blocks and
+    of `head`). Returns the forms."""
+    from daemon.cpu import forms as speed
+    from daemon.cpu import row_major
 
-    if not quantized:
-        column_major(module)
-    fast_block.install(blocks)
-    if not quantized and row_major.worth_it(module):
+    if forms is None:
+        forms = speed.choose(module, blocks, layout=not quantized)
+    else:
+        speed.apply(module, blocks, forms)
+    if forms.column_major and row_major.worth_it(module):
         row_major.install(blocks, head)
+    return forms
 
 
 def settle(module: nn.Module, blocks: list, head: nn.Module | None = None, fast_blocks: bool = True) -> None:
     """What a lazy load (`load(lazy=True)`) left undone, for the part of the model a process kept:
-    the faster forms (FastBlocks for `blocks` when `fast_blocks`; `head`'s copies), then every weight
-    of `module` read."""
-    _tune(module, blocks if fast_blocks else [], on_gpu(), head)
+    the faster forms (FastBlocks for `blocks` when `fast_blocks`; column-major weights on a CPU;
+    `head`'s copies), then every weight of `module` read. A part cannot run a forward of its own,
+    so these are not probed."""
+    from daemon.cpu.forms import Forms
+
+    _tune(module, blocks, on_gpu(), head, Forms.unprobed(on_gpu(), fast_blocks))
     mx.eval(module.parameters())
 
 
@@ -164,6 +173,7 @@ def load(spec: str | None = None, drafter: str | None = None, drafter_bits: int 
     `settle` (a cluster's rank first drops the layers it does not run, daemon.cluster)."""
     from mlx_lm.models.cache import make_prompt_cache
 
+    from daemon.cpu.forms import Forms
     from daemon.drafting.phrases import Phrasebook
     from daemon.engine.rollback import speculable
     from daemon.models import drafter_io
@@ -173,7 +183,7 @@ def load(spec: str | None = None, drafter: str | None = None, drafter_bits: int 
     quantized = on_gpu()
     lm, mtp_weights = _load_target(spec, quantized, lazy)
     if not stock and not lazy:
-        _tune(lm.model, lm.model.layers, quantized, head=target_head_layer(lm.model))
+        lm.forms = _tune(lm.model, lm.model.layers, quantized, head=target_head_layer(lm.model))
     if drafter == "none":
         return lm
     if drafter is None and spec is None and (DEFAULT_DRAFTER / "config.json").is_file():
@@ -199,5 +209,6 @@ def load(spec: str | None = None, drafter: str | None = None, drafter_bits: int 
         elif not quantized:
             _to_fp32(lm.drafter)
         if not stock:
-            _tune(lm.drafter, [layer.block for layer in mtp_layers(lm.drafter)], quantized)
+            _tune(lm.drafter, [layer.block for layer in mtp_layers(lm.drafter)], quantized,
+                  forms=lm.forms or Forms.unprobed(quantized))
     return lm

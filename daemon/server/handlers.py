@@ -126,6 +126,7 @@ async def health(http: web.Request) -> web.Response:
         "status": "ok" if worker.lost is None else "rank lost",
         **({"error": str(worker.lost)} if worker.lost is not None else {}),
         **({"placement": worker.served.placement} if worker.served.placement else {}),
+        **({"speed_paths": worker.served.speed_paths} if worker.served.speed_paths else {}),
         "model": worker.served.name,
         "drafter": worker.served.drafter,
         "speculation": default_speculation(worker.served, http.app[SETTINGS]),

@@ -202,12 +202,18 @@ class HealthMemory(BaseModel):
     prompt_cache_bytes: int
 
 
+class SpeedPaths(BaseModel):
+    forms: str = Field(description="stock (as mlx-lm runs it), fast_blocks, column_major or both")
+    probe_ms: dict[str, float] = Field(description="each form's forward of 1 + 3 rows, ms")
+
+
 class Health(BaseModel):
     """503 with status "rank lost" (and the error) when a rank of the cluster is gone."""
 
     status: Literal["ok", "rank lost"]
     error: str | None = None
     placement: str | None = Field(None, description="over several machines: how the model is shared out")
+    speed_paths: SpeedPaths | None = Field(None, description="the faster forms the start-up probe kept")
     model: str
     drafter: str | None
     speculation: str

@@ -78,12 +78,14 @@ class ServedModel:
     context_length: int
     drafter: str | None  # the drafter's name; None: it has none
     placement: str | None = None  # over several machines: how (daemon.cluster)
+    speed_paths: dict | None = None  # the faster forms the start-up probe kept, and its timings (daemon.cpu.forms)
 
     @classmethod
     def of(cls, lm: LoadedModel) -> ServedModel:
         context = int(lm.config.get("max_position_embeddings", 4096))
+        paths = {"forms": lm.forms.name, "probe_ms": lm.forms.probe_ms} if lm.forms is not None else None
         return cls(lm.name, lm.tokenizer, lm.config["vocab_size"], context, lm.drafter_name if lm.drafter else None,
-                   lm.placement)
+                   lm.placement, paths)
 
 
 @dataclass

@@ -1,0 +1,105 @@
+"""The faster forms of a forward, kept only where they win on this machine.
+
+mtpd's speed paths were each measured faster somewhere and are slower elsewhere: on a 2-vCPU AMD
+EPYC VM with OpenBLAS the column-major fp32 layout made a one-row forward of the default model 30%
+longer than mlx-lm's own (61.7 -> 80.2 ms) while FastBlocks made it 12% shorter (54.3 ms). So at load
+the layouts are timed on this machine, with FastBlocks and without, beside the forward mlx-lm runs
+(`stock`): one new row and three (a decode step, a common verification) after a CONTEXT-token
+prompt, visiting the forms in the order A B C C B A so drift cancels (about 4 s for the default
+model on 2 cores). The faster layout is kept. FastBlocks stay whatever their time alone: the
+batch's one forward over several sequences runs through them (daemon.engine.ragged); the probe
+says how they compare with `stock`. The choice and the timings go in the `model loaded` log line
+and /health (`speed_paths`).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_map
+from mlx_lm.models.cache import make_prompt_cache, trim_prompt_cache
+
+from daemon.cpu import fast_block
+from daemon.cpu.layout import column_major
+
+PROBE_ROWS = (1, 3)
+CONTEXT = 128
+REPEATS = 2  # timed forwards per row count and visit (the fastest counts)
+
+
+@dataclass(frozen=True)
+class Forms:
+    """Which faster forms a model runs, and what the probe measured (ms per 1 + 3-row forward pair)."""
+
+    column_major: bool = False
+    fast_blocks: bool = False
+    probe_ms: dict[str, float] = field(default_factory=dict, compare=False, hash=False)
+
+    @classmethod
+    def unprobed(cls, gpu: bool, fast_blocks: bool = True) -> Forms:
+        """Where no forward can be timed (a cluster rank's part of a model): every form the backend has."""
+        return cls(column_major=not gpu, fast_blocks=fast_blocks)
+
+    @property
+    def name(self) -> str:
+        return "+".join(n for n, on in (("fast_blocks", self.fast_blocks), ("column_major", self.column_major)) if on) or "stock"
+
+
+def _fast(blocks: list, on: bool) -> None:
+    if not on:
+        for block in blocks:
+            if type(block) is fast_block.FastBlock:
+                block.__class__ = fast_block.llama.TransformerBlock
+    elif any(hasattr(block, "_pre") for block in blocks):  # compiled on an earlier visit: kept
+        for block in blocks:
+            block.__class__ = fast_block.FastBlock
+    else:
+        fast_block.install(blocks)
+
+
+def _row_major(module: nn.Module) -> None:
+    """Back to mlx-lm's layout: every fp32 matrix contiguous row by row."""
+    module.update(tree_map(lambda w: mx.contiguous(w) if w.ndim == 2 and w.dtype == mx.float32 else w, module.parameters()))
+    mx.eval(module.parameters())
+
+
+def apply(module: nn.Module, blocks: list, forms: Forms) -> None:
+    """Puts `module` (loaded as mlx-lm loads it, or as a probe left it) in `forms`."""
+    (column_major if forms.column_major else _row_major)(module)
+    _fast(blocks, forms.fast_blocks)
+
+
+def _seconds(model: nn.Module, cache: list) -> float:
+    """A forward of 1 and of 3 new rows after the context in `cache`, each the fastest of REPEATS
+    after one that warms up (traces, first touches)."""
+    total = 0.0
+    for rows in PROBE_ROWS:
+        runs = []
+        for _ in range(REPEATS + 1):
+            start = time.perf_counter()
+            mx.eval(model(mx.array([list(range(5, 5 + rows))]), cache=cache))
+            runs.append(time.perf_counter() - start)
+            trim_prompt_cache(cache, rows)
+        total += min(runs[1:])
+    return total
+
+
+def choose(model: nn.Module, blocks: list, layout: bool) -> Forms:
+    """Times the forms on `model` (as mlx-lm loads it) and leaves it in the fastest. `layout`: the
+    column-major layout is a candidate (fp32 weights on a CPU)."""
+    candidates = [Forms(fast_blocks=True)] + ([Forms(column_major=True, fast_blocks=True)] if layout else [])
+    timed = [Forms(), *candidates]  # mlx-lm's own forward, for the record
+    cache = make_prompt_cache(model)  # one context for every form: they compute the same
+    mx.eval(model(mx.array([list(range(1, CONTEXT + 1))]), cache=cache))
+    times: dict[Forms, list[float]] = {f: [] for f in timed}
+    for forms in timed + timed[::-1]:
+        apply(model, blocks, forms)
+        times[forms].append(_seconds(model, cache))
+    best = min(candidates, key=lambda f: sum(times[f]))
+    chosen = Forms(best.column_major, best.fast_blocks,
+                   {f.name: round(sum(times[f]) / len(times[f]) * 1000, 1) for f in timed})
+    apply(model, blocks, chosen)
+    return chosen

@@ -1,0 +1,56 @@
+"""The faster forms (FastBlocks, the column-major layout) are kept only where the start-up probe
+times them faster than the forward mlx-lm runs; every form computes the same tokens."""
+
+import pytest
+from mlx_lm.models import llama
+
+from daemon.cpu import fast_block, forms
+from daemon.cpu.forms import Forms
+from daemon.engine.generate import generate
+from daemon.engine.records import Request
+from daemon.models.loading import describe, load
+
+PROMPT = (1, 80, 120, 7, 200, 33, 150)
+
+
+@pytest.fixture
+def stock(tiny_gguf):
+    return load(str(tiny_gguf), drafter="none", stock=True)
+
+
+@pytest.mark.parametrize("faster, kept", [
+    (Forms(fast_blocks=True), Forms(fast_blocks=True)),
+    (Forms(column_major=True, fast_blocks=True), Forms(column_major=True, fast_blocks=True)),
+    (Forms(), Forms(fast_blocks=True)),  # FastBlocks stay: the batch's one forward runs through them
+])
+def test_the_layout_timed_fastest_is_kept(stock, monkeypatch, faster, kept):
+    current = {}
+    apply = forms.apply
+
+    def tracked(module, blocks, f):
+        apply(module, blocks, f)
+        current["forms"] = f
+
+    monkeypatch.setattr(forms, "apply", tracked)
+    monkeypatch.setattr(forms, "_seconds", lambda model, cache: 1.0 if current["forms"] == faster else 2.0)
+    chosen = forms.choose(stock.model, stock.model.layers, layout=True)
+    assert chosen == kept and set(chosen.probe_ms) == {"stock", "fast_blocks", "fast_blocks+column_major"}
+    assert chosen.probe_ms[faster.name] == 1000.0
+    assert type(stock.model.layers[0]) is fast_block.FastBlock
+
+
+def test_every_form_gives_the_same_tokens(stock):
+    expected = list(generate(stock, Request(PROMPT, 24)))[-1].token_ids
+    for f in (Forms(fast_blocks=True), Forms(column_major=True, fast_blocks=True), Forms(column_major=True), Forms()):
+        forms.apply(stock.model, stock.model.layers, f)
+        assert list(generate(stock, Request(PROMPT, 24)))[-1].token_ids == expected, f
+    assert type(stock.model.layers[0]) is llama.TransformerBlock  # back as mlx-lm built it
+
+
+def test_a_load_runs_the_probe_and_says_what_it_kept(tiny_gguf):
+    lm = load(str(tiny_gguf), drafter="random")
+    said = describe(lm)
+    assert said["speed_paths"] == lm.forms.name and len(said["probe_ms"]) == 3
+    kept = {name: ms for name, ms in said["probe_ms"].items() if name != "stock"}
+    assert min(kept, key=kept.get) == lm.forms.name  # the faster layout measured
+    assert type(lm.model.layers[0]) is fast_block.FastBlock
