@@ -45,13 +45,15 @@ def test_health_and_metrics_show_the_memory(tiny_gguf):
         for _ in range(2):  # the second is served from the prompt cache the first filled
             client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "x" * 200}],
                                            max_tokens=8, temperature=0)
-        memory = health(daemon)["memory"]
+        served = health(daemon)
+        memory = served["memory"]
         with urllib.request.urlopen(daemon.url + "/metrics") as r:
             metrics = r.read().decode()
     finally:
         assert daemon.stop() == 0, daemon.log()
     loaded = next(r for r in daemon.log_records() if r["event"] == "model loaded")
     assert loaded["mlx_cache_limit"] == 8 << 20
+    assert served["speed_paths"] == {"forms": loaded["speed_paths"], "probe_ms": loaded["probe_ms"]}  # the probe's
     assert set(memory) == set(HealthMemory.model_fields)  # as /openapi.json documents it
     assert memory["rss_bytes"] > memory["mlx_active_bytes"] > memory["prompt_cache_bytes"] > 0
     assert memory["mlx_cache_bytes"] == 0  # released once the last answer was done
