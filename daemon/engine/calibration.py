@@ -29,7 +29,8 @@ PROBE_REPEATS = 7
 PROBE_SECONDS = 0.5  # a measurement's time: slow forwards (a big model, a cluster's) are timed fewer times
 ROW_PROBES = (16, 32)  # row counts a batch's forward is probed at past the single-sequence probe
 BATCH_PROBE = 4  # sequences of the probe of what each sequence adds to a batch's forward
-COST_FORMS = 3  # bump when forward passes change speed (2: column-major weights, FastBlock; 3: row-major copies): re-probe
+COST_FORMS = 4  # bump when forward passes change speed (2: column-major weights, FastBlock; 3: row-major copies;
+# 4: the start-up probe keeps column-major weights only where they win): re-probe
 
 
 def machine() -> str:
@@ -37,9 +38,7 @@ def machine() -> str:
 
 
 def estimates_path(lm: LoadedModel, root: Path, verify_penalty: float = 0.0) -> Path:
-    forms = lm.forms.name if lm.forms is not None else "stock"  # the probe's choice: costs differ with it
-    key = f"{lm.path}|{lm.drafter_name}|{machine()}|{verify_penalty}|{COST_FORMS}|{forms}" + (
-        f"|{lm.placement}" if lm.placement else "")
+    key = f"{lm.path}|{lm.drafter_name}|{machine()}|{verify_penalty}|{COST_FORMS}" + (f"|{lm.placement}" if lm.placement else "")
     return root / "calibration" / (hashlib.sha1(key.encode()).hexdigest()[:16] + ".json")
 
 
