@@ -145,8 +145,7 @@ class Reply:
     def _last_chunks(self) -> list[dict]:
         finish = self.done.finish_reason
         if self.chat:
-            cut = finish == "length"
-            chunks = [self._event_chunk(e) for e in self.calls.close(cut)] if self.calls is not None else []
+            chunks = [self._event_chunk(e) for e in self.calls.close(finish == "length")] if self.calls is not None else []
             if self.calls is not None and self.calls.calls and finish == "stop":
                 finish = "tool_calls"
             chunks.append(chat_chunk(self.head, {}, finish_reason=finish))

@@ -206,7 +206,7 @@ class Worker:
         steps = 0
         while (batch.running or not self._stopping) and self.lost is None:
             self._arrivals(batch, wait=True)
-            admitted = bool(batch.running)
+            busy = bool(batch.running)
             for r in list(batch.running):
                 self._check(batch, r)
             self.running = len(batch.running)
@@ -215,7 +215,7 @@ class Worker:
             if self.metrics is not None:
                 self.metrics.observe_step(step, self.running)
             steps += step is not None
-            if admitted and (not batch.running or step is not None and steps % CLEAR_EVERY == 0):  # idle, or so often
+            if busy and (not batch.running or step is not None and steps % CLEAR_EVERY == 0):  # fell idle, or so often
                 release()
                 self._measure()
 
