@@ -52,6 +52,7 @@ def test_a_load_runs_the_probe_and_says_what_it_kept(tiny_gguf):
     said = describe(lm)
     assert said["speed_paths"] == lm.forms.name and len(said["probe_ms"]) == 3
     ms = said["probe_ms"]
-    clearly_faster = ms["fast_blocks+column_major"] < (1 - forms.MARGIN) * ms["fast_blocks"]
-    assert lm.forms.column_major == clearly_faster  # column-major only where it clearly wins
+    gap = ms["fast_blocks+column_major"] - (1 - forms.MARGIN) * ms["fast_blocks"]
+    rounding = 0.1  # probe_ms are means rounded to 0.1 ms; the choice is made on the exact sums
+    assert gap < rounding if lm.forms.column_major else gap > -rounding  # column-major only where it clearly wins
     assert type(lm.model.layers[0]) is fast_block.FastBlock
