@@ -155,7 +155,8 @@ def cmd_train_drafter(args) -> None:
     from daemon.training.settings import TrainSettings
     from daemon.training.train import train_drafter
 
-    overrides = {"tokens": args.tokens, "steps": args.steps, "head_vocab": args.head_vocab, "feature_layers": args.feature_layers,
+    overrides = {"tokens": args.tokens, "steps": args.steps, "chain_steps": args.chain_steps,
+                 "chain_depths": args.chain_depths, "head_vocab": args.head_vocab, "feature_layers": args.feature_layers,
                  "read_offers": args.read_offers, "generate_workers": args.generate_workers}
     settings = dataclasses.replace(TrainSettings(), **{k: v for k, v in overrides.items() if v is not None})
     lm = load(args.model, drafter="none")

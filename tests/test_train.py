@@ -136,48 +136,53 @@ def test_resume_continues_from_the_checkpoint(tmp_path, tiny_gguf):
     assert "resumed at step 220" in lines and record["steps"] == 240
 
 
-def test_second_stage_teaches_depth_two(tmp_path, tiny_gguf):
-    """A first stage alone, then the same run resumed with the two-depth stage: depth-2 acceptance
-    (a draft fed the drafter's own output) rises."""
+def test_second_stage_teaches_the_later_depths(tmp_path, tiny_gguf):
+    """A first stage alone, then the same run resumed with a three-depth stage: acceptance at draft
+    positions 2 and 3 (drafts fed the drafter's own output) rises."""
 
     mx.random.seed(0)  # the drafter's initial weights
     lm = load(str(tiny_gguf), drafter="none")
     lines = []
-    first = train_drafter(lm, tmp_path, dataclasses.replace(SETTINGS, chain_steps=0), progress=lines.append)
-    both = train_drafter(lm, tmp_path, dataclasses.replace(SETTINGS, chain_steps=200), resume=True, progress=lines.append)
+    three = dataclasses.replace(SETTINGS, chain_depths=3)
+    first = train_drafter(lm, tmp_path, dataclasses.replace(three, chain_steps=0), progress=lines.append)
+    both = train_drafter(lm, tmp_path, dataclasses.replace(three, chain_steps=200), resume=True, progress=lines.append)
     assert "resumed at step 60" in lines and both["steps"] == 260
-    depth2 = first["held_out_second_position_acceptance"]["all"], both["held_out_second_position_acceptance"]["all"]
-    assert depth2[1] > depth2[0], depth2
+    assert any(line.startswith("step 260: held-out position-3 acceptance") for line in lines)
+    for key in ("held_out_second_position_acceptance", "held_out_position_3_acceptance"):
+        before, after = first[key]["all"], both[key]["all"]
+        assert after > before, (key, before, after)
 
 
 @pytest.mark.parametrize("which", ["trained", "trained_with_blocks", "trained_without_offers"])
-def test_depth_two_rows_equal_chained_drafting(which, request, tiny_gguf):
-    """two_depths' row i is what draft() gives when the cache holds positions 0..i and the drafter
-    is fed its own block output at i (with the block features of position i, if it reads any) and
-    the token after the next (with the offer after that token, if it reads offers)."""
+def test_later_depth_rows_equal_chained_drafting(which, request, tiny_gguf):
+    """chain_depths' row i at depth d is what draft() gives when the cache holds positions 0..i and
+    the chain so far, and the drafter is fed its own block output of depth d - 1 at i (with the block
+    features of position i, if it reads any) and token i + d - 1 (with the offer after that token,
+    if it reads offers)."""
 
-    from daemon.training.loss import two_depths
+    from daemon.training.loss import chain_depths
 
     out, record = request.getfixturevalue(which)
     lm = load(str(tiny_gguf), drafter=str(out))
     d = lm.drafter
     assert d.config.feature_layers == list(record["settings"]["feature_layers"])
     width = lm.config["hidden_size"] * (1 + len(d.config.feature_layers))
-    hidden = mx.random.normal((1, 6, width), key=mx.random.key(1))
-    tokens = mx.array([[3, 9, 4, 7, 5, 8]])
-    offers = (mx.array([[0, 4, 7, 0, 8, 2]]), mx.array([[0, 2, 3, 0, 4, 2]])) if d.config.reads_offers else None
+    hidden = mx.random.normal((1, 7, width), key=mx.random.key(1))
+    tokens = mx.array([[3, 9, 4, 7, 5, 8, 6]])
+    offers = (mx.array([[0, 4, 7, 0, 8, 2, 5]]), mx.array([[0, 2, 3, 0, 4, 2, 1]])) if d.config.reads_offers else None
 
     def at(i, j):
         return offers and tuple(a[:, i:j] for a in offers)
 
-    _, own = d.features(hidden, tokens, None, lm.model, offers)
-    _, depth2 = two_depths(d, lm.model, hidden, tokens, offers)
+    _, depth2, depth3 = chain_depths(d, lm.model, hidden, tokens, offers, depths=3)
     for i in range(5):
         cache = d.make_cache()
-        d.features(hidden[:, : i + 1], tokens[:, : i + 1], cache, lm.model, at(0, i + 1))
-        chained, _ = d.features(d.chained(own[:, i : i + 1], hidden[:, i : i + 1]), tokens[:, i + 1 : i + 2], cache, lm.model,
-                                at(i + 1, i + 2))
-        np.testing.assert_allclose(np.array(chained[0, 0]), np.array(depth2[0, i]), rtol=1e-4, atol=1e-4)
+        _, own = d.features(hidden[:, : i + 1], tokens[:, : i + 1], cache, lm.model, at(0, i + 1))
+        for depth, expected in ((2, depth2), (3, depth3)):
+            j = i + depth - 1
+            chained = d.chained(own[:, -1:], hidden[:, i : i + 1])
+            out, own = d.features(chained, tokens[:, j : j + 1], cache, lm.model, at(j, j + 1))
+            np.testing.assert_allclose(np.array(out[0, 0]), np.array(expected[0, i]), rtol=1e-4, atol=1e-4)
 
 
 def test_reading_block_features_learns_too(trained_with_blocks):

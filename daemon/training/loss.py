@@ -1,5 +1,5 @@
-"""The drafter's training losses and its teacher-forced evaluation: depth 1, and depth 2 fed the
-drafter's own block output as a chained draft is (`two_depths`)."""
+"""The drafter's training losses and its teacher-forced evaluation: depth 1, and the later depths
+fed the drafter's own block output as a chained draft is (`chain_depths`)."""
 
 from __future__ import annotations
 
@@ -46,53 +46,61 @@ class _FirstDepth:
         return create_causal_mask(n) if return_array else "causal"
 
 
-class _SecondDepth:
-    """Row i drafts at depth 2 after position i: as when drafting, it sees the first depth's keys
-    up to position i (the drafter's cache of real hidden states) and its own key (position i + 1)."""
+class _LaterDepth:
+    """Row i drafts at depth d > 1 after position i: as when drafting, it sees the first depth's keys
+    up to position i (the drafter's cache of real hidden states), then the keys the chain put at
+    positions i + 1 .. i + d - 2 (the earlier depths' rows i) and its own (position i + d - 1)."""
 
-    offset = 1
-
-    def __init__(self, first: _FirstDepth):
-        self.first = first
+    def __init__(self, first: _FirstDepth, earlier: list[_LaterDepth]):
+        self.first, self.earlier = first, earlier
+        self.offset = len(earlier) + 1
 
     def update_and_fetch(self, keys, values):
-        return mx.concatenate([self.first.keys, keys], axis=2), mx.concatenate([self.first.values, values], axis=2)
+        self.keys, self.values = keys, values
+        chain = [self.first, *self.earlier, self]
+        return mx.concatenate([c.keys for c in chain], axis=2), mx.concatenate([c.values for c in chain], axis=2)
 
     def make_mask(self, n: int, return_array: bool = False, window_size=None):
-        return mx.concatenate([create_causal_mask(n), mx.eye(n, dtype=mx.bool_)], axis=1)
+        return mx.concatenate([create_causal_mask(n)] + [mx.eye(n, dtype=mx.bool_)] * self.offset, axis=1)
 
 
-def _next(x: mx.array) -> mx.array:
-    """Depth 2's copy of a per-position array: the next position's, the last repeated (padding)."""
-    return mx.concatenate([x[:, 1:], x[:, -1:]], axis=1)
+def _next(x: mx.array, by: int = 1) -> mx.array:
+    """A later depth's copy of a per-position array: the one `by` positions on, the last repeated (padding)."""
+    return mx.concatenate([x[:, by:]] + [x[:, -1:]] * by, axis=1) if by else x
 
 
-def two_depths(drafter, target, hidden, tokens, offers=None) -> tuple[mx.array, mx.array]:
-    """Teacher-forced drafts at depths 1 and 2. Depth 1 at position i reads (h_i, t_{i+1}); depth 2
-    reads the drafter's own block output there and t_{i+2} (and the lookup's offer after t_{i+2}),
-    as a chained draft does once the first is accepted. Returns the shared_head.norm outputs
-    [B, L, H] of both (depth 2's last row has no token and is padding)."""
+def chain_depths(drafter, target, hidden, tokens, offers=None, depths: int = 2) -> list[mx.array]:
+    """Teacher-forced drafts at depths 1 .. `depths`. Depth 1 at position i reads (h_i, t_{i+1});
+    depth d reads the drafter's own block output of depth d - 1 there and t_{i+d} (and the lookup's
+    offer after t_{i+d}), as a chained draft does once the first d - 1 are accepted (EAGLE's
+    training-time test). Returns the shared_head.norm outputs [B, L, H] of each depth (depth d's
+    last d - 1 rows have no token and are padding)."""
     first = _FirstDepth()
-    out1, own = drafter.features(hidden, tokens, first, target, offers)
-    offers2 = None if offers is None else tuple(map(_next, offers))
-    out2, _ = drafter.features(drafter.chained(own, hidden), _next(tokens), _SecondDepth(first), target, offers2)
-    return out1, out2
+    out, own = drafter.features(hidden, tokens, first, target, offers)
+    outs, later = [out], []
+    for d in range(1, depths):
+        cache = _LaterDepth(first, list(later))
+        moved = None if offers is None else tuple(_next(o, d) for o in offers)
+        out, own = drafter.features(drafter.chained(own, hidden), _next(tokens, d), cache, target, moved)
+        outs.append(out)
+        later.append(cache)
+    return outs
 
 
-def _depth2(labels, mask):
-    """Labels and mask of depth 2: those of the next position, none for the last."""
-    return _next(labels), mx.concatenate([mask[:, 1:], mx.zeros_like(mask[:, -1:])], axis=1)
+def _at_depth(labels, mask, d: int):
+    """Labels and mask of depth d: those d - 1 positions on, none for the last d - 1."""
+    return _next(labels, d - 1), mx.concatenate([mask[:, d - 1 :], mx.zeros_like(mask[:, : d - 1])], axis=1)
 
 
-def chained_loss_fn(drafter, target, hidden, tokens, labels, mask, offers, weight: float):
-    out1, out2 = two_depths(drafter, target, hidden, tokens, offers)
-    labels2, mask2 = _depth2(labels, mask)
-    return _cross_entropy(drafter, target, out1, labels, mask) + weight * _cross_entropy(drafter, target, out2, labels2, mask2)
+def chained_loss_fn(drafter, target, hidden, tokens, labels, mask, offers, weight: float, depths: int = 2):
+    outs = chain_depths(drafter, target, hidden, tokens, offers, depths)
+    terms = [_cross_entropy(drafter, target, out, *_at_depth(labels, mask, d + 1)) for d, out in enumerate(outs)]
+    return terms[0] + weight * sum(terms[1:])
 
 
 def evaluate(drafter, lm, f: dict, rows: np.ndarray, lookup_vocab, batch: int, depth: int = 1) -> dict[str, float]:
-    """Teacher-forced top-1 agreement with the target at draft position 1 (depth 2: position 2
-    after an accepted first draft), per category, counted where the drafted token belongs to the
+    """Teacher-forced top-1 agreement with the target at draft position `depth` (after accepted
+    drafts at the positions before it), per category, counted where the drafted token belongs to the
     answer (a prompt's tokens are never drafted when serving): on the target's own greedy text
     this is the greedy acceptance rate of that draft."""
     hits = np.zeros(len(CATEGORIES))
@@ -105,8 +113,9 @@ def evaluate(drafter, lm, f: dict, rows: np.ndarray, lookup_vocab, batch: int, d
         if depth == 1:
             logits, _ = drafter(hidden, tokens, None, lm.model, offers)
         else:
-            logits = drafter._full_vocab(drafter.head_logits(two_depths(drafter, lm.model, hidden, tokens, offers)[1], lm.model))
-            labels, mask = _depth2(labels, mask)
+            out = chain_depths(drafter, lm.model, hidden, tokens, offers, depth)[-1]
+            logits = drafter._full_vocab(drafter.head_logits(out, lm.model))
+            labels, mask = _at_depth(labels, mask, depth)
         correct = (mx.argmax(logits, axis=-1) == labels) & mask
         mx.eval(correct, mask)
         for row, c, m in zip(part, np.array(correct), np.array(mask)):

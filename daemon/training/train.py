@@ -4,8 +4,8 @@ Self-distillation: the drafter reads the target's own hidden state h_i and the n
 and learns the target's own greedy choice at position i+1 -- exactly what greedy verification
 accepts -- not the raw text. Its head is the target's, restricted to the most frequent predicted
 tokens (FR-Spec style), so a draft token costs a fraction of a target step. The steps come in two
-stages: depth 1 alone, then depths 1 and 2 together, depth 2 fed the drafter's own block output as
-a chained draft is (see `two_depths`).
+stages: depth 1 alone, then depths 1 .. chain_depths together, each later depth fed the drafter's
+own block output as a chained draft is (see `chain_depths`).
 
 Stages, each saved under OUT/work so that a stopped run resumes: text -> features -> steps -> export.
 The target's answers also become its phrasebook (daemon.drafting.phrases), shipped beside the drafter.
@@ -68,12 +68,12 @@ def init_drafter(lm: LoadedModel, head_vocab: list[int] | None, s: TrainSettings
 
 def _stage(drafter, s: TrainSettings, second: bool):
     """Optimizer and loss gradient of a stage. First: depth 1, warm-up then cosine decay over
-    `steps`. Second (from the first's weights): both depths, a short warm-up to 0.3x the rate and
+    `steps`. Second (from the first's weights): `chain_depths` depths, a short warm-up to 0.3x the rate and
     cosine decay over `chain_steps`."""
     if second:
         peak, warm = s.learning_rate * 0.3, 20
         schedule = optim.cosine_decay(peak, s.chain_steps, peak * 0.1)
-        loss = functools.partial(chained_loss_fn, weight=s.chain_weight)
+        loss = functools.partial(chained_loss_fn, weight=s.chain_weight, depths=s.chain_depths)
     else:
         peak, warm = s.learning_rate, 50
         schedule = optim.cosine_decay(peak, s.steps, peak * 0.05)
@@ -151,9 +151,9 @@ def _train_steps(lm: LoadedModel, drafter, data: TrainingData, s: TrainSettings,
         if step % 100 == 0 or step == stage_end:
             accept = evaluate(drafter, lm, f, held, head_vocab, s.batch)
             progress(f"step {step}: held-out first-position acceptance {_fmt(accept)}")
-            if second:
-                accept = evaluate(drafter, lm, f, held, head_vocab, s.batch, depth=2)
-                progress(f"step {step}: held-out second-position acceptance (after an accepted first) {_fmt(accept)}")
+            for depth in range(2, s.chain_depths + 1) if second else ():
+                accept = evaluate(drafter, lm, f, held, head_vocab, s.batch, depth=depth)
+                progress(f"step {step}: held-out position-{depth} acceptance (after accepted earlier ones) {_fmt(accept)}")
             _save_checkpoint(work, drafter, optimizer, step, rng.bit_generator.state)
 
 
@@ -221,6 +221,8 @@ def train_drafter(
         "acceptance_counts": "teacher-forced drafts of answer tokens (the prompt's are never drafted)",
         "held_out_first_position_acceptance": acceptance,
         "held_out_second_position_acceptance": evaluate(drafter, lm, f, held, head_vocab, s.batch, depth=2),
+        **{f"held_out_position_{d}_acceptance": evaluate(drafter, lm, f, held, head_vocab, s.batch, depth=d)
+           for d in range(3, max(s.chain_depths, 2) + 1)},
         "data_seconds": round(data_seconds, 1),
         "wall_seconds": round(time.perf_counter() - started, 1),
     }
