@@ -5,10 +5,10 @@ Every running sequence plans its draft alone (its policy, its acceptance estimat
 class). In a batch all of them share one target forward, whose time T(rows) grows with the rows of
 every sequence, so a draft is worth its row only if what it is expected to bring (the probability
 that it and every draft before it are accepted) beats what the row adds to everyone's step. The
-batch's rate is (sequences + sum of expected accepted drafts) / (T(rows) + drafting time); drafts
-are dropped one at a time, last positions first and the least likely of those first, while that
-rate rises, and always while the rows exceed the limit; what is left must beat no drafts by a
-margin. So speculation fades as the batch grows
+batch's rate is (sequences + sum of expected accepted drafts) / (T(rows) + drafting time), the
+drafting time counted in `draft_units`; drafts are dropped one at a time, last positions first and
+the least likely of those first, while that rate rises, and always while the rows exceed the
+limit; what is left must beat no drafts by a margin. So speculation fades as the batch grows
 compute-bound and comes back as it shrinks; alone, T's slope is what the policy already priced.
 """
 
@@ -30,21 +30,27 @@ def gains(rates: Sequence[float], k: int) -> list[float]:
     return list(np.cumprod(rates[:k])) if len(rates) >= k else [UNKNOWN] * k
 
 
+def draft_units(ks: Sequence[int], together: bool) -> int:
+    """The drafting time of a step in drafter forwards: one per draft (`together`: one per draft
+    position, the sequences' drafts of a position running in one forward), and one more per drafting
+    sequence (its catch-up on the rows it has not read, the verification's bookkeeping)."""
+    drafting = sum(k > 0 for k in ks)
+    return (max(ks, default=0) if together else sum(ks)) + drafting
+
+
 def fit_drafts(plans: Sequence[tuple[int, Sequence[float]]], base_rows: int, row_seconds: Callable[[int], float],
-               draft_seconds: float, max_rows: int) -> list[int]:
+               draft_seconds: float, max_rows: int, together: bool = False) -> list[int]:
     """plans: each sequence's (planned k, its rates: empty if unknown); base_rows: the step's rows
     without any draft (one per planned sequence, plus everyone else's); row_seconds(rows): the
-    step's forward time; draft_seconds: the time of one drafter forward (a sequence that drafts
-    pays it once more: its drafter's catch-up on the rows it has not read, the verification's
-    bookkeeping). Returns each sequence's k."""
+    step's forward time; draft_seconds: the time of one of `draft_units`; together: the drafts of a
+    position run in one drafter forward. Returns each sequence's k."""
     ks = [k for k, _ in plans]
     worth = [gains(rates, k) for k, rates in plans]
     known = [len(rates) >= k for k, rates in plans]
     tokens = len(plans) + sum(sum(g) for g in worth)
 
-    def rate(tokens: float, ks: list[int]) -> float:  # a drafting sequence pays one draft's time more
-        drafts = sum(ks)
-        return tokens / (row_seconds(base_rows + drafts) + draft_seconds * (drafts + sum(k > 0 for k in ks)))
+    def rate(tokens: float, ks: list[int]) -> float:
+        return tokens / (row_seconds(base_rows + sum(ks)) + draft_seconds * draft_units(ks, together))
 
     while any(ks):
         i = min((j for j in range(len(ks)) if ks[j]), key=lambda j: (not known[j], worth[j][ks[j] - 1]))

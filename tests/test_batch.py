@@ -7,18 +7,25 @@ import itertools
 import threading
 import time
 
+import mlx.core as mx
 import numpy as np
 import pytest
 from doubles import RuleDrafter, small_vocab, target_logits
+from mlx_lm.models.cache import make_prompt_cache
 from test_speculative import VOCAB, chi2_critical, exact_joint
 
+from daemon.drafting.lookup import NgramIndex
+from daemon.drafting.session import DraftingSession
 from daemon.engine.batch import Batch
+from daemon.engine.forward import hidden_tap
 from daemon.engine.generate import generate, sequence
+from daemon.engine.ragged import run_drafts
 from daemon.engine.records import Delta, Finished, Request
+from daemon.engine.rows import drain
 from daemon.engine.sampling import SamplingParams
 from daemon.server.worker import Job, Limits, Loaded, Worker
 from policies.adaptive import AdaptivePolicy, SharedEstimates
-from policies.batch import fit_drafts
+from policies.batch import draft_units, fit_drafts
 from policies.cost import RowCosts, StepCosts
 from policies.fixed import Fixed
 
@@ -52,6 +59,17 @@ def test_fit_cuts_to_the_row_limit_estimated_drafts_before_fixed_ones():
     assert sum(ks) == 6 and ks[0] == 4 and ks[1] >= ks[2]
 
 
+def test_drafts_that_run_together_cost_a_forward_per_position():
+    assert draft_units([3, 1, 0, 2], together=False) == 9  # 6 drafts, 3 drafting sequences
+    assert draft_units([3, 1, 0, 2], together=True) == 6  # 3 positions
+    assert draft_units([0, 0], together=True) == 0
+    # together, a second sequence's first draft costs its row and its bookkeeping, not a forward:
+    # with dear drafter forwards it is kept where one at a time it is not
+    plans = [(1, (0.5,)), (1, (0.5,))]
+    assert fit_drafts(plans, 2, lambda rows: 0.1, 0.01, 64, together=False) == [0, 0]
+    assert fit_drafts(plans, 2, lambda rows: 0.1, 0.01, 64, together=True) == [1, 1]
+
+
 def test_row_costs_interpolate_extrapolate_and_learn():
     rows = RowCosts([1, 2, 4], [0.1, 0.12, 0.16], per_sequence=0.01)
     assert rows.predict(3, 1) == pytest.approx(0.14)
@@ -68,7 +86,8 @@ def test_row_costs_interpolate_extrapolate_and_learn():
 def run_batch(lm, requests, policies, max_rows=64, chunk=16, rows=None):
     """Every request in one batch; returns (each one's Finished, the step reports)."""
     records = {}
-    batch = Batch(lm.model, lambda owner, record: records.setdefault(owner, []).append(record), max_rows, rows, 0.001)
+    batch = Batch(lm.model, lambda owner, record: records.setdefault(owner, []).append(record), max_rows, rows, 0.001,
+                  lm.drafter)
     for i, (request, policy) in enumerate(zip(requests, policies)):
         batch.add(i, sequence(lm, request, policy, chunk=chunk, batched=True))
     reports = []
@@ -100,6 +119,56 @@ def test_batched_greedy_equals_alone(tiny_gguf, spec):
     assert max(r.sequences for r in reports) == len(requests)  # they really shared forwards
     if spec == "fixed:3":
         assert sum(b.stats.drafted for b in batched) > 0 and any(r.drafted for r in reports)
+        # the drafter's forwards ran together, and each sequence drafted what it drafts alone
+        assert [b.stats.accepted_by_position for b in batched] == [a.stats.accepted_by_position for a in alone]
+
+
+def started_sessions(lm, prompts):
+    """A drafting session for each prompt, the prompt read by the target and the drafter."""
+    source, sessions = lm.drafter.config.source, []
+    for prompt in prompts:
+        cache, tap = make_prompt_cache(lm.model), hidden_tap(lm.model, source)
+        first = mx.argmax(lm.model(mx.array([prompt]), cache=cache)[0, -1]).item()
+        index = NgramIndex()
+        index.extend(prompt)
+        session = DraftingSession(lm.drafter, lm.model, index)
+        session.start(tap.hidden(source), first)
+        index.extend([first])
+        sessions.append(session)
+    return sessions
+
+
+def drive(lm, prompts, run):
+    """Each prompt's session drafts 3, its drafter forwards answered by run(calls) a position at a
+    time; returns each one's Drafts and the logits it was sent."""
+    steps = [s.drafting(3, SamplingParams(), None) for s in started_sessions(lm, prompts)]
+    asked, logits, drafts = [next(g) for g in steps], [[] for _ in prompts], [None] * len(prompts)
+    while live := [i for i, a in enumerate(asked) if a is not None]:
+        for i, reply in zip(live, run([asked[i] for i in live])):
+            logits[i].append(np.array(reply[0]))
+            try:
+                asked[i] = steps[i].send(reply)
+            except StopIteration as done:
+                asked[i], drafts[i] = None, done.value
+    return drafts, logits
+
+
+def test_a_steps_drafts_run_in_one_drafter_forward_per_position(tiny_gguf, monkeypatch):
+    """Three sequences draft 3 each: three drafter forwards, each over all three sequences, give
+    each the drafts and the drafter logits it gets alone."""
+    from daemon.models.loading import load
+
+    lm = load(str(tiny_gguf), drafter="random")
+    assert lm.drafter.ragged
+    alone, alone_logits = drive(lm, PROMPTS[:3], lambda calls: [c.run(lm.model) for c in calls])
+    forwards, ragged = [], type(lm.drafter).draft_ragged
+    monkeypatch.setattr(type(lm.drafter), "draft_ragged",
+                        lambda self, calls, target: forwards.append(len(calls)) or ragged(self, calls, target))
+    together, logits = drive(lm, PROMPTS[:3], lambda calls: run_drafts(lm.model, calls))
+    assert forwards == [3, 3, 3]
+    assert [d.tokens for d in together] == [d.tokens for d in alone] and all(len(d.tokens) == 3 for d in alone)
+    for mine, theirs in zip(logits, alone_logits):
+        np.testing.assert_allclose(np.stack(mine), np.stack(theirs), rtol=1e-4, atol=1e-4)
 
 
 def test_a_sequence_that_joins_or_leaves_changes_no_other(tiny_lm):
@@ -194,7 +263,6 @@ def test_chunked_prefill_fills_the_whole_prompt(tiny_lm, length, last_alone):
     from mlx_lm.models.cache import make_prompt_cache
 
     from daemon.engine.forward import prefill_rows
-    from daemon.engine.rows import drain
 
     prompt = PROMPTS[3][:length]
     sizes = itertools.cycle([3, 2, 4, 5])  # the chunk is asked again and again

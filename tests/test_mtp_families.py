@@ -11,6 +11,7 @@ from mlx_lm.models.base import create_attention_mask
 from daemon.engine.forward import hidden_tap
 from daemon.engine.generate import generate
 from daemon.engine.records import Request
+from daemon.engine.rows import drain
 from daemon.models.families import deepseek_v4, mimo, nemotron_h, qwen3_next, step3p5
 from daemon.models.loading import load
 from daemon.models.mtp import mtp_layers
@@ -275,7 +276,7 @@ def test_several_mtp_layers_draft_their_own_positions_in_turn(written_multi, fam
     index.extend([mx.argmax(logits[0, -1]).item()])
     ids = list(index.tokens)
     for _ in range(3):
-        drafts = session.draft(3, SamplingParams(), None).tokens
+        drafts = drain(lm.model, session.drafting(3, SamplingParams(), None)).tokens
         chain = reference_chain(ref, lm, ids + drafts[:2])
         assert drafts == [mx.argmax(chain[j][0, len(ids) - 2]).item() for j in range(3)]
         logits = lm.model(mx.array([[ids[-1], drafts[0]]]), cache=cache)  # the target keeps the first draft

@@ -15,6 +15,7 @@ last layer chain it on its own output.
 
 from __future__ import annotations
 
+from collections.abc import Generator
 from dataclasses import dataclass, field
 
 import mlx.core as mx
@@ -24,6 +25,7 @@ from daemon.drafting.lookup import NgramIndex
 from daemon.engine.forward import PREFILL_CHUNK
 from daemon.engine.grammar import Grammar, masked
 from daemon.engine.rollback import keep_states, restore
+from daemon.engine.rows import DraftCall, drain
 from daemon.engine.sampling import SamplingParams, target_logprobs
 from daemon.models.mtp import mtp_layers, offer_arrays
 
@@ -56,7 +58,7 @@ class DraftingSession:
         token. prompt_hidden: [1, n, H]."""
         prompt = self.index.tokens
         if len(prompt) > 1:
-            mx.eval(self._catch_up(prompt_hidden[:, :-1], prompt[1:], self.index.offers[1:]))
+            mx.eval(drain(self.model, self._catch_up(prompt_hidden[:, :-1], prompt[1:], self.index.offers[1:])))
         self.pending_hidden, self.pending_tokens = [prompt_hidden[:, -1:]], [first_token]
 
     def read(self, hidden: mx.array, tokens: list[int]) -> None:
@@ -75,14 +77,16 @@ class DraftingSession:
         self.chained = [0] * len(self.layers)
         self.pending_hidden, self.pending_tokens = [hidden], list(tokens)
 
-    def draft(self, k: int, sampling: SamplingParams, split, min_confidence: float = 0.0,
-              grammar: Grammar | None = None) -> Drafts:
+    def drafting(self, k: int, sampling: SamplingParams, split, min_confidence: float = 0.0,
+                 grammar: Grammar | None = None) -> Generator[DraftCall, tuple, Drafts]:
         """Catches up on the pending pairs, then chains up to k drafts, stopping at the first it gives
-        a probability below `min_confidence` (dropped). `split(n)`: fresh PRNG keys (sampling). A
-        grammar masks every draft and moves on by the kept ones (the caller rolls it back)."""
+        a probability below `min_confidence` (dropped): a coroutine that asks for each drafter
+        forward (a DraftCall; daemon.engine.rows) and returns the Drafts. `split(n)`: fresh PRNG
+        keys (sampling). A grammar masks every draft and moves on by the kept ones (the caller
+        rolls it back)."""
         unseen = mx.concatenate(self.pending_hidden, axis=1) if len(self.pending_hidden) > 1 else self.pending_hidden[0]
         tokens = self.pending_tokens
-        logits, own, later = self._catch_up(unseen, tokens, self.index.offers[-len(tokens):])
+        logits, own, later = yield from self._catch_up(unseen, tokens, self.index.offers[-len(tokens):])
         mx.async_eval(later)  # the later layers' reading runs beside the first draft
         self.pending_hidden, self.pending_tokens = [], []  # read now
         self.before_chain = [keep_states([cache]) for cache in self.caches]
@@ -105,12 +109,12 @@ class DraftingSession:
             if q is not None:
                 out.q_rows.append(q)
             if j < k - 1:
-                logits, own = self._chain(out.tokens, own, unseen[:, -1:])
+                logits, own = yield from self._chain(out.tokens, own, unseen[:, -1:])
         if grammar is not None and len(out.allowed) == len(out.tokens):
             out.allowed.append(grammar.allowed())
         return out
 
-    def _chain(self, drafts: list[int], own: mx.array, real: mx.array) -> tuple[mx.array, mx.array]:
+    def _chain(self, drafts: list[int], own: mx.array, real: mx.array) -> Generator[DraftCall, tuple, tuple]:
         """The logits [1, V] of the next draft after `drafts` and what the chain goes on from. Layer
         j = len(drafts) reads its positions up to the last: layer j - 1's outputs (those waiting,
         then `own`: this chain's), the tokens after them known or drafted. Past the last layer it
@@ -123,16 +127,16 @@ class DraftingSession:
             if layer.config.reads_offers:  # the lookup's offer after the drafts so far
                 offers = offer_arrays(layer, [self.index.offer_after(tuple(drafts))])
             self.chained[-1] += 1
-            return layer.draft(layer.chained(own[:, -1:], real), mx.array([drafts[-1:]]), self.caches[-1], self.model, offers)
+            return (yield DraftCall(layer, layer.chained(own[:, -1:], real), drafts[-1:], self.caches[-1], offers))
         if j == 1:  # the first layer's outputs up to the last position are all waiting already
             rows = self.lagging[1]
         else:
             rows = own if self.lagging[j] is None else mx.concatenate([self.lagging[j], own], axis=1)
         ids = self._after(self.read_upto[j] + j + 1, rows.shape[1], drafts)
         self.chained[j] += rows.shape[1]
-        return self.layers[j].draft(rows, mx.array([ids]), self.caches[j], self.model)
+        return (yield DraftCall(self.layers[j], rows, ids, self.caches[j]))
 
-    def _catch_up(self, hidden: mx.array, tokens, offers) -> tuple[mx.array, mx.array, list]:
+    def _catch_up(self, hidden: mx.array, tokens, offers) -> Generator[DraftCall, tuple, tuple]:
         """Reads (hidden [1, m, H], next token) pairs into the first layer's cache in chunks, with the
         lookup's offers beside the tokens if it reads them, and lets the later layers read what they
         can. Returns draft logits [1, V] and block output after the last pair, and the later layers'
@@ -140,8 +144,8 @@ class DraftingSession:
         first, later = self.layers[0], []
         for start in range(0, len(tokens), PREFILL_CHUNK):
             chunk = slice(start, start + PREFILL_CHUNK)
-            logits, own = first.draft(hidden[:, chunk], mx.array([tokens[chunk]]), self.caches[0], self.model,
-                                      offer_arrays(first, offers[chunk]))
+            logits, own = yield DraftCall(first, hidden[:, chunk], list(tokens[chunk]), self.caches[0],
+                                          offer_arrays(first, offers[chunk]))
             later += self._feed(1, own)
         return logits, own, later
 

@@ -6,7 +6,8 @@ together:
    a draft; the records it yields on the way are delivered to its owner;
 2. the planned drafts are fitted to the batch (policies.batch): a draft whose row costs the batch
    more than it is expected to bring is dropped, and drafts go while the rows pass the limit;
-3. those sequences draft and ask for their verification forwards;
+3. those sequences draft, their drafter forwards run together, one per draft position
+   (daemon.engine.ragged.run_drafts), and they ask for their verification forwards;
 4. one forward runs every sequence's rows (daemon.engine.ragged), or, for a model that cannot,
    each sequence's in turn; each sequence is sent its own part.
 Sequences join between steps (`add`) and leave when they end or are dropped (`drop`: cancelled,
@@ -22,9 +23,9 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 
-from daemon.engine.ragged import batchable, run_ragged
-from daemon.engine.rows import Forward, Planned, Ran, run
-from policies.batch import fit_drafts
+from daemon.engine.ragged import batchable, run_drafts, run_ragged
+from daemon.engine.rows import DraftCall, Forward, Planned, Ran, run
+from policies.batch import draft_units, fit_drafts
 from policies.cost import RowCosts
 
 DRAFT_ALPHA = 0.1  # the moving average of the drafting time per draft
@@ -44,7 +45,7 @@ class Running:
     owner: object  # whoever the records go to (the worker's job)
     steps: Generator
     reply: object = None
-    asked: Forward | Planned | None = None
+    asked: Forward | Planned | DraftCall | None = None
 
 
 @dataclass(frozen=True)
@@ -57,12 +58,14 @@ class StepReport:
 
 class Batch:
     def __init__(self, model, deliver: Callable[[object, object], None], max_rows: int,
-                 rows: RowCosts | None = None, draft_seconds: float = 0.0):
+                 rows: RowCosts | None = None, draft_seconds: float = 0.0, drafter=None):
         """deliver(owner, record or exception); max_rows: a step's rows at most (drafts are cut
         to fit; prefill chunks and one row per sequence always run); rows: the batch's forward
         costs, learned from every step (None: drafts are cut only to fit max_rows); draft_seconds:
-        one draft's time at first (the probe's), then learned from the batch's drafting."""
+        one draft's time at first (the probe's), then learned from the batch's drafting; drafter:
+        the sequences' drafter, whose forwards of a draft position run together where it allows."""
         self.model, self.deliver, self.max_rows = model, deliver, max_rows
+        self.drafts_together = getattr(drafter, "ragged", False)
         self.ragged = batchable(model)
         self.costs, self.draft_seconds = rows, draft_seconds
         self.running: list[Running] = []
@@ -85,6 +88,7 @@ class Batch:
             for r, k in zip(planned, self._fit(planned)):
                 r.reply = k
                 self._advance(r)
+            self._draft(planned)
             self._observe_drafting(planned, time.perf_counter() - started)
         if arrivals is not None:
             before = len(self.running)
@@ -114,6 +118,21 @@ class Batch:
             self.costs.observe(rows, len(forwards), seconds)
         return StepReport(len(forwards), rows, drafted, seconds)
 
+    def _draft(self, planned: list[Running]) -> None:
+        """Runs the sequences' drafter forwards, those of one draft position together, until every
+        one has drafted (and asks for its verification)."""
+        while calling := [r for r in planned if isinstance(r.asked, DraftCall) and r in self.running]:
+            try:
+                replies = run_drafts(self.model, [r.asked for r in calling])
+            except Exception as e:  # every sequence in the forward is lost with it
+                for r in calling:
+                    self.deliver(r.owner, e)
+                    self.drop(r)
+                return
+            for r, reply in zip(calling, replies):
+                r.reply, r.asked = reply, None
+                self._advance(r)
+
     def _fit(self, planned: list[Running]) -> list[int]:
         asks = [r.asked for r in planned]
         plans = [(a.plan.k, a.plan.rates) for a in asks]
@@ -122,14 +141,15 @@ class Batch:
         base = len(planned) + sum(len(r.asked.tokens) for r in self.running if isinstance(r.asked, Forward))
         sequences = len(self.running)
         row_seconds = (lambda n: self.costs.predict(n, sequences)) if self.costs is not None else (lambda n: 1.0)
-        return fit_drafts(plans, base, row_seconds, self.draft_seconds if self.costs is not None else 0.0, self.max_rows)
+        return fit_drafts(plans, base, row_seconds, self.draft_seconds if self.costs is not None else 0.0, self.max_rows,
+                          self.drafts_together)
 
     def _observe_drafting(self, planned: list[Running], seconds: float) -> None:
         """The drafting time the fit prices, learned from what drafting took in this batch (a
-        moving average per draft, a drafting sequence counting one more, as the fit counts)."""
+        moving average per unit, counted as the fit counts them: policies.batch.draft_units)."""
         drafts = [r.asked.drafts for r in planned if isinstance(r.asked, Forward) and r.asked.drafts]
         if drafts and len(self.running) > 1:
-            self.draft_seconds += DRAFT_ALPHA * (seconds / (sum(drafts) + len(drafts)) - self.draft_seconds)
+            self.draft_seconds += DRAFT_ALPHA * (seconds / draft_units(drafts, self.drafts_together) - self.draft_seconds)
 
     def _advance(self, r: Running) -> None:
         """Runs a sequence until it asks for something; delivers its records on the way."""
@@ -144,7 +164,7 @@ class Batch:
                 self.drop(r)
                 return
             r.reply = None
-            if isinstance(item, (Forward, Planned)):
+            if isinstance(item, (Forward, Planned, DraftCall)):
                 r.asked = item
                 return
             self.deliver(r.owner, item)

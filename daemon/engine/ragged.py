@@ -10,6 +10,9 @@ mlx-lm's BatchKVCache does not fit speculation per sequence: its sequences share
 and `trim` takes the same number back from all, while a verification rejects a different number of
 rows in each sequence.
 
+The drafter's forwards of a step's drafting sequences run the same way (`run_drafts`), one per
+draft position: a drafter whose block is a FastBlock on plain KV caches.
+
 Only models whose blocks are Llama's (mlx-lm's `llama.TransformerBlock`, which loading turns into
 daemon.cpu.fast_block's FastBlock: `FastBlock.ragged`) with plain KV caches run this way; others run
 their sequences' forwards one after another in the same step (`batchable`). So do the stand-ins of
@@ -22,7 +25,7 @@ import mlx.core as mx
 from mlx_lm.models.cache import KVCache, make_prompt_cache
 
 from daemon.cpu.fast_block import FastBlock
-from daemon.engine.rows import Forward, Ran
+from daemon.engine.rows import DraftCall, Forward, Ran
 from daemon.models.target import language_model, target_head, trunk
 
 
@@ -67,3 +70,21 @@ def run_ragged(model, forwards: list[Forward]) -> list[Ran]:
     if filled:
         mx.eval(filled)
     return out
+
+
+def run_drafts(model, calls: list[DraftCall]) -> list[tuple[mx.array, mx.array]]:
+    """Each call's (logits [1, V], block output [1, L, H]): the calls to one drafter (layer) in one
+    forward where it allows (`MTPDrafter.ragged`, plain KV caches), the others one by one."""
+    replies: list = [None] * len(calls)
+    groups: dict[int, list[int]] = {}
+    for i, call in enumerate(calls):
+        groups.setdefault(id(call.layer), []).append(i)
+    for members in groups.values():
+        layer = calls[members[0]].layer
+        if len(members) > 1 and getattr(layer, "ragged", False) and all(type(calls[i].cache) is KVCache for i in members):
+            for i, reply in zip(members, layer.draft_ragged([calls[i] for i in members], model)):
+                replies[i] = reply
+        else:
+            for i in members:
+                replies[i] = calls[i].run(model)
+    return replies

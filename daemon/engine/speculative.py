@@ -29,7 +29,7 @@ from daemon.engine.grammar import masked
 from daemon.engine.plain import Decoding, plain_step
 from daemon.engine.records import Step
 from daemon.engine.rollback import keep_states, take_back
-from daemon.engine.rows import Forward, Planned
+from daemon.engine.rows import DraftCall, Forward, Planned
 from daemon.engine.sampling import token_logprobs
 from daemon.engine.verify import verify_greedy, verify_sampled
 from policies.plan import DraftPolicy, Plan, Proposal
@@ -45,13 +45,14 @@ def propose(index: NgramIndex, phrases: Phrasebook | None, limit: int) -> Propos
     return offer
 
 
-def draft(session: DraftingSession, plan: Plan, offer: Proposal, dec: Decoding) -> Drafts:
-    """The plan's k drafts (at most) from the planned source. A grammar has moved on by them: a copy is cut
-    at its first token the grammar forbids (a copy is deterministic, so the cut keeps the
-    distribution), the drafter is masked by it."""
+def draft(session: DraftingSession, plan: Plan, offer: Proposal, dec: Decoding) -> Generator[DraftCall, tuple, Drafts]:
+    """The plan's k drafts (at most) from the planned source: a coroutine that asks for the
+    drafter's forwards (daemon.engine.rows). A grammar has moved on by them: a copy is cut at its
+    first token the grammar forbids (a copy is deterministic, so the cut keeps the distribution),
+    the drafter is masked by it."""
     grammar = dec.chooser.grammar
     if not plan.lookup:
-        return session.draft(plan.k, dec.chooser.sampling, dec.chooser.split, plan.min_confidence, grammar)
+        return (yield from session.drafting(plan.k, dec.chooser.sampling, dec.chooser.split, plan.min_confidence, grammar))
     tokens = list(offer.tokens[: plan.k])
     allowed = []
     if grammar is not None:
@@ -109,7 +110,7 @@ def speculative_steps(
         plan = replace(plan, k=min(plan.k, room))  # no more drafts than the answer has room for
         if plan.k > 0:  # whoever runs the sequence may cut the draft (a batch's rows)
             plan = replace(plan, k=(yield Planned(plan)))
-        drafts = draft(session, plan, offer, dec) if plan.k > 0 else Drafts()
+        drafts = (yield from draft(session, plan, offer, dec)) if plan.k > 0 else Drafts()
         k = len(drafts.tokens)
         if k == 0:
             t, ran = yield from plain_step(dec, t, index.tokens, tap, source)

@@ -25,6 +25,7 @@ import mlx.nn as nn
 from mlx_lm.models.base import create_attention_mask
 from mlx_lm.models.cache import CacheList
 
+from daemon.cpu.fast_block import FastBlock
 from daemon.cpu.layout import column_major_matrix
 from daemon.engine.forward import feature_source
 from daemon.models import family
@@ -102,6 +103,14 @@ class MTPDrafter(nn.Module):
         states; tokens: [B, L] the tokens after them; offers: (offered tokens [B, L], match
         lengths [B, L], 0 where none) when it reads offers. Returns (shared_head.norm output
         [B, L, H], block output [B, L, H] for chaining)."""
+        x = self._inputs(hidden, tokens, target, offers)
+        positions = cache[0] if isinstance(cache, CacheList) else cache  # DeepSeek-V3.2: (attention, indexer)
+        mask = create_attention_mask(x, positions, return_array=self._array_mask)
+        x = self.block(x, mask, cache)
+        return self.shared_head.norm(x), x
+
+    def _inputs(self, hidden: mx.array, tokens: mx.array, target, offers) -> mx.array:
+        """The block's input: eh_proj over the normed embedding, hidden state, features and offer."""
         embed = target_embedding(target)
         e = self.enorm(embed(tokens))
         if "fnorms" in self:
@@ -113,11 +122,32 @@ class MTPDrafter(nn.Module):
         if self.config.reads_offers:
             offered, match = offers
             parts.append(self.onorm(embed(offered)) * (match > 0)[..., None] + self.match_embed(match))
-        x = self.eh_proj(mx.concatenate(parts, axis=-1))
-        positions = cache[0] if isinstance(cache, CacheList) else cache  # DeepSeek-V3.2: (attention, indexer)
-        mask = create_attention_mask(x, positions, return_array=self._array_mask)
-        x = self.block(x, mask, cache)
-        return self.shared_head.norm(x), x
+        return self.eh_proj(mx.concatenate(parts, axis=-1))
+
+    @property
+    def ragged(self) -> bool:
+        """Whether several sequences' drafts run in one forward (`draft_ragged`): a FastBlock."""
+        return isinstance(self.block, FastBlock)
+
+    def draft_ragged(self, calls: list, target) -> list[tuple[mx.array, mx.array]]:
+        """`draft` for several sequences at once (daemon.engine.rows.DraftCall: each its rows, its
+        plain KV cache): their rows laid end to end, attention per sequence on its own cache
+        (FastBlock.ragged), everything else, the head included, once over all. Returns each
+        one's (logits [1, V] of its last row, block output [1, L, H])."""
+        bounds, end = [], 0
+        for c in calls:
+            bounds.append((end, end + len(c.tokens)))
+            end += len(c.tokens)
+        offers = None
+        if self.config.reads_offers:
+            offers = tuple(mx.concatenate([c.offers[i] for c in calls], axis=1) for i in range(2))
+        hidden = mx.concatenate([c.hidden for c in calls], axis=1)
+        x = self._inputs(hidden, mx.array([[t for c in calls for t in c.tokens]]), target, offers)
+        positions = mx.array([c.cache.offset + j for c in calls for j in range(len(c.tokens))])
+        x = self.block.ragged(x, positions, bounds, [c.cache for c in calls])
+        last = self.shared_head.norm(x[:, mx.array([e - 1 for _, e in bounds])])
+        logits = self._full_vocab(self.head_logits(last, target))
+        return [(logits[:, i], x[:, s:e]) for i, (s, e) in enumerate(bounds)]
 
     def chained(self, own: mx.array, hidden: mx.array) -> mx.array:
         """The hidden input of a chained draft: its own block output [B, L, H] in place of the final

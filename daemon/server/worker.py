@@ -202,7 +202,8 @@ class Worker:
             self._ready.set()
         rows = self.shared.rows if self.shared is not None else None
         draft_seconds = self.shared.costs.t_draft if self.shared is not None else 0.0
-        batch = self._batch = Batch(self.lm.model, self._deliver, self.limits.max_rows, rows, draft_seconds)
+        batch = self._batch = Batch(self.lm.model, self._deliver, self.limits.max_rows, rows, draft_seconds,
+                                    self.lm.drafter)
         steps = 0
         while (batch.running or not self._stopping) and self.lost is None:
             self._arrivals(batch, wait=True)
