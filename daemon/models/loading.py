@@ -209,6 +209,8 @@ def load(spec: str | None = None, drafter: str | None = None, drafter_bits: int 
         elif not quantized:
             _to_fp32(lm.drafter)
         if not stock:
-            _tune(lm.drafter, [layer.block for layer in mtp_layers(lm.drafter)], quantized,
-                  forms=lm.forms or Forms.unprobed(quantized))
+            forms = _tune(lm.drafter, [layer.block for layer in mtp_layers(lm.drafter)], quantized,
+                          forms=lm.forms or Forms.unprobed(quantized))
+            for layer in mtp_layers(lm.drafter):
+                layer.use_layout(forms.column_major)
     return lm

@@ -97,6 +97,7 @@ class MTPDrafter(nn.Module):
         self._array_mask = family.array_mask(config.target["model_type"])
         self._vocab_map = mx.array(config.head_vocab) if config.head_vocab else None
         object.__setattr__(self, "_subset_head", None)  # (target, its head rows for head_vocab)
+        object.__setattr__(self, "_column_major", True)  # the layout of those rows (`use_layout`)
 
     def features(self, hidden: mx.array, tokens: mx.array, cache, target, offers=None) -> tuple[mx.array, mx.array]:
         """hidden: [B, L, H * (1 + len(feature_layers))] target (or own, see `chained`) hidden
@@ -163,10 +164,17 @@ class MTPDrafter(nn.Module):
         if self._vocab_map is None:
             return target_head(target)(out)
         if self._subset_head is None or self._subset_head[0] is not target:
-            rows = column_major_matrix(target_head_weight(target)[self._vocab_map])
+            rows = target_head_weight(target)[self._vocab_map]
+            rows = column_major_matrix(rows) if self._column_major else mx.contiguous(rows)
             mx.eval(rows)
             object.__setattr__(self, "_subset_head", (target, rows))
         return out @ self._subset_head[1].T
+
+    def use_layout(self, column_major: bool) -> None:
+        """The layout of the head's rows for head_vocab, as the target's weights have it
+        (daemon.cpu.forms: on some machines column-major products are slower)."""
+        object.__setattr__(self, "_column_major", column_major)
+        object.__setattr__(self, "_subset_head", None)
 
     def __call__(self, hidden: mx.array, tokens: mx.array, cache, target, offers=None) -> tuple[mx.array, mx.array]:
         """Returns (logits [B, L, V] over the full vocabulary, block output [B, L, H])."""
