@@ -1,10 +1,11 @@
 """Teacher-forced greedy acceptance of a drafter on the target's own answers to bench/prompts.jsonl.
 
-    python bench/acceptance.py [DRAFTER_FOLDER] [--max-tokens N] [--json FILE]
+    python bench/acceptance.py [DRAFTER_FOLDER] [--max-tokens N] [--positions D] [--json FILE]
 
 The target answers every prompt greedily (batched); the drafter then drafts at every answer
 position from the target's real hidden states, as `train-drafter` measures its held-out split:
-position 1, and position 2 after an accepted first. Without a folder: the shipped drafter.
+position 1, and each position d <= D after accepted drafts at the positions before it (chained on
+its own output). Without a folder: the shipped drafter.
 """
 
 import argparse
@@ -21,6 +22,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("drafter", nargs="?", default=None)
     parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--positions", type=int, default=4)
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     reexec_with_blas(sys.argv)
@@ -50,9 +52,9 @@ def main() -> None:
     report = {
         "drafter": args.drafter or "shipped",
         "max_tokens": args.max_tokens,
-        "position_1": {c: round(evaluate(drafter, lm, f, rows, hv, 8)["all"], 4) for c, rows in groups.items()},
-        "position_2_after_first": {
-            c: round(evaluate(drafter, lm, f, rows, hv, 8, depth=2)["all"], 4) for c, rows in groups.items()
+        "by_position": {  # position d: after accepted drafts at the positions before it
+            str(d): {c: round(evaluate(drafter, lm, f, rows, hv, 8, depth=d)["all"], 4) for c, rows in groups.items()}
+            for d in range(1, args.positions + 1)
         },
     }
     print(json.dumps(report, indent=1))
