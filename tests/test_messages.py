@@ -104,8 +104,9 @@ async def test_tool_choice_forces_a_call(aiohttp_client):
     ({"max_tokens": 5, "messages": ASK, "container": "x"}, 400, "invalid_request_error", "container: mtpd does not"),
     ({"max_tokens": 5, "messages": [{"role": "user", "content": [{"type": "image", "source": {}}]}]}, 400,
      "invalid_request_error", "messages.0.content"),
-    ({"max_tokens": 5, "messages": ASK, "thinking": {"type": "enabled", "budget_tokens": 1024}}, 400,
-     "invalid_request_error", "thinking.type"),
+    ({"max_tokens": 5, "messages": [{"role": "system", "content": [
+        {"type": "tool_result", "tool_use_id": "t", "content": "x"}]}, *ASK]}, 400, "invalid_request_error",
+     "system messages hold text blocks only"),
     ({"max_tokens": 5, "messages": ASK, "tools": [{"type": "web_search_20250305", "name": "web_search"}]}, 400,
      "invalid_request_error", "tools.0"),
     ({"max_tokens": 5, "messages": ASK, "temperature": 1.5}, 400, "invalid_request_error", "temperature"),
@@ -113,8 +114,8 @@ async def test_tool_choice_forces_a_call(aiohttp_client):
         {"type": "tool_use", "id": "t", "name": "n", "input": {}}]}]}, 400, "invalid_request_error", "assistant"),
     ({"max_tokens": 5, "messages": [*ASK, {"role": "assistant", "content": "It is"}]}, 400,
      "invalid_request_error", "prefilled"),
-    ({"max_tokens": 5, "messages": ASK, "output_config": {"effort": "high"}}, 400, "invalid_request_error",
-     "output_config.effort"),
+    ({"max_tokens": 5, "messages": [{"role": "system", "content": "Be brief."}]}, 400, "invalid_request_error",
+     "no user message"),
     ({"max_tokens": 5, "messages": ASK, "speed": "fast"}, 400, "invalid_request_error", "speed"),
     ({"model": "other", "max_tokens": 5, "messages": ASK}, 404, "not_found_error", "does not exist"),
 ])

@@ -1,8 +1,11 @@
 """No request field is silently ignored: every field OpenAI's API reference documents for chat
-completions is applied by mtpd or refused with a 400 naming it."""
+completions is applied by mtpd, accepted as a hint and named in the unused-hints header, or refused
+with a 400 naming it."""
 
 import pytest
 from test_server_app import FakeWorker, app_with, chat_body
+
+from daemon.server.hints import HEADER
 
 # Every documented request field with a value that would change the answer if applied.
 DOCUMENTED = {
@@ -11,22 +14,22 @@ DOCUMENTED = {
     "user": "u1", "metadata": {"k": "v"}, "safety_identifier": "s", "prompt_cache_key": "c", "service_tier": "auto",
     "store": False, "tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}],
     "tool_choice": "none", "parallel_tool_calls": False, "frequency_penalty": 0.5, "presence_penalty": 0.5,
-    "logit_bias": {"50": 5},
+    "logit_bias": {"50": 5}, "reasoning_effort": "low",
     # documented, not applied: refused unless at their defaults
     "n_2": 2, "store_true": True,
     "service_tier_flex": "flex", "audio": {"voice": "alloy", "format": "mp3"}, "modalities": ["text", "audio"],
-    "prediction": {"type": "content", "content": "x"}, "reasoning_effort": "low", "verbosity": "low",
+    "prediction": {"type": "content", "content": "x"}, "reasoning_effort_x": "extreme", "verbosity": "low",
     "web_search_options": {}, "functions": [{"name": "f"}], "function_call": "auto",
     "response_format": {"type": "json_object"},
 }
 APPLIED = {"model", "max_tokens", "max_completion_tokens", "temperature", "top_p", "seed", "stop", "stream",
-           "stream_options", "n", "logprobs", "top_logprobs", "user", "metadata", "safety_identifier",
-           "prompt_cache_key", "service_tier", "store", "tools", "tool_choice", "parallel_tool_calls",
+           "stream_options", "n", "logprobs", "top_logprobs", "store", "tools", "tool_choice", "parallel_tool_calls",
            "response_format", "frequency_penalty", "presence_penalty", "logit_bias"}
+HINTS = {"user", "metadata", "safety_identifier", "prompt_cache_key", "service_tier", "reasoning_effort"}
 
 
 def field(name: str) -> str:
-    return name.split("_2")[0].removesuffix("_true").removesuffix("_flex")
+    return name.split("_2")[0].removesuffix("_true").removesuffix("_flex").removesuffix("_x")
 
 
 @pytest.mark.parametrize("name", sorted(DOCUMENTED))
@@ -35,8 +38,9 @@ async def test_each_documented_field_is_applied_or_refused(aiohttp_client, name)
     client = await aiohttp_client(app_with(worker))
     extra = {"logprobs": True} if name == "top_logprobs" else {}
     r = await client.post("/v1/chat/completions", json=chat_body(**{field(name): DOCUMENTED[name]}, **extra))
-    if name in APPLIED:
+    if name in APPLIED | HINTS:
         assert r.status == 200, await r.text()
+        assert r.headers.get(HEADER) == (name if name in HINTS else None)
     else:
         assert r.status == 400
         error = (await r.json())["error"]

@@ -1,6 +1,7 @@
 """Anthropic's Messages API shapes: the request (validated with pydantic, every unknown field
-refused), its translation into the chat request the engine path already serves, the message body,
-the streaming events and the error body. Pure data, no HTTP and no MLX."""
+refused, hints accepted and reported: daemon.server.hints), its translation into the chat request
+the engine path already serves, the message body, the streaming events and the error body. Pure
+data, no HTTP and no MLX."""
 
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ from partial_json_parser import loads as partial_loads
 from pydantic import Field, model_validator
 
 from daemon.engine.records import Finished
+from daemon.server.context_edits import ContextManagement
+from daemon.server.hints import hint
 from daemon.server.openai_shapes import (
     ApiError,
     ChatRequest,
@@ -21,19 +24,25 @@ from daemon.server.openai_shapes import (
     Message,
     NamedFunction,
     NamedToolChoice,
+    PromptTooLong,
     ResponseFormat,
     Strict,
     Tool,
     ToolCall,
 )
 
-CacheControl = dict | None  # accepted, it changes nothing: mtpd's prompt cache matches prefixes by itself
+
+class CacheControl(Strict):
+    """A hint: mtpd's prompt cache matches prefixes by itself, for as long as memory allows."""
+
+    type: Literal["ephemeral"]
+    ttl: Literal["5m", "1h"] | None = None
 
 
 class TextBlock(Strict):
     type: Literal["text"]
     text: str
-    cache_control: CacheControl = None
+    cache_control: CacheControl | None = hint()
     citations: list | None = None
 
 
@@ -42,7 +51,7 @@ class ToolUseBlock(Strict):
     id: str
     name: str
     input: dict
-    cache_control: CacheControl = None
+    cache_control: CacheControl | None = hint()
 
 
 class ToolResultBlock(Strict):
@@ -50,7 +59,7 @@ class ToolResultBlock(Strict):
     tool_use_id: Annotated[str, Field(min_length=1)]  # it becomes a tool turn's tool_call_id, which must be set
     content: str | list[TextBlock] | None = None
     is_error: bool | None = None
-    cache_control: CacheControl = None
+    cache_control: CacheControl | None = hint()
 
     def text(self) -> str:
         text = self.content if isinstance(self.content, str) else "".join(b.text for b in self.content or [])
@@ -61,12 +70,14 @@ Block = Annotated[TextBlock | ToolUseBlock | ToolResultBlock, Field(discriminato
 
 
 class AnthropicMessage(Strict):
-    role: Literal["user", "assistant"]
+    role: Literal["user", "assistant", "system"]  # a system message's text joins the system prompt
     content: str | list[Block]
 
     @model_validator(mode="after")
     def _blocks_fit_role(self):
         kinds = {b.type for b in self.content} if isinstance(self.content, list) else set()
+        if self.role == "system" and kinds - {"text"}:
+            raise ValueError("system messages hold text blocks only")
         if self.role == "user" and "tool_use" in kinds:
             raise ValueError("tool_use blocks belong in assistant messages")
         if self.role == "assistant" and "tool_result" in kinds:
@@ -93,7 +104,7 @@ class AnthropicTool(Strict):
     description: str | None = None
     input_schema: dict
     strict: bool | None = None  # forced calls follow the schema whatever it says
-    cache_control: CacheControl = None
+    cache_control: CacheControl | None = hint()
 
     def as_chat(self) -> Tool:
         return Tool(type="function", function=FunctionDef(name=self.name, description=self.description,
@@ -118,11 +129,18 @@ class AnthropicToolChoice(Strict):
 
 
 class Thinking(Strict):
-    """Extended thinking with a budget is Claude's; "adaptive" lets the model decide, and the
-    served models answer without a thinking block."""
+    """A hint: the served models have no reasoning, so they answer without a thinking block
+    whatever the type; a budget is checked as Anthropic documents it."""
 
-    type: Literal["disabled", "adaptive"]
+    type: Literal["enabled", "disabled", "adaptive"]
+    budget_tokens: Annotated[int, Field(ge=1024)] | None = None
     display: Literal["summarized", "omitted"] | None = None
+
+    @model_validator(mode="after")
+    def _budget(self):
+        if (self.type == "enabled") != (self.budget_tokens is not None):
+            raise ValueError("budget_tokens goes with type 'enabled', and only with it")
+        return self
 
 
 class JsonOutputFormat(Strict):
@@ -132,7 +150,7 @@ class JsonOutputFormat(Strict):
 
 class OutputConfig(Strict):
     format: JsonOutputFormat | None = None
-    effort: None = None  # a thinking effort: the served models have no thinking to spend it on
+    effort: Literal["low", "medium", "high", "xhigh", "max"] | None = hint()  # no reasoning to spend it on
 
 
 class Metadata(Strict):
@@ -145,24 +163,34 @@ class CountTokensRequest(Strict):
     system: str | list[TextBlock] | None = None
     tools: list[AnthropicTool] | None = None
     tool_choice: AnthropicToolChoice | None = None
-    thinking: Thinking | None = None
+    thinking: Thinking | None = hint()
     output_config: OutputConfig | None = None
-    cache_control: CacheControl = None
+    cache_control: CacheControl | None = hint()
+    context_management: ContextManagement | None = None
 
     @model_validator(mode="after")
     def _no_prefill(self):
-        if self.messages[-1].role == "assistant":
+        turns = [m for m in self.messages if m.role != "system"]
+        if not turns:
+            raise ValueError("there is no user message, only system ones")
+        if turns[-1].role == "assistant":
             raise ValueError("the last message is the assistant's: mtpd does not continue a prefilled answer")
         return self
 
+    def system_prompt(self) -> str:
+        """`system`, then the text of each system message in `messages`, in order, a blank line apart."""
+        parts = [self.system] if isinstance(self.system, str) else ["".join(b.text for b in self.system or [])]
+        for m in self.messages:
+            if m.role == "system":
+                parts.append(m.content if isinstance(m.content, str) else "".join(b.text for b in m.content))
+        return "\n\n".join(p for p in parts if p)
+
     def as_chat(self, **fields) -> ChatRequest:
         """The same conversation as an OpenAI chat request."""
-        messages = []
-        if self.system:
-            system = self.system if isinstance(self.system, str) else "".join(b.text for b in self.system)
-            messages.append(Message(role="system", content=system))
+        system = self.system_prompt()
+        messages = [Message(role="system", content=system)] if system else []
         for m in self.messages:
-            messages += m.as_chat()
+            messages += m.as_chat() if m.role != "system" else []
         choice = self.tool_choice
         return ChatRequest(
             model=self.model, messages=messages,
@@ -185,8 +213,8 @@ class MessagesRequest(CountTokensRequest):
     temperature: Annotated[float, Field(ge=0, le=1)] | None = None  # sent by clients of the older API
     top_p: Annotated[float, Field(gt=0, le=1)] | None = None
     top_k: Annotated[int, Field(ge=0)] | None = None
-    metadata: Metadata | None = None
-    service_tier: Literal["auto", "standard_only"] | None = None
+    metadata: Metadata | None = hint()
+    service_tier: Literal["auto", "standard_only"] | None = hint()
     speed: Literal["standard"] | None = None  # mtpd's one speed is as fast as speculation makes it
     speculation: str | None = None  # extension: adaptive | off | fixed:K
 
@@ -230,12 +258,14 @@ def usage(done: Finished | None, prompt_tokens: int) -> dict:
 
 
 def message(rid: str, model: str, content: list[dict], done: Finished | None, prompt_tokens: int,
-            called: bool = False, extension: dict | None = None) -> dict:
-    """The message body; with `done` None, the one message_start carries (no stop reason yet)."""
+            called: bool = False, extension: dict | None = None, context_management: dict | None = None) -> dict:
+    """The message body; with `done` None, the one message_start carries (no stop reason yet).
+    `context_management`: the edits applied, for a request that asked for any."""
     body = {"id": rid, "type": "message", "role": "assistant", "model": model, "content": content,
             "stop_reason": stop_reason(done, called) if done else None,
             "stop_sequence": done.stop_sequence if done else None, "usage": usage(done, prompt_tokens)}
-    return body | ({"mtpd": extension} if extension else {})
+    return body | ({"context_management": context_management} if context_management else {}) | (
+        {"mtpd": extension} if extension else {})
 
 
 KINDS = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
@@ -245,4 +275,7 @@ KINDS = {400: "invalid_request_error", 401: "authentication_error", 403: "permis
 
 def error_body(e: ApiError) -> dict:
     kind = KINDS.get(e.status, "invalid_request_error" if e.status < 500 else "api_error")
+    if isinstance(e, PromptTooLong):  # Anthropic's own words, which Claude Code reads as "compact now"
+        return {"type": "error", "error": {"type": kind,
+                                           "message": f"prompt is too long: {e.tokens} tokens > {e.maximum} maximum"}}
     return {"type": "error", "error": {"type": kind, "message": e.message}}

@@ -19,6 +19,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 
 from daemon.cluster.faults import RankLost
 from daemon.server.handlers import setup_routes
+from daemon.server.hints import add_header
 from daemon.server.keys import METRICS, SETTINGS, TOTALS, WORKER, Totals
 from daemon.server.metrics import Metrics
 from daemon.server.openai_shapes import ApiError
@@ -117,6 +118,7 @@ def init_app(settings: Settings, worker: Worker, metrics: Metrics) -> web.Applic
     app = web.Application(middlewares=middlewares, client_max_size=settings.max_body_bytes)
     app[SETTINGS], app[WORKER], app[METRICS], app[TOTALS] = settings, worker, metrics, Totals()
     app.on_response_prepare.append(cors_headers(settings.allowed_origins))
+    app.on_response_prepare.append(add_header)  # the hints a request left unused (daemon.server.hints)
     app.cleanup_ctx.append(_engine)
     setup_routes(app)
     return app

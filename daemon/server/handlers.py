@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import time
 import uuid
 from collections import Counter
@@ -16,6 +17,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from daemon.engine.memory import resident_bytes
 from daemon.engine.records import Finished
 from daemon.server.anthropic_shapes import CountTokensRequest, MessagesRequest, message_id
+from daemon.server.context_edits import apply_edits
+from daemon.server.hints import UNUSED, report, unused, unused_betas
 from daemon.server.keys import METRICS, SETTINGS, TOTALS, WORKER
 from daemon.server.messages import MessagesReply
 from daemon.server.openai_shapes import ApiError, ChatRequest, CompletionRequest, parse
@@ -30,6 +33,8 @@ def _log_request(http: web.Request, rid: str, endpoint: str, prepared: Prepared,
                  text: str):
     fields = {"id": rid, "endpoint": endpoint, "status": status, "stream": prepared.body.stream,
               "speculation": prepared.speculation, "prompt_tokens": len(prepared.request.prompt_ids)}
+    if http.get(UNUSED):
+        fields["unused_hints"] = http[UNUSED]
     if done is not None:
         stats = done.stats
         fields.update(
@@ -75,22 +80,41 @@ async def _complete(http: web.Request, body: ChatRequest | CompletionRequest, ri
 
 async def chat_completions(http: web.Request) -> web.StreamResponse:
     body = parse(ChatRequest, await http.read())
+    report(http, unused(body))
     return await _complete(http, body, "chatcmpl-" + uuid.uuid4().hex[:24], "chat")
 
 
 async def completions(http: web.Request) -> web.StreamResponse:
     body = parse(CompletionRequest, await http.read())
+    report(http, unused(body))
     return await _complete(http, body, "cmpl-" + uuid.uuid4().hex[:24], "completions")
+
+
+async def _anthropic(http: web.Request, model: type[CountTokensRequest]) -> tuple[CountTokensRequest, dict | None]:
+    """The request body with its hints reported and its context edits applied, and what they did
+    ({"applied_edits": [...]}, None when it asked for none)."""
+    body = parse(model, await http.read())
+    report(http, unused(body) + unused_betas(http))
+    if body.context_management is None:
+        return body, None
+    served, settings = http.app[WORKER].served, http.app[SETTINGS]
+
+    def count(messages: list) -> int:
+        return len(prompt_ids(body.model_copy(update={"messages": messages}).as_chat(), served, settings))
+
+    return await asyncio.get_running_loop().run_in_executor(None, apply_edits, body, count)
 
 
 async def messages(http: web.Request) -> web.StreamResponse:
     """Anthropic's Messages API, served by the same chat path."""
-    body = parse(MessagesRequest, await http.read())
-    return await _complete(http, body.chat(), message_id(), "messages", MessagesReply)
+    body, applied = await _anthropic(http, MessagesRequest)
+    reply = functools.partial(MessagesReply, context_management=applied)
+    return await _complete(http, body.chat(), message_id(), "messages", reply)
 
 
 async def count_tokens(http: web.Request) -> web.Response:
-    body = parse(CountTokensRequest, await http.read())
+    """The prompt's tokens after its context edits, as Anthropic counts them."""
+    body, _ = await _anthropic(http, CountTokensRequest)
     ids = await asyncio.get_running_loop().run_in_executor(
         None, prompt_ids, body.as_chat(), http.app[WORKER].served, http.app[SETTINGS])
     return web.json_response({"input_tokens": len(ids)})

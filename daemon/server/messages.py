@@ -1,6 +1,7 @@
 """One Anthropic Messages request's response: the job's records collected into a message, or
 streamed as Anthropic's events (message_start, content blocks of text and tool_use, message_delta,
-message_stop; `ping` while nothing else is sent; an `error` event after the headers)."""
+message_stop; `ping` while nothing else is sent; an `error` event after the headers). The context
+edits applied, for a request that asked for any, are in the message and its message_delta."""
 
 from __future__ import annotations
 
@@ -17,10 +18,11 @@ from daemon.server.streaming import ClientGone
 
 
 class MessagesReply:
-    """`head` is (id, created, model), as for OpenAI's Reply."""
+    """`head` is (id, created, model), as for OpenAI's Reply; `context_management` is
+    {"applied_edits": [...]} (daemon.server.context_edits)."""
 
-    def __init__(self, prepared: Prepared, head: tuple, text_of=None):
-        self.prepared, self.head = prepared, head
+    def __init__(self, prepared: Prepared, head: tuple, text_of=None, context_management: dict | None = None):
+        self.prepared, self.head, self.context_management = prepared, head, context_management
         self.done: Finished | None = None
         self.text: list[str] = []  # the answer as the model wrote it
         self.calls = prepared.tool_calls
@@ -35,7 +37,7 @@ class MessagesReply:
         rid, _, model = self.head
         extension = speculation_figures(self.done, self.prepared.speculation) if self.done else None
         return message(rid, model, content, self.done, len(self.prepared.request.prompt_ids),
-                       bool(self.calls and self.calls.calls), extension)
+                       bool(self.calls and self.calls.calls), extension, self.context_management)
 
     async def collect(self, stream) -> web.Response:
         async for record in stream:
@@ -80,7 +82,8 @@ class MessagesReply:
             body = self._message([])
             await send("message_delta", {"delta": {"stop_reason": body["stop_reason"],
                                                    "stop_sequence": body["stop_sequence"]},
-                                         "usage": body["usage"], "mtpd": body["mtpd"]})
+                                         "usage": body["usage"], "mtpd": body["mtpd"]}
+                       | ({"context_management": self.context_management} if self.context_management else {}))
             await send("message_stop", {})
         except ApiError as e:  # after the headers: the error goes in the stream
             await send("error", {"error": error_body(e)["error"]})

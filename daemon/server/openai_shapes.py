@@ -1,5 +1,5 @@
-"""The OpenAI API's shapes: request bodies (validated with pydantic) and response / SSE chunk
-bodies. Pure data, no HTTP and no MLX."""
+"""The OpenAI API's shapes: request bodies (validated with pydantic; hints accepted and reported:
+daemon.server.hints) and response / SSE chunk bodies. Pure data, no HTTP and no MLX."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from daemon.engine.records import Finished
 from daemon.engine.sampling import TokenLogprob
+from daemon.server.hints import hint
 
 
 class ApiError(Exception):
@@ -32,6 +33,15 @@ class ApiError(Exception):
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
+
+
+class PromptTooLong(ApiError):
+    """A prompt past the model's context; Anthropic's API words it its own way (anthropic_shapes)."""
+
+    def __init__(self, tokens: int, maximum: int, param: str):
+        super().__init__(400, f"the prompt has {tokens} tokens; this model's context is {maximum} tokens", param,
+                         "context_length_exceeded")
+        self.tokens, self.maximum = tokens, maximum
 
 
 class Strict(BaseModel):
@@ -139,11 +149,12 @@ class _Common(Strict):
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: Annotated[int, Field(json_schema_extra={"const": 1})] = 1
-    user: str | None = None  # identifiers and metadata: accepted, they change nothing
-    metadata: dict[str, str] | None = None
-    safety_identifier: str | None = None
-    prompt_cache_key: str | None = None  # mtpd's prompt cache matches prefixes by itself
-    service_tier: Annotated[str | None, Field(json_schema_extra={"enum": ["auto", "default", None]})] = None
+    user: str | None = hint()  # identifiers and metadata change nothing
+    metadata: dict[str, str] | None = hint()
+    safety_identifier: str | None = hint()
+    prompt_cache_key: str | None = hint()  # mtpd's prompt cache matches prefixes by itself
+    service_tier: Annotated[str | None, Field(json_schema_extra={"enum": ["auto", "default", None]})] = hint()
+    reasoning_effort: Literal["none", "minimal", "low", "medium", "high", "xhigh"] | None = hint()  # no reasoning
     store: Annotated[bool | None, Field(json_schema_extra={"enum": [False, None]})] = None
     frequency_penalty: Annotated[float, Field(ge=-2, le=2)] | None = None
     presence_penalty: Annotated[float, Field(ge=-2, le=2)] | None = None

@@ -9,7 +9,7 @@ from daemon.engine.grammar import Grammar, GrammarError
 from daemon.engine.records import Request
 from daemon.engine.sampling import SamplingParams
 from daemon.models.prompts import encode_chat, encode_text, system_prefix_length
-from daemon.server.openai_shapes import ApiError, ChatRequest, CompletionRequest
+from daemon.server.openai_shapes import ApiError, ChatRequest, CompletionRequest, PromptTooLong
 from daemon.server.structured import response_grammar, tool_call_grammar
 from daemon.server.tool_calls import ToolCalls, tool_format
 from daemon.server.worker import ServedModel
@@ -112,8 +112,7 @@ def prepare(body: ChatRequest | CompletionRequest, served: ServedModel, settings
         raise ApiError(400, "the prompt is empty", param)
     room = served.context_length - len(ids)
     if room < 1:
-        raise ApiError(400, f"the prompt has {len(ids)} tokens; this model's context is {served.context_length} tokens",
-                       param, "context_length_exceeded")
+        raise PromptTooLong(len(ids), served.context_length, param)
     asked = body.token_limit()
     if asked is not None and asked > room and settings.context_overflow == "reject":
         raise ApiError(400, f"max_tokens {asked} is past the context left after the prompt ({room} of "

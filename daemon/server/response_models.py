@@ -262,6 +262,18 @@ class AnthropicUsage(BaseModel):
     cache_creation_input_tokens: int
 
 
+class AppliedEdit(BaseModel):
+    type: Literal["clear_tool_uses_20250919"]
+    cleared_tool_uses: int
+    cleared_input_tokens: int
+
+
+class ContextManagementResponse(BaseModel):
+    """The context edits applied (daemon.server.context_edits), for a request that asked for any."""
+
+    applied_edits: list[AppliedEdit]
+
+
 class AnthropicMessageResponse(BaseModel):
     id: str
     type: Literal["message"]
@@ -271,6 +283,7 @@ class AnthropicMessageResponse(BaseModel):
     stop_reason: Literal["end_turn", "max_tokens", "stop_sequence", "tool_use"] | None
     stop_sequence: str | None
     usage: AnthropicUsage
+    context_management: ContextManagementResponse | None = None
     mtpd: Speculation | None = None
 
 
@@ -319,6 +332,7 @@ class MessageDelta(BaseModel):
     type: Literal["message_delta"]
     delta: StopDelta
     usage: AnthropicUsage
+    context_management: ContextManagementResponse | None = None
     mtpd: Speculation
 
 
