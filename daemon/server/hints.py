@@ -56,10 +56,9 @@ def unused_betas(http: web.Request) -> list[str]:
     return [f"anthropic-beta:{v}" for v in dict.fromkeys(given) if v and v not in SERVED_BETAS]
 
 
-def report(http: web.Request, names: list[str]) -> list[str]:
-    """Keeps `names` for the response header (set by `add_header`) and returns them for the log line."""
+def report(http: web.Request, names: list[str]) -> None:
+    """Keeps `names` for the response header (`add_header`) and the request's log line."""
     http[UNUSED] = names
-    return names
 
 
 async def add_header(http: web.Request, response: web.StreamResponse) -> None:
