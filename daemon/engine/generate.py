@@ -23,7 +23,7 @@ from daemon.engine.choose import TokenChooser
 from daemon.engine.forward import PREFILL_CHUNK, Chunk, extend_rows, hidden_tap, prefill_rows
 from daemon.engine.grammar import Grammar
 from daemon.engine.plain import Decoding, plain_steps
-from daemon.engine.prompt_cache import PromptCache, snapshot
+from daemon.engine.prompt_cache import PromptCache, pauses, recurrent_states, snapshot
 from daemon.engine.records import Delta, Finished, Request, SpecStats, Step
 from daemon.engine.rows import alone
 from daemon.engine.sampling import new_key
@@ -48,11 +48,11 @@ def _prefill(lm: LoadedModel, request: Request, prompt_cache: PromptCache | None
     """Fills a cache with the prompt, starting from the longest prefix the prompt cache holds: a
     coroutine (daemon.engine.rows). Returns (cache, last logits [1, V], hidden states over the
     prompt or None, cached tokens). The hidden states the drafter reads are kept whenever there is
-    a drafter."""
+    a drafter. The prefill pauses where the prompt cache keeps the cache on the way (`pauses`)."""
     model, ids = lm.model, request.prompt_ids
     source = lm.drafter.config.source if lm.drafter is not None else None
-    reuse = prompt_cache.lookup(ids, source) if prompt_cache is not None else None
-    cache = reuse.cache if reuse else make_prompt_cache(model)
+    cache = make_prompt_cache(model)
+    reuse = prompt_cache.lookup(ids, source, cache) if prompt_cache is not None else None
     cached = reuse.length if reuse else 0
     chunks = [reuse.hidden] if reuse and reuse.hidden is not None else []
     tap = hidden_tap(model, source) if source is not None else None
@@ -60,16 +60,18 @@ def _prefill(lm: LoadedModel, request: Request, prompt_cache: PromptCache | None
     def hidden():
         return mx.concatenate(chunks, axis=1) if chunks else None
 
-    start = cached
-    if prompt_cache is not None and cached < request.persist_prefix < len(ids):
-        chunks += (yield from extend_rows(cache, ids[cached : request.persist_prefix], tap, source, chunk))[0]
-        start = request.persist_prefix
-        prompt_cache.store(snapshot(ids[:start], cache, hidden(), source), persist=True)
+    start, states = cached, {}
+    marks = pauses(cache, request.marks, request.persist_prefix, cached, len(ids)) if prompt_cache is not None else []
+    for mark in marks:
+        chunks += (yield from extend_rows(cache, ids[start:mark], tap, source, chunk))[0]
+        start, states[mark] = mark, recurrent_states(cache)
+        if mark == request.persist_prefix:
+            prompt_cache.store(snapshot(ids[:mark], cache, hidden(), source), persist=True)
     logits, more = yield from prefill_rows(cache, ids[start:], tap, source, chunk, last_alone=not batched)
     chunks += more
     prompt_hidden = hidden()
     if prompt_cache is not None:
-        prompt_cache.store(snapshot(ids, cache, prompt_hidden, source))
+        prompt_cache.store(snapshot(ids, cache, prompt_hidden, source, states))
     return cache, logits, prompt_hidden, cached
 
 

@@ -1,12 +1,18 @@
-"""The prompt cache: the target's KV cache for prompts seen recently, reused for the longest common
+"""The prompt cache: the target's cache for prompts seen recently, reused for the longest common
 prefix of the next prompt (multi-turn chat, shared system prompts).
 
-Entries live in memory, least recently used first out, bounded in bytes. Entries marked
-`persist` (system prompts) are also written to disk, atomically (temporary file, then rename), so a
-restarted daemon finds them; a file that cannot be read is deleted, never fatal, and so are the
-temporary files of writes that were killed. A disk that is full or read-only keeps entries in memory
-only (logged once). Each entry keeps the hidden states the drafter reads, so a speculative request
-can start from it too.
+Attention layers (KVCache) are kept over the whole prompt and cut to any prefix. A layer that
+cannot be cut (ArraysCache: the recurrent state of Gated DeltaNet in Qwen3.5 / 3.6 / Next, of Mamba
+in Nemotron-H) is kept whole at a few lengths only, the marks its request named (where a
+conversation's next turn will still agree: daemon.server.prepare) and the prompt's end; on such a
+model an entry is reused at the longest of its lengths that the next prompt starts with.
+
+Entries live in memory, least recently used first out, bounded in bytes (recurrent states
+included). Entries marked `persist` (system prompts) are also written to disk, atomically
+(temporary file, then rename), so a restarted daemon finds them; a file that cannot be read is
+deleted, never fatal, and so are the temporary files of writes that were killed. A disk that is
+full or read-only keeps entries in memory only (logged once). Each entry keeps the hidden states
+the drafter reads, so a speculative request can start from it too.
 Runs on the thread that owns MLX.
 """
 
@@ -16,63 +22,101 @@ import contextlib
 import hashlib
 import os
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
 import structlog
-from mlx_lm.models.cache import KVCache
+from mlx_lm.models.cache import ArraysCache, KVCache
 
 log = structlog.get_logger()
 TMP_SUFFIX = ".tmp.safetensors"  # a write in progress, or one that was killed
 
+States = list[list[mx.array]]  # per layer that cannot be cut, in layer order: its arrays (ArraysCache.cache)
+
 
 @dataclass
 class PromptState:
-    """The target's cache after exactly `ids`, and the hidden states over them (or None)."""
+    """The target's cache after exactly `ids`: each attention layer's keys and values (None for a
+    layer that cannot be cut), the other layers' whole states at a few lengths, and the hidden
+    states over `ids` (or None)."""
 
     ids: tuple[int, ...]
-    keys: list[mx.array]  # per layer [1, kv_heads, len(ids), head_dim]
-    values: list[mx.array]
+    keys: list[mx.array | None]  # per layer [1, kv_heads, len(ids), head_dim]
+    values: list[mx.array | None]
     hidden: mx.array | None = None  # [1, len(ids), H]
     hidden_source: str | None = None
+    states: dict[int, States] = field(default_factory=dict)  # length -> the recurrent layers' arrays there
 
     @property
     def nbytes(self) -> int:
-        arrays = [*self.keys, *self.values] + ([self.hidden] if self.hidden is not None else [])
+        arrays = [a for a in (*self.keys, *self.values, self.hidden) if a is not None]
+        arrays += [a for layers in self.states.values() for layer in layers for a in layer]
         return sum(a.nbytes for a in arrays)
+
+    def reach(self, n: int) -> int:
+        """The longest prefix of at most `n` tokens this entry can be restored to: any, when every
+        layer can be cut; else the longest length its recurrent states were kept at."""
+        if all(k is not None for k in self.keys):
+            return n
+        return max((m for m in self.states if m <= n), default=0)
 
 
 @dataclass
 class Reuse:
-    """What a lookup hands the engine: a fresh cache holding the first `length` positions."""
+    """What a lookup hands the engine: its fresh cache, now holding the first `length` positions."""
 
     length: int
-    cache: list[KVCache]
+    cache: list
     hidden: mx.array | None
 
 
 def cacheable(cache: list) -> bool:
-    return all(type(c) is KVCache for c in cache)
+    """Whether the prompt cache can keep this model's cache: attention layers it cuts, recurrent
+    layers it keeps whole."""
+    return all(type(c) is KVCache or isinstance(c, ArraysCache) for c in cache)
 
 
-def snapshot(ids, cache: list[KVCache], hidden: mx.array | None, hidden_source: str | None) -> PromptState:
-    """A copy of `cache` (which holds exactly len(ids) positions) that later writes cannot touch."""
+def pauses(cache: list, marks: tuple[int, ...], persist: int, cached: int, length: int) -> list[int]:
+    """Where a prefill from `cached` stops to keep the cache: at the system prompt kept on disk
+    (`persist`), and, where some layer cannot be cut, at the request's `marks`; only lengths
+    between `cached` and the prompt's `length`, in order."""
+    kept = {persist, *(marks if any(isinstance(c, ArraysCache) for c in cache) else ())}
+    return sorted(m for m in kept if cached < m < length)
+
+
+def recurrent_states(cache: list) -> States:
+    """Copies of what each layer that cannot be cut holds now, which later writes cannot touch."""
+    states = [[mx.contiguous(a) for a in c.cache] for c in cache if isinstance(c, ArraysCache)]
+    mx.eval(states)
+    return states
+
+
+def snapshot(ids, cache: list, hidden: mx.array | None, hidden_source: str | None,
+             states: dict[int, States] | None = None) -> PromptState:
+    """A copy of `cache` (which holds exactly len(ids) positions) that later writes cannot touch.
+    `states`: the recurrent layers' states at shorter lengths (`recurrent_states`), kept beside
+    their states at len(ids)."""
     n = len(ids)
-    keys = [mx.contiguous(c.keys[..., :n, :]) for c in cache]
-    values = [mx.contiguous(c.values[..., :n, :]) for c in cache]
+    attention = [not isinstance(c, ArraysCache) for c in cache]
+    keys = [mx.contiguous(c.keys[..., :n, :]) if a else None for c, a in zip(cache, attention)]
+    values = [mx.contiguous(c.values[..., :n, :]) if a else None for c, a in zip(cache, attention)]
     hidden = None if hidden is None else mx.contiguous(hidden[:, :n])
-    mx.eval(keys, values, *([hidden] if hidden is not None else []))
-    return PromptState(tuple(ids), keys, values, hidden, hidden_source)
+    mx.eval([a for a in (*keys, *values, hidden) if a is not None])
+    kept = {**(states or {}), n: recurrent_states(cache)} if not all(attention) else {}
+    return PromptState(tuple(ids), keys, values, hidden, hidden_source, kept)
 
 
-def restore(state: PromptState, length: int) -> list[KVCache]:
-    cache = []
-    for k, v in zip(state.keys, state.values):
-        c = KVCache()
-        c.state = (k[..., :length, :], v[..., :length, :], length)
-        cache.append(c)
+def restore(state: PromptState, length: int, cache: list) -> list:
+    """Fills the fresh `cache` (make_prompt_cache) with `state`'s first `length` positions, a
+    length `state.reach` allows."""
+    recurrent = iter(state.states.get(length, ()))
+    for c, k, v in zip(cache, state.keys, state.values):
+        if isinstance(c, ArraysCache):
+            c.cache = list(next(recurrent))  # the model assigns new arrays, never writes into these
+        else:
+            c.state = (k[..., :length, :], v[..., :length, :], length)
     return cache
 
 
@@ -105,16 +149,19 @@ class PromptCache:
     def disk_bytes(self) -> int:
         return sum(p.stat().st_size for p in self._disk.values() if p.exists())
 
-    def lookup(self, ids: tuple[int, ...], hidden_source: str | None) -> Reuse | None:
-        """The longest cached prefix of `ids` (leaving at least one token to run). With a
-        `hidden_source`, only entries holding those hidden states count."""
+    def lookup(self, ids: tuple[int, ...], hidden_source: str | None, cache: list) -> Reuse | None:
+        """The longest cached prefix of `ids` (leaving at least one token to run), restored into
+        the fresh `cache`. With a `hidden_source`, only entries holding those hidden states count."""
+        cut = not any(isinstance(c, ArraysCache) for c in cache)
         best, best_len = None, 0
         for key in [*self._memory, *self._disk]:
-            n = min(common_prefix(key, ids), len(ids) - 1)
+            n = self._reach(key, min(common_prefix(key, ids), len(ids) - 1), cut)
             if n > best_len:
                 best, best_len = key, n
         state = self._get(best) if best is not None else None
         if state is not None and hidden_source is not None and state.hidden_source != hidden_source:
+            state = None
+        if state is not None and state.reach(best_len) != best_len:  # a file without the states it should hold
             state = None
         if state is None:
             self.misses += 1
@@ -122,9 +169,19 @@ class PromptCache:
         self.hits += 1
         self.hit_tokens += best_len
         hidden = None if state.hidden is None else state.hidden[:, :best_len]
-        return Reuse(best_len, restore(state, best_len), hidden)
+        return Reuse(best_len, restore(state, best_len, cache), hidden)
+
+    def _reach(self, key: tuple[int, ...], n: int, cut: bool) -> int:
+        """How many of the `n` tokens `key`'s entry shares with a prompt it can give back. An entry
+        on disk of a model that cannot cut holds its states at its own end (a system prompt's)."""
+        if key in self._memory:
+            return self._memory[key].reach(n)
+        return n if cut or n == len(key) else 0
 
     def store(self, state: PromptState, persist: bool = False) -> None:
+        """Keeps `state`; an entry for the same ids keeps the recurrent states it had too."""
+        if state.ids in self._memory:
+            state.states = self._memory[state.ids].states | state.states
         if state.nbytes > self.max_bytes:
             return
         self._memory[state.ids] = state
@@ -155,12 +212,18 @@ class PromptCache:
         tmp = path.with_name(path.stem + f".{os.getpid()}{TMP_SUFFIX}")
         arrays = {"ids": mx.array(state.ids, dtype=mx.int32)}
         for i, (k, v) in enumerate(zip(state.keys, state.values)):
-            arrays[f"keys.{i}"], arrays[f"values.{i}"] = k, v
+            if k is not None:
+                arrays[f"keys.{i}"], arrays[f"values.{i}"] = k, v
+        for length, layers in state.states.items():
+            for j, layer in enumerate(layers):
+                for a, array in enumerate(layer):
+                    arrays[f"states.{length}.{j}.{a}"] = array
         if state.hidden is not None:
             arrays["hidden"] = state.hidden
+        metadata = {"hidden_source": state.hidden_source or "", "layers": str(len(state.keys))}
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
-            mx.save_safetensors(str(tmp), arrays, metadata={"hidden_source": state.hidden_source or ""})
+            mx.save_safetensors(str(tmp), arrays, metadata=metadata)
             with open(tmp, "rb") as f:
                 os.fsync(f.fileno())
             os.replace(tmp, path)
@@ -187,15 +250,13 @@ class PromptCache:
     def _read(self, path: Path) -> PromptState | None:
         try:
             arrays, meta = mx.load(str(path), return_metadata=True)
-            layers = sum(1 for name in arrays if name.startswith("keys."))
-            state = PromptState(
-                tuple(arrays["ids"].tolist()),
-                [arrays[f"keys.{i}"] for i in range(layers)],
-                [arrays[f"values.{i}"] for i in range(layers)],
-                arrays.get("hidden"),
-                meta.get("hidden_source") or None,
-            )
-            if any(k.shape[2] != len(state.ids) for k in state.keys):
+            ids = tuple(arrays["ids"].tolist())
+            layers = int(meta.get("layers") or sum(1 for name in arrays if name.startswith("keys.")))
+            states = _read_states(arrays)
+            state = PromptState(ids, [arrays.get(f"keys.{i}") for i in range(layers)],
+                                [arrays.get(f"values.{i}") for i in range(layers)], arrays.get("hidden"),
+                                meta.get("hidden_source") or None, states)
+            if any(k is not None and k.shape[2] != len(ids) for k in state.keys) or any(m > len(ids) for m in states):
                 raise ValueError("cache length does not match its token ids")
         except Exception as e:  # a damaged file must never stop the daemon
             _drop_unreadable(path, e)
@@ -220,6 +281,18 @@ class PromptCache:
                 continue
             self._disk[tuple(ids)] = path
         self._trim_disk()
+
+
+def _read_states(arrays: dict[str, mx.array]) -> dict[int, States]:
+    """The recurrent states in a file's arrays, each named states.<length>.<layer>.<array>."""
+    named = {tuple(int(p) for p in name.split(".")[1:]): a for name, a in arrays.items() if name.startswith("states.")}
+    states: dict[int, States] = {}
+    for (length, j, _), a in sorted(named.items()):  # keys are unique: arrays are never compared
+        layers = states.setdefault(length, [])
+        if j == len(layers):
+            layers.append([])
+        layers[j].append(a)
+    return states
 
 
 def _remove(path: Path) -> None:

@@ -20,6 +20,7 @@ class Request:
     logprobs: int | None = None  # None: none; n >= 0: each token's log-probability and the top n
     persist_prefix: int = 0  # leading prompt tokens to keep in the on-disk prompt cache (a system prompt)
     grammar: str | None = None  # an llguidance grammar the answer must follow (daemon.engine.grammar)
+    marks: tuple[int, ...] = ()  # prompt lengths a next turn of the conversation shares (daemon.engine.prompt_cache)
 
     def __post_init__(self):
         if not self.prompt_ids:
