@@ -59,6 +59,8 @@ class Settings(BaseSettings):
     prompt_cache_bytes: int = Field(512 * MiB, ge=0, description="memory for the prompt cache (0: off)")
     prompt_cache_disk_bytes: int = Field(1024 * MiB, ge=0, description="disk for cached system prompts (0: off)")
     prompt_cache_min_tokens: int = Field(32, ge=1, description="shortest system prompt kept on disk")
+    strip_billing_header: bool = Field(True, description="drop the x-anthropic-billing-header line Claude Code starts "
+                                                         "its system prompt with (it changes every request)")
     cache_dir: Path = Field(default_factory=default_cache_dir, description="calibration and prompt cache files")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level")
     log_prompts: bool = Field(False, description="log prompt and answer text (off: only counts)")
