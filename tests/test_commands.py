@@ -116,7 +116,7 @@ def test_train_drafter_and_resume(tmp_path, tiny_gguf):
     """The smallest run the flags allow (tests/test_train.py trains in-process with smaller settings)."""
     out = tmp_path / "drafter"
     argv = ("train-drafter", "--model", str(tiny_gguf), "--out", str(out), "--tokens", "400", "--steps", "2",
-            "--head-vocab", "32", "--feature-layers", "none", "--no-read-offers", "--generate-workers", "1")
+            "--chain-steps", "1", "--head-vocab", "32", "--feature-layers", "none", "--no-read-offers", "--generate-workers", "1")
     done = run_mtpd(*argv)
     assert done.returncode == 0, done.stderr[-2000:]
     acceptance = json.loads(done.stdout)
