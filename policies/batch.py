@@ -39,18 +39,20 @@ def draft_units(ks: Sequence[int], together: bool) -> int:
 
 
 def fit_drafts(plans: Sequence[tuple[int, Sequence[float]]], base_rows: int, row_seconds: Callable[[int], float],
-               draft_seconds: float, max_rows: int, together: bool = False) -> list[int]:
+               draft_seconds: float, max_rows: int, together: bool = False, verify_seconds: float = 0.0) -> list[int]:
     """plans: each sequence's (planned k, its rates: empty if unknown); base_rows: the step's rows
     without any draft (one per planned sequence, plus everyone else's); row_seconds(rows): the
     step's forward time; draft_seconds: the time of one of `draft_units`; together: the drafts of a
-    position run in one drafter forward. Returns each sequence's k."""
+    position run in one drafter forward; verify_seconds: what a sequence's verified round costs
+    beyond its rows (acceptance, rollback). Returns each sequence's k."""
     ks = [k for k, _ in plans]
     worth = [gains(rates, k) for k, rates in plans]
     known = [len(rates) >= k for k, rates in plans]
     tokens = len(plans) + sum(sum(g) for g in worth)
 
     def rate(tokens: float, ks: list[int]) -> float:
-        return tokens / (row_seconds(base_rows + sum(ks)) + draft_seconds * draft_units(ks, together))
+        drafting = draft_seconds * draft_units(ks, together) + verify_seconds * sum(k > 0 for k in ks)
+        return tokens / (row_seconds(base_rows + sum(ks)) + drafting)
 
     while any(ks):
         i = min((j for j in range(len(ks)) if ks[j]), key=lambda j: (not known[j], worth[j][ks[j] - 1]))

@@ -68,6 +68,9 @@ def test_drafts_that_run_together_cost_a_forward_per_position():
     plans = [(1, (0.5,)), (1, (0.5,))]
     assert fit_drafts(plans, 2, lambda rows: 0.1, 0.01, 64, together=False) == [0, 0]
     assert fit_drafts(plans, 2, lambda rows: 0.1, 0.01, 64, together=True) == [1, 1]
+    # what a verified round costs a sequence beyond its rows and drafts is priced too
+    assert fit_drafts(plans, 2, lambda rows: 0.1, 0.0, 64, together=True, verify_seconds=0.02) == [0, 0]
+    assert fit_drafts(plans, 2, lambda rows: 0.1, 0.0, 64, together=True, verify_seconds=0.005) == [1, 1]
 
 
 def test_row_costs_interpolate_extrapolate_and_learn():

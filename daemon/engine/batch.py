@@ -46,6 +46,7 @@ class Running:
     steps: Generator
     reply: object = None
     asked: Forward | Planned | DraftCall | None = None
+    verified: int | None = None  # drafts its last decode forward verified (None: it was no decode row)
 
 
 @dataclass(frozen=True)
@@ -68,6 +69,7 @@ class Batch:
         self.drafts_together = getattr(drafter, "ragged", False)
         self.ragged = batchable(model)
         self.costs, self.draft_seconds = rows, draft_seconds
+        self.verify_seconds = 0.0  # what a verified round costs a sequence beyond its rows, learned (`_observe_verifying`)
         self.running: list[Running] = []
 
     def add(self, owner, steps: Generator) -> None:
@@ -80,8 +82,12 @@ class Batch:
     def step(self, arrivals: Callable[[], None] | None = None) -> StepReport | None:
         """One step of every running sequence; None when none asked for a forward. `arrivals()`
         runs just before the forward and may `add` sequences: their first prefill chunk joins it."""
+        took = []
         for r in self.running[::-1]:  # the newest first: a first token goes out before the others draft
+            started = time.perf_counter()
             self._advance(r)
+            took.append((r.verified, time.perf_counter() - started))
+        self._observe_verifying(took)
         planned = [r for r in self.running if isinstance(r.asked, Planned)]
         if planned:
             started = time.perf_counter()
@@ -111,7 +117,8 @@ class Batch:
             mx.eval([a for ran in rans for a in (ran.logits, ran.hidden) if a is not None])
         seconds = time.perf_counter() - started
         for r, ran in zip(asking, rans):
-            r.reply, r.asked = ran, None
+            decode = len(r.asked.tokens) == 1 + r.asked.drafts and r.asked.logits == "all"
+            r.reply, r.asked, r.verified = ran, None, r.asked.drafts if decode else None
         rows = sum(len(f.tokens) for f in forwards)
         drafted = sum(f.drafts for f in forwards)
         if self.costs is not None and len(forwards) > 1:
@@ -141,8 +148,20 @@ class Batch:
         base = len(planned) + sum(len(r.asked.tokens) for r in self.running if isinstance(r.asked, Forward))
         sequences = len(self.running)
         row_seconds = (lambda n: self.costs.predict(n, sequences)) if self.costs is not None else (lambda n: 1.0)
-        return fit_drafts(plans, base, row_seconds, self.draft_seconds if self.costs is not None else 0.0, self.max_rows,
-                          self.drafts_together)
+        priced = self.costs is not None
+        return fit_drafts(plans, base, row_seconds, self.draft_seconds if priced else 0.0, self.max_rows,
+                          self.drafts_together, self.verify_seconds if priced else 0.0)
+
+    def _observe_verifying(self, took: list[tuple[int | None, float]]) -> None:
+        """What a verified round costs a sequence beyond its rows and drafts (acceptance, the
+        rollback of its caches, its drafter's rewind): the time a sequence that verified drafts took
+        to read its forward and plan its next step, over one that decoded a plain row, in the same
+        step (a moving average)."""
+        verified = [t for v, t in took if v]
+        plain = [t for v, t in took if v == 0]
+        if verified and plain and len(self.running) > 1:
+            extra = sum(verified) / len(verified) - sum(plain) / len(plain)
+            self.verify_seconds += DRAFT_ALPHA * (max(extra, 0.0) - self.verify_seconds)
 
     def _observe_drafting(self, planned: list[Running], seconds: float) -> None:
         """The drafting time the fit prices, learned from what drafting took in this batch (a
