@@ -177,7 +177,7 @@ def load(spec: str | None = None, drafter: str | None = None, drafter_bits: int 
     from daemon.drafting.phrases import Phrasebook
     from daemon.engine.rollback import speculable
     from daemon.models import drafter_io
-    from daemon.models.mtp import mtp_layers
+    from daemon.models.mtp import MTPDrafter, mtp_layers
     from daemon.models.target import target_head_layer
 
     quantized = on_gpu()
@@ -212,5 +212,6 @@ def load(spec: str | None = None, drafter: str | None = None, drafter_bits: int 
             forms = _tune(lm.drafter, [layer.block for layer in mtp_layers(lm.drafter)], quantized,
                           forms=lm.forms or Forms.unprobed(quantized))
             for layer in mtp_layers(lm.drafter):
-                layer.use_layout(forms.column_major)
+                if isinstance(layer, MTPDrafter):  # its head's rows for head_vocab (a family's own drafter has none)
+                    layer.use_layout(forms.column_major)
     return lm
