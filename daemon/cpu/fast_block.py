@@ -32,6 +32,15 @@ MAX_ROWS = 16
 FEW_ROWS = 3  # inputs of up to this many rows use the row-major copies, where a block has them
 
 
+def row_bounds(lengths) -> list[tuple[int, int]]:
+    """Each sequence's (start, end) in rows laid end to end, for `FastBlock.ragged`."""
+    bounds, end = [], 0
+    for n in lengths:
+        bounds.append((end, end + n))
+        end += n
+    return bounds
+
+
 class FastBlock(llama.TransformerBlock):
     def __call__(self, x: mx.array, mask=None, cache=None) -> mx.array:
         # batched caches, feature extraction, prefill chunks and array masks take the plain way

@@ -108,10 +108,8 @@ class Batch:
         started = time.perf_counter()
         try:
             rans = run_rows(self.model, forwards, self.ragged)
-        except Exception as e:  # every sequence in the forward is lost with it
-            for r in asking:
-                self.deliver(r.owner, e)
-                self.drop(r)
+        except Exception as e:
+            self._lose(asking, e)
             return None
         if len(rans) > 1:  # computed now, so the forward is timed (its sequences read it next)
             mx.eval([a for ran in rans for a in (ran.logits, ran.hidden) if a is not None])
@@ -128,17 +126,21 @@ class Batch:
     def _draft(self, planned: list[Running]) -> None:
         """Runs the sequences' drafter forwards, those of one draft position together, until every
         one has drafted (and asks for its verification)."""
-        while calling := [r for r in planned if isinstance(r.asked, DraftCall) and r in self.running]:
+        while calling := [r for r in planned if isinstance(r.asked, DraftCall)]:
             try:
                 replies = run_drafts(self.model, [r.asked for r in calling])
-            except Exception as e:  # every sequence in the forward is lost with it
-                for r in calling:
-                    self.deliver(r.owner, e)
-                    self.drop(r)
+            except Exception as e:
+                self._lose(calling, e)
                 return
             for r, reply in zip(calling, replies):
                 r.reply, r.asked = reply, None
                 self._advance(r)
+
+    def _lose(self, sharing: list[Running], error: Exception) -> None:
+        """A forward failed: every sequence in it is delivered the error and leaves."""
+        for r in sharing:
+            self.deliver(r.owner, error)
+            self.drop(r)
 
     def _fit(self, planned: list[Running]) -> list[int]:
         asks = [r.asked for r in planned]

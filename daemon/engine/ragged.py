@@ -24,7 +24,7 @@ from __future__ import annotations
 import mlx.core as mx
 from mlx_lm.models.cache import KVCache, make_prompt_cache
 
-from daemon.cpu.fast_block import FastBlock
+from daemon.cpu.fast_block import FastBlock, row_bounds
 from daemon.engine.rows import DraftCall, Forward, Ran
 from daemon.models.target import language_model, target_head, trunk
 
@@ -43,10 +43,7 @@ def batchable(model) -> bool:
 def run_ragged(model, forwards: list[Forward]) -> list[Ran]:
     """The Forwards of several sequences through the target in one pass; a Ran for each."""
     body = trunk(model)
-    bounds, end = [], 0
-    for f in forwards:
-        bounds.append((end, end + len(f.tokens)))
-        end += len(f.tokens)
+    bounds = row_bounds(len(f.tokens) for f in forwards)
     offsets = [f.cache[0].offset for f in forwards]
     positions = mx.array([o + j for o, f in zip(offsets, forwards) for j in range(len(f.tokens))])
     h = body.embed_tokens(mx.array([[t for f in forwards for t in f.tokens]]))

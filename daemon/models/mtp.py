@@ -25,7 +25,7 @@ import mlx.nn as nn
 from mlx_lm.models.base import create_attention_mask
 from mlx_lm.models.cache import CacheList
 
-from daemon.cpu.fast_block import FastBlock
+from daemon.cpu.fast_block import FastBlock, row_bounds
 from daemon.cpu.layout import column_major_matrix
 from daemon.engine.forward import feature_source
 from daemon.models import family
@@ -135,10 +135,7 @@ class MTPDrafter(nn.Module):
         plain KV cache): their rows laid end to end, attention per sequence on its own cache
         (FastBlock.ragged), everything else, the head included, once over all. Returns each
         one's (logits [1, V] of its last row, block output [1, L, H])."""
-        bounds, end = [], 0
-        for c in calls:
-            bounds.append((end, end + len(c.tokens)))
-            end += len(c.tokens)
+        bounds = row_bounds(len(c.tokens) for c in calls)
         offers = None
         if self.config.reads_offers:
             offers = tuple(mx.concatenate([c.offers[i] for c in calls], axis=1) for i in range(2))
