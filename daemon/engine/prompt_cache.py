@@ -72,6 +72,12 @@ class Reuse:
     hidden: mx.array | None
 
 
+def recurrent(cache: list) -> bool:
+    """Whether some layer of the cache cannot be cut to a prefix (a recurrent state): it is kept
+    whole, at the lengths a request marks."""
+    return any(isinstance(c, ArraysCache) for c in cache)
+
+
 def cacheable(cache: list) -> bool:
     """Whether the prompt cache can keep this model's cache: attention layers it cuts, recurrent
     layers it keeps whole."""
@@ -82,7 +88,7 @@ def pauses(cache: list, marks: tuple[int, ...], persist: int, cached: int, lengt
     """Where a prefill from `cached` stops to keep the cache: at the system prompt kept on disk
     (`persist`), and, where some layer cannot be cut, at the request's `marks`; only lengths
     between `cached` and the prompt's `length`, in order."""
-    kept = {persist, *(marks if any(isinstance(c, ArraysCache) for c in cache) else ())}
+    kept = {persist, *(marks if recurrent(cache) else ())}
     return sorted(m for m in kept if cached < m < length)
 
 
@@ -152,7 +158,7 @@ class PromptCache:
     def lookup(self, ids: tuple[int, ...], hidden_source: str | None, cache: list) -> Reuse | None:
         """The longest cached prefix of `ids` (leaving at least one token to run), restored into
         the fresh `cache`. With a `hidden_source`, only entries holding those hidden states count."""
-        cut = not any(isinstance(c, ArraysCache) for c in cache)
+        cut = not recurrent(cache)
         best, best_len = None, 0
         for key in [*self._memory, *self._disk]:
             n = self._reach(key, min(common_prefix(key, ids), len(ids) - 1), cut)

@@ -89,7 +89,7 @@ def _chat_ids(served: ServedModel, body: ChatRequest, settings: Settings):
         messages = without_billing_header(messages)
     ids = encode_chat(served.tokenizer, messages, tools)
     length = system_prefix_length(served.tokenizer, messages, ids, tools)
-    ends = turn_ends(served.tokenizer, messages, tools, ids)
+    ends = turn_ends(served.tokenizer, messages, tools, ids) if served.recurrent else ()
     calls, grammar = None, _followable(served, response_grammar(body.response_format), "response_format")
     if tools:
         fmt = tool_format(served.tokenizer)

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import mlx.core as mx
 import structlog
+from mlx_lm.models.cache import make_prompt_cache
 
 from daemon.cluster.faults import RankLost
 from daemon.engine.batch import Batch
@@ -26,7 +27,7 @@ from daemon.engine.forward import PREFILL_CHUNK
 from daemon.engine.generate import sequence
 from daemon.engine.grammar import GrammarError
 from daemon.engine.memory import CLEAR_EVERY, Memory, limit_cache, release
-from daemon.engine.prompt_cache import PromptCache
+from daemon.engine.prompt_cache import PromptCache, cacheable, recurrent
 from daemon.engine.records import Finished, Request
 from daemon.models.loading import LoadedModel, backend, on_gpu
 from daemon.server.metrics import Metrics
@@ -79,13 +80,14 @@ class ServedModel:
     drafter: str | None  # the drafter's name; None: it has none
     placement: str | None = None  # over several machines: how (daemon.cluster)
     speed_paths: dict | None = None  # the faster forms the start-up probe kept, and its timings (daemon.cpu.forms)
+    recurrent: bool = False  # some layer keeps a recurrent state: the prompt cache keeps it at a request's turn ends
 
     @classmethod
     def of(cls, lm: LoadedModel) -> ServedModel:
         context = int(lm.config.get("max_position_embeddings", 4096))
         paths = {"forms": lm.forms.name, "probe_ms": lm.forms.probe_ms} if lm.forms is not None else None
         return cls(lm.name, lm.tokenizer, lm.config["vocab_size"], context, lm.drafter_name if lm.drafter else None,
-                   lm.placement, paths)
+                   lm.placement, paths, recurrent(make_prompt_cache(lm.model)))
 
 
 @dataclass
@@ -298,10 +300,7 @@ class Worker:
 def load_for_serving(settings, cluster=None) -> Loaded:
     """The model, its drafter, the policy's calibration and the prompt cache, as `settings` say;
     with a cluster (daemon.cluster.launch), rank 0's share of the model. Runs on the engine thread."""
-    from mlx_lm.models.cache import make_prompt_cache
-
     from daemon.engine.calibration import shared_estimates
-    from daemon.engine.prompt_cache import cacheable
     from daemon.models.loading import describe, load
 
     lm = load(settings.model, drafter=settings.drafter, drafter_bits=settings.drafter_bits, lazy=cluster is not None)
