@@ -1,9 +1,12 @@
 """Writes the tests' tiny random checkpoints of the MTP families (released key layout, an MTP layer
-each) into a folder, for `mtpd bench` / `mtpd inspect` runs on them:
+each), and a tiny Qwen3 target with block drafters beside it (DFlash, DSpark as released), into a
+folder, for `mtpd bench` / `mtpd inspect` runs on them:
 
     .venv/bin/python bench/tiny_checkpoints.py /tmp/tiny
     .venv/bin/mtpd bench --model /tmp/tiny/deepseek_v41 --prompts bench/prompts.jsonl --spec off \
         --spec fixed:2 --spec adaptive --max-tokens 48 --json /tmp/tiny/deepseek_v41.json
+    .venv/bin/mtpd bench --model /tmp/tiny/qwen3 --drafter /tmp/tiny/dspark --prompts bench/prompts.jsonl \
+        --spec off --spec fixed:4 --spec adaptive --max-tokens 48 --json /tmp/tiny/dspark.json
 """
 
 from __future__ import annotations
@@ -16,11 +19,16 @@ sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))
 FAMILIES = ["deepseek_v3", "deepseek_v32", "glm4_moe", "glm4_moe_lite", "qwen3_5", "qwen3_next", "mimo", "deepseek_v41",
             "step3p5", "nemotron_h"]
 SEVERAL = ["mimo", "deepseek_v41", "step3p5"]  # also written with three MTP layers, as FAMILY-3
+BLOCKS = {  # block drafters for the qwen3 target (tests/blocks.py)
+    "dflash": dict(kind="dflash", layer_ids=[0, 1], block_size=8),
+    "dspark": dict(kind="dspark", layer_ids=[-1, 1], block_size=5, markov="vanilla", confidence=True, with_markov=True),
+}
 
 
 def main(out: Path) -> None:
     import tiny
-    from families import write_with_mtp
+    from blocks import write_block_drafter
+    from families import write_family, write_with_mtp
 
     from daemon.models.loading import load
 
@@ -33,6 +41,10 @@ def main(out: Path) -> None:
     for family in SEVERAL:
         write_with_mtp(out / f"{family}-3", family, lm.tokenizer, lm.config["vocab_size"], seed=3, layers=3)
         print(out / f"{family}-3")
+    write_family(out / "qwen3", "qwen3", lm.tokenizer, lm.config["vocab_size"], seed=2)
+    for name, args in BLOCKS.items():
+        write_block_drafter(out / name, vocab=lm.config["vocab_size"], target_layers=2, **args)
+        print(out / name)
 
 
 if __name__ == "__main__":

@@ -34,7 +34,8 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     """What serve, generate and bench share; unset flags fall back to the settings (TOML, MTPD_*)."""
     p.add_argument("--model", default=None, help="GGUF file, mlx-lm folder or repo id on disk")
     p.add_argument("--drafter", default=None,
-                   help="MTP drafter folder; 'none' for no drafter; 'random' for random weights (testing). "
+                   help="drafter folder (MTP, or a DFlash / DSpark block drafter as released); 'none' for no drafter; "
+                        "'random' for random weights (testing). "
                         "Default: the MTP layer in the model's own checkpoint, if any")
     p.add_argument("--drafter-bits", type=int, choices=[8, 4, 3], default=None, help="quantize the drafter")
     p.add_argument("--tie-margin", type=float, default=None, help="near-tie guard margin (logits)")

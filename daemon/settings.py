@@ -34,7 +34,8 @@ class Settings(BaseSettings):
     host: str = Field("127.0.0.1", description="address to bind (loopback by default)")
     port: int = Field(8000, ge=0, le=65535, description="TCP port (0: any free port)")
     model: str | None = Field(None, description="GGUF file, mlx-lm folder or repo id on disk (default: SmolLM2-135M-Instruct)")
-    drafter: str | None = Field(None, description="MTP drafter folder, or 'none' (default: the model's own or the shipped one)")
+    drafter: str | None = Field(None, description="drafter folder (MTP, or a DFlash / DSpark block drafter as released), "
+                                "or 'none' (default: the model's own or the shipped one)")
     drafter_bits: Literal[8, 4, 3] | None = Field(None, description="quantize the drafter to this many bits")
     speculation: str = Field("adaptive", description="default draft policy: adaptive | adaptive:mtp | off | fixed:K")
     tie_margin: float | None = Field(None, gt=0, description="near-tie guard margin in logits (default: by precision)")

@@ -30,28 +30,31 @@ def gains(rates: Sequence[float], k: int) -> list[float]:
     return list(np.cumprod(rates[:k])) if len(rates) >= k else [UNKNOWN] * k
 
 
-def draft_units(ks: Sequence[int], together: bool) -> int:
+def draft_units(ks: Sequence[int], together: bool, block: bool = False) -> int:
     """The drafting time of a step in drafter forwards: one per draft (`together`: one per draft
-    position, the sequences' drafts of a position running in one forward), and one more per drafting
-    sequence (its catch-up on the rows it has not read, the verification's bookkeeping)."""
+    position, the sequences' drafts of a position running in one forward; `block`: one per drafting
+    sequence, whatever its k), and one more per drafting sequence (its catch-up on the rows it has
+    not read, the verification's bookkeeping)."""
     drafting = sum(k > 0 for k in ks)
-    return (max(ks, default=0) if together else sum(ks)) + drafting
+    return (drafting if block else max(ks, default=0) if together else sum(ks)) + drafting
 
 
 def fit_drafts(plans: Sequence[tuple[int, Sequence[float]]], base_rows: int, row_seconds: Callable[[int], float],
-               draft_seconds: float, max_rows: int, together: bool = False, verify_seconds: float = 0.0) -> list[int]:
+               draft_seconds: float, max_rows: int, together: bool = False, verify_seconds: float = 0.0,
+               block: bool = False) -> list[int]:
     """plans: each sequence's (planned k, its rates: empty if unknown); base_rows: the step's rows
     without any draft (one per planned sequence, plus everyone else's); row_seconds(rows): the
     step's forward time; draft_seconds: the time of one of `draft_units`; together: the drafts of a
     position run in one drafter forward; verify_seconds: what a sequence's verified round costs
-    beyond its rows (acceptance, rollback). Returns each sequence's k."""
+    beyond its rows (acceptance, rollback); block: a drafter forward proposes any k. Returns each
+    sequence's k."""
     ks = [k for k, _ in plans]
     worth = [gains(rates, k) for k, rates in plans]
     known = [len(rates) >= k for k, rates in plans]
     tokens = len(plans) + sum(sum(g) for g in worth)
 
     def rate(tokens: float, ks: list[int]) -> float:
-        drafting = draft_seconds * draft_units(ks, together) + verify_seconds * sum(k > 0 for k in ks)
+        drafting = draft_seconds * draft_units(ks, together, block) + verify_seconds * sum(k > 0 for k in ks)
         return tokens / (row_seconds(base_rows + sum(ks)) + drafting)
 
     while any(ks):

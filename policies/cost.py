@@ -1,7 +1,8 @@
 """Step costs: seconds of one decoding step as a function of the draft length k.
 
-T(0) is a plain step; T(k) = k * t_draft + t_verify(k+1) (Leviathan et al.), first from a short
-probe at start-up, then replaced by moving averages of the real steps, which include everything a
+T(0) is a plain step; T(k) = k * t_draft + t_verify(k+1) (Leviathan et al.), or for a block drafter,
+whose one forward proposes the whole block, t_draft + t_verify(k+1); first from a short probe at
+start-up, then replaced by moving averages of the real steps, which include everything a
 round costs (the drafter's catch-up, host syncs, acceptance). A round copied from a lookup
 costs t_verify(k+1) alone, and has moving averages of its own. Saved per (model, drafter,
 machine) so a restarted daemon starts calibrated.
@@ -20,12 +21,13 @@ from policies.acceptance import expected_tokens
 
 
 class StepCosts:
-    def __init__(self, t_draft: float, t_verify: list[float], alpha: float = 0.1):
-        """t_verify[n - 1]: seconds of a target forward over n positions (n = 1 .. k_max + 1)."""
+    def __init__(self, t_draft: float, t_verify: list[float], alpha: float = 0.1, block: bool = False):
+        """t_verify[n - 1]: seconds of a target forward over n positions (n = 1 .. k_max + 1);
+        t_draft: one drafter forward (`block`: it drafts any k at once)."""
         self.k_max = len(t_verify) - 1
         self.alpha = alpha
-        self.t_draft, self.t_verify = t_draft, list(t_verify)
-        self.probed = [k * t_draft + t_verify[k] for k in range(self.k_max + 1)]
+        self.t_draft, self.t_verify, self.block = t_draft, list(t_verify), block
+        self.probed = [(min(k, 1) if block else k) * t_draft + t_verify[k] for k in range(self.k_max + 1)]
         self.seconds = list(self.probed)
         self.observations = [0] * (self.k_max + 1)
         self.lookup_seconds = list(t_verify)
@@ -54,14 +56,14 @@ class StepCosts:
 
     def to_dict(self) -> dict:
         return {
-            "t_draft": self.t_draft, "t_verify": self.t_verify, "seconds": self.seconds,
+            "t_draft": self.t_draft, "t_verify": self.t_verify, "block": self.block, "seconds": self.seconds,
             "observations": self.observations, "lookup_seconds": self.lookup_seconds,
             "lookup_observations": self.lookup_observations, "scale": self.scale,
         }
 
     @classmethod
     def from_dict(cls, data: dict) -> StepCosts:
-        costs = cls(float(data["t_draft"]), list(data["t_verify"]))
+        costs = cls(float(data["t_draft"]), list(data["t_verify"]), block=bool(data.get("block", False)))
         for name in ("seconds", "observations", "lookup_seconds", "lookup_observations"):
             if len(data[name]) != costs.k_max + 1:
                 raise ValueError(f"{name} has {len(data[name])} entries, not {costs.k_max + 1}")

@@ -141,6 +141,19 @@ def chi2_critical(dof: int, z: float = 3.09) -> float:
     return dof * (1 - 2 / (9 * dof) + z * math.sqrt(2 / (9 * dof))) ** 3
 
 
+def assert_joint(counts: np.ndarray, expected: np.ndarray, case: str) -> None:
+    """The answers' counts [V, V] against the expected ones: nothing outside the target's support,
+    and the chi-square test passes (cells expected under 5 pooled)."""
+    keep = expected >= 5
+    observed_rest, expected_rest = counts[~keep].sum(), expected[~keep].sum()
+    assert counts[expected == 0].sum() == 0  # nothing outside the target's support
+    chi2 = ((counts[keep] - expected[keep]) ** 2 / expected[keep]).sum()
+    if expected_rest > 0:
+        chi2 += (observed_rest - expected_rest) ** 2 / expected_rest
+    dof = int(keep.sum()) + (expected_rest > 0) - 1
+    assert chi2 < chi2_critical(dof), (case, chi2, dof)
+
+
 def disjoint_from_top3(model, params):
     def rule(prefix):
         logits = model(mx.array([prefix]))[0, -1]
@@ -195,15 +208,7 @@ def test_sampling_reproduces_joint_distribution(small_vocab_lm, case, monkeypatc
         counts[done.token_ids[1], done.token_ids[2]] += 1
         drafted, accepted = drafted + done.stats.drafted, accepted + done.stats.accepted
         copied += done.stats.lookup_accepted
-    expected = exact_joint(model, prompt, params) * runs
-    keep = expected >= 5
-    observed_rest, expected_rest = counts[~keep].sum(), expected[~keep].sum()
-    assert counts[expected == 0].sum() == 0  # nothing outside the target's support
-    chi2 = ((counts[keep] - expected[keep]) ** 2 / expected[keep]).sum()
-    if expected_rest > 0:
-        chi2 += (observed_rest - expected_rest) ** 2 / expected_rest
-    dof = int(keep.sum()) + (expected_rest > 0) - 1
-    assert chi2 < chi2_critical(dof), (case, chi2, dof)
+    assert_joint(counts, exact_joint(model, prompt, params) * runs, case)
     if case == "q_equals_p":
         assert accepted == drafted  # p / q = 1: every draft accepted
     if case == "disjoint_supports":

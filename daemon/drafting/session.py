@@ -92,27 +92,11 @@ class DraftingSession:
         self.before_chain = [keep_states([cache]) for cache in self.caches]
         out = Drafts()
         for j in range(k):
-            row = logits[0]
-            if grammar is not None:
-                out.allowed.append(grammar.allowed())
-                row = masked(row, out.allowed[-1])
-                if not mx.isfinite(row).any().item():  # the drafter's head holds no token the grammar allows
-                    out.stopped = True
-                    break
-            d, q, confidence = _pick(row, sampling, split, min_confidence)
-            if confidence is not None and confidence.item() < min_confidence:
-                out.stopped = True
+            if not take(out, logits[0], sampling, split, min_confidence, grammar):
                 break
-            out.tokens.append(d.item())
-            if grammar is not None:
-                grammar.advance(out.tokens[-1:])
-            if q is not None:
-                out.q_rows.append(q)
             if j < k - 1:
                 logits, own = yield from self._chain(out.tokens, own, unseen[:, -1:])
-        if grammar is not None and len(out.allowed) == len(out.tokens):
-            out.allowed.append(grammar.allowed())
-        return out
+        return finish(out, grammar)
 
     def _chain(self, drafts: list[int], own: mx.array, real: mx.array) -> Generator[DraftCall, tuple, tuple]:
         """The logits [1, V] of the next draft after `drafts` and what the chain goes on from. Layer
@@ -169,6 +153,40 @@ class DraftingSession:
         known = self.index.tokens[start : start + n]
         past = max(0, start - len(self.index.tokens))
         return known + list(drafts[past : past + n - len(known)])
+
+
+def take(out: Drafts, row: mx.array, sampling: SamplingParams, split, min_confidence: float,
+         grammar: Grammar | None, confidence: mx.array | None = None) -> bool:
+    """One more draft from the drafter's logits [V] into `out`, masked by the grammar (which moves
+    on by it); False, and `out.stopped`, when it is dropped: no token the grammar allows, or a
+    confidence below the floor (`confidence`: a predicted acceptance, else the drafter's own
+    probability of the draft)."""
+    if grammar is not None:
+        out.allowed.append(grammar.allowed())
+        row = masked(row, out.allowed[-1])
+        if not mx.isfinite(row).any().item():  # the drafter's head holds no token the grammar allows
+            out.stopped = True
+            return False
+    if confidence is not None and confidence.item() < min_confidence:
+        out.stopped = True
+        return False
+    d, q, own = _pick(row, sampling, split, min_confidence if confidence is None else 0.0)
+    if own is not None and own.item() < min_confidence:
+        out.stopped = True
+        return False
+    out.tokens.append(d.item())
+    if grammar is not None:
+        grammar.advance(out.tokens[-1:])
+    if q is not None:
+        out.q_rows.append(q)
+    return True
+
+
+def finish(out: Drafts, grammar: Grammar | None) -> Drafts:
+    """The drafts, with the grammar's mask after the last one."""
+    if grammar is not None and len(out.allowed) == len(out.tokens):
+        out.allowed.append(grammar.allowed())
+    return out
 
 
 def _pick(row: mx.array, sampling: SamplingParams, split, min_confidence: float):

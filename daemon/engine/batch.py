@@ -25,6 +25,7 @@ import mlx.core as mx
 
 from daemon.engine.ragged import batchable, run_drafts, run_ragged
 from daemon.engine.rows import DraftCall, Forward, Planned, Ran, run
+from daemon.models.block import is_block
 from policies.batch import draft_units, fit_drafts
 from policies.cost import RowCosts
 
@@ -67,6 +68,7 @@ class Batch:
         the sequences' drafter, whose forwards of a draft position run together where it allows."""
         self.model, self.deliver, self.max_rows = model, deliver, max_rows
         self.drafts_together = getattr(drafter, "ragged", False)
+        self.drafts_block = is_block(drafter)
         self.ragged = batchable(model)
         self.costs, self.draft_seconds = rows, draft_seconds
         self.verify_seconds = 0.0  # what a verified round costs a sequence beyond its rows, learned (`_observe_verifying`)
@@ -152,7 +154,7 @@ class Batch:
         row_seconds = (lambda n: self.costs.predict(n, sequences)) if self.costs is not None else (lambda n: 1.0)
         priced = self.costs is not None
         return fit_drafts(plans, base, row_seconds, self.draft_seconds if priced else 0.0, self.max_rows,
-                          self.drafts_together, self.verify_seconds if priced else 0.0)
+                          self.drafts_together, self.verify_seconds if priced else 0.0, self.drafts_block)
 
     def _observe_verifying(self, took: list[tuple[int | None, float]]) -> None:
         """What a verified round costs a sequence beyond its rows and drafts (acceptance, the
@@ -170,7 +172,8 @@ class Batch:
         moving average per unit, counted as the fit counts them: policies.batch.draft_units)."""
         drafts = [r.asked.drafts for r in planned if isinstance(r.asked, Forward) and r.asked.drafts]
         if drafts and len(self.running) > 1:
-            self.draft_seconds += DRAFT_ALPHA * (seconds / draft_units(drafts, self.drafts_together) - self.draft_seconds)
+            units = draft_units(drafts, self.drafts_together, self.drafts_block)
+            self.draft_seconds += DRAFT_ALPHA * (seconds / units - self.draft_seconds)
 
     def _advance(self, r: Running) -> None:
         """Runs a sequence until it asks for something; delivers its records on the way."""

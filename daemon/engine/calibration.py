@@ -19,6 +19,7 @@ from daemon.cpu.blas import blas_in_use
 from daemon.engine.batch import run_rows
 from daemon.engine.ragged import batchable
 from daemon.engine.rows import Forward
+from daemon.models.block import is_block
 from daemon.models.loading import LoadedModel, backend
 from daemon.models.mtp import mtp_layers, offer_arrays
 from policies.adaptive import K_MAX, SharedEstimates
@@ -57,6 +58,8 @@ def probe_costs(lm: LoadedModel, k_max: int = K_MAX, verify_penalty: float = 0.0
     """Times a target forward over n = 1 .. k_max + 1 positions and one drafter step.
     `verify_penalty`: seconds counted on top for each row past the first (daemon.engine.generate)."""
     model, drafter = lm.model, mtp_layers(lm.drafter)[0]  # the layer that drafts every round
+    if is_block(drafter):  # no more drafts than its block proposes
+        k_max = min(k_max, drafter.config.proposals)
     cache = make_prompt_cache(model)
     context = mx.array([[(i * 37) % 1000 + 10 for i in range(PROBE_CONTEXT)]])
     mx.eval(model(context, cache=cache))
@@ -69,8 +72,10 @@ def probe_costs(lm: LoadedModel, k_max: int = K_MAX, verify_penalty: float = 0.0
     measured = [_fastest_seconds(lambda n=n: verify(n)) + verify_penalty * (n - 1) for n in range(1, k_max + 2)]
     # more rows never cost less: a slow outlier at n is capped by what any larger n took
     t_verify = list(itertools.accumulate(reversed(measured), min))[::-1]
-    dcache = drafter.make_cache()
     hidden = mx.zeros((1, PROBE_CONTEXT, drafter.config.width))
+    if is_block(drafter):
+        return StepCosts(_block_seconds(drafter, model, hidden), t_verify, block=True)
+    dcache = drafter.make_cache()
     # a drafter that reads offers gets one everywhere
     mx.eval(drafter.draft(hidden, context, dcache, model, offer_arrays(drafter, [(11, 2)] * PROBE_CONTEXT))[0])
     one_offer = offer_arrays(drafter, [(11, 2)])
@@ -81,6 +86,20 @@ def probe_costs(lm: LoadedModel, k_max: int = K_MAX, verify_penalty: float = 0.0
 
     draft()
     return StepCosts(_fastest_seconds(draft), t_verify)
+
+
+def _block_seconds(drafter, model, hidden: mx.array) -> float:
+    """One block forward after a context of PROBE_CONTEXT positions: one position read, the block run."""
+    caches = drafter.make_cache()
+    mx.eval(drafter.read(hidden[:, 1:], caches))
+    block = mx.array([[11] * drafter.config.block_size])
+
+    def draft():
+        mx.eval(drafter.draft(hidden[:, :1], block, caches, model)[0])
+        trim_prompt_cache(caches, 1)
+
+    draft()
+    return _fastest_seconds(draft)
 
 
 def shared_estimates(lm: LoadedModel, root: Path | None, verify_penalty: float = 0.0) -> SharedEstimates | None:

@@ -9,14 +9,14 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from daemon.engine.rows import Forward, drain
-from daemon.models.target import trunk
+from daemon.models.target import target_embedding, trunk
 
 PREFILL_CHUNK = 512
 
 
 def source_parts(source: str) -> tuple[str, tuple[int, ...]]:
-    """A drafter's hidden source: the final state ("post_norm" or "pre_norm"), then the outputs
-    of the blocks it names: "post_norm+9+19" -> ("post_norm", (9, 19))."""
+    """A drafter's hidden source: the final state ("post_norm" or "pre_norm"; "layers": none), then
+    the outputs of the blocks it names (-1: the embedding's): "post_norm+9+19" -> ("post_norm", (9, 19))."""
     final, *blocks = source.split("+")
     return final, tuple(int(b) for b in blocks)
 
@@ -43,11 +43,12 @@ class HiddenTap(nn.Module):
     """Wraps the target's final norm and remembers its input (pre-norm) and output (post-norm);
     "streams" reads the last block's output instead (a hyper-connection trunk's, `join_streams`)."""
 
-    def __init__(self, norm: nn.Module, blocks: list):
+    def __init__(self, norm: nn.Module, blocks: list, embedding: nn.Module):
         super().__init__()
         self.norm = norm
         object.__setattr__(self, "_seen", None)  # not a parameter
         object.__setattr__(self, "_blocks", blocks)
+        object.__setattr__(self, "_embedding", embedding)
 
     def __call__(self, x: mx.array) -> mx.array:
         y = self.norm(x)
@@ -56,13 +57,15 @@ class HiddenTap(nn.Module):
 
     def hidden(self, source: str) -> mx.array:
         """[B, L, H * (1 + blocks)] of the last forward: the final state `source` names, then the
-        named blocks' outputs."""
+        named blocks' outputs ("layers": those alone)."""
         final, blocks = source_parts(source)
         if final == "streams":
             return join_streams(*self._blocks[-1]._out)
-        pre, post = self._seen
-        h = pre if final == "pre_norm" else post
-        return mx.concatenate([h, *(self._blocks[b]._out for b in blocks)], axis=-1) if blocks else h
+        taps = [(self._blocks[b] if b >= 0 else self._embedding)._out for b in blocks]
+        if final != "layers":
+            pre, post = self._seen
+            taps.insert(0, pre if final == "pre_norm" else post)
+        return mx.concatenate(taps, axis=-1) if len(taps) > 1 else taps[0]
 
 
 @functools.cache
@@ -81,15 +84,18 @@ def _recording(cls: type) -> type:
 
 
 def hidden_tap(model, source: str = "post_norm") -> HiddenTap:
-    """Installs the tap once, and a recording on each block `source` names; no numerics change."""
+    """Installs the tap once, and a recording on each block `source` names (and on the embedding
+    for -1); no numerics change."""
     body = trunk(model)
     layers, name = body.layers, "norm" if "norm" in body else "norm_f"  # Nemotron-H's
+    embedding = target_embedding(model)
     if not isinstance(body[name], HiddenTap):
-        setattr(body, name, HiddenTap(body[name], layers))
+        setattr(body, name, HiddenTap(body[name], layers, embedding))
     final, blocks = source_parts(source)
     for b in (*blocks, len(layers) - 1) if final == "streams" else blocks:
-        if not getattr(type(layers[b]), "records", False):
-            layers[b].__class__ = _recording(type(layers[b]))
+        module = layers[b] if b >= 0 else embedding
+        if not getattr(type(module), "records", False):
+            module.__class__ = _recording(type(module))
     return body[name]
 
 

@@ -17,6 +17,7 @@ from dataclasses import replace
 import mlx.core as mx
 from mlx_lm.models.cache import make_prompt_cache
 
+from daemon.drafting.block_session import BlockSession
 from daemon.drafting.lookup import NgramIndex
 from daemon.drafting.session import DraftingSession
 from daemon.engine.choose import TokenChooser
@@ -30,6 +31,7 @@ from daemon.engine.sampling import new_key
 from daemon.engine.speculative import speculative_steps
 from daemon.engine.stops import Output
 from daemon.engine.ties import DEFAULT_MARGIN_FP32, DEFAULT_MARGIN_HALF, NearTieGuard
+from daemon.models.block import is_block
 from daemon.models.loading import LoadedModel
 from policies.classifier import ContentTracker
 from policies.fixed import Fixed
@@ -131,7 +133,7 @@ def sequence(
     if lm.drafter is not None and policy.name != "off":
         index = NgramIndex()
         index.extend(request.prompt_ids)
-        session = DraftingSession(lm.drafter, lm.model, index)
+        session = (BlockSession if is_block(lm.drafter) else DraftingSession)(lm.drafter, lm.model, index)
         tap = hidden_tap(lm.model, lm.drafter.config.source)
         steps = speculative_steps(dec, session, tap, policy, lambda: tracker.current, request.max_tokens, logits,
                                   prompt_hidden, lm.phrases, verify_penalty)

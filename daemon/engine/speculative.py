@@ -5,7 +5,8 @@ A round, for the last emitted token t (not yet in the target's cache):
    (daemon.drafting.phrases), offers a continuation to copy; the policy plans k and the source,
    and whoever runs the sequence may cut k (a batch: policies.batch);
 2. draft: copy the offer, or let the MTP drafter (daemon.drafting.session) catch up and chain k
-   drafts, stopping below the plan's confidence floor; no drafts: the round is a plain step;
+   drafts, or the block drafter (daemon.drafting.block_session) propose its block in one forward,
+   stopping below the plan's confidence floor; no drafts: the round is a plain step;
 3. verify: the target runs [t, d_1..d_k] as k+1 rows; greedy or sampled acceptance
    (daemon.engine.verify) keeps a prefix and adds the target's own next token;
 4. rewind: the target's cache drops the rejected rows, the drafter its chain.
@@ -21,6 +22,7 @@ from dataclasses import replace
 
 import mlx.core as mx
 
+from daemon.drafting.block_session import BlockSession
 from daemon.drafting.lookup import NgramIndex
 from daemon.drafting.phrases import Phrasebook
 from daemon.drafting.session import DraftingSession, Drafts
@@ -45,7 +47,8 @@ def propose(index: NgramIndex, phrases: Phrasebook | None, limit: int) -> Propos
     return offer
 
 
-def draft(session: DraftingSession, plan: Plan, offer: Proposal, dec: Decoding) -> Generator[DraftCall, tuple, Drafts]:
+def draft(session: DraftingSession | BlockSession, plan: Plan, offer: Proposal,
+          dec: Decoding) -> Generator[DraftCall, tuple, Drafts]:
     """The plan's k drafts (at most) from the planned source: a coroutine that asks for the
     drafter's forwards (daemon.engine.rows). A grammar has moved on by them: a copy is cut at its
     first token the grammar forbids (a copy is deterministic, so the cut keeps the distribution),
@@ -82,7 +85,7 @@ def verify(dec: Decoding, t: int, drafts: Drafts, history: list[int], tap: Hidde
 
 def speculative_steps(
     dec: Decoding,
-    session: DraftingSession,
+    session: DraftingSession | BlockSession,
     tap: HiddenTap,
     policy: DraftPolicy,
     content_class: Callable[[], str],

@@ -75,7 +75,10 @@ def inspect(path: str) -> dict:
         report["plan"] = "plain decoding: mtpd has no MTP adapter for this family (a trained drafter folder still works)"
     else:
         report["forward"] = adapter.FORWARD
-        if mtp:
+        why = family.unsupported(config["model_type"], mtp)
+        if why:
+            report["plan"] = f"plain decoding: {why}"
+        elif mtp:
             report["plan"] = "speculates with the checkpoint's own MTP layer"
         else:
             report["plan"] = ("plain decoding: this checkpoint has no MTP tensors (a conversion that dropped them?); "
@@ -98,6 +101,8 @@ def read_mtp(folder: Path) -> tuple[dict, dict, list[dict]]:
     mtp = {k: lazy.pop(k) for k in [k for k in lazy if adapter.is_mtp(k, text)]}
     if not mtp:
         raise ValueError(f"{folder} has no MTP tensors for the {config['model_type']!r} family")
+    if why := family.unsupported(config["model_type"], mtp):
+        raise ValueError(f"{folder}: {why}")
     sanitize = getattr(model_cls, "sanitize", None)
     converted = adapter.convert(mtp, lazy, text, (lambda w: sanitize(owner, w)) if sanitize else (lambda w: w))
     return config, text, converted

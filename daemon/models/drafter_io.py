@@ -11,7 +11,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_map
 
-from daemon.models import family
+from daemon.models import block_io, family
 from daemon.models.mtp import BLOCK_PARTS, DrafterConfig, MTPDrafter, MTPLayers, mtp_layers
 
 _LAYER_PREFIX = re.compile(r"^model\.layers\.\d+\.")
@@ -88,7 +88,7 @@ def save(drafter, folder: str | Path, extra: dict | None = None) -> None:
 def load_folder(folder: str | Path, target_config: dict):
     """A separate drafter folder: config.json (our fields, or a DeepSeek-style `num_hidden_layers`)
     and one or more safetensors files with the MTP layer's weights (several layers: `mtp_layers`,
-    each under `layers.{j}.`)."""
+    each under `layers.{j}.`), or a block drafter as released (daemon.models.block_io)."""
     folder = Path(folder)
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(f"no drafter at {folder}: expected config.json and *.safetensors")
@@ -98,6 +98,8 @@ def load_folder(folder: str | Path, target_config: dict):
         weights.update(mx.load(str(file)))
     if not weights:
         raise FileNotFoundError(f"no *.safetensors in drafter folder {folder}")
+    if block_io.kind(meta):
+        return block_io.load(folder, meta, weights, target_config)
     count = meta.get("mtp_layers", 1)
     per_layer = [weights] if count == 1 else [
         {k.removeprefix(f"layers.{j}."): v for k, v in weights.items() if k.startswith(f"layers.{j}.")} for j in range(count)]

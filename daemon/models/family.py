@@ -16,6 +16,7 @@ One adapter module per family group, in mlx-lm's one-file-per-family shape. Each
   ARRAY_MASK   whether that layer wants an explicit mask array (MLA attention)
   make_cache(config)  (optional) the layer's cache, when it is not one KVCache
   HIDDEN       (optional) the target state it reads, when not the post-norm hidden state
+  unsupported(keys)  (optional) why these MTP tensors are not a layer mtpd runs, or None
   Drafter      (optional) its own drafter module, when the forward is not daemon.models.mtp's
 """
 
@@ -61,6 +62,13 @@ def make_cache(config: dict):
     from mlx_lm.models.cache import KVCache
 
     return KVCache()
+
+
+def unsupported(model_type: str, keys) -> str | None:
+    """Why a checkpoint's MTP tensors (their keys) are not a drafter mtpd runs, or None (the
+    family's optional `unsupported`: DeepSeek V4's DSpark blocks)."""
+    check = getattr(adapter(model_type), "unsupported", None)
+    return check(keys) if check is not None else None
 
 
 def array_mask(model_type: str) -> bool:

@@ -129,7 +129,9 @@ def _keeping_mtp(found: list):
             def sanitize(self, weights):
                 parent = getattr(model_cls, "sanitize", lambda _, w: w)
                 mtp = {k: weights.pop(k) for k in [k for k in weights if adapter.is_mtp(k, text)]}
-                if mtp:
+                if mtp and (why := family.unsupported(config["model_type"], mtp)):
+                    structlog.get_logger().warning("drafter unused", family=config["model_type"], reason=why)
+                elif mtp:
                     found.extend(adapter.convert(mtp, weights, text, lambda w: parent(self, w)))
                 return parent(self, weights)
 
@@ -177,6 +179,7 @@ def load(spec: str | None = None, drafter: str | None = None, drafter_bits: int 
     from daemon.drafting.phrases import Phrasebook
     from daemon.engine.rollback import speculable
     from daemon.models import drafter_io
+    from daemon.models.block import is_block
     from daemon.models.mtp import MTPDrafter, mtp_layers
     from daemon.models.target import target_head_layer
 
@@ -208,7 +211,7 @@ def load(spec: str | None = None, drafter: str | None = None, drafter_bits: int 
             drafter_io.quantize(lm.drafter, drafter_bits, keep_quantized=quantized)
         elif not quantized:
             _to_fp32(lm.drafter)
-        if not stock:
+        if not stock and not is_block(lm.drafter):  # a block drafter's layers are its own, not the target family's
             forms = _tune(lm.drafter, [layer.block for layer in mtp_layers(lm.drafter)], quantized,
                           forms=lm.forms or Forms.unprobed(quantized))
             for layer in mtp_layers(lm.drafter):

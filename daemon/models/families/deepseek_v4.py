@@ -46,6 +46,16 @@ def is_mtp(key: str, config: dict) -> bool:
     return key.startswith("mtp.")
 
 
+def unsupported(keys) -> str | None:
+    """Why the `mtp.*` tensors are not an MTP layer mtpd runs, told by their names (never by
+    num_nextn_predict_layers, which V4-Flash-0731 sets to 1 as well): DeepSeek's DSpark blocks
+    (V4-Flash-0731, V4.1-Flash: `main_proj`, `main_norm`, a Markov head, no e_proj / h_proj)."""
+    if any(re.match(r"^mtp\.\d+\.(main_proj|main_norm|markov_head|confidence_head)\.", k) for k in keys):
+        return ("its mtp.* tensors are DeepSeek DSpark blocks (main_proj, main_norm, a Markov head), not an MTP "
+                "layer; mtpd does not run V4 DSpark blocks yet")
+    return None
+
+
 def convert(mtp: dict, weights: dict, config: dict, sanitize) -> list[dict]:
     """Each MTP layer: its own tensors renamed here, its block's through the family's sanitize as
     if it were the trunk's layer 0; its copy of the embedding (`emb.*`) is the target's."""

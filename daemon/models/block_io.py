@@ -1,0 +1,81 @@
+"""Block drafter folders as released: z-lab's DFlash (`DFlashDraftModel`, `dflash_config`) and
+DeepSeek's DSpark sidecars (`Qwen3DSparkModel`), their config.json read into a BlockConfig and
+their tensors loaded strictly (every one used, none missing) under their own names."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import mlx.core as mx
+
+from daemon.models.block import BlockConfig, BlockDrafter
+
+_LAYER_FIELDS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "intermediate_size",
+                 "vocab_size", "rms_norm_eps")
+
+
+def kind(meta: dict) -> str | None:
+    """"dflash", "dflash2", "dspark" for a block drafter's config.json, else None."""
+    architectures = " ".join(meta.get("architectures") or [])
+    if "DFlash2" in architectures:
+        return "dflash2"
+    if "DFlash" in architectures or "dflash_config" in meta:
+        return "dflash"
+    if "DSpark" in architectures:
+        return "dspark"
+    return None
+
+
+def config(meta: dict, target_config: dict, folder: Path) -> BlockConfig:
+    """The BlockConfig of a released config.json; a layout mtpd cannot run is refused in one line."""
+    found = kind(meta)
+    if found == "dflash2":
+        raise ValueError(f"{folder} is a DFlash2 drafter (candidate selector, conv kernels): not supported yet; "
+                         "DFlash and DSpark drafters are")
+    if "gemma" in str(meta.get("model_type", "")):
+        raise ValueError(f"{folder} is a block drafter for a Gemma target: not supported yet (Qwen3-style layers are)")
+    if any(t != "full_attention" for t in meta.get("layer_types") or []):
+        raise ValueError(f"{folder} has sliding-window drafter layers: not supported yet")
+    missing = [f for f in _LAYER_FIELDS if f not in meta]
+    if missing:
+        raise ValueError(f"{folder}/config.json lacks {', '.join(missing)}")
+    dflash = meta.get("dflash_config") or {}
+    block = {**meta, **dflash}  # DFlash keeps these under dflash_config (older configs: at the top)
+    for name in ("block_size", "mask_token_id", "target_layer_ids"):
+        if name not in block:
+            raise ValueError(f"{folder}/config.json lacks {name}")
+    try:
+        return _config(meta, block, found, target_config)
+    except ValueError as e:
+        raise ValueError(f"{folder}: {e}") from None
+
+
+def _config(meta: dict, block: dict, found: str, target_config: dict) -> BlockConfig:
+    return BlockConfig(
+        target=target_config, kind=found,
+        **{f: meta[f] for f in _LAYER_FIELDS},
+        head_dim=meta.get("head_dim") or meta["hidden_size"] // meta["num_attention_heads"],
+        rope_theta=meta.get("rope_theta", 10000.0), rope_scaling=meta.get("rope_scaling"),
+        max_position_embeddings=meta.get("max_position_embeddings", 32768),
+        attention_bias=bool(meta.get("attention_bias", False)),
+        block_size=int(block["block_size"]), mask_token_id=int(block["mask_token_id"]),
+        target_layer_ids=[int(i) for i in block["target_layer_ids"]],
+        markov_rank=int(meta.get("markov_rank", 0)), markov_head_type=str(meta.get("markov_head_type", "vanilla")),
+        confidence_head=bool(meta.get("enable_confidence_head", False)),
+        confidence_with_markov=bool(meta.get("enable_confidence_head", False) and meta.get("confidence_head_with_markov")),
+    )
+
+
+def load(folder: Path, meta: dict, weights: dict, target_config: dict) -> BlockDrafter:
+    """A block drafter from its folder's config and tensors, strictly."""
+    c = config(meta, target_config, folder)
+    if c.vocab_size != target_config["vocab_size"]:
+        raise ValueError(f"{folder} drafts over {c.vocab_size} tokens; the target has {target_config['vocab_size']}")
+    drafter = BlockDrafter(c)
+    try:
+        drafter.load_weights(list(weights.items()), strict=True)
+    except ValueError as e:  # mlx's strict load lists every name: keep its first words
+        raise ValueError(f"{folder} is not a {c.kind} drafter of this layout ({str(e).split(':')[0]})") from None
+    mx.eval(drafter.parameters())
+    drafter.eval()
+    return drafter
