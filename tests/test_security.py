@@ -170,6 +170,7 @@ async def test_an_allowed_page_gets_cors_headers_and_its_preflight_answered(aioh
     for stream in (False, True):
         r = await client.post("/v1/chat/completions", json=chat_body(stream=stream), headers=auth)
         assert r.status == 200 and r.headers["Access-Control-Allow-Origin"] == page and r.headers["Vary"] == "Origin"
+        assert "x-mtpd-unused-hints" in r.headers["Access-Control-Expose-Headers"].split(", ")  # a page may read it
         await r.read()
     r = await client.post("/v1/chat/completions", json=chat_body(), headers={"Authorization": f"Bearer {KEY}"})
     assert r.status == 200 and "Access-Control-Allow-Origin" not in r.headers  # no Origin: as before

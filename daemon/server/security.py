@@ -11,7 +11,10 @@ from __future__ import annotations
 
 from aiohttp import web
 
+from daemon.server.hints import HEADER as HINTS_HEADER
 from daemon.server.openai_shapes import ApiError
+
+EXPOSED = f"{HINTS_HEADER}, Retry-After"  # a hint the model could not act on; when to try again
 
 METHODS = "GET, POST, OPTIONS"
 PREFLIGHT_MAX_AGE_S = "600"
@@ -55,12 +58,14 @@ def cors(allowed: list[str]):
 
 def cors_headers(allowed: list[str]):
     """An `on_response_prepare` signal: every response to an allowed origin names it, streams
-    included (their headers go out inside the handler, after the middleware could add any)."""
+    included (their headers go out inside the handler, after the middleware could add any), and
+    lets the page read the headers of ours it may want (EXPOSED)."""
 
     async def mark(http: web.Request, response: web.StreamResponse) -> None:
         origin = http.headers.get("Origin")
         if origin is not None and origin_allowed(origin, allowed):
             response.headers["Access-Control-Allow-Origin"] = origin
+            response.headers["Access-Control-Expose-Headers"] = EXPOSED
             response.headers["Vary"] = "Origin"
 
     return mark
