@@ -1,7 +1,8 @@
 """`mtpd bench`: tokens/s per draft policy on a prompt set, interleaved so machine drift cancels.
 
 Timing: `seconds` is decode time (first token to last) and `tokens_per_second` is
-(completion_tokens - 1) / seconds; prefill is reported apart as `ttft_seconds`.
+(completion_tokens - 1) / seconds (0 for an answer that ends at once); prefill is reported apart as
+`ttft_seconds`.
 """
 
 from __future__ import annotations
@@ -217,7 +218,7 @@ def run_bench(
             for spec, run in runners.items():
                 row = run(request)
                 row["tokens_per_second"] = (
-                    (row["completion_tokens"] - 1) / row["seconds"] if row["seconds"] > 0 else 0.0
+                    max(row["completion_tokens"] - 1, 0) / row["seconds"] if row["seconds"] > 0 else 0.0
                 )
                 results.append({"id": p["id"], "category": p["category"], "spec": spec, **row})
                 progress(
