@@ -126,6 +126,21 @@ def test_a_wrong_adapter_fails_the_reference(written, monkeypatch, tmp_path):
     assert not np.allclose(np.array(ours(lm, PROMPT, block_of(ref, 42))[1]), np.array(theirs), atol=2e-3, rtol=1e-3)
 
 
+def test_inspect_tells_a_block_drafters_kind(written, tmp_path):
+    from daemon.models.checkpoint import inspect
+
+    _, refs = written
+    report = inspect(str(refs["dspark"][0]))
+    assert (report["drafter_kind"], report["block_size"], report["target_layer_ids"]) == ("dspark", 4, [-1, 1])
+    assert report["markov_head"] == "vanilla" and report["confidence_head"] and "--drafter DIR" in report["plan"]
+    assert inspect(str(refs["dflash"][0]))["block_size"] == 5
+    folder = tmp_path / "dflash2"
+    shutil.copytree(refs["dflash"][0], folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "architectures": ["DFlash2DraftModel"]}))
+    assert inspect(str(folder))["plan"].startswith("not run: ") and "DFlash2" in inspect(str(folder))["plan"]
+
+
 def test_a_folder_of_another_layout_is_refused_in_one_line(written, tmp_path):
     target, refs = written
     folder = tmp_path / "wrong"

@@ -66,6 +66,25 @@ def _config(meta: dict, block: dict, found: str, target_config: dict) -> BlockCo
     )
 
 
+def describe(folder: Path, meta: dict) -> dict:
+    """What `mtpd inspect` says of a block drafter's folder."""
+    found = kind(meta)
+    block = {**meta, **(meta.get("dflash_config") or {})}
+    report = {"model": str(folder), "drafter_kind": found, "block_size": block.get("block_size"),
+              "target_layer_ids": block.get("target_layer_ids"), "mask_token_id": block.get("mask_token_id"),
+              "layers": meta.get("num_hidden_layers"), "hidden_size": meta.get("hidden_size")}
+    if found == "dspark":
+        report.update(markov_head=meta.get("markov_head_type") if meta.get("markov_rank") else None,
+                      confidence_head=bool(meta.get("enable_confidence_head")))
+    try:
+        config(meta, {"num_hidden_layers": 1 + max(block.get("target_layer_ids") or [0]),
+                      "hidden_size": meta.get("hidden_size")}, folder)
+        report["plan"] = "a block drafter: pass it as --drafter DIR beside its target (a block of drafts per forward)"
+    except (ValueError, TypeError) as e:
+        report["plan"] = f"not run: {e}"
+    return report
+
+
 def load(folder: Path, meta: dict, weights: dict, target_config: dict) -> BlockDrafter:
     """A block drafter from its folder's config and tensors, strictly."""
     c = config(meta, target_config, folder)

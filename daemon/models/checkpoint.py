@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import mlx.core as mx
 from safetensors import safe_open
 
-from daemon.models import family
+from daemon.models import block_io, family
 
 
 def _config(folder: Path) -> dict:
@@ -54,7 +54,8 @@ def _itemsize(dtype: str) -> int:
 
 
 def inspect(path: str) -> dict:
-    """The family, the MTP tensors found and their bytes against the model's, and what mtpd does."""
+    """The family, the MTP tensors found and their bytes against the model's, and what mtpd does;
+    for a block drafter's folder, what kind it is."""
     folder = Path(path)
     if folder.suffix == ".gguf" or not folder.is_dir():
         if not folder.is_file():
@@ -62,6 +63,8 @@ def inspect(path: str) -> dict:
         return {"model": str(folder), "family": "llama (GGUF)", "mtp_tensors": 0,
                 "plan": "plain decoding; a drafter folder (--drafter DIR, mtpd train-drafter) speculates"}
     config = _config(folder)
+    if block_io.kind(config):
+        return block_io.describe(folder, config)
     adapter = family.adapter(config["model_type"])
     text = _text(config)[0] if adapter is not None else family.text_config(config)
     index = tensor_index(folder)
