@@ -33,10 +33,12 @@ def gains(rates: Sequence[float], k: int) -> list[float]:
 def draft_units(ks: Sequence[int], together: bool, block: bool = False) -> int:
     """The drafting time of a step in drafter forwards: one per draft (`together`: one per draft
     position, the sequences' drafts of a position running in one forward; `block`: one per drafting
-    sequence, whatever its k), and one more per drafting sequence (its catch-up on the rows it has
-    not read, the verification's bookkeeping)."""
+    sequence whatever its k, or one in all `together`), and one more per drafting sequence (its
+    catch-up on the rows it has not read, the verification's bookkeeping)."""
     drafting = sum(k > 0 for k in ks)
-    return (drafting if block else max(ks, default=0) if together else sum(ks)) + drafting
+    if block:  # one forward per sequence, or one for them all
+        return (min(drafting, 1) if together else drafting) + drafting
+    return (max(ks, default=0) if together else sum(ks)) + drafting
 
 
 def fit_drafts(plans: Sequence[tuple[int, Sequence[float]]], base_rows: int, row_seconds: Callable[[int], float],

@@ -63,6 +63,9 @@ def test_drafts_that_run_together_cost_a_forward_per_position():
     assert draft_units([3, 1, 0, 2], together=False) == 9  # 6 drafts, 3 drafting sequences
     assert draft_units([3, 1, 0, 2], together=True) == 6  # 3 positions
     assert draft_units([0, 0], together=True) == 0
+    assert draft_units([3, 1, 0, 2], together=False, block=True) == 6  # a block per sequence, whatever its k
+    assert draft_units([3, 1, 0, 2], together=True, block=True) == 4  # one block forward for all
+    assert draft_units([0, 0], together=True, block=True) == 0
     # together, a second sequence's first draft costs its row and its bookkeeping, not a forward:
     # with dear drafter forwards it is kept where one at a time it is not
     plans = [(1, (0.5,)), (1, (0.5,))]

@@ -184,7 +184,8 @@ def test_a_round_runs_one_drafter_forward_for_its_whole_block(written, monkeypat
 
 
 @pytest.mark.parametrize("spec", ["fixed:3", "adaptive"])
-def test_batched_block_drafting_equals_alone(written, spec):
+def test_batched_block_drafting_equals_alone(written, spec, monkeypatch):
+    """Each sequence drafts what it drafts alone, the blocks of a step in one drafter forward."""
     target, refs = written
     lm = load(str(target), drafter=str(refs["dspark"][0]))
     estimates = shared_estimates(lm, None)
@@ -195,11 +196,16 @@ def test_batched_block_drafting_equals_alone(written, spec):
 
     requests = [Request(p, max_tokens=16 + 4 * i) for i, p in enumerate(prompts)]
     alone = [list(generate(lm, r, policy()))[-1] for r in requests]
+    forwards = []
+    call = block.BlockDrafter.__call__
+    monkeypatch.setattr(block.BlockDrafter, "__call__", lambda self, hiddens, *a: forwards.append(len(hiddens)) or call(
+        self, hiddens, *a))
     batched, reports = run_batch(lm, requests, [policy() for _ in requests], rows=estimates.rows)
     assert [b.token_ids for b in batched] == [a.token_ids for a in alone]
     assert max(r.sequences for r in reports) == len(requests)
     if spec == "fixed:3":
         assert [b.stats.accepted_by_position for b in batched] == [a.stats.accepted_by_position for a in alone]
+        assert max(forwards) == len(requests) and sum(forwards) == sum(b.stats.drafted_by_position[0] for b in batched)
 
 
 def test_sampling_with_a_markov_block_keeps_the_targets_distribution(tiny_lm, monkeypatch):
@@ -261,3 +267,27 @@ def test_deepseek_v4_dspark_blocks_are_told_from_an_mtp_layer_by_their_tensors(t
     assert "DSpark blocks" in inspect(str(folder))["plan"]
     with pytest.raises(ValueError, match=r"^\S+: its mtp\.\* tensors are DeepSeek DSpark blocks .* blocks yet$"):
         extract(str(folder), str(tmp_path / "out"))
+
+
+def test_blocks_drafted_together_equal_each_alone(written):
+    from daemon.engine.ragged import run_drafts
+    from daemon.engine.rows import DraftCall
+
+    target, refs = written
+    lm = load(str(target), drafter=str(refs["dspark_rnn"][0]))
+    source, drafter = lm.drafter.config.source, lm.drafter
+    tap = hidden_tap(lm.model, source)
+    calls, alone = [], []
+    for ids in (PROMPT, (5, 6, 7, 8, 9, 10, 11, 12, 13)):
+        lm.model(mx.array([ids]))
+        taps = tap.hidden(source)
+        for out in (calls, alone):
+            caches = drafter.make_cache()
+            drafter.read(taps[:, :-2], caches)
+            out.append(DraftCall(drafter, taps[:, -2:], [ids[-1]] + [refs["dspark_rnn"][1]["mask"]] * 3, caches))
+    together = run_drafts(lm.model, calls)
+    for (logits, rows), call in zip(together, alone):
+        one, one_rows = call.run(lm.model)
+        np.testing.assert_allclose(np.array(logits), np.array(one), atol=1e-4, rtol=1e-4)
+        np.testing.assert_allclose(np.array(rows), np.array(one_rows), atol=1e-5, rtol=1e-4)
+    assert [c[0].offset for c in (call.cache for call in calls)] == [c[0].offset for c in (call.cache for call in alone)]

@@ -69,16 +69,21 @@ def run_ragged(model, forwards: list[Forward]) -> list[Ran]:
     return out
 
 
+def _plain(cache) -> bool:
+    """Whether a drafter's cache (one, or a block drafter's per layer) is plain KV caches alone."""
+    return all(type(c) is KVCache for c in (cache if isinstance(cache, list) else [cache]))
+
+
 def run_drafts(model, calls: list[DraftCall]) -> list[tuple[mx.array, mx.array]]:
     """Each call's (logits [1, V], block output [1, L, H]): the calls to one drafter (layer) in one
-    forward where it allows (`MTPDrafter.ragged`, plain KV caches), the others one by one."""
+    forward where it allows (`MTPDrafter.ragged`, `BlockDrafter.ragged`; plain KV caches), the others one by one."""
     replies: list = [None] * len(calls)
     groups: dict[int, list[int]] = {}
     for i, call in enumerate(calls):
         groups.setdefault(id(call.layer), []).append(i)
     for members in groups.values():
         layer = calls[members[0]].layer
-        if len(members) > 1 and getattr(layer, "ragged", False) and all(type(calls[i].cache) is KVCache for i in members):
+        if len(members) > 1 and getattr(layer, "ragged", False) and all(_plain(calls[i].cache) for i in members):
             for i, reply in zip(members, layer.draft_ragged([calls[i] for i in members], model)):
                 replies[i] = reply
         else:

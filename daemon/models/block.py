@@ -32,6 +32,7 @@ from mlx_lm.models.cache import KVCache
 from mlx_lm.models.qwen3 import MLP
 from mlx_lm.models.rope_utils import initialize_rope
 
+from daemon.cpu.fast_block import row_bounds
 from daemon.engine.forward import PREFILL_CHUNK, feature_source
 from daemon.models.target import target_embedding, target_head
 
@@ -120,17 +121,31 @@ class BlockAttention(nn.Module):
 
     def read(self, context: mx.array, rope, cache: KVCache) -> tuple[mx.array, mx.array]:
         """Appends the context rows [1, S, H] to the cache at their positions; all its keys and values."""
-        keys, values = self._keys(context)
+        return self._append(*self._keys(context), rope, cache)
+
+    @staticmethod
+    def _append(keys: mx.array, values: mx.array, rope, cache: KVCache) -> tuple[mx.array, mx.array]:
         return cache.update_and_fetch(rope(keys, offset=cache.offset), values)
 
-    def __call__(self, x: mx.array, keys: mx.array, values: mx.array, rope, offset: int) -> mx.array:
-        """The block rows x [1, B, H] from position `offset` on, over the context's keys and values and their own."""
+    def __call__(self, x: mx.array, context: mx.array, bounds: list[tuple[int, int]], caches: list[KVCache], rope,
+                 size: int) -> mx.array:
+        """Several sequences' blocks at once: x [1, n * size, H] their block rows (normed) end to
+        end, `context` [1, S, H] their new context rows end to end (`bounds`: each one's), each
+        appended to its own cache; every projection runs once over all rows, attention per
+        sequence over its context and its own block."""
         b, n, _ = x.shape
         queries = self.q_norm(self.q_proj(x).reshape(b, n, self.n_heads, -1)).transpose(0, 2, 1, 3)
         own_keys, own_values = self._keys(x)
-        keys = mx.concatenate([keys, rope(own_keys, offset=offset)], axis=2)
-        values = mx.concatenate([values, own_values], axis=2)
-        out = mx.fast.scaled_dot_product_attention(rope(queries, offset=offset), keys, values, scale=self.scale)
+        context_keys, context_values = self._keys(context)
+        outs = []
+        for i, ((start, end), cache) in enumerate(zip(bounds, caches)):
+            keys, values = self._append(context_keys[:, :, start:end], context_values[:, :, start:end], rope, cache)
+            rows = slice(i * size, (i + 1) * size)
+            keys = mx.concatenate([keys, rope(own_keys[:, :, rows], offset=cache.offset)], axis=2)
+            values = mx.concatenate([values, own_values[:, :, rows]], axis=2)
+            outs.append(mx.fast.scaled_dot_product_attention(rope(queries[:, :, rows], offset=cache.offset), keys, values,
+                                                             scale=self.scale))
+        out = mx.concatenate(outs, axis=2) if len(outs) > 1 else outs[0]
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(b, n, -1))
 
 
@@ -142,9 +157,8 @@ class BlockLayer(nn.Module):
         self.input_layernorm = nn.RMSNorm(c.hidden_size, eps=c.rms_norm_eps)
         self.post_attention_layernorm = nn.RMSNorm(c.hidden_size, eps=c.rms_norm_eps)
 
-    def __call__(self, x: mx.array, context: mx.array, rope, cache: KVCache) -> mx.array:
-        keys, values = self.self_attn.read(context, rope, cache)
-        h = x + self.self_attn(self.input_layernorm(x), keys, values, rope, cache.offset)
+    def __call__(self, x: mx.array, context: mx.array, bounds, caches: list[KVCache], rope, size: int) -> mx.array:
+        h = x + self.self_attn(self.input_layernorm(x), context, bounds, caches, rope, size)
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
@@ -221,13 +235,16 @@ class BlockDrafter(nn.Module):
             out = [layer.self_attn.read(context, self.rope, cache)[0] for layer, cache in zip(self.layers, caches)]
         return out
 
-    def __call__(self, hidden: mx.array, tokens: mx.array, caches: list[KVCache], target) -> mx.array:
-        """The context positions not read yet (tapped states [1, S, taps * H]) are appended, then the
-        block `tokens` [1, B] runs after them; the block's states after the final norm [1, B, H]."""
-        context = self.context(hidden)
+    def __call__(self, hiddens: list[mx.array], blocks: list[list[int]], caches: list[list[KVCache]], target) -> mx.array:
+        """Several sequences at once (one alone is a list of one): each one's context positions not
+        read yet (tapped states [1, S_i, taps * H]) are appended to its caches, then its block runs
+        after them. Returns the blocks' states after the final norm, end to end [1, n * B, H]."""
+        hidden = mx.concatenate(hiddens, axis=1) if len(hiddens) > 1 else hiddens[0]
+        context, bounds = self.context(hidden), row_bounds(h.shape[1] for h in hiddens)
+        tokens = mx.array([[t for block in blocks for t in block]])
         x = (self.embed_tokens if "embed_tokens" in self else target_embedding(target))(tokens)
-        for layer, cache in zip(self.layers, caches):
-            x = layer(x, context, self.rope, cache)
+        for j, layer in enumerate(self.layers):
+            x = layer(x, context, bounds, [c[j] for c in caches], self.rope, len(blocks[0]))
         return self.norm(x)
 
     def logits(self, h: mx.array, target) -> mx.array:
@@ -236,8 +253,18 @@ class BlockDrafter(nn.Module):
     def draft(self, hidden: mx.array, tokens: mx.array, caches: list[KVCache], target, offers=None):
         """One block forward (daemon.engine.rows.DraftCall): (the proposal rows' logits [P, V] before
         the Markov head, their states [1, P, H])."""
-        h = self(hidden, tokens, caches, target)[:, self.config.first_row :]
+        h = self([hidden], [tokens[0].tolist()], [caches], target)[:, self.config.first_row :]
         return self.logits(h, target)[0], h
+
+    ragged = True  # several sequences' blocks run in one forward (`draft_ragged`)
+
+    def draft_ragged(self, calls: list, target) -> list[tuple[mx.array, mx.array]]:
+        """`draft` for several sequences (daemon.engine.rows.DraftCall each) in one forward; the head once over all."""
+        size, first = self.config.block_size, self.config.first_row
+        h = self([c.hidden for c in calls], [c.tokens for c in calls], [c.cache for c in calls], target)
+        rows = mx.concatenate([h[:, i * size + first : (i + 1) * size] for i in range(len(calls))], axis=1)
+        logits, per = self.logits(rows, target)[0], size - first
+        return [(logits[i * per : (i + 1) * per], rows[:, i * per : (i + 1) * per]) for i in range(len(calls))]
 
     def confidence(self, h: mx.array, previous: mx.array) -> mx.array | None:
         """A row's predicted acceptance (its state h [1, H], the token before it [1]), or None
