@@ -132,6 +132,11 @@ def _train_parser(sub) -> None:
     t.add_argument("--generate-workers", type=_at_least_one, default=None, metavar="N",
                    help="processes answering the training prompts at once, one BLAS thread each "
                         "(default: one per core on the CPU, one on Metal)")
+    t.add_argument("--kind", choices=["chain", "block"], default=None,
+                   help="chain: an MTP drafter chained on its own output (default); block: a block drafter, "
+                        "a block of drafts per forward (DSpark's rows)")
+    t.add_argument("--block-size", type=_at_least_one, default=None, metavar="B",
+                   help="a block drafter's drafts per forward (default 8)")
     t.add_argument("--resume", action="store_true", help="continue a stopped run in --out")
 
 

@@ -157,13 +157,14 @@ def cmd_train_drafter(args) -> None:
 
     overrides = {"tokens": args.tokens, "steps": args.steps, "chain_steps": args.chain_steps,
                  "chain_depths": args.chain_depths, "head_vocab": args.head_vocab, "feature_layers": args.feature_layers,
-                 "read_offers": args.read_offers, "generate_workers": args.generate_workers}
+                 "read_offers": args.read_offers, "generate_workers": args.generate_workers, "kind": args.kind,
+                 "block_size": args.block_size}
     settings = dataclasses.replace(TrainSettings(), **{k: v for k, v in overrides.items() if v is not None})
     lm = load(args.model, drafter="none")
     record = train_drafter(
         lm, args.out, settings, resume=args.resume, progress=lambda line: print(line, file=sys.stderr, flush=True)
     )
-    print(json.dumps(record["held_out_first_position_acceptance"]))
+    print(json.dumps(record.get("held_out_first_position_acceptance") or record["held_out_block_acceptance"]))
 
 
 def cmd_rank(args) -> None:

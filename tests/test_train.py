@@ -286,3 +286,57 @@ def test_train_drafter_rejects_a_bad_worker_count(bad, capsys):
         main(["train-drafter", "--out", "unused", "--generate-workers", bad])
     assert stop.value.code == 2
     assert f"expected a whole number >= 1, not {bad!r}" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def trained_block(tmp_path_factory, tiny_gguf):
+    """A block drafter (`--kind block`): blocks of 4 over the tiny target's taps."""
+    out = tmp_path_factory.mktemp("drafter-block")
+    lm = load(str(tiny_gguf), drafter="none")
+    mx.random.seed(0)
+    settings = dataclasses.replace(SETTINGS, kind="block", block_size=4, anchors=8, steps=120)
+    record = train_drafter(lm, out, settings, progress=lambda _: None)
+    return out, record
+
+
+def test_a_block_drafter_learns_the_targets_choices_and_stays_lossless(trained_block, tiny_gguf):
+    from daemon.models.block import is_block
+
+    out, record = trained_block
+    acceptance = record["held_out_block_acceptance"]["all"]
+    # an untrained head over 64 tokens agrees ~2% of the time (0.29 and 0.32 measured)
+    assert acceptance["by_position"][0] > 0.1 and acceptance["accepted_per_block"] > 0.1
+    assert len(acceptance["by_position"]) == 4 and json.loads((out / "training.json").read_text())["steps"] == 120
+    lm = load(str(tiny_gguf), drafter=str(out))
+    assert is_block(lm.drafter) and lm.drafter.config.block_size == 4 and len(lm.drafter.config.head_vocab) == 64
+    assert len(lm.phrases) == record["phrasebook_ngrams"] > 0
+    messages = [{"role": "user", "content": "Write a function."}]
+    prompt = tuple(lm.tokenizer.apply_chat_template(messages, add_generation_prompt=True))
+    plain = list(generate(lm, Request(prompt, max_tokens=40), Fixed(0)))[-1]
+    spec = list(generate(lm, Request(prompt, max_tokens=40), Fixed(4)))[-1]
+    assert spec.token_ids == plain.token_ids and spec.stats.accepted > 0
+
+
+def test_a_blocks_training_rows_equal_its_drafting(trained_block, tiny_gguf):
+    """The teacher-forced form (every anchor's block over the context before it, in one forward)
+    gives each block's rows as the drafter gives them when its last token is the anchor's."""
+    from daemon.engine.forward import hidden_tap
+    from daemon.training.block_loss import block_batch, block_states
+
+    out, _ = trained_block
+    lm = load(str(tiny_gguf), drafter=str(out))
+    drafter, source = lm.drafter, lm.drafter.config.source
+    ids = [3, 40, 7, 90, 11, 52, 8, 33, 61, 5, 19, 27]
+    tap = hidden_tap(lm.model, source)
+    lm.model(mx.array([ids]))
+    taps = np.array(tap.hidden(source)).astype(np.float16)
+    f = {"hidden": taps, "tokens": np.array([ids], np.int32), "argmax": np.zeros((1, len(ids)), np.int32),
+         "lengths": np.array([len(ids)]), "starts": np.array([2])}
+    anchors = np.array([[2, 5, 9]])
+    batch = block_batch(f, np.array([0]), anchors, 4, drafter.config.mask_token_id)
+    rows = block_states(drafter, lm.model, *batch[:4])
+    for n, p in enumerate(anchors[0]):
+        caches = drafter.make_cache()
+        block = [ids[p]] + [drafter.config.mask_token_id] * 3
+        alone = drafter([mx.array(taps[:, :p]).astype(mx.float32)], [block], [caches], lm.model)
+        np.testing.assert_allclose(np.array(rows[:, 4 * n : 4 * n + 4]), np.array(alone), atol=1e-4, rtol=1e-3)

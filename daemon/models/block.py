@@ -13,8 +13,9 @@ without a causal mask; the block's own keys never enter the cache. Then norm, an
     the target's embedding and head; rows 1..B-1 give the tokens at their own positions
     p+1 .. p+B-1 (B - 1 proposals);
   DSpark (deepseek-ai/DeepSpec, deepspec/modeling/dspark/qwen3/modeling.py, markov_head.py,
-    eval/dspark/draft_ops.py): its own copies of the embedding and head; row i gives the token at
-    p+i+1 (B proposals); a Markov head adds w2(w1[previous token]) to each row's logits in order
+    eval/dspark/draft_ops.py): its own copies of the embedding and head (one `mtpd train-drafter
+    --kind block` trains uses the target's, its head over the most frequent tokens); row i gives
+    the token at p+i+1 (B proposals); a Markov head adds w2(w1[previous token]) to each row's logits in order
     (vanilla; gated: w1[prev] times sigmoid(gate_proj([h; w1[prev]])); rnn: a GRU-like state over
     the block), and a confidence head sigmoid(proj([h; w1[prev]] or h)) predicts each row's
     acceptance.
@@ -34,7 +35,7 @@ from mlx_lm.models.rope_utils import initialize_rope
 
 from daemon.cpu.fast_block import row_bounds
 from daemon.engine.forward import PREFILL_CHUNK, feature_source
-from daemon.models.target import target_embedding, target_head
+from daemon.models.target import full_vocab, head_rows, target_embedding, target_head
 
 KINDS = ("dflash", "dspark")
 MARKOV_TYPES = ("vanilla", "gated", "rnn")
@@ -63,6 +64,8 @@ class BlockConfig:
     markov_head_type: str = "vanilla"
     confidence_head: bool = False
     confidence_with_markov: bool = False  # the confidence head reads w1[previous token] beside h
+    own_embedding: bool = False  # it ships its own embed_tokens and lm_head (DSpark's sidecars); else the target's
+    head_vocab: list[int] | None = field(default=None, repr=False)  # the target's head over these token ids alone
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -209,9 +212,11 @@ class BlockDrafter(nn.Module):
         self.hidden_norm = nn.RMSNorm(c.hidden_size, eps=c.rms_norm_eps)
         self.layers = [BlockLayer(c) for _ in range(c.num_hidden_layers)]
         self.norm = nn.RMSNorm(c.hidden_size, eps=c.rms_norm_eps)
-        if c.kind == "dspark":  # its own copies of the target's
+        if c.own_embedding:  # its own copies of the target's
             self.embed_tokens = nn.Embedding(c.vocab_size, c.hidden_size)
             self.lm_head = nn.Linear(c.hidden_size, c.vocab_size, bias=False)
+        self._vocab_map = mx.array(c.head_vocab) if c.head_vocab else None
+        object.__setattr__(self, "_subset_head", None)  # (target, its head rows for head_vocab): target.head_rows
         if c.markov_rank:
             self.markov_head = MarkovHead(c)
         if c.confidence_head:
@@ -247,8 +252,16 @@ class BlockDrafter(nn.Module):
             x = layer(x, context, bounds, [c[j] for c in caches], self.rope, len(blocks[0]))
         return self.norm(x)
 
+    def head_logits(self, h: mx.array, target) -> mx.array:
+        """Logits over the head's vocabulary: `head_vocab` when set, else the full one."""
+        if "lm_head" in self:
+            return self.lm_head(h)
+        if self._vocab_map is None:
+            return target_head(target)(h)
+        return h @ head_rows(self, target, self._vocab_map).T
+
     def logits(self, h: mx.array, target) -> mx.array:
-        return self.lm_head(h) if "lm_head" in self else target_head(target)(h)
+        return full_vocab(self.head_logits(h, target), self._vocab_map, self.config.vocab_size)
 
     def draft(self, hidden: mx.array, tokens: mx.array, caches: list[KVCache], target, offers=None):
         """One block forward (daemon.engine.rows.DraftCall): (the proposal rows' logits [P, V] before

@@ -1,12 +1,16 @@
 """Block drafter folders as released: z-lab's DFlash (`DFlashDraftModel`, `dflash_config`) and
 DeepSeek's DSpark sidecars (`Qwen3DSparkModel`), their config.json read into a BlockConfig and
-their tensors loaded strictly (every one used, none missing) under their own names."""
+their tensors loaded strictly (every one used, none missing) under their own names; and the ones
+`mtpd train-drafter --kind block` writes in the same layout (`save`: DSpark's fields, the target's
+embedding and a head over `head_vocab`)."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import mlx.core as mx
+from mlx.utils import tree_flatten
 
 from daemon.models.block import BlockConfig, BlockDrafter
 
@@ -63,6 +67,8 @@ def _config(meta: dict, block: dict, found: str, target_config: dict) -> BlockCo
         markov_rank=int(meta.get("markov_rank", 0)), markov_head_type=str(meta.get("markov_head_type", "vanilla")),
         confidence_head=bool(meta.get("enable_confidence_head", False)),
         confidence_with_markov=bool(meta.get("enable_confidence_head", False) and meta.get("confidence_head_with_markov")),
+        own_embedding=found == "dspark" and not meta.get("shared_embedding", False),
+        head_vocab=meta.get("head_vocab"),
     )
 
 
@@ -98,3 +104,22 @@ def load(folder: Path, meta: dict, weights: dict, target_config: dict) -> BlockD
     mx.eval(drafter.parameters())
     drafter.eval()
     return drafter
+
+
+def save(drafter: BlockDrafter, folder: Path, extra: dict | None = None) -> None:
+    """config.json (DSpark's fields, `shared_embedding`, `head_vocab`) and model.safetensors, each
+    written atomically."""
+    c = drafter.config
+    if c.kind != "dspark" or c.own_embedding or c.markov_rank or c.confidence_head:
+        raise ValueError("only block drafters of mtpd's own layout are saved (dspark rows, the target's embedding)")
+    folder.mkdir(parents=True, exist_ok=True)
+    config = {
+        "architectures": ["DSparkDraftModel"], "model_type": "mtpd_block_drafter", "shared_embedding": True,
+        **{f: getattr(c, f) for f in (*_LAYER_FIELDS, "head_dim", "rope_theta", "rope_scaling", "max_position_embeddings",
+                                      "attention_bias", "block_size", "mask_token_id", "target_layer_ids", "head_vocab")},
+        "layer_types": ["full_attention"] * c.num_hidden_layers, **(extra or {}),
+    }
+    mx.save_safetensors(str(folder / "model.tmp.safetensors"), dict(tree_flatten(drafter.parameters())))
+    (folder / "model.tmp.safetensors").replace(folder / "model.safetensors")
+    (folder / "config.json.tmp").write_text(json.dumps(config, indent=1))
+    (folder / "config.json.tmp").replace(folder / "config.json")

@@ -26,10 +26,9 @@ from mlx_lm.models.base import create_attention_mask
 from mlx_lm.models.cache import CacheList
 
 from daemon.cpu.fast_block import FastBlock, row_bounds
-from daemon.cpu.layout import column_major_matrix
 from daemon.engine.forward import feature_source
 from daemon.models import family
-from daemon.models.target import SharedHead, target_embedding, target_head, target_head_weight
+from daemon.models.target import SharedHead, full_vocab, head_rows, target_embedding, target_head
 
 HIDDEN_SOURCES = ("post_norm", "pre_norm", "streams")  # streams: a hyper-connection trunk's (DeepSeek V4)
 COMBINES = ("embedding_first", "hidden_first")
@@ -160,12 +159,7 @@ class MTPDrafter(nn.Module):
             return self.shared_head.head(out)
         if self._vocab_map is None:
             return target_head(target)(out)
-        if self._subset_head is None or self._subset_head[0] is not target:
-            rows = target_head_weight(target)[self._vocab_map]
-            rows = column_major_matrix(rows) if self._column_major else mx.contiguous(rows)
-            mx.eval(rows)
-            object.__setattr__(self, "_subset_head", (target, rows))
-        return out @ self._subset_head[1].T
+        return out @ head_rows(self, target, self._vocab_map, self._column_major).T
 
     def use_layout(self, column_major: bool) -> None:
         """The layout of the head's rows for head_vocab, as the target's weights have it
@@ -185,11 +179,7 @@ class MTPDrafter(nn.Module):
         return self._full_vocab(self.head_logits(out[:, -1], target)), x
 
     def _full_vocab(self, logits: mx.array) -> mx.array:
-        """A reduced vocabulary's logits scattered back into the full one, the others impossible."""
-        if self._vocab_map is None:
-            return logits
-        full = mx.full((*logits.shape[:-1], self.config.target["vocab_size"]), -mx.inf, logits.dtype)
-        return mx.put_along_axis(full, mx.broadcast_to(self._vocab_map, logits.shape), logits, axis=-1)
+        return full_vocab(logits, self._vocab_map, self.config.target["vocab_size"])
 
     def make_cache(self):
         return family.make_cache(self.config.target)

@@ -52,3 +52,25 @@ def target_head_weight(model) -> mx.array:
     if hasattr(layer, "scales"):
         return mx.dequantize(layer.weight, layer.scales, layer.biases, layer.group_size, layer.bits)
     return layer.weight
+
+
+def head_rows(holder, target, vocab_map: mx.array, column_major: bool = False) -> mx.array:
+    """The target's head rows for a drafter's reduced vocabulary [len(vocab_map), H], made once
+    per target and kept on `holder` (as `_subset_head`; `column_major`: daemon.cpu.layout)."""
+    kept = getattr(holder, "_subset_head", None)
+    if kept is None or kept[0] is not target:
+        from daemon.cpu.layout import column_major_matrix
+
+        rows = target_head_weight(target)[vocab_map]
+        rows = column_major_matrix(rows) if column_major else mx.contiguous(rows)
+        mx.eval(rows)
+        object.__setattr__(holder, "_subset_head", (target, rows))
+    return holder._subset_head[1]
+
+
+def full_vocab(logits: mx.array, vocab_map: mx.array | None, vocab: int) -> mx.array:
+    """A reduced vocabulary's logits scattered back into the full one, the others impossible."""
+    if vocab_map is None:
+        return logits
+    full = mx.full((*logits.shape[:-1], vocab), -mx.inf, logits.dtype)
+    return mx.put_along_axis(full, mx.broadcast_to(vocab_map, logits.shape), logits, axis=-1)

@@ -30,8 +30,10 @@ from daemon.cluster.hosts import loopback_ring
 from daemon.cluster.launch import join_ring
 from daemon.cpu import workers as cpu_workers
 from daemon.drafting.phrases import Phrasebook
-from daemon.models import drafter_io, mtp
+from daemon.models import block_io, drafter_io, mtp
+from daemon.models.block import BlockDrafter
 from daemon.models.loading import LoadedModel, load
+from daemon.training.block_loss import block_batch, block_loss_fn, draw_anchors, evaluate_blocks
 from daemon.training.data import (
     TrainingData,
     concat,
@@ -50,10 +52,20 @@ from daemon.training.settings import (
 )
 
 
-def init_drafter(lm: LoadedModel, head_vocab: list[int] | None, s: TrainSettings) -> mtp.MTPDrafter:
+def init_drafter(lm: LoadedModel, head_vocab: list[int] | None, s: TrainSettings):
     """Random eh_proj; the block starts as a copy of the target's last layer and shared_head.norm
-    as its final norm, so training starts from the target's own representations."""
+    as its final norm, so training starts from the target's own representations. A block drafter:
+    random fc, its layers copies of the target's last (the names they share), the target's final norm."""
     config = drafter_config(lm, s, head_vocab)
+    if s.kind == "block":
+        drafter = BlockDrafter(config)
+        last = dict(tree_flatten(lm.model.model.layers[-1].parameters()))
+        for layer in drafter.layers:
+            layer.load_weights([(k, v) for k, v in last.items() if k in dict(tree_flatten(layer.parameters()))], strict=False)
+        norm = lm.model.model.norm
+        drafter.norm.weight = mx.array(getattr(norm, "norm", norm).weight)
+        mx.eval(drafter.parameters())
+        return drafter
     drafter = mtp.MTPDrafter(config)
     drafter.block.update(lm.model.model.layers[-1].parameters())
     norm = lm.model.model.norm
@@ -70,7 +82,11 @@ def _stage(drafter, s: TrainSettings, second: bool):
     """Optimizer and loss gradient of a stage. First: depth 1, warm-up then cosine decay over
     `steps`. Second (from the first's weights): `chain_depths` depths, a short warm-up to 0.3x the rate and
     cosine decay over `chain_steps`."""
-    if second:
+    if s.kind == "block":
+        peak, warm = s.learning_rate, 50
+        schedule = optim.cosine_decay(peak, s.steps, peak * 0.05)
+        loss = block_loss_fn
+    elif second:
         peak, warm = s.learning_rate * 0.3, 20
         schedule = optim.cosine_decay(peak, s.chain_steps, peak * 0.1)
         loss = functools.partial(chained_loss_fn, weight=s.chain_weight, depths=s.chain_depths)
@@ -121,7 +137,7 @@ def _train_steps(lm: LoadedModel, drafter, data: TrainingData, s: TrainSettings,
         optimizer.state = tree_unflatten(list(mx.load(str(work / "opt.safetensors")).items()))
 
     vocab = lm.config["vocab_size"]
-    total = s.steps + s.chain_steps
+    total = s.steps + (s.chain_steps if s.kind == "chain" else 0)
     tokens_seen = 0
     t0 = time.perf_counter()
     losses = []
@@ -131,9 +147,14 @@ def _train_steps(lm: LoadedModel, drafter, data: TrainingData, s: TrainSettings,
             optimizer, value_and_grad = _stage(drafter, s, second)
         rows = rng.choice(data.train_rows, size=s.batch, replace=False)
         mine = rows[rank::size]
-        hidden, tokens, labels, mask = drafter_batch(f, mine)
-        loss, grads = value_and_grad(drafter, lm.model, hidden, tokens, subset_labels(labels, head_vocab, vocab), mask,
-                                     offer_rows(offers, mine))
+        if s.kind == "block":
+            *inputs, labels, counts = block_batch(f, mine, draw_anchors(f, mine, s.anchors, rng), s.block_size,
+                                                  drafter.config.mask_token_id)
+            loss, grads = value_and_grad(drafter, lm.model, *inputs, subset_labels(labels, head_vocab, vocab), counts)
+        else:
+            hidden, tokens, labels, mask = drafter_batch(f, mine)
+            loss, grads = value_and_grad(drafter, lm.model, hidden, tokens, subset_labels(labels, head_vocab, vocab),
+                                         mask, offer_rows(offers, mine))
         if group is not None:
             loss, grads = tree_map(lambda g: mx.distributed.all_sum(g, group=group) / size, (loss, grads))
         grads, _ = optim.clip_grad_norm(grads, 1.0)
@@ -148,7 +169,10 @@ def _train_steps(lm: LoadedModel, drafter, data: TrainingData, s: TrainSettings,
         if step % 25 == 0 or step == stage_end:
             rate = tokens_seen / (time.perf_counter() - t0)
             progress(f"step {step}/{total} loss {np.mean(losses[-25:]):.3f} ({rate:.0f} tok/s)")
-        if step % 100 == 0 or step == stage_end:
+        if s.kind == "block" and (step % 100 == 0 or step == stage_end):
+            progress(f"step {step}: held-out acceptance {json.dumps(evaluate_blocks(drafter, lm, f, held, s.batch))}")
+            _save_checkpoint(work, drafter, optimizer, step, rng.bit_generator.state)
+        elif step % 100 == 0 or step == stage_end:
             accept = evaluate(drafter, lm, f, held, head_vocab, s.batch)
             progress(f"step {step}: held-out first-position acceptance {_fmt(accept)}")
             for depth in range(2, s.chain_depths + 1) if second else ():
@@ -205,7 +229,6 @@ def train_drafter(
         drafter.load_weights(str(work / "ckpt.safetensors"))
     step = json.loads((work / "step.json").read_text())["step"]
 
-    acceptance = evaluate(drafter, lm, f, held, head_vocab, s.batch)
     record = {
         "target": lm.name,
         "settings": asdict(s),
@@ -219,10 +242,7 @@ def train_drafter(
         "head_vocab_coverage_held_out": coverage,
         "phrasebook_ngrams": len(phrases),
         "acceptance_counts": "teacher-forced drafts of answer tokens (the prompt's are never drafted)",
-        "held_out_first_position_acceptance": acceptance,
-        "held_out_second_position_acceptance": evaluate(drafter, lm, f, held, head_vocab, s.batch, depth=2),
-        **{f"held_out_position_{d}_acceptance": evaluate(drafter, lm, f, held, head_vocab, s.batch, depth=d)
-           for d in range(3, max(s.chain_depths, 2) + 1)},
+        **_acceptance(drafter, lm, data, s),
         "data_seconds": round(data_seconds, 1),
         "wall_seconds": round(time.perf_counter() - started, 1),
     }
@@ -230,11 +250,27 @@ def train_drafter(
     return record
 
 
+def _acceptance(drafter, lm: LoadedModel, data: TrainingData, s: TrainSettings) -> dict:
+    """The record's held-out acceptance: a block drafter's per row and per block, a chained one's per depth."""
+    f, held, head_vocab = data.f, data.held, data.head_vocab
+    if s.kind == "block":
+        return {"held_out_block_acceptance": evaluate_blocks(drafter, lm, f, held, s.batch)}
+    return {
+        "held_out_first_position_acceptance": evaluate(drafter, lm, f, held, head_vocab, s.batch),
+        "held_out_second_position_acceptance": evaluate(drafter, lm, f, held, head_vocab, s.batch, depth=2),
+        **{f"held_out_position_{d}_acceptance": evaluate(drafter, lm, f, held, head_vocab, s.batch, depth=d)
+           for d in range(3, max(s.chain_depths, 2) + 1)},
+    }
+
+
 def export(drafter, phrases: Phrasebook, out: Path, record: dict) -> None:
     """The drafter folder: fp16 weights (half the size; the loader casts back on a CPU) and the
     target's phrasebook."""
     drafter.update(tree_unflatten([(k, v.astype(mx.float16)) for k, v in tree_flatten(drafter.parameters())]))
-    drafter_io.save(drafter, out)
+    if isinstance(drafter, BlockDrafter):
+        block_io.save(drafter, out)
+    else:
+        drafter_io.save(drafter, out)
     phrases.save(out)
     (out / "training.json").write_text(json.dumps(record, indent=1))
 
