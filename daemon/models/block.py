@@ -205,6 +205,10 @@ class ConfidenceHead(nn.Module):
 
 
 class BlockDrafter(nn.Module):
+    """The drafter of the module docstring, for one sequence or several at once (`draft_ragged`)."""
+
+    ragged = True  # several sequences' blocks run in one forward (daemon.engine.ragged.run_drafts)
+
     def __init__(self, config: BlockConfig):
         super().__init__()
         c = self.config = config
@@ -268,8 +272,6 @@ class BlockDrafter(nn.Module):
         the Markov head, their states [1, P, H])."""
         h = self([hidden], [tokens[0].tolist()], [caches], target)[:, self.config.first_row :]
         return self.logits(h, target)[0], h
-
-    ragged = True  # several sequences' blocks run in one forward (`draft_ragged`)
 
     def draft_ragged(self, calls: list, target) -> list[tuple[mx.array, mx.array]]:
         """`draft` for several sequences (daemon.engine.rows.DraftCall each) in one forward; the head once over all."""
