@@ -65,6 +65,9 @@ class BlockConfig:
     confidence_head: bool = False
     confidence_with_markov: bool = False  # the confidence head reads w1[previous token] beside h
     own_embedding: bool = False  # it ships its own embed_tokens and lm_head (DSpark's sidecars); else the target's
+    # every block row's input also holds the last context row (in_proj([e; c_{p-1}])), as an MTP layer's
+    # eh_proj holds h_{p-1}: mtpd's own trained block drafters
+    reads_last: bool = False
     head_vocab: list[int] | None = field(default=None, repr=False)  # the target's head over these token ids alone
 
     def __post_init__(self):
@@ -216,6 +219,8 @@ class BlockDrafter(nn.Module):
         self.hidden_norm = nn.RMSNorm(c.hidden_size, eps=c.rms_norm_eps)
         self.layers = [BlockLayer(c) for _ in range(c.num_hidden_layers)]
         self.norm = nn.RMSNorm(c.hidden_size, eps=c.rms_norm_eps)
+        if c.reads_last:
+            self.in_proj = nn.Linear(2 * c.hidden_size, c.hidden_size, bias=False)
         if c.own_embedding:  # its own copies of the target's
             self.embed_tokens = nn.Embedding(c.vocab_size, c.hidden_size)
             self.lm_head = nn.Linear(c.hidden_size, c.vocab_size, bias=False)
@@ -251,10 +256,17 @@ class BlockDrafter(nn.Module):
         hidden = mx.concatenate(hiddens, axis=1) if len(hiddens) > 1 else hiddens[0]
         context, bounds = self.context(hidden), row_bounds(h.shape[1] for h in hiddens)
         tokens = mx.array([[t for block in blocks for t in block]])
-        x = (self.embed_tokens if "embed_tokens" in self else target_embedding(target))(tokens)
+        last = mx.array([end - 1 for _, end in bounds for _ in range(len(blocks[0]))])
+        x = self.block_input(tokens, context[:, last], target)
         for j, layer in enumerate(self.layers):
             x = layer(x, context, bounds, [c[j] for c in caches], self.rope, len(blocks[0]))
         return self.norm(x)
+
+    def block_input(self, tokens: mx.array, last: mx.array, target) -> mx.array:
+        """The block rows' input: their tokens' embeddings, with `reads_last` the context row before
+        each one's block beside them (last: [B, n, H], one per row)."""
+        e = (self.embed_tokens if "embed_tokens" in self else target_embedding(target))(tokens)
+        return self.in_proj(mx.concatenate([e, last], axis=-1)) if "in_proj" in self else e
 
     def head_logits(self, h: mx.array, target) -> mx.array:
         """Logits over the head's vocabulary: `head_vocab` when set, else the full one."""

@@ -68,6 +68,7 @@ def _config(meta: dict, block: dict, found: str, target_config: dict) -> BlockCo
         confidence_head=bool(meta.get("enable_confidence_head", False)),
         confidence_with_markov=bool(meta.get("enable_confidence_head", False) and meta.get("confidence_head_with_markov")),
         own_embedding=found == "dspark" and not meta.get("shared_embedding", False),
+        reads_last=bool(meta.get("reads_last", False)),
         head_vocab=meta.get("head_vocab"),
     )
 
@@ -116,7 +117,8 @@ def save(drafter: BlockDrafter, folder: Path, extra: dict | None = None) -> None
     config = {
         "architectures": ["DSparkDraftModel"], "model_type": "mtpd_block_drafter", "shared_embedding": True,
         **{f: getattr(c, f) for f in (*_LAYER_FIELDS, "head_dim", "rope_theta", "rope_scaling", "max_position_embeddings",
-                                      "attention_bias", "block_size", "mask_token_id", "target_layer_ids", "head_vocab")},
+                                      "attention_bias", "block_size", "mask_token_id", "target_layer_ids", "reads_last",
+                                      "head_vocab")},
         "layer_types": ["full_attention"] * c.num_hidden_layers, **(extra or {}),
     }
     mx.save_safetensors(str(folder / "model.tmp.safetensors"), dict(tree_flatten(drafter.parameters())))

@@ -15,7 +15,6 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from daemon.models.target import target_embedding
 from daemon.training.settings import CATEGORIES
 
 DECAY = 4.0
@@ -68,7 +67,7 @@ def block_states(drafter, target, taps, block, position, anchor) -> mx.array:
     r, length = taps.shape[:2]
     n, size = block.shape[1], drafter.config.block_size
     context = drafter.context(taps)
-    x = (drafter.embed_tokens if "embed_tokens" in drafter else target_embedding(target))(block)
+    x = drafter.block_input(block, mx.take_along_axis(context, mx.maximum(anchor - 1, 0)[..., None], axis=1), target)
     group = mx.arange(n) // size
     sees = mx.concatenate([mx.arange(length)[None, None] < anchor[..., None],
                            mx.broadcast_to(group[:, None] == group[None], (r, n, n))], axis=-1)[:, None]

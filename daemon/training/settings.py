@@ -38,6 +38,7 @@ class TrainSettings:
     block_size: int = 8  # a block drafter's rows: the drafts one forward proposes
     block_layers: int = 1
     anchors: int = 32  # blocks trained per sequence and step
+    block_reads_last: bool = True  # block rows also read the last context row (daemon.models.block: reads_last)
 
 
 def default_feature_layers(blocks: int) -> tuple[int, ...]:
@@ -62,7 +63,7 @@ def drafter_config(lm: LoadedModel, s: TrainSettings, head_vocab: list[int] | No
             head_dim=t.get("head_dim") or t["hidden_size"] // t["num_attention_heads"],
             intermediate_size=t["intermediate_size"], vocab_size=t["vocab_size"], rms_norm_eps=t["rms_norm_eps"],
             rope_theta=t.get("rope_theta", 10000.0), block_size=s.block_size, mask_token_id=t["vocab_size"] - 1,
-            target_layer_ids=block_layer_ids(t["num_hidden_layers"]), head_vocab=head_vocab)
+            target_layer_ids=block_layer_ids(t["num_hidden_layers"]), reads_last=s.block_reads_last, head_vocab=head_vocab)
     if s.kind != "chain":
         raise ValueError(f"kind must be chain or block, not {s.kind!r}")
     return mtp.DrafterConfig(lm.config, lm.config["num_hidden_layers"], s.hidden_source, head_vocab=head_vocab,
