@@ -15,7 +15,7 @@ Already run elsewhere, so not repeated here:
 | `mtpd service ACTION [--manager M] [--dry-run] [--env K=V]`, every action | test_service.py |
 
 Here: `bench --baseline mlx-lm` (with and without `--drafter none`, `--plot`), `generate` with every
-flag, `serve --host --speculation --log-level`, `train-drafter [--resume]`, `inspect`, `drafter
+flag, `serve --host --speculation --log-level`, `train-drafter [--resume] [--kind block]`, `inspect`, `drafter
 extract --bits` and the extracted folder as `--drafter`, `service install --config` and `service
 logs --follow`. The default model where the README runs it; the tiny model where the model is not the point.
 """
@@ -126,6 +126,20 @@ def test_train_drafter_and_resume(tmp_path, tiny_gguf):
     resumed = run_mtpd(*argv, "--resume")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "resumed at step" in resumed.stderr and json.loads(resumed.stdout) == acceptance
+
+
+def test_train_a_block_drafter(tmp_path, tiny_gguf):
+    """`--kind block --block-size B`: a block drafter's folder, in DSpark's layout, that serves."""
+    out = tmp_path / "block"
+    done = run_mtpd("train-drafter", "--model", str(tiny_gguf), "--out", str(out), "--tokens", "400", "--steps", "2",
+                    "--head-vocab", "32", "--kind", "block", "--block-size", "3", "--generate-workers", "1")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert len(json.loads(done.stdout)["all"]["by_position"]) == 3
+    config = json.loads((out / "config.json").read_text())
+    assert config["architectures"] == ["DSparkDraftModel"] and config["block_size"] == 3 and len(config["head_vocab"]) == 32
+    made = run_mtpd("generate", "Hello", "--model", str(tiny_gguf), "--drafter", str(out), "--spec", "fixed:3",
+                    "--max-tokens", "8")
+    assert made.returncode == 0 and summary(made.stderr)[1] == 8, made.stderr[-2000:]
 
 
 def test_inspect_extract_and_serve_the_extracted_drafter(tmp_path, tiny_lm):
