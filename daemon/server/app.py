@@ -1,5 +1,6 @@
-"""The HTTP server: OpenAI's API (and Anthropic's Messages API) on aiohttp, in aiohttp's own shape (an app factory, typed keys,
-the engine worker opened and closed in `cleanup_ctx`, thin handlers, one error middleware).
+"""The HTTP server: OpenAI's APIs (chat completions, completions, responses) and Anthropic's
+Messages API on aiohttp, in aiohttp's own shape (an app factory, typed keys, the engine worker
+opened and closed in `cleanup_ctx`, thin handlers, one error middleware).
 
 It never touches MLX: a request becomes a `Job` for the engine thread (daemon.server.worker), and
 the records the engine yields come back through the event loop. Every error reaches the client as
@@ -20,10 +21,11 @@ from aiohttp.http_exceptions import HttpProcessingError
 from daemon.cluster.faults import RankLost
 from daemon.server.handlers import setup_routes
 from daemon.server.hints import add_header
-from daemon.server.keys import METRICS, SETTINGS, TOTALS, WORKER, Totals
+from daemon.server.keys import METRICS, RESPONSES, SETTINGS, TOTALS, WORKER, Totals
 from daemon.server.metrics import Metrics
 from daemon.server.openai_shapes import ApiError
 from daemon.server.protocol import Runner, error_response, more_sockets, said
+from daemon.server.response_store import ResponseStore
 from daemon.server.security import cors, cors_headers
 from daemon.server.streaming import ClientGone
 from daemon.server.worker import Worker
@@ -31,7 +33,7 @@ from daemon.settings import Settings
 
 log = structlog.get_logger()
 ROUTES = {"/v1/chat/completions": "chat", "/v1/completions": "completions", "/v1/messages": "messages",
-          "/v1/messages/count_tokens": "count_tokens", "/v1/models": "models", "/health": "health",
+          "/v1/messages/count_tokens": "count_tokens", "/v1/responses": "responses", "/v1/models": "models", "/health": "health",
           "/metrics": "metrics"}
 
 
@@ -44,7 +46,7 @@ async def measured(http: web.Request, handler):
     """Counts every request by endpoint and status; times generation requests."""
     m: Metrics = http.app[METRICS]
     endpoint = _endpoint(http.path)
-    generating = endpoint in ("chat", "completions", "messages")
+    generating = endpoint in ("chat", "completions", "messages", "responses")
     start = time.perf_counter()
     if generating:
         m.in_flight.inc()
@@ -117,6 +119,7 @@ def init_app(settings: Settings, worker: Worker, metrics: Metrics) -> web.Applic
         middlewares.append(_auth(settings.api_key.get_secret_value()))
     app = web.Application(middlewares=middlewares, client_max_size=settings.max_body_bytes)
     app[SETTINGS], app[WORKER], app[METRICS], app[TOTALS] = settings, worker, metrics, Totals()
+    app[RESPONSES] = ResponseStore()
     app.on_response_prepare.append(cors_headers(settings.allowed_origins))
     app.on_response_prepare.append(add_header)  # the hints a request left unused (daemon.server.hints)
     app.cleanup_ctx.append(_engine)

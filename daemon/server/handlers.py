@@ -19,11 +19,13 @@ from daemon.engine.records import Finished
 from daemon.server.anthropic_shapes import CountTokensRequest, MessagesRequest, message_id
 from daemon.server.context_edits import apply_edits
 from daemon.server.hints import UNUSED, report, unused, unused_betas
-from daemon.server.keys import METRICS, SETTINGS, TOTALS, WORKER
+from daemon.server.keys import METRICS, RESPONSES, SETTINGS, TOTALS, WORKER
 from daemon.server.messages import MessagesReply
 from daemon.server.openai_shapes import ApiError, ChatRequest, CompletionRequest, parse
 from daemon.server.openapi import openapi
 from daemon.server.prepare import MODEL_SUFFIXES, Prepared, default_speculation, prepare, prompt_ids, split_model
+from daemon.server.responses import ResponsesReply
+from daemon.server.responses_shapes import ResponsesRequest, response_id
 from daemon.server.streaming import KEEPALIVE_SECONDS, ClientGone, Reply, records, submit
 
 log = structlog.get_logger()
@@ -112,6 +114,19 @@ async def messages(http: web.Request) -> web.StreamResponse:
     return await _complete(http, body.chat(), message_id(), "messages", reply)
 
 
+async def responses(http: web.Request) -> web.StreamResponse:
+    """OpenAI's Responses API, served by the same chat path; a `previous_response_id` continues
+    from a kept response's conversation."""
+    body = parse(ResponsesRequest, await http.read())
+    report(http, unused(body))
+    store = http.app[RESPONSES]
+    history = store.get(body.previous_response_id) if body.previous_response_id is not None else []
+    chat = body.as_chat(history)
+    reply = functools.partial(ResponsesReply, body=body, conversation=history + body.items(),
+                              store=store if body.store else None)
+    return await _complete(http, chat, response_id(), "responses", reply)
+
+
 async def count_tokens(http: web.Request) -> web.Response:
     """The prompt's tokens after its context edits, as Anthropic counts them."""
     body, _ = await _anthropic(http, CountTokensRequest)
@@ -175,6 +190,7 @@ def setup_routes(app: web.Application) -> None:
     app.router.add_post("/v1/completions", completions)
     app.router.add_post("/v1/messages", messages)
     app.router.add_post("/v1/messages/count_tokens", count_tokens)
+    app.router.add_post("/v1/responses", responses)
     app.router.add_get("/v1/models", list_models)
     app.router.add_get("/v1/models/{model}", get_model)
     app.router.add_get("/health", health)

@@ -9,6 +9,7 @@ from aiohttp import web
 
 from daemon.engine.records import Finished
 from daemon.server.metrics import Metrics
+from daemon.server.response_store import ResponseStore
 from daemon.server.worker import Worker
 from daemon.settings import Settings
 
@@ -40,3 +41,4 @@ SETTINGS = web.AppKey("settings", Settings)
 WORKER = web.AppKey("worker", Worker)
 METRICS = web.AppKey("metrics", Metrics)
 TOTALS = web.AppKey("totals", Totals)
+RESPONSES = web.AppKey("responses", ResponseStore)  # kept for previous_response_id

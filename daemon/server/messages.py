@@ -7,31 +7,22 @@ from __future__ import annotations
 
 import json
 
-import structlog
 from aiohttp import web
 
-from daemon.engine.records import Delta, Finished
 from daemon.server.anthropic_shapes import error_body, message, tool_use_block
+from daemon.server.event_reply import EventReply
 from daemon.server.openai_shapes import ApiError, speculation_figures
 from daemon.server.prepare import Prepared
-from daemon.server.streaming import ClientGone
 
 
-class MessagesReply:
+class MessagesReply(EventReply):
     """`head` is (id, created, model), as for OpenAI's Reply; `context_management` is
     {"applied_edits": [...]} (daemon.server.context_edits)."""
 
     def __init__(self, prepared: Prepared, head: tuple, text_of=None, context_management: dict | None = None):
-        self.prepared, self.head, self.context_management = prepared, head, context_management
-        self.done: Finished | None = None
-        self.text: list[str] = []  # the answer as the model wrote it
-        self.calls = prepared.tool_calls
-
-    def _events(self, text: str) -> list[tuple[str, object]]:
-        return self.calls.feed(text) if self.calls is not None else [("text", text)]
-
-    def _closing(self) -> list[tuple[str, object]]:
-        return self.calls.close(self.done.finish_reason == "length") if self.calls is not None else []
+        super().__init__(prepared, head)
+        self.context_management = context_management
+        self.blocks = Blocks(self.send)
 
     def _message(self, content: list[dict]) -> dict:
         rid, _, model = self.head
@@ -40,62 +31,33 @@ class MessagesReply:
                        bool(self.calls and self.calls.calls), extension, self.context_management)
 
     async def collect(self, stream) -> web.Response:
-        async for record in stream:
-            if isinstance(record, Delta):
-                self.text.append(record.text)
-            else:
-                self.done = record
-        events = self._events("".join(self.text)) + self._closing()
+        events = await self.gather(stream)
         content, text = [], "".join(e for kind, e in events if kind == "text")
         if text:
             content.append({"type": "text", "text": text})
         content += [tool_use_block(e) for kind, e in events if kind == "call"]
         return web.json_response(self._message(content))
 
-    async def stream(self, http: web.Request, stream) -> tuple[web.StreamResponse, str]:
-        """Returns the response and how it ended ("ok", "client_gone" or an error's status)."""
-        response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
-        await response.prepare(http)
+    async def keepalive(self) -> None:
+        await self.send("ping", {})
 
-        async def send(event: str, payload: dict) -> None:
-            data = json.dumps({"type": event, **payload}, separators=(",", ":"))
-            try:
-                await response.write(f"event: {event}\ndata: {data}\n\n".encode())
-            except ConnectionError:
-                raise ClientGone from None
+    async def opening(self) -> None:
+        await self.send("message_start", {"message": self._message([])})
 
-        blocks = Blocks(send)
-        status = "ok"
-        try:
-            await send("message_start", {"message": self._message([])})
-            while not isinstance(record := await anext(stream), Finished):
-                if record is None:
-                    await send("ping", {})
-                    continue
-                self.text.append(record.text)
-                for event in self._events(record.text):
-                    await blocks.add(event)
-            self.done = record
-            for event in self._closing():
-                await blocks.add(event)
-            await blocks.close()
-            body = self._message([])
-            await send("message_delta", {"delta": {"stop_reason": body["stop_reason"],
-                                                   "stop_sequence": body["stop_sequence"]},
-                                         "usage": body["usage"], "mtpd": body["mtpd"]}
-                       | ({"context_management": self.context_management} if self.context_management else {}))
-            await send("message_stop", {})
-        except ApiError as e:  # after the headers: the error goes in the stream
-            await send("error", {"error": error_body(e)["error"]})
-            status = str(e.status)
-        except ClientGone:
-            return response, "client_gone"
-        except Exception:
-            structlog.get_logger().exception("internal error", path=http.path)
-            await send("error", {"error": error_body(ApiError(500, "internal server error"))["error"]})
-            status = "500"
-        await response.write_eof()
-        return response, status
+    async def add(self, event: tuple[str, object]) -> None:
+        await self.blocks.add(event)
+
+    async def ending(self) -> None:
+        await self.blocks.close()
+        body = self._message([])
+        await self.send("message_delta", {"delta": {"stop_reason": body["stop_reason"],
+                                                    "stop_sequence": body["stop_sequence"]},
+                                          "usage": body["usage"], "mtpd": body["mtpd"]}
+                        | ({"context_management": self.context_management} if self.context_management else {}))
+        await self.send("message_stop", {})
+
+    def error_event(self, e: ApiError) -> tuple[str, dict]:
+        return "error", {"error": error_body(e)["error"]}
 
 
 class Blocks:

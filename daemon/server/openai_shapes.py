@@ -278,7 +278,8 @@ def parse(model: type[_Common], raw: bytes) -> _Common:
         err = e.errors()[0]
         if err["type"] == "json_invalid":
             raise ApiError(400, f"the body is not valid JSON: {err['msg']}") from None
-        loc = [str(p) for p in err["loc"] if not str(p).startswith(("function-", "constrained-"))]
+        # without the union branches pydantic names ("function-after[...]", "list[...]", "literal[...]")
+        loc = [str(p) for p in err["loc"] if not str(p).startswith(("function-", "constrained-")) and "[" not in str(p)]
         param = ".".join(loc[:3]) or None
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
