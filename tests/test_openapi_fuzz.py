@@ -24,7 +24,7 @@ def map_body(ctx, body):
     if isinstance(body, dict):
         if isinstance(body.get("model"), str):
             body["model"] = "SmolLM2-135M-Instruct"
-        for key in ("max_tokens", "max_completion_tokens"):
+        for key in ("max_tokens", "max_completion_tokens", "max_output_tokens"):
             value = body.get(key)
             if type(value) is int and value > MAX_TOKENS:
                 body[key] = MAX_TOKENS
