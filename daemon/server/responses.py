@@ -43,7 +43,7 @@ class ResponsesReply(EventReply):
         return self._response()
 
     async def collect(self, stream) -> web.Response:
-        self.output.send = None  # one body, no events
+        self.output = Output(None)  # one body, no events
         for event in await self.gather(stream):
             await self.output.add(event)
         return web.json_response(await self._finish())
