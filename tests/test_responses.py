@@ -102,16 +102,38 @@ async def test_a_cut_answer_is_incomplete_and_hints_are_reported(aiohttp_client)
     assert [name for name, _ in sse_events(await r.text())][-1] == "response.incomplete"
 
 
+async def test_codexs_request_shape_is_served(aiohttp_client):
+    """What Codex sends (codex-cli 0.171): a namespace of function tools, a hosted web_search, encrypted
+    reasoning asked for, its client_metadata: the namespace's tools are offered as any others (a
+    call to one is made), the rest accepted and reported as unused."""
+    worker = FakeWorker(answer=scripted(CALL), context=4096)
+    client = await aiohttp_client(app_with(worker))
+    namespace = {"type": "namespace", "name": "weather_v1", "description": "Weather tools",
+                 "tools": [{**WEATHER, "strict": False}, {"type": "web_search"}]}
+    r = await client.post("/v1/responses", json=body(
+        tools=[namespace, {"type": "web_search", "search_context_size": "low"}],
+        include=["reasoning.encrypted_content"],
+        client_metadata={"session_id": "s"}, reasoning={"summary": "auto"}, store=False, stream=True))
+    assert r.status == 200, await r.text()
+    assert r.headers["x-mtpd-unused-hints"] == "tools (hosted), reasoning, include, client_metadata"
+    final = sse_events(await r.text())[-1][1]["response"]
+    assert [(i["type"], i.get("name")) for i in final["output"]] == [("function_call", "get_weather")]
+    assert final["tools"][1] == {"type": "web_search", "search_context_size": "low"}
+    prompt = prompt_of(worker)
+    assert '"name": "get_weather"' in prompt and "web_search" not in prompt
+
+
 @pytest.mark.parametrize("fields, param, words", [
     ({"input": [{"type": "input_image", "image_url": "x"}]}, "input", "item 0 has type 'input_image'"),
     ({"input": [{"role": "user", "content": [{"type": "input_file"}]}]}, "input.0.content", "'input_text'"),
     ({"input": [{"role": "tool", "content": "x"}]}, "input.0.role", "'developer'"),
     ({"input": [{"type": "function_call_output", "call_id": "", "output": "x"}]}, "input.0.call_id", "at least 1"),
-    ({"tools": [{"type": "web_search"}]}, "tools.0.type", "'function'"),
+    ({"tools": [{"type": "namespace", "name": "agents", "tools": [{"type": "function"}]}]}, "tools.0.tools",
+     "required"),
     ({"tools": [WEATHER], "tool_choice": {"type": "function", "name": "other"}}, "tool_choice", "not among"),
     ({"tool_choice": "required"}, "tool_choice", "needs tools"),
     ({"text": {"format": {"type": "json_schema", "schema": {}}}}, "text.format", "name and schema"),
-    ({"include": ["message.output_text.logprobs"]}, "include", "does not support"),
+    ({"include": ["message.output_text.logprobs"]}, "include.0", "'reasoning.encrypted_content'"),
     ({"max_output_tokens": 0}, "max_output_tokens", "greater than or equal to 1"),
     ({"temperature": 2.5}, "temperature", "less than or equal to 2"),
     ({"input": [], "instructions": None}, "input", "nothing to answer"),

@@ -8,7 +8,7 @@ from __future__ import annotations
 import uuid
 from typing import Annotated, Literal
 
-from pydantic import Discriminator, Field, Tag, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator, model_validator
 
 from daemon.engine.records import Finished
 from daemon.server.hints import hint
@@ -117,6 +117,45 @@ class FunctionTool(Strict):
                                                           parameters=self.parameters, strict=self.strict))
 
 
+class HostedTool(BaseModel):
+    """A tool the API's own servers run (web_search, file_search, code_interpreter, ...): nothing
+    here runs it, so it is accepted, left out of the prompt and reported as unused."""
+
+    model_config = ConfigDict(extra="allow")
+    type: str = hint(name="tools (hosted)")
+
+
+class NamespaceTool(Strict):
+    """A named group of tools (Codex's `namespace`): its function tools are offered as any others."""
+
+    type: Literal["namespace"]
+    name: str
+    description: str | None = None
+    tools: list[Annotated[Annotated[FunctionTool, Tag("[function]")] | Annotated[HostedTool, Tag("[hosted]")],
+                          Discriminator(lambda v: _tool_kind(v, nested=True))]]
+
+
+def _tool_kind(value, nested: bool = False) -> str:
+    """The union branch of a tool, bracketed as `_tag`'s."""
+    kind = value.get("type") if isinstance(value, dict) else getattr(value, "type", None)
+    return f"[{kind}]" if kind == "function" or (kind == "namespace" and not nested) else "[hosted]"
+
+
+AnyTool = Annotated[Annotated[FunctionTool, Tag("[function]")] | Annotated[NamespaceTool, Tag("[namespace]")]
+                    | Annotated[HostedTool, Tag("[hosted]")], Discriminator(_tool_kind)]
+
+
+def function_tools(tools: list) -> list[FunctionTool]:
+    """The function tools offered, those of namespaces included, in order."""
+    out = []
+    for tool in tools:
+        if isinstance(tool, NamespaceTool):
+            out += function_tools(tool.tools)
+        elif isinstance(tool, FunctionTool):
+            out.append(tool)
+    return out
+
+
 class NamedFunctionChoice(Strict):
     type: Literal["function"]
     name: str
@@ -162,7 +201,7 @@ class ResponsesRequest(Strict):
     model: str | None = None
     input: list[Item] | str  # the list first: a bad item's error is the one reported, not "not a string"
     instructions: str | None = None
-    tools: list[FunctionTool] | None = None
+    tools: list[AnyTool] | None = None
     tool_choice: Literal["auto", "none", "required"] | NamedFunctionChoice | None = None
     parallel_tool_calls: bool | None = None
     text: TextConfig | None = None
@@ -179,6 +218,11 @@ class ResponsesRequest(Strict):
     service_tier: Literal["auto", "default"] | None = hint()
     reasoning: Reasoning | None = hint()
     truncation: Literal["auto", "disabled"] | None = hint()  # never truncated: a prompt past the context is a 400
+    # what a reasoning model or a hosted tool would add to the output: there is none here
+    include: list[Literal["reasoning.encrypted_content", "web_search_call.results", "web_search_call.action.sources",
+                          "file_search_call.results", "code_interpreter_call.outputs",
+                          "computer_call_output.output.image_url", "message.input_image.image_url"]] | None = hint()
+    client_metadata: dict | None = hint()  # Codex's session ids
     speculation: str | None = None  # extension: adaptive | off | fixed:K
 
     @field_validator("input", mode="before")
@@ -202,11 +246,11 @@ class ResponsesRequest(Strict):
         if not messages:
             raise ApiError(400, "input: there is nothing to answer (no items, instructions or previous response)",
                            "input")
-        choice = self.tool_choice
+        choice, offered = self.tool_choice, function_tools(self.tools or [])
         return ChatRequest(
             model=self.model, messages=messages, stream=self.stream, max_tokens=self.max_output_tokens,
             temperature=self.temperature, top_p=self.top_p, speculation=self.speculation,
-            tools=[t.as_chat() for t in self.tools] if self.tools else None,
+            tools=[t.as_chat() for t in offered] or None,
             tool_choice=(NamedToolChoice(type="function", function=NamedFunction(name=choice.name))
                          if isinstance(choice, NamedFunctionChoice) else choice),
             parallel_tool_calls=self.parallel_tool_calls,
