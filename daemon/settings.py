@@ -44,6 +44,10 @@ class Settings(BaseSettings):
         ["http://localhost:*", "http://127.0.0.1:*", "http://[::1]:*"],
         description="browser origins that may call the API (port '*': any port; '*': every origin); "
                     "a request with another Origin header gets 403")
+    model_aliases: list[str] = Field(
+        ["claude-*", "gpt-*", "o1*", "o3*", "o4*", "codex-*"],
+        description="model names (shell patterns, any case) the loaded model answers: the ones coding agents send "
+                    "by default (Claude Code, Codex); reported as unused, any other name gets 404")
     max_queue: int = Field(16, ge=1, description="requests waiting for the engine before 503")
     max_running: int = Field(8, ge=1, description="requests decoding together in one batch (1: one at a time)")
     max_batch_rows: int = Field(64, ge=1, description="rows of one batched forward; drafts are cut first to fit")

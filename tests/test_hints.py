@@ -17,10 +17,10 @@ BETAS = "claude-code-20250219,context-management-2025-06-27,interleaved-thinking
 
 
 def claude_codes_first_request() -> dict:
-    """The shape of Claude Code 2.1's first request: hints, context edits and a system message."""
+    """The shape of Claude Code 2.1's first request: its own model name, hints, context edits and a system message."""
     ephemeral = {"type": "ephemeral", "ttl": "1h"}
     return {
-        "model": "tiny", "max_tokens": 32000, "stream": True, "tools": [{**READ, "cache_control": ephemeral}],
+        "model": "claude-opus-4-8", "max_tokens": 32000, "stream": True, "tools": [{**READ, "cache_control": ephemeral}],
         "system": [{"type": "text", "text": "x-anthropic-billing-header: cc_version=2.1.328; cch=00000;"},
                    {"type": "text", "text": "You are Claude Code.", "cache_control": ephemeral}],
         "messages": [{"role": "system", "content": "The user's shell is bash."},
@@ -44,8 +44,9 @@ async def test_claude_codes_first_request_is_answered_and_names_the_hints_it_lef
     assert sorted(r.headers[HEADER].split(", ")) == sorted([
         "cache_control", "thinking", "output_config.effort", "context_management.clear_thinking_20251015",
         "metadata", "anthropic-beta:claude-code-20250219", "anthropic-beta:interleaved-thinking-2025-05-14",
-        "anthropic-beta:effort-2025-11-24"])
+        "anthropic-beta:effort-2025-11-24", "model"])
     events = sse_events(await r.text())
+    assert events[0][1]["message"]["model"] == "tiny"  # the model that answered, not the one named
     end = next(data for name, data in events if name == "message_delta")
     assert end["context_management"] == {"applied_edits": []}  # far below the trigger: nothing cleared
     prompt = prompt_of(worker)
@@ -189,3 +190,18 @@ async def test_a_prompt_past_the_context_gets_anthropics_wording_under_messages_
     assert r.status == 400 and (await r.json())["error"] == {
         "message": f"the prompt has {counted['input_tokens']} tokens; this model's context is 64 tokens",
         "type": "invalid_request_error", "param": "messages", "code": "context_length_exceeded"}
+
+
+@pytest.mark.parametrize("name, status", [("gpt-5-codex", 200), ("o3", 200), ("claude-sonnet-4-5", 200),
+                                          ("qwen3-8b", 404), ("gpt5", 404)])
+async def test_the_model_names_agents_send_by_default_are_answered_by_the_loaded_model(aiohttp_client, name, status):
+    """model_aliases: Claude Code's and Codex's defaults reach the loaded model (reported as unused);
+    a name that is neither is a 404, as before."""
+    client = await aiohttp_client(app_with(FakeWorker(context=4096)))
+    r = await client.post("/v1/chat/completions", json={"model": name, "max_tokens": 2,
+                                                        "messages": [{"role": "user", "content": "Hi"}]})
+    assert r.status == status, await r.text()
+    if status == 200:
+        assert r.headers[HEADER] == "model" and (await r.json())["model"] == "tiny"
+    else:
+        assert (await r.json())["error"]["code"] == "model_not_found"

@@ -112,7 +112,7 @@ async def test_a_chat_answer_and_the_worker_opened_and_closed(aiohttp_client):
         (b'{"messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}', 400, "max_tokens"),
         (b'{"messages": [{"role": "user", "content": "hi"}], "speculation": "fixed:99"}', 400, "speculation"),
         (b'{"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2}', 400, "top_logprobs"),
-        (b'{"messages": [{"role": "user", "content": "hi"}], "model": "gpt-9"}', 404, "model"),
+        (b'{"messages": [{"role": "user", "content": "hi"}], "model": "llama-9b"}', 404, "model"),
         (b'{"messages": []}', 400, "messages"),
         (b"[1, 2]", 400, None),
     ],

@@ -58,6 +58,8 @@ async def _complete(http: web.Request, body: ChatRequest | CompletionRequest, ri
     settings, worker = http.app[SETTINGS], http.app[WORKER]
     served = worker.served
     prepared = await asyncio.get_running_loop().run_in_executor(None, prepare, body, served, settings)
+    if prepared.aliased:  # the name it asked for is answered by the model this daemon runs
+        report(http, [*http.get(UNUSED, []), "model"])
     reply = reply_type(prepared, (rid, int(time.time()), served.name), lambda t: served.tokenizer.decode([t]))
     job, out = submit(worker, prepared, settings.request_timeout_s)
     status = "ok"

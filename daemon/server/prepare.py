@@ -3,6 +3,7 @@ Every problem is an ApiError naming the parameter."""
 
 from __future__ import annotations
 
+import fnmatch
 import re
 from dataclasses import dataclass
 
@@ -31,6 +32,7 @@ class Prepared:
     speculation: str
     kind: str  # "chat" | "completion"
     tool_calls: ToolCalls | None = None  # reads calls back out of the answer (chat with tools)
+    aliased: bool = False  # it named another model, one of the model_aliases setting's: the loaded one answers
 
 
 def default_speculation(served: ServedModel, settings: Settings) -> str:
@@ -142,7 +144,8 @@ def _speculation(served: ServedModel, body, settings: Settings, suffix: str | No
 
 def prepare(body: ChatRequest | CompletionRequest, served: ServedModel, settings: Settings) -> Prepared:
     model, suffix = split_model(body.model or "", served)
-    if model and model.lower() != served.name.lower():
+    aliased = bool(model) and model.lower() != served.name.lower()
+    if aliased and not any(fnmatch.fnmatchcase(model.lower(), p.lower()) for p in settings.model_aliases):
         raise ApiError(404, f"the model {body.model!r} does not exist; this daemon serves {served.name!r}",
                        "model", "model_not_found")
     chat = isinstance(body, ChatRequest)
@@ -163,4 +166,5 @@ def prepare(body: ChatRequest | CompletionRequest, served: ServedModel, settings
                               body.seed, body.presence_penalty or 0.0, body.frequency_penalty or 0.0,
                               body.repetition_penalty or 1.0, body.bias(served.vocab_size))
     request = Request(tuple(ids), max_tokens, sampling, body.stops, body.logprob_count(), persist, grammar, ends)
-    return Prepared(body, request, _speculation(served, body, settings, suffix), "chat" if chat else "completion", calls)
+    return Prepared(body, request, _speculation(served, body, settings, suffix), "chat" if chat else "completion", calls,
+                    aliased)
