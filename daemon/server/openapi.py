@@ -1,8 +1,9 @@
 """GET /openapi.json: an OpenAPI 3.1 document of every route, generated from the pydantic request
-models (openai_shapes, anthropic_shapes, responses_shapes) and response models (response_models), so the document
-changes when they do. One JSON Schema namespace: pydantic's `$defs` become components/schemas.
-With an API key set, the /v1 operations carry the two schemes the auth middleware accepts and
-their 401; this route itself needs no key (the middleware guards /v1/ only)."""
+models (openai_shapes, anthropic_shapes, responses_shapes) and response models (response_models,
+responses_models), so the document changes when they do. One JSON Schema namespace: pydantic's
+`$defs` become components/schemas. With an API key set, the /v1 operations carry the two schemes
+the auth middleware accepts and their 401; this route itself needs no key (the middleware guards
+/v1/ only)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
 from daemon.server import response_models as out
+from daemon.server import responses_models as responses_out
 from daemon.server.anthropic_shapes import CountTokensRequest, MessagesRequest
 from daemon.server.keys import SETTINGS
 from daemon.server.openai_shapes import ChatRequest, CompletionRequest
@@ -26,7 +28,8 @@ OPENAI_ERRORS = {400: "invalid request (the message names the parameter)", 404: 
 MESSAGES_ERRORS = OPENAI_ERRORS  # the same statuses, in Anthropic's error shape
 COUNT_ERRORS = {s: OPENAI_ERRORS[s] for s in (400, 413, 500)}
 STREAMS = {out.ChatCompletion: out.ChatStreamData, out.Completion: out.CompletionStreamData,
-           out.AnthropicMessageResponse: out.MessageStreamData, out.ResponseObject: out.ResponseStreamData}
+           out.AnthropicMessageResponse: out.MessageStreamData,
+           responses_out.ResponseObject: responses_out.ResponseStreamData}
 
 # (method, path, operationId, summary, request model, 200 model or media type, error statuses, error model)
 OPERATIONS = [
@@ -34,8 +37,8 @@ OPERATIONS = [
      out.ChatCompletion, OPENAI_ERRORS, out.ErrorResponse),
     ("post", "/v1/completions", "createCompletion", "OpenAI text completion", CompletionRequest,
      out.Completion, OPENAI_ERRORS, out.ErrorResponse),
-    ("post", "/v1/responses", "createResponse", "OpenAI Responses API", ResponsesRequest, out.ResponseObject,
-     OPENAI_ERRORS, out.ErrorResponse),
+    ("post", "/v1/responses", "createResponse", "OpenAI Responses API", ResponsesRequest,
+     responses_out.ResponseObject, OPENAI_ERRORS, out.ErrorResponse),
     ("post", "/v1/messages", "createMessage", "Anthropic Messages API", MessagesRequest,
      out.AnthropicMessageResponse, MESSAGES_ERRORS, out.AnthropicError),
     ("post", "/v1/messages/count_tokens", "countTokens", "the prompt's token count, as the model reads it",
