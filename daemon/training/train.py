@@ -57,19 +57,20 @@ def init_drafter(lm: LoadedModel, head_vocab: list[int] | None, s: TrainSettings
     as its final norm, so training starts from the target's own representations. A block drafter:
     random fc, its layers copies of the target's last (the names they share), the target's final norm."""
     config = drafter_config(lm, s, head_vocab)
+    last = lm.model.model.layers[-1].parameters()
+    norm = lm.model.model.norm
+    final_norm = mx.array(getattr(norm, "norm", norm).weight)
     if s.kind == "block":
         drafter = BlockDrafter(config)
-        last = dict(tree_flatten(lm.model.model.layers[-1].parameters()))
+        shared = dict(tree_flatten(last))
         for layer in drafter.layers:
-            layer.load_weights([(k, v) for k, v in last.items() if k in dict(tree_flatten(layer.parameters()))], strict=False)
-        norm = lm.model.model.norm
-        drafter.norm.weight = mx.array(getattr(norm, "norm", norm).weight)
+            layer.load_weights([(k, shared[k]) for k, _ in tree_flatten(layer.parameters()) if k in shared], strict=False)
+        drafter.norm.weight = final_norm
         mx.eval(drafter.parameters())
         return drafter
     drafter = mtp.MTPDrafter(config)
-    drafter.block.update(lm.model.model.layers[-1].parameters())
-    norm = lm.model.model.norm
-    drafter.shared_head.norm.weight = mx.array(getattr(norm, "norm", norm).weight)
+    drafter.block.update(last)
+    drafter.shared_head.norm.weight = final_norm
     if s.read_offers:  # it starts blind to the offers (zero weights on them) and learns what they are worth
         width = lm.config["hidden_size"]
         drafter.eh_proj.weight = mx.concatenate([drafter.eh_proj.weight[:, :-width], mx.zeros((width, width))], axis=1)
@@ -79,21 +80,17 @@ def init_drafter(lm: LoadedModel, head_vocab: list[int] | None, s: TrainSettings
 
 
 def _stage(drafter, s: TrainSettings, second: bool):
-    """Optimizer and loss gradient of a stage. First: depth 1, warm-up then cosine decay over
-    `steps`. Second (from the first's weights): `chain_depths` depths, a short warm-up to 0.3x the rate and
+    """Optimizer and loss gradient of a stage. First: depth 1 (a block drafter: its blocks), warm-up
+    then cosine decay over `steps`. Second (from the first's weights): `chain_depths` depths, a short warm-up to 0.3x the rate and
     cosine decay over `chain_steps`."""
-    if s.kind == "block":
-        peak, warm = s.learning_rate, 50
-        schedule = optim.cosine_decay(peak, s.steps, peak * 0.05)
-        loss = block_loss_fn
-    elif second:
+    if second:
         peak, warm = s.learning_rate * 0.3, 20
         schedule = optim.cosine_decay(peak, s.chain_steps, peak * 0.1)
         loss = functools.partial(chained_loss_fn, weight=s.chain_weight, depths=s.chain_depths)
-    else:
+    else:  # a block drafter has this stage alone
         peak, warm = s.learning_rate, 50
         schedule = optim.cosine_decay(peak, s.steps, peak * 0.05)
-        loss = loss_fn
+        loss = block_loss_fn if s.kind == "block" else loss_fn
     rate = optim.join_schedules([optim.linear_schedule(1e-5, peak, warm), schedule], [warm])
     return optim.AdamW(learning_rate=rate, weight_decay=0.0), nn.value_and_grad(drafter, loss)
 
@@ -131,7 +128,7 @@ def _train_steps(lm: LoadedModel, drafter, data: TrainingData, s: TrainSettings,
     step = saved["step"]
     rng = np.random.default_rng()
     rng.bit_generator.state = saved["rng"]
-    second = step >= s.steps
+    second = s.kind == "chain" and step >= s.steps
     optimizer, value_and_grad = _stage(drafter, s, second)
     if step not in (0, s.steps):  # at the boundary the saved state is the first stage's
         optimizer.state = tree_unflatten(list(mx.load(str(work / "opt.safetensors")).items()))
