@@ -14,10 +14,10 @@ python=${PYTHON:-python3}
 
 # Linux: MLX's CPU backend needs an optimised BLAS to be fast; mtpd preloads it itself (MKL,
 # a pip dependency on x86_64; Debian's OpenBLAS elsewhere and as the fallback).
-# The tests also run a real Prometheus server against the daemon.
+# The tests also run a real Prometheus server against the daemon, and drive its page in Chromium.
 if [ "$(uname -s)" = Linux ] && command -v apt-get >/dev/null; then
   packages=(libopenblas0-pthread)
-  $test_deps && packages+=(prometheus)
+  $test_deps && packages+=(prometheus chromium chromium-driver)
   missing=()
   for p in "${packages[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
   if [ ${#missing[@]} -gt 0 ]; then

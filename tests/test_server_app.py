@@ -65,6 +65,9 @@ class FakeWorker:
     def stop(self, timeout=None):
         self.stopped = True
 
+    def costs(self):
+        return {"draft_ms": 2.0, "round_ms": [50.0, 60.0, 70.0], "lookup_round_ms": [50.0, 55.0, 62.0], "block": False}
+
     def submit(self, job):
         self.jobs.append(job)
         for record in self.answer(job):
@@ -294,7 +297,8 @@ async def test_health_counts_what_was_served(aiohttp_client):
     health = await (await client.get("/health")).json()
     assert health["requests_served"] == 2 and health["completion_tokens"] == 10
     assert health["acceptance_rate"] == 0.75
-    assert health["last_request_speculation"] == {"policy": "adaptive", "drafted_steps": 1}
+    assert health["last_request_speculation"] == {"policy": "adaptive", "drafted_steps": 1, "completion_tokens": 5,
+                                                  "drafted": 4, "accepted": 3}
     assert health["model"] == "tiny" and health["drafter"] == "fake-drafter"
     assert health["running"] == 0 and health["waiting"] == 0
     metrics = await (await client.get("/metrics")).text()

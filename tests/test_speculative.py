@@ -302,3 +302,22 @@ def test_floor_above_one_drops_every_mtp_draft(tiny_gguf, plain_ids):
     assert done.token_ids == plain_ids and done.stats.drafted == 0
     assert all(drafted == 0 for drafted, _ in policy.stops)
     assert all(stopped for _, stopped in policy.stops[:-1])  # the last step has no room to draft
+
+
+def test_each_delta_says_its_round_and_every_token_its_origin(tiny_lm, plain_ids):
+    """The page's colours: a step's accepted drafts, then the target's own token; one piece of text per
+    token; the rounds add up to the request's counts."""
+    from daemon.engine.records import Delta, origins
+
+    vocab = tiny_lm.config["vocab_size"]
+    wrong_at = set(np.flatnonzero(np.random.default_rng(3).random(200) < 0.3).tolist())
+    drafter = RuleDrafter(PROMPT[0], planted_errors(tiny_lm.model, wrong_at, vocab), 64)
+    records = list(generate(with_drafter(tiny_lm, drafter), Request(PROMPT, max_tokens=80), Fixed(3)))
+    deltas, done = [r for r in records if isinstance(r, Delta)], records[-1]
+    assert sum(d.drafted for d in deltas) == done.stats.drafted > 0
+    assert sum(d.accepted for d in deltas) == done.stats.accepted > 0
+    marks = [o for d in deltas for o in origins(d)]
+    assert len(marks) == done.completion_tokens and marks.count("draft") == done.stats.accepted
+    assert marks.count("target") == len(deltas) and "lookup" not in marks  # one token of the target's each step
+    assert all(len(d.pieces) == len(d.token_ids) and "".join(d.pieces) == d.text for d in deltas)
+    assert [t for d in deltas for t in d.token_ids] == list(plain_ids)

@@ -44,11 +44,24 @@ class Step:
 
 @dataclass(frozen=True)
 class Delta:
-    """New output of one step: the token ids kept and the text they add."""
+    """New output of one step: the token ids kept and the text they add, and the step's round."""
 
     token_ids: tuple[int, ...]
     text: str
     logprobs: tuple[TokenLogprob, ...] = ()  # one per kept token, when the request asks for them
+    pieces: tuple[str, ...] = ()  # each kept token's text, as released (their join is `text`, or its start)
+    drafted: int = 0  # the round's drafts, verified
+    accepted: int = 0  # of them, accepted: the step's first `accepted` tokens
+    lookup: bool = False  # the drafts were copied by a lookup
+
+
+ORIGINS = ("target", "draft", "lookup")  # the target's own step, an accepted drafter token, an accepted copy
+
+
+def origins(delta: Delta) -> tuple[str, ...]:
+    """Where each kept token came from: the step's accepted drafts first, then the target's token."""
+    copied = "lookup" if delta.lookup else "draft"
+    return tuple(copied if i < delta.accepted else "target" for i in range(len(delta.token_ids)))
 
 
 SOURCES = ("mtp", "lookup")  # the MTP drafter, or copied by lookup (the context or the phrasebook)

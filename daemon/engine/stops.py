@@ -69,9 +69,13 @@ class Output:
                 break
         self.token_ids.extend(kept)
         self.finish = self.finish or ("length" if last else None)
-        if self.finish and not stopped:
-            text.append(self._final_text())
-        return Delta(tuple(kept), "".join(text), step.logprobs[: len(kept)])
+        if self.finish and not stopped and (final := self._final_text()):
+            if text:  # one piece per kept token: the last one's takes what was held back
+                text[-1] += final
+            else:
+                text.append(final)
+        return Delta(tuple(kept), "".join(text), step.logprobs[: len(kept)], tuple(text[: len(kept)]), step.drafted,
+                     step.accepted, step.lookup)
 
     def _final_text(self) -> str:
         """Text still held by the detokenizer (partial UTF-8) and by the stop matcher, at the end."""

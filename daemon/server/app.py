@@ -26,7 +26,7 @@ from daemon.server.metrics import Metrics
 from daemon.server.openai_shapes import ApiError
 from daemon.server.protocol import Runner, error_response, more_sockets, said
 from daemon.server.response_store import ResponseStore
-from daemon.server.security import cors, cors_headers
+from daemon.server.security import cors, cors_headers, guarded
 from daemon.server.streaming import ClientGone
 from daemon.server.worker import Worker
 from daemon.settings import Settings
@@ -34,11 +34,13 @@ from daemon.settings import Settings
 log = structlog.get_logger()
 ROUTES = {"/v1/chat/completions": "chat", "/v1/completions": "completions", "/v1/messages": "messages",
           "/v1/messages/count_tokens": "count_tokens", "/v1/responses": "responses", "/v1/models": "models", "/health": "health",
-          "/metrics": "metrics"}
+          "/metrics": "metrics", "/mtpd/status": "status", "/": "page"}
 
 
 def _endpoint(path: str) -> str:
-    return ROUTES.get(path) or ("models" if path.startswith("/v1/models/") else "other")
+    if path in ROUTES:
+        return ROUTES[path]
+    return "models" if path.startswith("/v1/models/") else "page" if path.startswith("/page/") else "other"
 
 
 @web.middleware
@@ -94,7 +96,7 @@ def _auth(api_key: str):
 
     @web.middleware
     async def auth(http: web.Request, handler):
-        if http.path.startswith("/v1/"):
+        if guarded(http.path):
             given = http.headers.get("Authorization", "").encode()
             if not (hmac.compare_digest(given, bearer) or hmac.compare_digest(http.headers.get("x-api-key", "").encode(), key)):
                 raise ApiError(401, "invalid or missing API key (Authorization: Bearer ... or x-api-key)",

@@ -23,6 +23,7 @@ from daemon.server.keys import METRICS, RESPONSES, SETTINGS, TOTALS, WORKER
 from daemon.server.messages import MessagesReply
 from daemon.server.openai_shapes import ApiError, ChatRequest, CompletionRequest, parse
 from daemon.server.openapi import openapi
+from daemon.server.page import setup_page
 from daemon.server.prepare import MODEL_SUFFIXES, Prepared, default_speculation, prepare, prompt_ids, split_model
 from daemon.server.responses import ResponsesReply
 from daemon.server.responses_shapes import ResponsesRequest, response_id
@@ -198,3 +199,4 @@ def setup_routes(app: web.Application) -> None:
     app.router.add_get("/health", health)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/openapi.json", openapi)
+    setup_page(app)

@@ -8,7 +8,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from daemon.engine.records import Finished
+from daemon.engine.records import Delta, Finished, origins
 from daemon.engine.sampling import TokenLogprob
 from daemon.server.hints import hint
 
@@ -135,6 +135,7 @@ class NamedToolChoice(Strict):
 
 class StreamOptions(Strict):
     include_usage: bool = False
+    include_origins: bool = False  # extension: each chunk's tokens, and where each came from (docs/serving.md)
 
 
 class _Common(Strict):
@@ -211,6 +212,10 @@ class _Common(Strict):
     @property
     def include_usage(self) -> bool:
         return self.stream and self.stream_options is not None and self.stream_options.include_usage
+
+    @property
+    def include_origins(self) -> bool:
+        return self.stream and self.stream_options is not None and self.stream_options.include_origins
 
     def token_limit(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
@@ -374,6 +379,14 @@ def completion_response(head, text, done: Finished, logprobs, extension) -> dict
 def completion_chunk(head, text, finish_reason=None, logprobs=None) -> dict:
     choice = {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
     return _envelope(head, "text_completion", [choice])
+
+
+def token_origins(delta: Delta) -> dict:
+    """A streamed chunk's extension with stream_options.include_origins: its step's kept tokens, each
+    one's text and origin, and the step's round (drafts verified, accepted, by which source)."""
+    source = ("lookup" if delta.lookup else "mtp") if delta.drafted else None
+    return {"token_ids": list(delta.token_ids), "pieces": list(delta.pieces), "origins": list(origins(delta)),
+            "round": {"drafted": delta.drafted, "accepted": delta.accepted, "source": source}}
 
 
 def usage_chunk(head, obj: str, done: Finished, extension) -> dict:

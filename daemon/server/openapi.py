@@ -3,7 +3,7 @@ models (openai_shapes, anthropic_shapes, responses_shapes) and response models (
 responses_models), so the document changes when they do. One JSON Schema namespace: pydantic's
 `$defs` become components/schemas. With an API key set, the /v1 operations carry the two schemes
 the auth middleware accepts and their 401; this route itself needs no key (the middleware guards
-/v1/ only)."""
+/v1/ and /mtpd/ only)."""
 
 from __future__ import annotations
 
@@ -14,12 +14,14 @@ from aiohttp import web
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
+from daemon.server import page_models
 from daemon.server import response_models as out
 from daemon.server import responses_models as responses_out
 from daemon.server.anthropic_shapes import CountTokensRequest, MessagesRequest
 from daemon.server.keys import SETTINGS
 from daemon.server.openai_shapes import ChatRequest, CompletionRequest
 from daemon.server.responses_shapes import ResponsesRequest
+from daemon.server.security import guarded
 
 OPENAI_ERRORS = {400: "invalid request (the message names the parameter)", 404: "no such model",
                  413: "the request body is too large", 500: "internal server error",
@@ -49,6 +51,8 @@ OPERATIONS = [
      out.ModelCard, {404: OPENAI_ERRORS[404], 500: OPENAI_ERRORS[500]}, out.ErrorResponse),
     ("get", "/health", "health", "liveness and totals (503 once a rank of the cluster is lost)", None,
      out.Health, {500: OPENAI_ERRORS[500]}, out.ErrorResponse),
+    ("get", "/mtpd/status", "status", "the page's data: the model, the load, speculation's figures", None,
+     page_models.Status, {500: OPENAI_ERRORS[500]}, out.ErrorResponse),
     ("get", "/metrics", "metrics", "Prometheus metrics", None, "text/plain", {500: OPENAI_ERRORS[500]},
      out.ErrorResponse),
     ("get", "/openapi.json", "openapi", "this document", None, "application/json", {500: OPENAI_ERRORS[500]},
@@ -103,7 +107,7 @@ def document(auth: bool) -> dict:
     paths: dict[str, dict] = {}
     for method, path, op_id, summary, request, ok, errors, error_model in OPERATIONS:
         paths.setdefault(path, {})[method] = _operation(path, op_id, summary, request, ok, errors, error_model,
-                                                        refs, auth and path.startswith("/v1/"))
+                                                        refs, auth and guarded(path))
     components: dict = {"schemas": defs["$defs"]}
     if auth:
         components["securitySchemes"] = SECURITY

@@ -37,6 +37,21 @@ class Speculation(BaseModel):
     tokens_per_second: float
 
 
+class Round(BaseModel):
+    drafted: int = Field(description="the step's drafts, verified (0: a plain step)")
+    accepted: int = Field(description="of them, accepted")
+    source: Literal["mtp", "lookup"] | None = Field(description="the drafter, or copied by the context lookup or phrasebook")
+
+
+class TokenOrigins(BaseModel):
+    """mtpd's extension on a streamed chunk, with stream_options.include_origins: one step's tokens."""
+
+    token_ids: list[int]
+    pieces: list[str] = Field(description="each token's text as released (their join is the step's text)")
+    origins: list[Literal["target", "draft", "lookup"]]
+    round: Round
+
+
 class CachedTokens(BaseModel):
     cached_tokens: int
 
@@ -125,7 +140,7 @@ class ChatCompletionChunk(_Envelope):
     object: Literal["chat.completion.chunk"]
     choices: list[ChatChunkChoice]
     usage: Usage | None = None
-    mtpd: Speculation | None = None
+    mtpd: Speculation | TokenOrigins | None = None
 
 
 class CompletionLogprobs(BaseModel):
@@ -157,7 +172,7 @@ class CompletionChunk(_Envelope):
     object: Literal["text_completion"]
     choices: list[CompletionChunkChoice]
     usage: Usage | None = None
-    mtpd: Speculation | None = None
+    mtpd: Speculation | TokenOrigins | None = None
 
 
 class ChatStreamData(RootModel[ChatCompletionChunk | ErrorResponse]):
@@ -190,6 +205,9 @@ class ModelList(BaseModel):
 class LastSpeculation(BaseModel):
     policy: str
     drafted_steps: int
+    completion_tokens: int
+    drafted: int = Field(description="drafts verified")
+    accepted: int = Field(description="of them, accepted")
 
 
 class HealthMemory(BaseModel):

@@ -17,7 +17,12 @@ from daemon.server.openai_shapes import ApiError
 EXPOSED = f"{HINTS_HEADER}, Retry-After"  # a hint the model could not act on; when to try again
 
 METHODS = "GET, POST, OPTIONS"
+GUARDED = ("/v1/", "/mtpd/")  # what an API key guards: the APIs and the page's data (the page itself holds none)
 PREFLIGHT_MAX_AGE_S = "600"
+
+
+def guarded(path: str) -> bool:
+    return path.startswith(GUARDED)
 
 
 def origin_allowed(origin: str, allowed: list[str]) -> bool:

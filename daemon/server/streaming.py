@@ -13,6 +13,7 @@ from aiohttp import web
 from daemon.cluster.faults import RankLost
 from daemon.engine.grammar import GrammarError
 from daemon.engine.records import Delta, Finished
+from daemon.server.keys import TOTALS
 from daemon.server.openai_shapes import (
     ApiError,
     chat_chunk,
@@ -22,6 +23,7 @@ from daemon.server.openai_shapes import (
     completion_logprobs,
     completion_response,
     speculation_figures,
+    token_origins,
     usage_chunk,
 )
 from daemon.server.prepare import Prepared
@@ -87,6 +89,8 @@ async def records(http: web.Request, job: Job, out: asyncio.Queue, heartbeat: fl
             raise ApiError(400, f"the answer's grammar could not go on: {record}", code="grammar_too_complex")
         if isinstance(record, Exception):
             raise record
+        if isinstance(record, Delta):
+            http.app[TOTALS].streamed(len(record.token_ids))
         yield record
         if isinstance(record, Finished):
             return
@@ -102,6 +106,7 @@ class Reply:
         self.done: Finished | None = None
         self.text: list[str] = []  # the answer as the model wrote it
         self.calls = prepared.tool_calls
+        self.origins = prepared.body.include_origins
 
     def extension(self) -> dict:
         return speculation_figures(self.done, self.prepared.speculation)
@@ -134,6 +139,14 @@ class Reply:
         if self.calls is None:
             return [chat_chunk(self.head, {"content": record.text}, logprobs=logprobs)]
         return [self._event_chunk(e) for e in self.calls.feed(record.text)]
+
+    def _marked(self, chunks: list[dict], record: Delta) -> list[dict]:
+        """With include_origins, the step's last chunk (an empty one when its text is held back) says
+        the step's tokens and where they came from."""
+        if not chunks:
+            chunks = [chat_chunk(self.head, {}) if self.chat else completion_chunk(self.head, "")]
+        chunks[-1]["mtpd"] = token_origins(record)
+        return chunks
 
     def _event_chunk(self, event: tuple) -> dict:
         """A content delta, or one whole call as `delta.tool_calls[index]`."""
@@ -182,8 +195,9 @@ class Reply:
                     await write(": keep-alive\n\n")
                     continue
                 self.text.append(record.text)
-                if record.text or record.logprobs:
-                    for chunk in self._chunks(record, offset):
+                if record.text or record.logprobs or (self.origins and record.token_ids):
+                    chunks = self._chunks(record, offset)
+                    for chunk in self._marked(chunks, record) if self.origins else chunks:
                         await send(chunk)
                     offset += len(record.text)
             self.done = record

@@ -29,6 +29,7 @@ from daemon.engine.grammar import GrammarError
 from daemon.engine.memory import CLEAR_EVERY, Memory, limit_cache, release
 from daemon.engine.prompt_cache import PromptCache, cacheable, recurrent
 from daemon.engine.records import Finished, Request
+from daemon.models.block import is_block
 from daemon.models.loading import LoadedModel, backend, on_gpu
 from daemon.server.metrics import Metrics
 from policies.registry import make_policy
@@ -78,6 +79,7 @@ class ServedModel:
     vocab_size: int
     context_length: int
     drafter: str | None  # the drafter's name; None: it has none
+    drafter_kind: str | None = None  # "chained" (MTP layers, one draft a forward), or a block drafter's kind
     placement: str | None = None  # over several machines: how (daemon.cluster)
     speed_paths: dict | None = None  # the faster forms the start-up probe kept, and its timings (daemon.cpu.forms)
     recurrent: bool = False  # some layer keeps a recurrent state: the prompt cache keeps it at a request's turn ends
@@ -86,8 +88,9 @@ class ServedModel:
     def of(cls, lm: LoadedModel) -> ServedModel:
         context = int(lm.config.get("max_position_embeddings", 4096))
         paths = {"forms": lm.forms.name, "probe_ms": lm.forms.probe_ms} if lm.forms is not None else None
+        kind = (lm.drafter.config.kind if is_block(lm.drafter) else "chained") if lm.drafter else None
         return cls(lm.name, lm.tokenizer, lm.config["vocab_size"], context, lm.drafter_name if lm.drafter else None,
-                   lm.placement, paths, recurrent(make_prompt_cache(lm.model)))
+                   kind, lm.placement, paths, recurrent(make_prompt_cache(lm.model)))
 
 
 @dataclass
@@ -133,6 +136,16 @@ class Worker:
     @property
     def busy(self) -> bool:
         return self.running > 0
+
+    def costs(self) -> dict | None:
+        """The adaptive policy's cost model as it stands, in ms (None without a drafter): one
+        drafter forward, and a round of k drafts (k = 0: a plain step) drafted or copied."""
+        if self.shared is None:
+            return None
+        c = self.shared.costs
+        rounds = [round(c.predict(k) * 1e3, 3) for k in range(c.k_max + 1)]
+        copies = [round(c.predict(k, lookup=True) * 1e3, 3) for k in range(c.k_max + 1)]
+        return {"draft_ms": round(c.t_draft * 1e3, 3), "round_ms": rounds, "lookup_round_ms": copies, "block": c.block}
 
     def start(self) -> None:
         """Starts the thread and waits until the model is loaded (its error is raised here)."""

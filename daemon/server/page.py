@@ -1,0 +1,53 @@
+"""The daemon's own page: GET / and /page/* serve static files shipped in the package (no build
+step, no CDN, works offline); GET /mtpd/status is its data, which an API key guards like the APIs
+(the page asks for the key; the files themselves hold nothing)."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+
+from aiohttp import web
+
+from daemon.engine.memory import resident_bytes
+from daemon.server.keys import SETTINGS, TOTALS, WORKER
+from daemon.server.prepare import default_speculation
+
+STATIC = Path(__file__).parent / "static"
+
+
+async def index(http: web.Request) -> web.FileResponse:
+    return web.FileResponse(STATIC / "index.html")
+
+
+async def status(http: web.Request) -> web.Response:
+    worker, totals = http.app[WORKER], http.app[TOTALS]
+    costs = worker.costs()
+    return web.json_response({
+        "model": worker.served.name,
+        "drafter": worker.served.drafter,
+        "drafter_kind": worker.served.drafter_kind,
+        "speculation": default_speculation(worker.served, http.app[SETTINGS]),
+        "uptime_s": round(time.time() - totals.started, 1),
+        "requests_served": totals.requests,
+        "completion_tokens": totals.completion_tokens,
+        "running": worker.running,
+        "waiting": worker.waiting,
+        "tokens_per_second": round(totals.tokens_per_second(), 2),
+        "acceptance": {
+            "by_position": [{"drafted": d, "accepted": a} for d, a in totals.by_position],
+            "by_class": {klass: {source: {"drafted": d, "accepted": a} for source, (d, a) in sources.items()}
+                         for klass, sources in totals.by_kind.items()},
+        },
+        "costs": costs,
+        "off_tokens_per_second": round(1e3 / costs["round_ms"][0], 2) if costs and costs["round_ms"][0] > 0 else None,
+        "last_request": totals.last_speculation,
+        "memory": {"rss_bytes": resident_bytes(), **dataclasses.asdict(worker.memory)},
+    })
+
+
+def setup_page(app: web.Application) -> None:
+    app.router.add_get("/", index)
+    app.router.add_static("/page/", STATIC)
+    app.router.add_get("/mtpd/status", status)
