@@ -19,24 +19,25 @@ MARKER = "zq-marker-7f3c"
 
 def route_paths(app) -> list[tuple[str, str]]:
     """(method, path) of every route the app serves, a path parameter filled with the model's name."""
-    return [(r.method, r.resource.canonical.replace("{model}", "tiny")) for r in app.router.routes() if r.method != "HEAD"]
+    return [(r.method, r.resource.canonical.replace("{model}", "tiny").replace("{name}", "page.js"))
+            for r in app.router.routes() if r.method != "HEAD"]
 
 
-async def test_every_v1_route_needs_the_key_and_health_and_metrics_do_not(aiohttp_client):
+async def test_every_v1_and_mtpd_route_needs_the_key_and_the_rest_do_not(aiohttp_client):
     app = app_with(api_key=KEY)
     client = await aiohttp_client(app)
     routes = route_paths(app)
     assert ("POST", "/v1/messages/count_tokens") in routes and ("GET", "/v1/models") in routes
     for method, path in routes:
         r = await client.request(method, path, json=chat_body())
-        if path.startswith("/v1/"):
+        if path.startswith(("/v1/", "/mtpd/")):
             assert r.status == 401, (method, path)
             assert (await r.json())["error"]["type"] == "authentication_error"
             for header in ({"Authorization": f"Bearer {KEY}"}, {"x-api-key": KEY}):
                 r = await client.request(method, path, json={"messages": chat_body()["messages"]}, headers=header)
                 assert r.status != 401, (method, path, header)
         else:
-            assert r.status == 200, (method, path)  # /health, /metrics
+            assert r.status == 200, (method, path)  # /health, /metrics, the page's files
 
 
 async def test_the_key_is_compared_in_constant_time(aiohttp_client, monkeypatch):
@@ -76,9 +77,12 @@ def keyed_daemon(tiny_gguf):
 
 TRAVERSALS = ["/../../etc/passwd", "/%2e%2e/%2e%2e/etc/passwd", "/static/..%2f..%2fetc%2fpasswd",
               "/v1/models/..%2F..%2Fetc%2Fpasswd", "/v1/models/../../../etc/passwd", "/..%5c..%5cetc%5cpasswd",
-              "//etc/passwd", "/health/../../etc/passwd"]
+              "//etc/passwd", "/health/../../etc/passwd", "/page/../app.py", "/page/..%2fapp.py",
+              "/page/%2e%2e/%2e%2e/%2e%2e/etc/passwd", "/page/..%2f..%2f..%2f..%2fetc%2fpasswd", "/page//etc/passwd",
+              "/page/..%5capp.py"]
 BYPASSES = ["/v1/../v1/models", "//v1/models", "/v1//models", "/%76%31/models", "/V1/models", "/v1/models/",
-            "/health/../v1/models"]
+            "/health/../v1/models", "/mtpd/../mtpd/status", "//mtpd/status", "/MTPD/status", "/%6dtpd/status",
+            "/page/../mtpd/status"]
 
 
 @pytest.mark.parametrize("target", TRAVERSALS)

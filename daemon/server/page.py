@@ -15,10 +15,18 @@ from daemon.server.keys import SETTINGS, TOTALS, WORKER
 from daemon.server.prepare import default_speculation
 
 STATIC = Path(__file__).parent / "static"
+FILES = {p.name: p for p in STATIC.iterdir() if p.is_file()}  # by name only: no path reaches another file
 
 
 async def index(http: web.Request) -> web.FileResponse:
-    return web.FileResponse(STATIC / "index.html")
+    return web.FileResponse(FILES["index.html"])
+
+
+async def page_file(http: web.Request) -> web.FileResponse:
+    path = FILES.get(http.match_info["name"])
+    if path is None:
+        raise web.HTTPNotFound()
+    return web.FileResponse(path)
 
 
 async def status(http: web.Request) -> web.Response:
@@ -49,5 +57,5 @@ async def status(http: web.Request) -> web.Response:
 
 def setup_page(app: web.Application) -> None:
     app.router.add_get("/", index)
-    app.router.add_static("/page/", STATIC)
+    app.router.add_get("/page/{name}", page_file)
     app.router.add_get("/mtpd/status", status)

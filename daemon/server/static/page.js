@@ -155,7 +155,7 @@ async function send() {
   const answer = new Answer();
   const body = {
     messages: [{ role: "user", content: $("prompt").value }],
-    max_tokens: Number($("max-tokens").value), stream: true,
+    max_tokens: Number($("max-tokens").value), temperature: Number($("temperature").value), stream: true,
     stream_options: { include_usage: true, include_origins: true },
   };
   if (policy()) body.speculation = policy();
