@@ -4,7 +4,6 @@ Domain errors are ApiErrors, which the app's error middleware turns into OpenAI'
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import functools
 import time
 import uuid
@@ -14,7 +13,6 @@ import structlog
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from daemon.engine.memory import resident_bytes
 from daemon.engine.records import Finished
 from daemon.server.anthropic_shapes import CountTokensRequest, MessagesRequest, message_id
 from daemon.server.context_edits import apply_edits
@@ -23,8 +21,8 @@ from daemon.server.keys import METRICS, RESPONSES, SETTINGS, TOTALS, WORKER
 from daemon.server.messages import MessagesReply
 from daemon.server.openai_shapes import ApiError, ChatRequest, CompletionRequest, parse
 from daemon.server.openapi import openapi
-from daemon.server.page import setup_page
-from daemon.server.prepare import MODEL_SUFFIXES, Prepared, default_speculation, prepare, prompt_ids, split_model
+from daemon.server.page import served_figures, setup_page
+from daemon.server.prepare import MODEL_SUFFIXES, Prepared, prepare, prompt_ids, split_model
 from daemon.server.responses import ResponsesReply
 from daemon.server.responses_shapes import ResponsesRequest, response_id
 from daemon.server.streaming import KEEPALIVE_SECONDS, ClientGone, Reply, records, submit
@@ -169,18 +167,10 @@ async def health(http: web.Request) -> web.Response:
         **({"error": str(worker.lost)} if worker.lost is not None else {}),
         **({"placement": worker.served.placement} if worker.served.placement else {}),
         **({"speed_paths": worker.served.speed_paths} if worker.served.speed_paths else {}),
-        "model": worker.served.name,
-        "drafter": worker.served.drafter,
-        "speculation": default_speculation(worker.served, http.app[SETTINGS]),
-        "uptime_s": round(time.time() - totals.started, 1),
-        "requests_served": totals.requests,
-        "completion_tokens": totals.completion_tokens,
+        **served_figures(http.app),
         "acceptance_rate": totals.acceptance_rate,
         "last_request_speculation": totals.last_speculation,
-        "running": worker.running,
-        "waiting": worker.waiting,
         "busy": worker.busy,
-        "memory": {"rss_bytes": resident_bytes(), **dataclasses.asdict(worker.memory)},
     }, status=200 if worker.lost is None else 503)
 
 

@@ -29,19 +29,28 @@ async def page_file(http: web.Request) -> web.FileResponse:
     return web.FileResponse(path)
 
 
-async def status(http: web.Request) -> web.Response:
-    worker, totals = http.app[WORKER], http.app[TOTALS]
-    costs = worker.costs()
-    return web.json_response({
+def served_figures(app: web.Application) -> dict:
+    """What /health and /mtpd/status both say: the model, the load, the totals since start-up, memory."""
+    worker, totals = app[WORKER], app[TOTALS]
+    return {
         "model": worker.served.name,
         "drafter": worker.served.drafter,
-        "drafter_kind": worker.served.drafter_kind,
-        "speculation": default_speculation(worker.served, http.app[SETTINGS]),
+        "speculation": default_speculation(worker.served, app[SETTINGS]),
         "uptime_s": round(time.time() - totals.started, 1),
         "requests_served": totals.requests,
         "completion_tokens": totals.completion_tokens,
         "running": worker.running,
         "waiting": worker.waiting,
+        "memory": {"rss_bytes": resident_bytes(), **dataclasses.asdict(worker.memory)},
+    }
+
+
+async def status(http: web.Request) -> web.Response:
+    worker, totals = http.app[WORKER], http.app[TOTALS]
+    costs = worker.costs()
+    return web.json_response({
+        **served_figures(http.app),
+        "drafter_kind": worker.served.drafter_kind,
         "tokens_per_second": round(totals.tokens_per_second(), 2),
         "acceptance": {
             "by_position": [{"drafted": d, "accepted": a} for d, a in totals.by_position],
@@ -51,7 +60,6 @@ async def status(http: web.Request) -> web.Response:
         "costs": costs,
         "off_tokens_per_second": round(1e3 / costs["round_ms"][0], 2) if costs and costs["round_ms"][0] > 0 else None,
         "last_request": totals.last_speculation,
-        "memory": {"rss_bytes": resident_bytes(), **dataclasses.asdict(worker.memory)},
     })
 
 
