@@ -56,6 +56,9 @@ class Settings(BaseSettings):
     idle_timeout_s: float = Field(75.0, gt=0, description="a connection with no request in flight is closed after this")
     max_body_bytes: int = Field(4 * MiB, ge=1024, description="largest request body (413 above)")
     default_max_tokens: int = Field(512, ge=1, description="max_tokens when a request (or generate / bench) gives none")
+    max_tokens_limit: int | None = Field(
+        None, ge=1, description="the most tokens one answer may have: a larger max_tokens is lowered to it (the answer "
+                                "may end with 'length'); unset: the context left. Agents ask for 32,000 a turn")
     context_overflow: Literal["clamp", "reject"] = Field(
         "clamp", description="max_tokens past the context left: clamp it (the answer may end with 'length') "
                              "or reject the request (400 context_length_exceeded)")

@@ -152,6 +152,14 @@ async def test_max_tokens_is_clamped_to_the_room_left(aiohttp_client):
     assert worker.jobs[1].request.max_tokens == 63  # the default (512) clamped too
 
 
+async def test_max_tokens_limit_lowers_what_a_request_asks(aiohttp_client):
+    worker = FakeWorker(context=64)
+    client = await aiohttp_client(app_with(worker, max_tokens_limit=8, context_overflow="reject"))
+    for body in ({"prompt": "x", "max_tokens": 32000 - 63}, {"prompt": "x"}, {"prompt": "x", "max_tokens": 5}):
+        assert (await client.post("/v1/completions", json=body)).status == 200
+    assert [j.request.max_tokens for j in worker.jobs] == [8, 8, 5]  # a cap, not the context: never refused
+
+
 async def test_max_tokens_past_the_context_rejected_when_set_so(aiohttp_client):
     worker = FakeWorker(context=64)
     client = await aiohttp_client(app_with(worker, context_overflow="reject"))

@@ -157,11 +157,13 @@ def prepare(body: ChatRequest | CompletionRequest, served: ServedModel, settings
     room = served.context_length - len(ids)
     if room < 1:
         raise PromptTooLong(len(ids), served.context_length, param)
-    asked = body.token_limit()
+    asked, cap = body.token_limit(), settings.max_tokens_limit
+    if asked is not None and cap is not None:  # the operator's cap comes first: past it, nothing is refused
+        asked = min(asked, cap)
     if asked is not None and asked > room and settings.context_overflow == "reject":
         raise ApiError(400, f"max_tokens {asked} is past the context left after the prompt ({room} of "
                             f"{served.context_length} tokens)", "max_tokens", "context_length_exceeded")
-    max_tokens = min(asked or settings.default_max_tokens, room)
+    max_tokens = min(asked or settings.default_max_tokens, room, cap or room)
     sampling = SamplingParams(1.0 if body.temperature is None else body.temperature, body.top_p or 1.0, body.top_k or 0,
                               body.seed, body.presence_penalty or 0.0, body.frequency_penalty or 0.0,
                               body.repetition_penalty or 1.0, body.bias(served.vocab_size))
