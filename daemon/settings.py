@@ -56,6 +56,9 @@ class Settings(BaseSettings):
     idle_timeout_s: float = Field(75.0, gt=0, description="a connection with no request in flight is closed after this")
     max_body_bytes: int = Field(4 * MiB, ge=1024, description="largest request body (413 above)")
     default_max_tokens: int = Field(512, ge=1, description="max_tokens when a request (or generate / bench) gives none")
+    default_temperature: float = Field(
+        1.0, ge=0, le=2, description="temperature when a request gives none (the APIs' own default is 1; 0: greedy, "
+                                     "which suits a small model behind an agent that never sets one)")
     max_tokens_limit: int | None = Field(
         None, ge=1, description="the most tokens one answer may have: a larger max_tokens is lowered to it (the answer "
                                 "may end with 'length'); unset: the context left. Agents ask for 32,000 a turn")

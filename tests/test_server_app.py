@@ -160,6 +160,17 @@ async def test_max_tokens_limit_lowers_what_a_request_asks(aiohttp_client):
     assert [j.request.max_tokens for j in worker.jobs] == [8, 8, 5]  # a cap, not the context: never refused
 
 
+async def test_default_temperature_is_for_requests_that_give_none(aiohttp_client):
+    worker = FakeWorker()
+    client = await aiohttp_client(app_with(worker, default_temperature=0.0))
+    await client.post("/v1/chat/completions", json=chat_body())
+    await client.post("/v1/chat/completions", json=chat_body(temperature=0.7))
+    assert (await client.post("/v1/messages", json={"model": "tiny", "max_tokens": 4, "messages": HI})).status == 200
+    response = await (await client.post("/v1/responses", json={"input": "hi"})).json()
+    assert [j.request.sampling.temperature for j in worker.jobs] == [0.0, 0.7, 0.0, 0.0]
+    assert response["temperature"] == 0.0  # echoed as applied
+
+
 async def test_max_tokens_past_the_context_rejected_when_set_so(aiohttp_client):
     worker = FakeWorker(context=64)
     client = await aiohttp_client(app_with(worker, context_overflow="reject"))

@@ -164,7 +164,8 @@ def prepare(body: ChatRequest | CompletionRequest, served: ServedModel, settings
         raise ApiError(400, f"max_tokens {asked} is past the context left after the prompt ({room} of "
                             f"{served.context_length} tokens)", "max_tokens", "context_length_exceeded")
     max_tokens = min(asked or settings.default_max_tokens, room, cap or room)
-    sampling = SamplingParams(1.0 if body.temperature is None else body.temperature, body.top_p or 1.0, body.top_k or 0,
+    temperature = settings.default_temperature if body.temperature is None else body.temperature
+    sampling = SamplingParams(temperature, body.top_p or 1.0, body.top_k or 0,
                               body.seed, body.presence_penalty or 0.0, body.frequency_penalty or 0.0,
                               body.repetition_penalty or 1.0, body.bias(served.vocab_size))
     request = Request(tuple(ids), max_tokens, sampling, body.stops, body.logprob_count(), persist, grammar, ends)

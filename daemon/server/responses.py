@@ -33,7 +33,8 @@ class ResponsesReply(EventReply):
 
     def _response(self) -> dict:
         extension = speculation_figures(self.done, self.prepared.speculation) if self.done else None
-        return response(self.head, self.body, self.output.items, self.done, extension)
+        return response(self.head, self.body, self.output.items, self.done, self.prepared.request.sampling.temperature,
+                        extension)
 
     async def _finish(self) -> dict:
         """The finished response, kept if it asked to be."""

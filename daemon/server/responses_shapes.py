@@ -286,10 +286,10 @@ def usage(done: Finished) -> dict:
             "total_tokens": done.prompt_tokens + done.completion_tokens}
 
 
-def response(head: tuple, body: ResponsesRequest, output: list[dict], done: Finished | None,
+def response(head: tuple, body: ResponsesRequest, output: list[dict], done: Finished | None, temperature: float,
              extension: dict | None = None) -> dict:
     """The response object: `head` is (id, created, model); with `done` None, the one in progress
-    (response.created); the request's settings echoed, as the API does."""
+    (response.created); the request's settings echoed, as the API does (`temperature` as applied)."""
     rid, created, model = head
     status = "in_progress" if done is None else "incomplete" if done.finish_reason == "length" else "completed"
     tool_choice = body.tool_choice or "auto"
@@ -300,7 +300,7 @@ def response(head: tuple, body: ResponsesRequest, output: list[dict], done: Fini
         "output": output, "parallel_tool_calls": body.parallel_tool_calls is not False,
         "previous_response_id": body.previous_response_id,
         "reasoning": {"effort": None, "summary": None}, "store": body.store,
-        "temperature": 1.0 if body.temperature is None else body.temperature,
+        "temperature": temperature,
         "text": {"format": body.text.format.model_dump(by_alias=True, exclude_none=True)
                  if body.text and body.text.format else {"type": "text"}},
         "tool_choice": tool_choice if isinstance(tool_choice, str) else tool_choice.model_dump(),
