@@ -99,6 +99,18 @@ class SpecStats:
         totals[1] += drafted
         totals[2] += accepted
 
+    def merge(self, other: SpecStats) -> None:
+        """Adds `other`'s draft counts (by position and by kind) to these: totals over requests."""
+        for counts, more in ((self.drafted_by_position, other.drafted_by_position),
+                             (self.accepted_by_position, other.accepted_by_position)):
+            counts.extend([0] * (len(more) - len(counts)))
+            for j, n in enumerate(more):
+                counts[j] += n
+        for key, values in other.by_kind.items():
+            totals = self.by_kind.setdefault(key, [0, 0, 0])
+            for i, n in enumerate(values):
+                totals[i] += n
+
     @property
     def drafted(self) -> int:
         return sum(self.drafted_by_position)

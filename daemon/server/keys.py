@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 from aiohttp import web
 
-from daemon.engine.records import Finished
+from daemon.engine.records import Finished, SpecStats
 from daemon.server.metrics import Metrics
 from daemon.server.response_store import ResponseStore
 from daemon.server.worker import Worker
@@ -25,29 +25,18 @@ class Totals:
     started: float = field(default_factory=time.time)
     requests: int = 0
     completion_tokens: int = 0
-    drafted: int = 0
-    accepted: int = 0
+    stats: SpecStats = field(default_factory=SpecStats)  # every request's drafts, merged
     last_speculation: dict | None = None  # the last request's policy and what its drafts did
-    by_position: list[list[int]] = field(default_factory=list)  # [j]: [drafted, accepted] at draft position j + 1
-    by_kind: dict[str, dict[str, list[int]]] = field(default_factory=dict)  # class -> source -> [drafted, accepted]
     recent: deque = field(default_factory=deque)  # (time.monotonic(), tokens) of each streamed step
 
     def add(self, done: Finished, policy: str) -> None:
         stats = done.stats
         self.requests += 1
         self.completion_tokens += done.completion_tokens
-        self.drafted += stats.drafted
-        self.accepted += stats.accepted
+        self.stats.merge(stats)
         self.last_speculation = {"policy": policy, "drafted_steps": sum(1 for k in stats.draft_lengths if k),
                                  "completion_tokens": done.completion_tokens, "drafted": stats.drafted,
                                  "accepted": stats.accepted}
-        self.by_position.extend([0, 0] for _ in range(len(stats.drafted_by_position) - len(self.by_position)))
-        for j, pair in enumerate(zip(stats.drafted_by_position, stats.accepted_by_position)):
-            self.by_position[j] = [a + b for a, b in zip(self.by_position[j], pair)]
-        for (klass, source), (_, drafted, accepted) in stats.by_kind.items():
-            counts = self.by_kind.setdefault(klass, {}).setdefault(source, [0, 0])
-            counts[0] += drafted
-            counts[1] += accepted
 
     def streamed(self, tokens: int, now: float | None = None) -> None:
         self.recent.append((self._forget(now), tokens))
@@ -66,7 +55,8 @@ class Totals:
 
     @property
     def acceptance_rate(self) -> float | None:
-        return round(self.accepted / self.drafted, 4) if self.drafted else None
+        rate = self.stats.acceptance_rate
+        return None if rate is None else round(rate, 4)
 
 
 SETTINGS = web.AppKey("settings", Settings)

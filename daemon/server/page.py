@@ -11,6 +11,7 @@ from pathlib import Path
 from aiohttp import web
 
 from daemon.engine.memory import resident_bytes
+from daemon.engine.records import SpecStats
 from daemon.server.keys import SETTINGS, TOTALS, WORKER
 from daemon.server.prepare import default_speculation
 
@@ -27,6 +28,15 @@ async def page_file(http: web.Request) -> web.FileResponse:
     if path is None:
         raise web.HTTPNotFound()
     return web.FileResponse(path)
+
+
+def acceptance(stats: SpecStats) -> dict:
+    """Drafts and accepted drafts by draft position, and by content class and source."""
+    by_class: dict[str, dict] = {}
+    for (klass, source), (_, drafted, accepted) in stats.by_kind.items():
+        by_class.setdefault(klass, {})[source] = {"drafted": drafted, "accepted": accepted}
+    positions = zip(stats.drafted_by_position, stats.accepted_by_position)
+    return {"by_position": [{"drafted": d, "accepted": a} for d, a in positions], "by_class": by_class}
 
 
 def served_figures(app: web.Application) -> dict:
@@ -52,11 +62,7 @@ async def status(http: web.Request) -> web.Response:
         **served_figures(http.app),
         "drafter_kind": worker.served.drafter_kind,
         "tokens_per_second": round(totals.tokens_per_second(), 2),
-        "acceptance": {
-            "by_position": [{"drafted": d, "accepted": a} for d, a in totals.by_position],
-            "by_class": {klass: {source: {"drafted": d, "accepted": a} for source, (d, a) in sources.items()}
-                         for klass, sources in totals.by_kind.items()},
-        },
+        "acceptance": acceptance(totals.stats),
         "costs": costs,
         "off_tokens_per_second": round(1e3 / costs["round_ms"][0], 2) if costs and costs["round_ms"][0] > 0 else None,
         "last_request": totals.last_speculation,
