@@ -110,6 +110,10 @@ def _service_parsers(sub) -> None:
     st = sub.add_parser("status", help="ask the running daemon how it is doing")
     st.add_argument("--config", type=Path, default=None)
     st.add_argument("--port", type=int, default=None)
+    ms = sub.add_parser("models", help="the models the daemon can serve: family, size, MTP layers, whether loaded")
+    ms.add_argument("--config", type=Path, default=None)
+    ms.add_argument("--port", type=int, default=None)
+    ms.add_argument("--json", action="store_true", help="one JSON list instead of a table")
 
 
 def _train_parser(sub) -> None:

@@ -177,16 +177,22 @@ def cmd_serve(args) -> None:
     import asyncio
 
     from daemon.cluster.launch import Cluster
+    from daemon.models.registry import registry
     from daemon.server.app import init_app, serve
+    from daemon.server.loaded import load_for_serving
     from daemon.server.metrics import Metrics
-    from daemon.server.worker import Limits, Worker, load_for_serving
+    from daemon.server.worker import Limits, Worker
     from daemon.system import logs
 
     settings = _settings(args, "host", "port", "speculation", "log_level")
     logs.configure(settings.log_level)
     metrics = Metrics()
     cluster = Cluster.of(settings)
-    worker = Worker(lambda: load_for_serving(settings, cluster), settings.max_queue, metrics, Limits.of(settings))
+    models = registry(settings)
+    if cluster is not None:  # a cluster serves its one model
+        models = dict([next(iter(models.items()))])
+    worker = Worker(lambda entry: load_for_serving(settings, entry, cluster if entry.source == "model" else None),
+                    settings.max_queue, metrics, Limits.of(settings), models, settings.memory_budget())
     try:
         lost = asyncio.run(serve(init_app(settings, worker, metrics)))
     finally:
@@ -222,28 +228,36 @@ def cmd_service(args) -> None:
         print(f"installed {plan.path}; the daemon starts now and at every login", file=sys.stderr)
 
 
-def cmd_status(args) -> None:
+def _health(settings) -> tuple[str, dict | None, str | None]:
+    """The running daemon's address and its /health (None, and why, when it does not answer)."""
     import urllib.error
     import urllib.request
 
+    host = "127.0.0.1" if settings.host in ("0.0.0.0", "::", "") else settings.host
+    where = f"http://{host}:{settings.port}"
+    try:
+        with urllib.request.urlopen(f"{where}/health", timeout=5) as r:
+            return where, json.loads(r.read()), None
+    except urllib.error.HTTPError as e:  # 503: a rank of its cluster is lost, and it is stopping
+        return where, None, f"mtpd at {where}: {json.loads(e.read()).get('error', e.reason)}"
+    except OSError:
+        return where, None, f"no mtpd daemon is running at {where}/health"
+
+
+def cmd_status(args) -> None:
     from daemon.settings import load_settings
 
     settings, _ = load_settings(args.config, {"port": args.port})
-    host = "127.0.0.1" if settings.host in ("0.0.0.0", "::", "") else settings.host
-    url = f"http://{host}:{settings.port}/health"
-    try:
-        with urllib.request.urlopen(url, timeout=5) as r:
-            health = json.loads(r.read())
-    except urllib.error.HTTPError as e:  # 503: a rank of its cluster is lost, and it is stopping
-        print(f"mtpd at http://{host}:{settings.port}: {json.loads(e.read()).get('error', e.reason)}", file=sys.stderr)
-        sys.exit(1)
-    except OSError:
-        print(f"no mtpd daemon is running at {url}", file=sys.stderr)
+    where, health, trouble = _health(settings)
+    if health is None:
+        print(trouble, file=sys.stderr)
         sys.exit(1)
     rate = health.get("acceptance_rate")
+    loaded = ", ".join(f"{m['name']} ({m['bytes'] / 2**20:.0f} MiB)" for m in health.get("loaded_models", []))
     print(
-        f"mtpd at http://{host}:{settings.port}: {health['model']} with drafter {health['drafter'] or 'none'}"
+        f"mtpd at {where}: {health['model']} with drafter {health['drafter'] or 'none'}"
         + (f", {health['placement']}" if health.get("placement") else "") + "\n"
+        f"loaded: {loaded}\n"
         f"up {health['uptime_s']:.0f} s, {health['requests_served']} requests served, "
         f"{health['running']} running, {health['waiting']} waiting\n"
         f"speculation: {health['speculation']}"
@@ -251,6 +265,26 @@ def cmd_status(args) -> None:
         + (f", last request drafted in {health['last_request_speculation']['drafted_steps']} steps"
            if health.get("last_request_speculation") else "")
     )
+
+
+def cmd_models(args) -> None:
+    from daemon.models.registry import describe, registry
+    from daemon.settings import load_settings
+
+    settings, _ = load_settings(args.config, {"port": args.port})
+    _, health, _ = _health(settings)
+    loaded = {m["name"] for m in health.get("loaded_models", [])} if health is not None else set()
+    rows = [describe(e) | {"loaded": e.name in loaded if health is not None else None}
+            for e in registry(settings).values()]
+    if args.json:
+        print(json.dumps(rows, indent=1))
+        return
+    print(f"{'name':<36} {'family':<14} {'size':>9}  {'mtp':>3}  {'loaded':<7} source")
+    for r in rows:
+        size = f"{r['bytes'] / 2**20:.0f} MiB" if "bytes" in r else "?"
+        shown = {True: "yes", False: "no", None: "(down)"}[r["loaded"]]
+        print(f"{r['name']:<36} {r.get('family') or r.get('error', '?')[:14]:<14} {size:>9}  {r.get('mtp_layers', 0):>3}  "
+              f"{shown:<7} {r['source']}")
 
 
 def cmd_config(args) -> None:
@@ -278,6 +312,7 @@ COMMANDS = {
     "config": cmd_config,
     "service": cmd_service,
     "status": cmd_status,
+    "models": cmd_models,
     "train-drafter": cmd_train_drafter,
     "inspect": cmd_inspect,
     "drafter": cmd_drafter,

@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import (
     BaseSettings,
     EnvSettingsSource,
@@ -18,6 +18,31 @@ from pydantic_settings import (
 from policies.registry import check as check_policy
 
 MiB = 1 << 20
+
+
+def physical_memory() -> int:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+class ModelEntry(BaseModel):
+    """One `[models.NAME]` table: a model the daemon loads when a request names it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    path: str = Field(description="GGUF file, mlx-lm folder or repo id on disk")
+    drafter: str | None = Field(None, description="drafter folder or 'none' (default: the model's own)")
+    drafter_bits: Literal[8, 4, 3] | None = None
+    speculation: str | None = Field(None, description="this model's default draft policy (default: `speculation`)")
+    pinned: bool = Field(False, description="never unloaded to make room for another model")
+    keep_alive_s: float | None = Field(None, ge=-1, description="seconds unused before it is unloaded (default: "
+                                                                 "`keep_alive_s`; 0: after each answer; -1: never)")
+
+    @field_validator("speculation")
+    @classmethod
+    def _known_policy(cls, value: str | None) -> str | None:
+        if value is not None:
+            check_policy(value)
+        return value
 
 
 def default_config_file() -> Path:
@@ -37,6 +62,16 @@ class Settings(BaseSettings):
     drafter: str | None = Field(None, description="drafter folder (MTP, or a DFlash / DSpark block drafter as released), "
                                 "or 'none' (default: the model's own or the shipped one)")
     drafter_bits: Literal[8, 4, 3] | None = Field(None, description="quantize the drafter to this many bits")
+    models: dict[str, ModelEntry] = Field(
+        {}, description="more models, loaded when a request names them ([models.NAME] tables: path, drafter, "
+                        "speculation, pinned, keep_alive_s)")
+    models_dir: Path | None = Field(None, description="a folder of mlx-lm model folders and GGUF files, each served "
+                                                      "under its folder or file name (besides the Hugging Face cache)")
+    keep_alive_s: float = Field(300.0, ge=-1, description="a model other than `model` unused this long is unloaded "
+                                                          "(0: after each answer; -1: never)")
+    max_memory: int | None = Field(None, ge=0, description="bytes the loaded models' weights may take together; "
+                                                           "the least recently used is unloaded first (default: "
+                                                           "3/4 of physical memory)")
     speculation: str = Field("adaptive", description="default draft policy: adaptive | adaptive:mtp | off | fixed:K")
     tie_margin: float | None = Field(None, gt=0, description="near-tie guard margin in logits (default: by precision)")
     api_key: SecretStr | None = Field(None, description="if set, requests need 'Authorization: Bearer <key>'")
@@ -86,6 +121,9 @@ class Settings(BaseSettings):
     def _known_policy(cls, value: str) -> str:
         check_policy(value)
         return value
+
+    def memory_budget(self) -> int:
+        return self.max_memory if self.max_memory is not None else physical_memory() * 3 // 4
 
     @classmethod
     def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings, file_secret_settings):

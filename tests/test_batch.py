@@ -23,7 +23,8 @@ from daemon.engine.ragged import run_drafts
 from daemon.engine.records import Delta, Finished, Request
 from daemon.engine.rows import drain
 from daemon.engine.sampling import SamplingParams
-from daemon.server.worker import Job, Limits, Loaded, Worker
+from daemon.server.loaded import Loaded
+from daemon.server.worker import Job, Limits, Worker
 from policies.adaptive import AdaptivePolicy, SharedEstimates
 from policies.batch import draft_units, fit_drafts
 from policies.cost import RowCosts, StepCosts
@@ -240,7 +241,7 @@ def test_batched_sampling_reproduces_each_sequences_distribution(tiny_lm, monkey
 
 def test_short_request_finishes_while_a_long_answer_runs(tiny_lm, monkeypatch):
     monkeypatch.setattr(tiny_lm.tokenizer, "_eos_token_ids", set())  # the long answer runs its 1,000 tokens
-    worker = Worker(lambda: Loaded(tiny_lm, None, None), max_queue=4, limits=Limits(max_running=4))
+    worker = Worker(lambda entry: Loaded(tiny_lm, None, None), max_queue=4, limits=Limits(max_running=4))
     worker.start()
     events, done = [], threading.Event()
 

@@ -13,6 +13,7 @@ from daemon.engine.memory import Memory
 from daemon.engine.records import Delta, Finished, SpecStats
 from daemon.server.app import init_app
 from daemon.server.metrics import Metrics
+from daemon.models.registry import Entry
 from daemon.server.worker import DeadlineExceeded, QueueFull, ServedModel
 from daemon.settings import Settings
 
@@ -53,6 +54,7 @@ class FakeWorker:
 
     def __init__(self, answer=None, drafter: str | None = "fake-drafter", context: int = 64):
         self.served = ServedModel("tiny", CharTokenizer(), 256, context, drafter)
+        self.models, self.known, self.loaded, self.loading = {"tiny": Entry("tiny", None, "model")}, {}, {"tiny": 1000}, 0
         self.answer = answer or echo
         self.jobs = []
         self.waiting, self.running, self.busy, self.started, self.stopped = 0, 0, False, False, False
@@ -321,7 +323,7 @@ async def test_health_counts_what_was_served(aiohttp_client):
     assert health["model"] == "tiny" and health["drafter"] == "fake-drafter"
     assert health["running"] == 0 and health["waiting"] == 0
     metrics = await (await client.get("/metrics")).text()
-    assert 'mtpd_requests_total{endpoint="chat",status="200"} 2.0' in metrics
+    assert 'mtpd_requests_total{endpoint="chat",status="200",model="tiny"} 2.0' in metrics
 
 
 

@@ -126,6 +126,14 @@ class FastBlock(llama.TransformerBlock):
         object.__setattr__(self, "_attend", grouped_attention if mx.default_device() == mx.cpu else fused_attention)
         object.__setattr__(self, "_row_major", None)  # (qkv, o, gate_up, down) from add_row_major
 
+    COMPILED = ("_pre_rows", "_pre_rows_few", "_pre", "_post", "_pre_few", "_post_few")
+
+    def release(self) -> None:
+        """Drops the compiled forms: they hold the block (`inputs=self.state`) inside MLX, where
+        Python's collector cannot see the cycle, so an unloaded model would stay in memory."""
+        for name in self.COMPILED:
+            object.__setattr__(self, name, None)
+
     def add_row_major(self) -> bool:
         """Row-major copies of the block's fp32 matrices for inputs of up to FEW_ROWS rows (a
         snapshot of the current weights). False, and nothing copied, where the block has biases

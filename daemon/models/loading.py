@@ -48,6 +48,15 @@ def describe(lm: LoadedModel) -> dict:
     }
 
 
+def unload(lm: LoadedModel) -> None:
+    """Lets the model's memory go once the last reference to `lm` does: its compiled blocks hold
+    themselves inside MLX (daemon.cpu.fast_block.FastBlock.release)."""
+    for module in (lm.model, lm.drafter):
+        for _, child in module.named_modules() if module is not None else ():
+            if hasattr(child, "release"):
+                child.release()
+
+
 def backend() -> str:
     """Where MLX runs: "Metal" (Apple silicon), "CUDA" (`mlx[cuda]` on an NVIDIA GPU) or "CPU"."""
     if mx.metal.is_available():

@@ -21,7 +21,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 from daemon.cluster.faults import RankLost
 from daemon.server.handlers import setup_routes
 from daemon.server.hints import add_header
-from daemon.server.keys import METRICS, RESPONSES, SETTINGS, TOTALS, WORKER, Totals
+from daemon.server.keys import METRICS, MODEL, RESPONSES, SETTINGS, TOTALS, WORKER, Totals
 from daemon.server.metrics import Metrics
 from daemon.server.openai_shapes import ApiError
 from daemon.server.protocol import Runner, error_response, more_sockets, said
@@ -58,10 +58,11 @@ async def measured(http: web.Request, handler):
         return response
     finally:
         status = str(response.status) if response is not None else "499"
-        m.requests.labels(endpoint, status).inc()
+        model = http.get(MODEL, "")
+        m.requests.labels(endpoint, status, model).inc()
         if generating:
             m.in_flight.dec()
-            m.duration.labels(endpoint).observe(time.perf_counter() - start)
+            m.duration.labels(endpoint, model).observe(time.perf_counter() - start)
 
 
 def _error(http: web.Request, e: ApiError) -> web.Response:

@@ -14,6 +14,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from daemon.engine.records import Finished
+from daemon.models.registry import Entry
 from daemon.server.anthropic_shapes import CountTokensRequest, MessagesRequest, message_id
 from daemon.server.context_edits import apply_edits
 from daemon.server.hints import UNUSED, report, unused, unused_betas
@@ -22,17 +23,18 @@ from daemon.server.messages import MessagesReply
 from daemon.server.openai_shapes import ApiError, ChatRequest, CompletionRequest, parse
 from daemon.server.openapi import openapi
 from daemon.server.page import served_figures, setup_page
-from daemon.server.prepare import MODEL_SUFFIXES, Prepared, prepare, prompt_ids, split_model
+from daemon.server.prepare import MODEL_SUFFIXES, Prepared, prepare, prompt_ids
 from daemon.server.responses import ResponsesReply
 from daemon.server.responses_shapes import ResponsesRequest, response_id
 from daemon.server.streaming import KEEPALIVE_SECONDS, ClientGone, Reply, records, submit
+from daemon.server.which_model import pick, served_for
 
 log = structlog.get_logger()
 
 
 def _log_request(http: web.Request, rid: str, endpoint: str, prepared: Prepared, done: Finished | None, status: str,
-                 text: str):
-    fields = {"id": rid, "endpoint": endpoint, "status": status, "stream": prepared.body.stream,
+                 text: str, served):
+    fields = {"id": rid, "endpoint": endpoint, "model": served.name, "status": status, "stream": prepared.body.stream,
               "speculation": prepared.speculation, "prompt_tokens": len(prepared.request.prompt_ids)}
     if http.get(UNUSED):
         fields["unused_hints"] = http[UNUSED]
@@ -47,7 +49,7 @@ def _log_request(http: web.Request, rid: str, endpoint: str, prepared: Prepared,
             draft_lengths=dict(Counter(stats.draft_lengths)), finish_reason=done.finish_reason,
         )
     if http.app[SETTINGS].log_prompts:
-        fields.update(prompt=http.app[WORKER].served.tokenizer.decode(list(prepared.request.prompt_ids)), answer=text)
+        fields.update(prompt=served.tokenizer.decode(list(prepared.request.prompt_ids)), answer=text)
     log.info("request", **fields)
 
 
@@ -55,12 +57,12 @@ async def _complete(http: web.Request, body: ChatRequest | CompletionRequest, ri
                     reply_type: type = Reply) -> web.StreamResponse:
     """Prepares `body`, runs it on the engine and answers in `reply_type`'s shape."""
     settings, worker = http.app[SETTINGS], http.app[WORKER]
-    served = worker.served
+    served = await served_for(http, body.model, settings.request_timeout_s)
     prepared = await asyncio.get_running_loop().run_in_executor(None, prepare, body, served, settings)
     if prepared.aliased:  # the name it asked for is answered by the model this daemon runs
         report(http, [*http.get(UNUSED, []), "model"])
     reply = reply_type(prepared, (rid, int(time.time()), served.name), lambda t: served.tokenizer.decode([t]))
-    job, out = submit(worker, prepared, settings.request_timeout_s)
+    job, out = submit(worker, prepared, settings.request_timeout_s, served.name)
     status = "ok"
     try:
         if body.stream:
@@ -78,7 +80,7 @@ async def _complete(http: web.Request, body: ChatRequest | CompletionRequest, ri
         job.cancelled.set()  # no-op when the job has finished
         if reply.done is not None:
             http.app[TOTALS].add(reply.done, prepared.speculation)
-        _log_request(http, rid, endpoint, prepared, reply.done, status, "".join(reply.text))
+        _log_request(http, rid, endpoint, prepared, reply.done, status, "".join(reply.text), served)
 
 
 async def chat_completions(http: web.Request) -> web.StreamResponse:
@@ -100,7 +102,8 @@ async def _anthropic(http: web.Request, model: type[CountTokensRequest]) -> tupl
     report(http, unused(body) + unused_betas(http))
     if body.context_management is None:
         return body, None
-    served, settings = http.app[WORKER].served, http.app[SETTINGS]
+    settings = http.app[SETTINGS]
+    served = await served_for(http, body.model, settings.request_timeout_s)
 
     def count(messages: list) -> int:
         return len(prompt_ids(body.model_copy(update={"messages": messages}).as_chat(), served, settings))
@@ -131,17 +134,20 @@ async def responses(http: web.Request) -> web.StreamResponse:
 async def count_tokens(http: web.Request) -> web.Response:
     """The prompt's tokens after its context edits, as Anthropic counts them."""
     body, _ = await _anthropic(http, CountTokensRequest)
-    ids = await asyncio.get_running_loop().run_in_executor(
-        None, prompt_ids, body.as_chat(), http.app[WORKER].served, http.app[SETTINGS])
+    served = await served_for(http, body.model, http.app[SETTINGS].request_timeout_s)
+    ids = await asyncio.get_running_loop().run_in_executor(None, prompt_ids, body.as_chat(), served, http.app[SETTINGS])
     return web.json_response({"input_tokens": len(ids)})
 
 
-def _model_card(app: web.Application, suffix: str | None = None) -> dict:
-    """The served model; with `suffix`, the same model under a draft policy (`<model>:off`)."""
-    served = app[WORKER].served
-    return {"id": served.name + (f":{suffix}" if suffix else ""), "object": "model",
+def _model_card(app: web.Application, entry: Entry, suffix: str | None = None) -> dict:
+    """A model the daemon serves, loaded or not; with `suffix`, the same model under a draft policy
+    (`<model>:off`)."""
+    worker = app[WORKER]
+    served = worker.known.get(entry.name) or (worker.served if entry.name == worker.served.name else None)
+    about = {"drafter": served.drafter, "context_length": served.context_length} if served is not None else {}
+    return {"id": entry.name + (f":{suffix}" if suffix else ""), "object": "model",
             "created": int(app[TOTALS].started), "owned_by": "mtpd",
-            "mtpd": {"drafter": served.drafter, "context_length": served.context_length, "speculation": suffix}}
+            "mtpd": {**about, "speculation": suffix, "loaded": entry.name in worker.loaded, "source": entry.source}}
 
 
 def _suffixes(app: web.Application) -> tuple[str, ...]:
@@ -149,15 +155,20 @@ def _suffixes(app: web.Application) -> tuple[str, ...]:
 
 
 async def list_models(http: web.Request) -> web.Response:
-    cards = [_model_card(http.app)] + [_model_card(http.app, s) for s in _suffixes(http.app)]
-    return web.json_response({"object": "list", "data": cards})
+    """Every model of the registry; the default also under each draft policy."""
+    models = list(http.app[WORKER].models.values())
+    cards = [_model_card(http.app, models[0])] + [_model_card(http.app, models[0], s) for s in _suffixes(http.app)]
+    return web.json_response({"object": "list", "data": cards + [_model_card(http.app, e) for e in models[1:]]})
 
 
 async def get_model(http: web.Request) -> web.Response:
-    model, suffix = split_model(http.match_info["model"], http.app[WORKER].served)
-    if model.lower() != http.app[WORKER].served.name.lower() or (suffix and suffix not in _suffixes(http.app)):
-        raise ApiError(404, f"the model {http.match_info['model']!r} does not exist", "model", "model_not_found")
-    return web.json_response(_model_card(http.app, suffix))
+    asked, models = http.match_info["model"], http.app[WORKER].models
+    entry = pick(models, asked)
+    suffix = asked[len(entry.name) + 1:] or None
+    named = asked.lower() == entry.name.lower() or entry is next(iter(models.values())) and suffix in _suffixes(http.app)
+    if not named or asked[: len(entry.name)].lower() != entry.name.lower():
+        raise ApiError(404, f"the model {asked!r} does not exist", "model", "model_not_found")
+    return web.json_response(_model_card(http.app, entry, suffix))
 
 
 async def health(http: web.Request) -> web.Response:
@@ -171,6 +182,8 @@ async def health(http: web.Request) -> web.Response:
         "acceptance_rate": totals.acceptance_rate,
         "last_request_speculation": totals.last_speculation,
         "busy": worker.busy,
+        "loaded_models": [{"name": name, "bytes": n} for name, n in worker.loaded.items()],
+        "loading": worker.loading,
     }, status=200 if worker.lost is None else 503)
 
 

@@ -64,3 +64,4 @@ WORKER = web.AppKey("worker", Worker)
 METRICS = web.AppKey("metrics", Metrics)
 TOTALS = web.AppKey("totals", Totals)
 RESPONSES = web.AppKey("responses", ResponseStore)  # kept for previous_response_id
+MODEL = web.RequestKey("model", str)  # the model a request went to (for its metrics)

@@ -1,6 +1,7 @@
 """Prometheus metrics (prometheus-client), all prefixed `mtpd_`.
 
-Labels are bounded: endpoint (a fixed route list), HTTP status code, content class (code / prose),
+Labels are bounded: endpoint (a fixed route list), HTTP status code, model (the registry's names;
+"" for requests that name none), content class (code / prose),
 draft position (1..16), draft source (mtp / lookup), step kind. No request ids or text. Engine
 figures are recorded on the engine thread after each request from the `Finished` record and the
 policy's step log, and after every batched forward (its sequences and rows); HTTP figures in the
@@ -37,30 +38,31 @@ class Metrics:
     def __init__(self):
         self.registry = r = CollectorRegistry()
         self.requests = Counter("mtpd_requests", "HTTP requests by endpoint and status code",
-                                ["endpoint", "status"], registry=r)
+                                ["endpoint", "status", "model"], registry=r)
         self.duration = Histogram("mtpd_request_duration_seconds", "HTTP request duration (generation requests)",
-                                  ["endpoint"], buckets=LATENCY_BUCKETS, registry=r)
+                                  ["endpoint", "model"], buckets=LATENCY_BUCKETS, registry=r)
         self.ttft = Histogram("mtpd_time_to_first_token_seconds", "time from the request to its first token",
-                              buckets=LATENCY_BUCKETS, registry=r)
+                              ["model"], buckets=LATENCY_BUCKETS, registry=r)
         self.itl = Histogram("mtpd_inter_token_latency_seconds", "mean time between tokens of a request",
-                             buckets=TOKEN_BUCKETS, registry=r)
-        self.prompt_tokens = Counter("mtpd_prompt_tokens", "prompt tokens", registry=r)
-        self.completion_tokens = Counter("mtpd_completion_tokens", "generated tokens", registry=r)
-        self.cached_tokens = Counter("mtpd_cached_prompt_tokens", "prompt tokens taken from the prompt cache", registry=r)
+                             ["model"], buckets=TOKEN_BUCKETS, registry=r)
+        self.prompt_tokens = Counter("mtpd_prompt_tokens", "prompt tokens", ["model"], registry=r)
+        self.completion_tokens = Counter("mtpd_completion_tokens", "generated tokens", ["model"], registry=r)
+        self.cached_tokens = Counter("mtpd_cached_prompt_tokens", "prompt tokens taken from the prompt cache", ["model"],
+                                     registry=r)
         self.cache_lookups = Counter("mtpd_prompt_cache_lookups", "prompt cache lookups by result (hit / miss)",
-                                     ["result"], registry=r)
+                                     ["result", "model"], registry=r)
         self.cache_bytes = Gauge("mtpd_prompt_cache_bytes", "bytes held by the prompt cache", ["tier"], registry=r)
         self.drafts = Counter("mtpd_speculative_steps", "verification steps with k >= 1 drafted tokens",
-                              ["content_class", "source"], registry=r)
-        self.draft_tokens = Counter("mtpd_draft_tokens", "drafted tokens", ["content_class", "source"], registry=r)
+                              ["content_class", "source", "model"], registry=r)
+        self.draft_tokens = Counter("mtpd_draft_tokens", "drafted tokens", ["content_class", "source", "model"], registry=r)
         self.accepted_tokens = Counter("mtpd_accepted_tokens", "drafted tokens the target accepted",
-                                       ["content_class", "source"], registry=r)
+                                       ["content_class", "source", "model"], registry=r)
         self.drafted_at = Counter("mtpd_draft_tokens_by_position", "drafted tokens by draft position",
-                                  ["position"], registry=r)
+                                  ["position", "model"], registry=r)
         self.accepted_at = Counter("mtpd_accepted_tokens_by_position", "accepted tokens by draft position",
-                                   ["position"], registry=r)
+                                   ["position", "model"], registry=r)
         self.draft_length = Histogram("mtpd_draft_length", "draft length chosen per step (0: plain step)",
-                                      buckets=tuple(range(MAX_DRAFT + 1)), registry=r)
+                                      ["model"], buckets=tuple(range(MAX_DRAFT + 1)), registry=r)
         self.speculation_active = Gauge("mtpd_speculation_active",
                                         "1 when the last step of the last request drafted, else 0", registry=r)
         self.speedup_expected = Gauge("mtpd_speedup_expected_ratio",
@@ -70,7 +72,7 @@ class Metrics:
                                       "measured tokens/s of the last request's speculative steps over plain tokens/s",
                                       registry=r)
         self.step_seconds = Histogram("mtpd_step_seconds", "decoding step time by kind (plain / speculative)",
-                                      ["kind"], buckets=TOKEN_BUCKETS, registry=r)
+                                      ["kind", "model"], buckets=TOKEN_BUCKETS, registry=r)
         self.cost_step = Gauge("mtpd_cost_model_step_seconds",
                                "cost model: predicted time of a step drafting k tokens and verifying k+1",
                                ["draft_length"], registry=r)
@@ -89,38 +91,57 @@ class Metrics:
         self.memory = Gauge("mtpd_mlx_memory_bytes", "MLX memory by kind (active, peak, cache)", ["kind"], registry=r)
         Gauge("mtpd_resident_memory_bytes", "the process's resident set (RSS), MLX's memory and the rest",
               registry=r).set_function(resident_bytes)
+        self.model_bytes = Gauge("mtpd_model_bytes", "bytes of each loaded model's weights (0: not loaded)",
+                                 ["model"], registry=r)
+        self.loads = Counter("mtpd_model_loads", "models loaded", ["model"], registry=r)
+        self.load_seconds = Histogram("mtpd_model_load_seconds", "time to load a model", ["model"],
+                                      buckets=LATENCY_BUCKETS, registry=r)
+        self.unloads = Counter("mtpd_model_unloads", "models unloaded, by reason (keep_alive / memory)",
+                               ["model", "reason"], registry=r)
+
+    def describe_model(self, lm, backend: str) -> None:
+        """The default model, loaded at start: its series exist (at 0) before its first request."""
+        self.info.info({"model": lm.name, "drafter": lm.drafter_name or "none", "backend": backend,
+                        "machine": platform.machine()})
         for klass in CLASSES:
             for source in SOURCES:
                 for metric in (self.drafts, self.draft_tokens, self.accepted_tokens):
-                    metric.labels(klass, source)
+                    metric.labels(klass, source, lm.name)
         for result in ("hit", "miss"):
-            self.cache_lookups.labels(result)
+            self.cache_lookups.labels(result, lm.name)
 
-    def describe_model(self, lm, backend: str) -> None:
-        self.info.info({"model": lm.name, "drafter": lm.drafter_name or "none", "backend": backend,
-                        "machine": platform.machine()})
+    def observe_load(self, model: str, seconds: float, nbytes: int) -> None:
+        self.loads.labels(model).inc()
+        self.load_seconds.labels(model).observe(seconds)
+        self.model_bytes.labels(model).set(nbytes)
+        for reason in ("keep_alive", "memory"):
+            self.unloads.labels(model, reason)
 
-    def observe_request(self, done: Finished) -> None:
+    def observe_unload(self, model: str, reason: str) -> None:
+        self.unloads.labels(model, reason).inc()
+        self.model_bytes.labels(model).set(0)
+
+    def observe_request(self, done: Finished, model: str) -> None:
         """After a request, on the engine thread: its counts, from its stats record."""
-        self.prompt_tokens.inc(done.prompt_tokens)
-        self.completion_tokens.inc(done.completion_tokens)
-        self.cached_tokens.inc(done.cached_tokens)
-        self.cache_lookups.labels("hit" if done.cached_tokens else "miss").inc()
-        self.ttft.observe(done.ttft_seconds)
+        self.prompt_tokens.labels(model).inc(done.prompt_tokens)
+        self.completion_tokens.labels(model).inc(done.completion_tokens)
+        self.cached_tokens.labels(model).inc(done.cached_tokens)
+        self.cache_lookups.labels("hit" if done.cached_tokens else "miss", model).inc()
+        self.ttft.labels(model).observe(done.ttft_seconds)
         if done.completion_tokens > done.first_tokens:
-            self.itl.observe(done.decode_seconds / (done.completion_tokens - done.first_tokens))
+            self.itl.labels(model).observe(done.decode_seconds / (done.completion_tokens - done.first_tokens))
         stats = done.stats
         for j, (d, a) in enumerate(zip(stats.drafted_by_position, stats.accepted_by_position)):
-            self.drafted_at.labels(str(j + 1)).inc(d)
-            self.accepted_at.labels(str(j + 1)).inc(a)
+            self.drafted_at.labels(str(j + 1), model).inc(d)
+            self.accepted_at.labels(str(j + 1), model).inc(a)
         for k, seconds in zip(stats.draft_lengths, stats.step_seconds):
-            self.draft_length.observe(k)
+            self.draft_length.labels(model).observe(k)
             if seconds > 0:
-                self.step_seconds.labels("speculative" if k else "plain").observe(seconds)
+                self.step_seconds.labels("speculative" if k else "plain", model).observe(seconds)
         for labels, (steps, drafted, accepted) in stats.by_kind.items():
-            self.drafts.labels(*labels).inc(steps)
-            self.draft_tokens.labels(*labels).inc(drafted)
-            self.accepted_tokens.labels(*labels).inc(accepted)
+            self.drafts.labels(*labels, model).inc(steps)
+            self.draft_tokens.labels(*labels, model).inc(drafted)
+            self.accepted_tokens.labels(*labels, model).inc(accepted)
         self.speculation_active.set(1 if stats.draft_lengths and stats.draft_lengths[-1] else 0)
 
     def observe_speedups(self, expected: float | None, realised: float | None) -> None:

@@ -36,7 +36,7 @@ class Prepared:
 
 
 def default_speculation(served: ServedModel, settings: Settings) -> str:
-    return settings.speculation if served.drafter is not None else "off"
+    return (served.speculation or settings.speculation) if served.drafter is not None else "off"
 
 
 def _followable(served: ServedModel, grammar: str | None, param: str) -> str | None:

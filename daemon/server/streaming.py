@@ -38,12 +38,20 @@ class ClientGone(Exception):
     pass
 
 
-def submit(worker: Worker, prepared: Prepared, timeout_s: float) -> tuple[Job, asyncio.Queue]:
-    """Queues the request for the engine; its records arrive on the returned queue."""
+def submit(worker: Worker, prepared: Prepared, timeout_s: float, model: str) -> tuple[Job, asyncio.Queue]:
+    """Queues the request for the engine (for the model of that name); its records arrive on the
+    returned queue."""
     loop = asyncio.get_running_loop()
     out: asyncio.Queue = asyncio.Queue()
     deadline = time.monotonic() + timeout_s
-    job = Job(prepared.request, prepared.speculation, lambda r: loop.call_soon_threadsafe(out.put_nowait, r), deadline)
+    job = Job(prepared.request, prepared.speculation, lambda r: loop.call_soon_threadsafe(out.put_nowait, r), deadline,
+              model=model)
+    hand_over(worker, job)
+    return job, out
+
+
+def hand_over(worker: Worker, job) -> None:
+    """Queues a Job or a Wanted; a full queue or a lost rank is the client's 503."""
     try:
         worker.submit(job)
     except QueueFull:
@@ -51,7 +59,6 @@ def submit(worker: Worker, prepared: Prepared, timeout_s: float) -> tuple[Job, a
                        code="queue_full", headers={"Retry-After": "1"}) from None
     except RankLost as e:
         raise rank_lost(e) from None
-    return job, out
 
 
 def rank_lost(e: RankLost) -> ApiError:
