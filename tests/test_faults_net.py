@@ -38,8 +38,8 @@ def health(daemon) -> dict:
 def finished_prompt_tokens(daemon) -> float:
     """Prompt tokens of the requests the engine finished (mtpd_prompt_tokens_total)."""
     with urllib.request.urlopen(daemon.url + "/metrics") as r:
-        line = next(x for x in r.read().decode().splitlines() if x.startswith("mtpd_prompt_tokens_total "))
-    return float(line.split()[1])
+        lines = [x for x in r.read().decode().splitlines() if x.startswith("mtpd_prompt_tokens_total{")]
+    return sum(float(line.split()[-1]) for line in lines)
 
 
 

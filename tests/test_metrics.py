@@ -13,7 +13,9 @@ DOCS = Path(__file__).parent.parent / "docs" / "metrics.md"
 
 
 def value(m: Metrics, name: str, **labels) -> float:
-    return m.registry.get_sample_value(name, labels)
+    """The series of model "m" (a per-request metric), else the one without a model label."""
+    found = m.registry.get_sample_value(name, {**labels, "model": "m"})
+    return found if found is not None else m.registry.get_sample_value(name, labels)
 
 
 def finished(steps: list[tuple[str, Step]]) -> Finished:
@@ -39,8 +41,10 @@ def test_values_follow_the_steps():
     assert (done.stats.drafted, done.stats.accepted, done.stats.lookup_drafted, done.stats.lookup_accepted) == (9, 6, 4, 3)
     assert done.stats.drafted_by_position == [4, 3, 1, 1] and done.stats.accepted_by_position == [3, 2, 1, 0]
     assert done.stats.speculative_rate() == pytest.approx((6 + 4) / 0.40)  # accepted + one own token per step
-    m.observe_request(done)
-    m.observe_request(done)
+    m.observe_request(done, "m")
+    m.observe_request(done, "m")
+    m.observe_request(done, "other")
+    assert m.registry.get_sample_value("mtpd_prompt_tokens_total", {"model": "other"}) == 30
     assert value(m, "mtpd_prompt_tokens_total") == 60 and value(m, "mtpd_completion_tokens_total") == 16
     assert value(m, "mtpd_cached_prompt_tokens_total") == 24
     assert value(m, "mtpd_prompt_cache_lookups_total", result="hit") == 2
@@ -59,7 +63,7 @@ def test_values_follow_the_steps():
     assert value(m, "mtpd_step_seconds_count", kind="speculative") == 8
     assert value(m, "mtpd_speculation_active") == 0  # the last step was plain
     assert abs(value(m, "mtpd_inter_token_latency_seconds_sum") - 2 * 0.35 / 7) < 1e-9
-    m.observe_request(finished(STEPS[:1]))
+    m.observe_request(finished(STEPS[:1]), "m")
     assert value(m, "mtpd_speculation_active") == 1
 
 

@@ -64,7 +64,7 @@ def scraped_tokens(url: str) -> float | None:
 
 def exposed_tokens(daemon: Daemon) -> float:
     with urllib.request.urlopen(daemon.url + "/metrics") as r:
-        return float(re.search(r"^mtpd_completion_tokens_total (\S+)$", r.read().decode(), re.M).group(1))
+        return float(re.search(r"^mtpd_completion_tokens_total\{model=\S+\} (\S+)$", r.read().decode(), re.M).group(1))
 
 
 @pytest.fixture(scope="module")

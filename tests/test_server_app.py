@@ -11,9 +11,9 @@ from transformers import PreTrainedTokenizerFast
 from daemon.cluster.faults import RankLost
 from daemon.engine.memory import Memory
 from daemon.engine.records import Delta, Finished, SpecStats
+from daemon.models.registry import Entry
 from daemon.server.app import init_app
 from daemon.server.metrics import Metrics
-from daemon.models.registry import Entry
 from daemon.server.worker import DeadlineExceeded, QueueFull, ServedModel
 from daemon.settings import Settings
 
@@ -323,7 +323,7 @@ async def test_health_counts_what_was_served(aiohttp_client):
     assert health["model"] == "tiny" and health["drafter"] == "fake-drafter"
     assert health["running"] == 0 and health["waiting"] == 0
     metrics = await (await client.get("/metrics")).text()
-    assert 'mtpd_requests_total{endpoint="chat",status="200",model="tiny"} 2.0' in metrics
+    assert 'mtpd_requests_total{endpoint="chat",model="tiny",status="200"} 2.0' in metrics
 
 
 

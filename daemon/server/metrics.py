@@ -100,22 +100,25 @@ class Metrics:
                                ["model", "reason"], registry=r)
 
     def describe_model(self, lm, backend: str) -> None:
-        """The default model, loaded at start: its series exist (at 0) before its first request."""
+        """The default model."""
         self.info.info({"model": lm.name, "drafter": lm.drafter_name or "none", "backend": backend,
                         "machine": platform.machine()})
-        for klass in CLASSES:
-            for source in SOURCES:
-                for metric in (self.drafts, self.draft_tokens, self.accepted_tokens):
-                    metric.labels(klass, source, lm.name)
-        for result in ("hit", "miss"):
-            self.cache_lookups.labels(result, lm.name)
 
     def observe_load(self, model: str, seconds: float, nbytes: int) -> None:
+        """A model loaded: its counters exist (at 0) before its first request."""
         self.loads.labels(model).inc()
         self.load_seconds.labels(model).observe(seconds)
         self.model_bytes.labels(model).set(nbytes)
         for reason in ("keep_alive", "memory"):
             self.unloads.labels(model, reason)
+        for counter in (self.prompt_tokens, self.completion_tokens, self.cached_tokens):
+            counter.labels(model)
+        for klass in CLASSES:
+            for source in SOURCES:
+                for metric in (self.drafts, self.draft_tokens, self.accepted_tokens):
+                    metric.labels(klass, source, model)
+        for result in ("hit", "miss"):
+            self.cache_lookups.labels(result, model)
 
     def observe_unload(self, model: str, reason: str) -> None:
         self.unloads.labels(model, reason).inc()

@@ -45,7 +45,7 @@ OPERATIONS = [
      out.AnthropicMessageResponse, MESSAGES_ERRORS, out.AnthropicError),
     ("post", "/v1/messages/count_tokens", "countTokens", "the prompt's token count, as the model reads it",
      CountTokensRequest, out.TokenCount, COUNT_ERRORS, out.AnthropicError),
-    ("get", "/v1/models", "listModels", "the served model, and the same under each draft policy", None,
+    ("get", "/v1/models", "listModels", "every model it can serve, loaded or not, and the default under each draft policy", None,
      out.ModelList, {500: OPENAI_ERRORS[500]}, out.ErrorResponse),
     ("get", "/v1/models/{model}", "getModel", "one model card (`<model>` or `<model>:<policy>`)", None,
      out.ModelCard, {404: OPENAI_ERRORS[404], 500: OPENAI_ERRORS[500]}, out.ErrorResponse),

@@ -184,9 +184,12 @@ class CompletionStreamData(RootModel[CompletionChunk | ErrorResponse]):
 
 
 class ServedModelInfo(BaseModel):
-    drafter: str | None
-    context_length: int
+    drafter: str | None = Field(None, description="absent for a model not loaded yet")
+    context_length: int | None = Field(None, description="absent for a model not loaded yet")
     speculation: str | None = Field(description="the draft policy a `<model>:<policy>` id selects")
+    loaded: bool
+    source: Literal["model", "settings", "models_dir", "hf cache"] = Field(
+        description="the `model` setting, a [models.NAME] table, models_dir or the Hugging Face cache")
 
 
 class ModelCard(BaseModel):
@@ -225,6 +228,11 @@ class SpeedPaths(BaseModel):
     probe_ms: dict[str, float] = Field(description="each form's forward of 1 + 3 rows, ms")
 
 
+class LoadedModelInfo(BaseModel):
+    name: str
+    bytes: int = Field(description="its weights, measured at load")
+
+
 class Health(BaseModel):
     """503 with status "rank lost" (and the error) when a rank of the cluster is gone."""
 
@@ -244,6 +252,8 @@ class Health(BaseModel):
     waiting: int
     busy: bool
     memory: HealthMemory
+    loaded_models: list[LoadedModelInfo]
+    loading: int = Field(description="requests waiting for their model to load")
 
 
 # -- Anthropic's Messages API -----------------------------------------------------------------------
