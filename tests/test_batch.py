@@ -278,3 +278,36 @@ def test_chunked_prefill_fills_the_whole_prompt(tiny_lm, length, last_alone):
     whole = tiny_lm.model(mx.array([prompt]), cache=make_prompt_cache(tiny_lm.model))[:, -1, :]
     assert cache[0].offset == length
     assert mx.allclose(logits, whole, atol=1e-4).item()
+
+
+def test_a_busy_model_does_not_hold_up_another_models_short_request(tiny_gguf):
+    """Two models, one batch each, stepped in turn: a short answer of the second model ends long
+    before the first model's 1,000-token answer, and each model answers as it does alone."""
+    from daemon.models.loading import load
+    from daemon.models.registry import Entry
+
+    models = {name: Entry(name, str(tiny_gguf), "settings") for name in ("big", "small")}
+    lms = {name: load(str(tiny_gguf)) for name in models}
+    for lm in lms.values():
+        lm.tokenizer._eos_token_ids = set()  # the long answer runs its 1,000 tokens
+    worker = Worker(lambda entry: Loaded(lms[entry.name], None, None), max_queue=4, models=models)
+    worker.start()
+    events, done = [], threading.Event()
+
+    def job(model, max_tokens):
+        def deliver(record):
+            if isinstance(record, Finished):
+                events.append((model, record.token_ids))
+                if model == "big":
+                    done.set()
+        return Job(Request(PROMPTS[0], max_tokens=max_tokens), "off", deliver, time.monotonic() + 300, model=model)
+
+    worker.submit(job("big", 1000))
+    time.sleep(0.2)  # the long answer is under way
+    worker.submit(job("small", 12))
+    assert done.wait(300)
+    worker.stop(30)
+    assert [model for model, _ in events] == ["small", "big"]
+    alone = list(generate(lms["small"], Request(PROMPTS[0], max_tokens=12), Fixed(0)))[-1].token_ids
+    assert tuple(events[0][1]) == tuple(alone) and tuple(events[1][1][:12]) == tuple(alone)
+

@@ -54,7 +54,8 @@ class FakeWorker:
 
     def __init__(self, answer=None, drafter: str | None = "fake-drafter", context: int = 64):
         self.served = ServedModel("tiny", CharTokenizer(), 256, context, drafter)
-        self.models, self.known, self.loaded, self.loading = {"tiny": Entry("tiny", None, "model")}, {}, {"tiny": 1000}, 0
+        self.models, self.known = {"tiny": Entry("tiny", None, "model")}, {"tiny": self.served}
+        self.loaded, self.loading = {"tiny": 1000}, 0
         self.answer = answer or echo
         self.jobs = []
         self.waiting, self.running, self.busy, self.started, self.stopped = 0, 0, False, False, False

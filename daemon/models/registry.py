@@ -4,7 +4,6 @@ Nothing is loaded here: names, paths and options, and what the files say (`descr
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -113,7 +112,7 @@ def describe(entry: Entry) -> dict:
         report = inspect(str(path))
         row.update(family=report.get("family") or report.get("kind"), bytes=size_on_disk(path),
                    mtp_layers=report.get("mtp_layers", 0), plan=report.get("plan"))
-    except (OSError, ValueError, KeyError, json.JSONDecodeError) as e:
+    except Exception as e:  # unreadable files of every kind (safetensors' own errors too): said, not raised
         row.update(error=str(e))
     if entry.drafter:
         row["drafter"] = entry.drafter

@@ -143,7 +143,7 @@ def _model_card(app: web.Application, entry: Entry, suffix: str | None = None) -
     """A model the daemon serves, loaded or not; with `suffix`, the same model under a draft policy
     (`<model>:off`)."""
     worker = app[WORKER]
-    served = worker.known.get(entry.name) or (worker.served if entry.name == worker.served.name else None)
+    served = worker.known.get(entry.name)
     about = {"drafter": served.drafter, "context_length": served.context_length} if served is not None else {}
     return {"id": entry.name + (f":{suffix}" if suffix else ""), "object": "model",
             "created": int(app[TOTALS].started), "owned_by": "mtpd",

@@ -31,7 +31,7 @@ async def served_for(http: web.Request, name: str | None, timeout_s: float) -> S
     worker = http.app[WORKER]
     entry = pick(worker.models, name)
     http[MODEL] = entry.name
-    served = worker.served if entry.name == worker.served.name else worker.known.get(entry.name)
+    served = worker.known.get(entry.name)
     if served is not None:
         return served
     loop = asyncio.get_running_loop()

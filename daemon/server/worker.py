@@ -2,7 +2,9 @@
 
 Requests wait in a bounded queue and are admitted first in, first out, as long as fewer than
 `max_running` are decoding; the running ones are stepped together (daemon.engine.batch), so a new
-request starts while long answers run. Every record the engine yields goes to the job's `deliver`
+request starts while long answers run. Each loaded model has its own batch, and the batches are
+stepped in turn; a request for a model not loaded loads it first (daemon.server.pool: memory
+budget, keep-alive). Every record the engine yields goes to the job's `deliver`
 callback (on this thread; the server hops it onto its event loop). Jobs are checked between steps:
 cancelled (client gone) or past its deadline, a job leaves the batch there and frees its rows.
 """
@@ -224,6 +226,7 @@ class Worker:
         loaded = self._setup(entry)
         lm, shared = loaded.lm, loaded.shared
         mx.eval(lm.model.parameters(), lm.drafter.parameters() if lm.drafter is not None else [])
+        lm.name = entry.name  # the name requests use, whatever the files call it (a repo's snapshot hash)
         served = ServedModel.of(lm, entry.speculation)
         rows = shared.rows if shared is not None else None
         batch = Batch(lm.model, self._deliver, self.limits.max_rows, rows, shared.costs.t_draft if shared else 0.0,
@@ -294,16 +297,19 @@ class Worker:
             block = False
             if job is None:
                 self._stopping = True
-            elif may_load:
-                self._admit(job)
             else:
-                self._pending.append(job)
+                self._admit(job, may_load)
 
-    def _admit(self, job: Job | Wanted) -> None:
+    def _admit(self, job: Job | Wanted, may_load: bool = True) -> None:
+        """Into its model's batch; a model not loaded is loaded first, unless `may_load` is False
+        (inside another model's step): then the job waits for the next turn of the loop."""
         if job.cancelled.is_set():
             return
         if time.monotonic() > job.deadline:
             job.deliver(DeadlineExceeded("the request waited in the queue past its timeout"))
+            return
+        if not may_load and job.model not in self._pool.residents:
+            self._pending.append(job)
             return
         try:
             resident = self._pool.open(self.models[job.model])
