@@ -150,6 +150,10 @@ def test_three_models_interleaved_answer_as_each_alone(several, default_daemon):
     listed = {m.id: m for m in several.client().models.list().data}
     assert {*names, "smol-again", "broken"} <= set(listed)
     assert listed["tiny-qwen3"].mtpd["loaded"] is False and listed["SmolLM2-135M-Instruct"].mtpd["loaded"] is True
+    import anthropic
+
+    claude = anthropic.Anthropic(base_url=several.url, api_key="none", max_retries=0)
+    assert {*names, "smol-again"} <= {m.id for m in claude.models.list().data}  # Anthropic's shape
     alone = {(n, p): _complete(several, n, p) for n in names for p in PROMPTS}  # one at a time
     assert _complete(default_daemon, names[0], PROMPTS[0]) == alone[names[0], PROMPTS[0]]
     assert {m["name"] for m in _health(several)["loaded_models"]} == set(names)

@@ -206,6 +206,17 @@ async def test_api_key(aiohttp_client):
     assert (await client.get("/health")).status == 200  # health needs no key
 
 
+async def test_models_in_anthropics_shape_for_anthropics_clients(aiohttp_client):
+    client = await aiohttp_client(app_with(FakeWorker()))
+    listed = await (await client.get("/v1/models", headers={"anthropic-version": "2023-06-01"})).json()
+    assert listed["data"][0] == {"type": "model", "id": "tiny", "display_name": "tiny",
+                                 "created_at": listed["data"][0]["created_at"]}
+    assert listed["has_more"] is False and listed["first_id"] == "tiny" and listed["last_id"] == listed["data"][-1]["id"]
+    assert listed["data"][0]["created_at"].endswith("Z")
+    one = await (await client.get("/v1/models/tiny:off", headers={"anthropic-version": "2023-06-01"})).json()
+    assert one["type"] == "model" and one["id"] == "tiny:off" and "object" not in one
+
+
 async def test_model_names_with_a_policy_suffix(aiohttp_client):
     """For clients that cannot send `speculation`: `<model>:<policy>` is listed and chooses it."""
     worker = FakeWorker()

@@ -4,6 +4,7 @@ Domain errors are ApiErrors, which the app's error middleware turns into OpenAI'
 from __future__ import annotations
 
 import asyncio
+import datetime
 import functools
 import time
 import uuid
@@ -154,11 +155,22 @@ def _suffixes(app: web.Application) -> tuple[str, ...]:
     return MODEL_SUFFIXES if app[WORKER].served.drafter is not None else ("off",)
 
 
+def _anthropic_card(card: dict) -> dict:
+    created = datetime.datetime.fromtimestamp(card["created"], datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return {"type": "model", "id": card["id"], "display_name": card["id"], "created_at": created}
+
+
 async def list_models(http: web.Request) -> web.Response:
-    """Every model of the registry; the default also under each draft policy."""
+    """Every model of the registry; the default also under each draft policy. In Anthropic's
+    shape for a client that sends `anthropic-version` (Anthropic's SDK, Claude Code)."""
     models = list(http.app[WORKER].models.values())
     cards = [_model_card(http.app, models[0])] + [_model_card(http.app, models[0], s) for s in _suffixes(http.app)]
-    return web.json_response({"object": "list", "data": cards + [_model_card(http.app, e) for e in models[1:]]})
+    cards += [_model_card(http.app, e) for e in models[1:]]
+    if "anthropic-version" in http.headers:
+        listed = [_anthropic_card(c) for c in cards]
+        return web.json_response({"data": listed, "has_more": False, "first_id": listed[0]["id"],
+                                  "last_id": listed[-1]["id"]})
+    return web.json_response({"object": "list", "data": cards})
 
 
 async def get_model(http: web.Request) -> web.Response:
@@ -168,7 +180,8 @@ async def get_model(http: web.Request) -> web.Response:
     named = asked.lower() == entry.name.lower() or entry is next(iter(models.values())) and suffix in _suffixes(http.app)
     if not named or asked[: len(entry.name)].lower() != entry.name.lower():
         raise ApiError(404, f"the model {asked!r} does not exist", "model", "model_not_found")
-    return web.json_response(_model_card(http.app, entry, suffix))
+    card = _model_card(http.app, entry, suffix)
+    return web.json_response(_anthropic_card(card) if "anthropic-version" in http.headers else card)
 
 
 async def health(http: web.Request) -> web.Response:

@@ -205,6 +205,30 @@ class ModelList(BaseModel):
     data: list[ModelCard]
 
 
+class AnthropicModelCard(BaseModel):
+    """Anthropic's shape, for a request that sends `anthropic-version`."""
+
+    type: Literal["model"]
+    id: str
+    display_name: str
+    created_at: str
+
+
+class AnthropicModelList(BaseModel):
+    data: list[AnthropicModelCard]
+    has_more: bool
+    first_id: str | None
+    last_id: str | None
+
+
+class ModelListing(RootModel[ModelList | AnthropicModelList]):
+    pass
+
+
+class ModelListingCard(RootModel[ModelCard | AnthropicModelCard]):
+    pass
+
+
 class LastSpeculation(BaseModel):
     policy: str
     drafted_steps: int
