@@ -204,7 +204,7 @@ def test_a_broken_model_gets_a_clear_error_while_the_others_serve(several):
 
 
 @pytest.mark.real_model
-def test_under_max_memory_the_least_recently_used_goes_and_comes_back(tiny_folders, tmp_path):
+def test_under_max_memory_the_least_recently_used_goes_and_comes_back(tiny_folders, tmp_path, several):
     for name in ("b", "c"):
         shutil.copytree(tiny_folders / "tiny-qwen3", tmp_path / name)
     size = estimate_bytes(Entry("a", str(tiny_folders / "tiny-qwen3"), "x"), quantized=False)
@@ -217,6 +217,7 @@ def test_under_max_memory_the_least_recently_used_goes_and_comes_back(tiny_folde
         closes = [(r["model"], r["reason"]) for r in daemon.log_records() if r.get("event") == "model closed"]
         assert closes == [("tiny-qwen3", "memory"), ("b", "memory"), ("c", "memory")]  # the one used longest ago
         assert len(set(answers)) == 1  # three copies of one checkpoint, each loaded again answers the same
+        assert answers[0] == _complete(several, "tiny-qwen3", PROMPTS[2])  # as served beside other models
     finally:
         assert daemon.stop() == 0, daemon.log()
 

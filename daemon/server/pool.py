@@ -10,7 +10,6 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import mlx.core as mx
 import structlog
 from safetensors import safe_open
 
@@ -74,9 +73,12 @@ class Resident:
 
 
 class Pool:
-    def __init__(self, budget: int, quantized: bool, open_model: Callable[[Entry], Resident], metrics=None):
-        """open_model: loads an entry's model and makes its batch (its `bytes` is filled here)."""
+    def __init__(self, budget: int, quantized: bool, open_model: Callable[[Entry], Resident], metrics=None,
+                 active_bytes: Callable[[], int] = lambda: 0):
+        """open_model: loads an entry's model and makes its batch (its `bytes` is filled here);
+        active_bytes: MLX's active memory (the worker's, which alone imports MLX)."""
         self.budget, self.quantized, self._open, self.metrics = budget, quantized, open_model, metrics
+        self._active = active_bytes
         self.residents: dict[str, Resident] = {}
         self.sizes: dict[str, int] = {}  # measured at each model's last load
         self.loaded: dict[str, int] = {}  # the loaded models' bytes, replaced whole (read from other threads)
@@ -105,12 +107,12 @@ class Pool:
             if not idle:
                 return None
             self.close(min(idle, key=idle.get), "memory")
-        start, before = time.perf_counter(), mx.get_active_memory()
+        start, before = time.perf_counter(), self._active()
         try:
             resident = self._open(entry)
         except Exception as e:
             raise _unloadable(entry, e) from e
-        resident.bytes = max(mx.get_active_memory() - before, 0) or need
+        resident.bytes = max(self._active() - before, 0) or need
         self.sizes[entry.name] = resident.bytes
         self.residents[entry.name] = resident
         self.loaded = {name: r.bytes for name, r in self.residents.items()}

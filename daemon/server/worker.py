@@ -236,7 +236,7 @@ class Worker:
 
     def _loop(self) -> None:
         try:
-            self._pool = pool = Pool(self._budget or 1 << 62, on_gpu(), self._open, self.metrics)
+            self._pool = pool = Pool(self._budget or 1 << 62, on_gpu(), self._open, self.metrics, mx.get_active_memory)
             first = next(iter(self.models.values()))
             resident = pool.open(first)
             self.served, self.shared, self.cluster = resident.served, resident.loaded.shared, resident.loaded.cluster
