@@ -6,6 +6,7 @@ from mlx_lm.models import llama
 from mlx_lm.models.base import create_attention_mask
 from mlx_lm.models.cache import KVCache
 
+from daemon.cpu import long_attention
 from daemon.cpu.fast_block import (
     MAX_ROWS,
     FastBlock,
@@ -14,6 +15,8 @@ from daemon.cpu.fast_block import (
     grouped_attention,
     install,
 )
+
+attention = long_attention.attention  # the function itself, for tests that count its calls
 
 
 def run_block(call, layer, chunks):
@@ -62,3 +65,58 @@ def test_causal_mask_lets_each_row_see_itself_and_the_past():
         [True, True, True, True, False],
         [True, True, True, True, True],
     ]
+
+
+# --- long attention in NumPy (daemon.cpu.long_attention) ------------------------------------------
+
+@pytest.mark.parametrize("rows, keys, scale", [(300, 300, 0.25), (40, 1000, 1.0), (1, 9, 0.5), (257, 600, 0.125)])
+def test_long_attention_is_grouped_attention(rows, keys, scale):
+    q = mx.random.normal((1, 4, rows, 16), key=mx.random.key(1))
+    k, v = (mx.random.normal((1, 2, keys, 16), key=mx.random.key(i)) for i in (2, 3))
+    expected = grouped_attention(q, k, v, scale)
+    got = long_attention.attention(q, k, v, scale)
+    assert got.shape == expected.shape and mx.allclose(got, expected, atol=2e-5).item()
+
+
+def test_a_long_chunk_takes_the_numpy_path_and_matches_the_plain_block(tiny_lm, monkeypatch):
+    layer = tiny_lm.model.model.layers[0]
+    calls = []
+    monkeypatch.setattr(long_attention, "LONG_SCORES", 2000)
+    monkeypatch.setattr(long_attention, "attention", lambda *a: calls.append(a[0].shape) or attention(*a))
+    hidden = tiny_lm.config["hidden_size"]
+    chunks = [mx.random.normal((1, n, hidden), key=mx.random.key(n)) for n in (40, 30, 1)]
+    layer.use_long_rows(True)
+    try:
+        fast, fast_cache = run_block(FastBlock.__call__, layer, chunks)
+    finally:
+        layer.use_long_rows(False)
+    plain, plain_cache = run_block(llama.TransformerBlock.__call__, layer, chunks)
+    heads = layer.self_attn.n_heads
+    assert calls == [(1, heads, 40, layer.self_attn.head_dim), (1, heads, 30, layer.self_attn.head_dim)]  # not the 1-row step
+    for a, b in zip(fast, plain):
+        assert mx.allclose(a, b, atol=1e-5).item()
+    assert mx.allclose(fast_cache.state[0], plain_cache.state[0]).item() and fast_cache.offset == 71
+
+
+def test_batched_prefill_with_long_attention_gives_the_same_tokens(tiny_gguf, monkeypatch):
+    from daemon.cpu.forms import Forms, apply
+    from daemon.engine.batch import Batch
+    from daemon.engine.generate import generate, sequence
+    from daemon.engine.records import Finished, Request
+    from daemon.models.loading import load
+    from policies.fixed import Fixed
+
+    lm = load(str(tiny_gguf), drafter="none")
+    prompts = [tuple((7 * i + 3) % 250 + 1 for i in range(n)) for n in (90, 60)]
+    alone = [list(generate(lm, Request(p, 16), Fixed(0)))[-1].token_ids for p in prompts]
+    monkeypatch.setattr(long_attention, "LONG_SCORES", 500)
+    apply(lm.model, lm.model.layers, Forms(fast_blocks=True, long_attention=True))
+    calls = []
+    monkeypatch.setattr(long_attention, "attention", lambda *a: calls.append(1) or attention(*a))
+    done = {}
+    batch = Batch(lm.model, lambda owner, r: done.__setitem__(owner, r) if isinstance(r, Finished) else None, 64)
+    for i, p in enumerate(prompts):
+        batch.add(i, sequence(lm, Request(p, 16), Fixed(0), chunk=lambda: 32, batched=True))
+    while batch.running:
+        batch.step()
+    assert calls and [done[i].token_ids for i in range(2)] == alone

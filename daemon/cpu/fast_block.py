@@ -28,6 +28,9 @@ from mlx_lm.models import llama
 from mlx_lm.models.activations import swiglu
 from mlx_lm.models.cache import KVCache
 
+from daemon.cpu import long_attention
+from daemon.cpu.long_attention import long_enough
+
 MAX_ROWS = 16
 FEW_ROWS = 3  # inputs of up to this many rows use the row-major copies, where a block has them
 
@@ -45,6 +48,9 @@ class FastBlock(llama.TransformerBlock):
     def __call__(self, x: mx.array, mask=None, cache=None) -> mx.array:
         # batched caches, feature extraction, prefill chunks and array masks take the plain way
         if type(cache) is not KVCache or x.shape[1] > MAX_ROWS or isinstance(mask, mx.array):
+            if self._long_rows and type(cache) is KVCache and not isinstance(mask, mx.array) and long_enough(
+                    x.shape[1], cache.offset + x.shape[1], self.self_attn.n_heads):
+                return self._long(x, cache)
             return super().__call__(x, mask, cache)
         few = self._few(x)
         offset = mx.array(cache.offset)
@@ -62,9 +68,27 @@ class FastBlock(llama.TransformerBlock):
         outs = []
         for (s, e), cache in zip(bounds, caches):  # queries come scaled
             k, v = cache.update_and_fetch(keys[:, :, s:e], values[:, :, s:e])
-            outs.append(self._attend(queries[:, :, s:e], k, v, 1.0))
+            long = self._long_rows and long_enough(e - s, k.shape[2], self.self_attn.n_heads)
+            outs.append((long_attention.attention if long else self._attend)(queries[:, :, s:e], k, v, 1.0))
         out = mx.concatenate(outs, axis=2) if len(outs) > 1 else outs[0]
         return self._post(x, out) if few is None else self._post_few(x, out, *few[1:])
+
+    def _long(self, x: mx.array, cache: KVCache) -> mx.array:
+        """mlx-lm's block, with long attention's scores in NumPy (daemon.cpu.long_attention)."""
+        attn = self.self_attn
+        B, L, _ = x.shape
+        h = self.input_layernorm(x)
+        q, k, v = (proj(h).reshape(B, L, n, -1).transpose(0, 2, 1, 3) for proj, n in (
+            (attn.q_proj, attn.n_heads), (attn.k_proj, attn.n_kv_heads), (attn.v_proj, attn.n_kv_heads)))
+        q, k = attn.rope(q, offset=cache.offset), attn.rope(k, offset=cache.offset)
+        k, v = cache.update_and_fetch(k, v)
+        out = long_attention.attention(q, k, v, attn.scale)
+        h = x + attn.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+    def use_long_rows(self, on: bool) -> None:
+        """Long attention in NumPy where the probe found it faster (daemon.cpu.forms)."""
+        object.__setattr__(self, "_long_rows", on)
 
     def _few(self, x: mx.array):
         return self._row_major if x.shape[1] <= FEW_ROWS else None
@@ -125,6 +149,7 @@ class FastBlock(llama.TransformerBlock):
         object.__setattr__(self, "_post_few", mx.compile(post_few, inputs=self.state))
         object.__setattr__(self, "_attend", grouped_attention if mx.default_device() == mx.cpu else fused_attention)
         object.__setattr__(self, "_row_major", None)  # (qkv, o, gate_up, down) from add_row_major
+        object.__setattr__(self, "_long_rows", False)  # long attention in NumPy (use_long_rows)
 
     COMPILED = ("_pre_rows", "_pre_rows_few", "_pre", "_post", "_pre_few", "_post_few")
 

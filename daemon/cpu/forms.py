@@ -10,7 +10,8 @@ model on 2 cores). Column-major weights are kept only where they are MARGIN fast
 makes the same choice. FastBlocks stay whatever their time alone: the
 batch's one forward over several sequences runs through them (daemon.engine.ragged); the probe
 says how they compare with `stock`. The choice and the timings go in the `model loaded` log line
-and /health (`speed_paths`).
+and /health (`speed_paths`). On a CPU, long prompts' attention in NumPy is timed against MLX's
+on one prefill-sized attention and kept only where it wins (daemon.cpu.long_attention).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import mlx.nn as nn
 from mlx.utils import tree_map
 from mlx_lm.models.cache import make_prompt_cache, trim_prompt_cache
 
-from daemon.cpu import fast_block
+from daemon.cpu import fast_block, long_attention
 from daemon.cpu.layout import column_major
 
 PROBE_ROWS = (1, 3)
@@ -38,6 +39,7 @@ class Forms:
 
     column_major: bool = False
     fast_blocks: bool = False
+    long_attention: bool = False  # long prompts' attention in NumPy (daemon.cpu.long_attention)
     probe_ms: dict[str, float] = field(default_factory=dict, compare=False, hash=False)
 
     @classmethod
@@ -47,7 +49,9 @@ class Forms:
 
     @property
     def name(self) -> str:
-        return "+".join(n for n, on in (("fast_blocks", self.fast_blocks), ("column_major", self.column_major)) if on) or "stock"
+        on = (("fast_blocks", self.fast_blocks), ("column_major", self.column_major),
+              ("numpy_attention", self.long_attention))
+        return "+".join(n for n, yes in on if yes) or "stock"
 
 
 def _fast(blocks: list, on: bool) -> None:
@@ -72,6 +76,9 @@ def apply(module: nn.Module, blocks: list, forms: Forms) -> None:
     """Puts `module` (loaded as mlx-lm loads it, or as a probe left it) in `forms`."""
     (column_major if forms.column_major else _row_major)(module)
     _fast(blocks, forms.fast_blocks)
+    for block in blocks:
+        if type(block) is fast_block.FastBlock:
+            block.use_long_rows(forms.long_attention)
 
 
 def _seconds(model: nn.Module, cache: list) -> float:
@@ -104,7 +111,13 @@ def choose(model: nn.Module, blocks: list, layout: bool) -> Forms:
     for f in candidates[1:]:
         if sum(times[f]) < (1 - MARGIN) * sum(times[best]):
             best = f
-    chosen = Forms(best.column_major, best.fast_blocks,
-                   {f.name: round(sum(times[f]) / len(times[f]) * 1000, 1) for f in timed})
+    probe_ms = {f.name: round(sum(times[f]) / len(times[f]) * 1000, 1) for f in timed}
+    longer = False
+    llama_blocks = [b for b in blocks if isinstance(b, fast_block.llama.TransformerBlock)]  # what FastBlocks become
+    if layout and llama_blocks:  # a CPU: MLX's softmax is scalar there
+        attn = llama_blocks[0].self_attn
+        longer, ms = long_attention.probe(attn.n_heads, attn.n_kv_heads, attn.head_dim)
+        probe_ms.update({f"long_attention_{name}": t for name, t in ms.items()})
+    chosen = Forms(best.column_major, best.fast_blocks, longer, probe_ms)
     apply(model, blocks, chosen)
     return chosen

@@ -248,8 +248,9 @@ class HealthMemory(BaseModel):
 
 
 class SpeedPaths(BaseModel):
-    forms: str = Field(description="stock (as mlx-lm runs it), fast_blocks, column_major or both")
-    probe_ms: dict[str, float] = Field(description="each form's forward of 1 + 3 rows, ms")
+    forms: str = Field(description="stock (as mlx-lm runs it), or fast_blocks, column_major, numpy_attention joined by +")
+    probe_ms: dict[str, float] = Field(description="each form's forward of 1 + 3 rows, and one long attention by MLX "
+                                                   "and by NumPy (long_attention_mlx / _numpy), ms")
 
 
 class LoadedModelInfo(BaseModel):

@@ -1,0 +1,85 @@
+"""Attention over long contexts on a CPU, in NumPy: a prompt's chunks against thousands of keys.
+
+MLX's CPU backend runs the softmax's elementwise ops one scalar at a time (measured on a 2-vCPU
+AMD EPYC: ~29 ns per `exp` against NumPy's ~3.6 ns, which vectorises), and a 512-row prefill chunk
+against 5,400 keys spends most of a layer there (MLX 567 ms, NumPy ~150 ms). So score matrices of
+at least `LONG_SCORES` elements are computed here: q, k and v are evaluated, the scores of ROWS
+query rows at a time go through NumPy's BLAS and vectorised `exp`, and the output comes back as an
+MLX array. The sums run in another order than MLX's, so outputs differ by float rounding (~1e-6);
+every policy prefills the same way, so greedy answers stay identical across policies. Whether it
+is faster on this machine is measured at load (`probe`, daemon.cpu.forms), never assumed.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+
+import mlx.core as mx
+import numpy as np
+
+LONG_SCORES = 1 << 20  # query rows x keys x heads from which a block takes this path
+ROWS = 256  # query rows per NumPy block: bounds the scores held at once
+PROBE_SHAPE = (256, 2048)  # query rows, keys: a prefill chunk late in a long prompt
+MARGIN = 0.10  # kept only if this much faster than MLX's own
+
+
+def long_enough(rows: int, keys: int, heads: int) -> bool:
+    return rows * keys * heads >= LONG_SCORES
+
+
+@functools.lru_cache(maxsize=8)
+def _future(rows: int, width: int) -> np.ndarray:
+    """[rows, width] additive mask over the last `width` keys: row i sees the first i of them."""
+    return np.where(np.triu(np.ones((rows, width), dtype=bool)), -np.inf, 0.0).astype(np.float32)
+
+
+def attention(q: mx.array, k: mx.array, v: mx.array, scale: float) -> mx.array:
+    """Causal attention of the last L positions, as daemon.cpu.fast_block.grouped_attention:
+    q [B, H, L, D]; k, v [B, G, S, D] with H a multiple of G. Returns [B, H, L, D]."""
+    B, H, L, D = q.shape
+    G, S = k.shape[1], k.shape[2]
+    R = H // G
+    mx.eval(q, k, v)
+    qn = np.asarray(q).reshape(B, G, R, L, D)
+    kt = np.ascontiguousarray(np.asarray(k).swapaxes(-1, -2))  # [B, G, D, S]
+    vn = np.asarray(v)[:, :, None]  # [B, G, 1, S, D]
+    out = np.empty((B, G, R, L, D), dtype=np.float32)
+    for r0 in range(0, L, ROWS):
+        n = min(ROWS, L - r0)
+        qb = qn[:, :, :, r0 : r0 + n] * np.float32(scale) if scale != 1.0 else qn[:, :, :, r0 : r0 + n]
+        s = np.matmul(np.ascontiguousarray(qb).reshape(B, G, R * n, D), kt).reshape(B, G, R, n, S)
+        first = S - L + r0  # the position of the block's first row: it sees keys up to it
+        if first + 1 < S:
+            s[..., first + 1 :] += _future(n, S - first - 1)
+        s -= s.max(axis=-1, keepdims=True)
+        np.exp(s, out=s)
+        total = s.sum(axis=-1, keepdims=True)
+        out[:, :, :, r0 : r0 + n] = np.matmul(s, vn) / total
+    return mx.array(out.reshape(B, H, L, D))
+
+
+def probe(heads: int, kv_heads: int, head_dim: int) -> tuple[bool, dict[str, float]]:
+    """Times one attention of PROBE_SHAPE both ways (MLX's as the plain block runs it, then this
+    one; A B B A); (whether this one is MARGIN faster, the ms of each)."""
+    rows, keys = PROBE_SHAPE
+    key = mx.random.key(0)
+    q = mx.random.normal((1, heads, rows, head_dim), key=key)
+    k, v = (mx.random.normal((1, kv_heads, keys, head_dim), key=mx.random.key(i)) for i in (1, 2))
+    mx.eval(q, k, v)
+    scale = head_dim ** -0.5
+
+    def by_mlx():
+        mx.eval(mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask="causal"))
+
+    def by_numpy():
+        mx.eval(attention(q, k, v, scale))
+
+    by_mlx(), by_numpy()  # warm: first touches, the mask
+    times = {"mlx": [], "numpy": []}
+    for name, run in (("mlx", by_mlx), ("numpy", by_numpy), ("numpy", by_numpy), ("mlx", by_mlx)):
+        start = time.perf_counter()
+        run()
+        times[name].append(time.perf_counter() - start)
+    ms = {name: round(sum(t) / len(t) * 1000, 1) for name, t in times.items()}
+    return sum(times["numpy"]) < (1 - MARGIN) * sum(times["mlx"]), ms
