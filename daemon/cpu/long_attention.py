@@ -3,9 +3,10 @@
 MLX's CPU backend runs the softmax's elementwise ops one scalar at a time (measured on a 2-vCPU
 AMD EPYC: ~29 ns per `exp` against NumPy's ~3.6 ns, which vectorises), and a 512-row prefill chunk
 against 5,400 keys spends most of a layer there (MLX 567 ms, NumPy ~150 ms). So score matrices of
-at least `LONG_SCORES` elements are computed here: q, k and v are evaluated, the scores of ROWS
-query rows at a time go through NumPy's BLAS and vectorised `exp`, and the output comes back as an
-MLX array. The sums run in another order than MLX's, so outputs differ by float rounding (~1e-6);
+at least `LONG_SCORES` elements take this path: MLX computes the scores of ROWS query rows at a
+time, NumPy's vectorised `exp` turns them into probabilities in place, and MLX multiplies them by
+the values. Measured on the default model's prefill on that machine (bench/prefill.py): see
+docs/cpu.md. The sums run in another order than MLX's, so outputs differ by float rounding (~1e-6);
 every policy prefills the same way, so greedy answers stay identical across policies. Whether it
 is faster on this machine is measured at load (`probe`, daemon.cpu.forms), never assumed.
 """
@@ -36,27 +37,30 @@ def _future(rows: int, width: int) -> np.ndarray:
 
 def attention(q: mx.array, k: mx.array, v: mx.array, scale: float) -> mx.array:
     """Causal attention of the last L positions, as daemon.cpu.fast_block.grouped_attention:
-    q [B, H, L, D]; k, v [B, G, S, D] with H a multiple of G. Returns [B, H, L, D]."""
+    q [B, H, L, D]; k, v [B, G, S, D] with H a multiple of G. Returns [B, H, L, D]. The products
+    stay MLX's (its BLAS: a second thread pool beside it would cost more than it saves); the
+    softmax of each ROWS-row block of scores runs in NumPy, in place in the scores' buffer, which
+    nothing else holds."""
     B, H, L, D = q.shape
     G, S = k.shape[1], k.shape[2]
     R = H // G
-    mx.eval(q, k, v)
-    qn = np.asarray(q).reshape(B, G, R, L, D)
-    kt = np.ascontiguousarray(np.asarray(k).swapaxes(-1, -2))  # [B, G, D, S]
-    vn = np.asarray(v)[:, :, None]  # [B, G, 1, S, D]
-    out = np.empty((B, G, R, L, D), dtype=np.float32)
+    grouped = (q * scale if scale != 1.0 else q).reshape(B, G, R, L, D)
+    keys = k.swapaxes(-1, -2)
+    outs = []
     for r0 in range(0, L, ROWS):
         n = min(ROWS, L - r0)
-        qb = qn[:, :, :, r0 : r0 + n] * np.float32(scale) if scale != 1.0 else qn[:, :, :, r0 : r0 + n]
-        s = np.matmul(np.ascontiguousarray(qb).reshape(B, G, R * n, D), kt).reshape(B, G, R, n, S)
+        scores = grouped[:, :, :, r0 : r0 + n].reshape(B, G, R * n, D) @ keys
+        mx.eval(scores)
+        s = np.asarray(scores).reshape(B, G, R, n, S)
         first = S - L + r0  # the position of the block's first row: it sees keys up to it
         if first + 1 < S:
             s[..., first + 1 :] += _future(n, S - first - 1)
         s -= s.max(axis=-1, keepdims=True)
         np.exp(s, out=s)
-        total = s.sum(axis=-1, keepdims=True)
-        out[:, :, :, r0 : r0 + n] = np.matmul(s, vn) / total
-    return mx.array(out.reshape(B, H, L, D))
+        s /= s.sum(axis=-1, keepdims=True)
+        outs.append((scores @ v).reshape(B, G, R, n, D))  # `scores` now holds the probabilities
+    out = mx.concatenate(outs, axis=3) if len(outs) > 1 else outs[0]
+    return out.reshape(B, H, L, D)
 
 
 def probe(heads: int, kv_heads: int, head_dim: int) -> tuple[bool, dict[str, float]]:
