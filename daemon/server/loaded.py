@@ -36,6 +36,7 @@ def load_for_serving(settings, entry: Entry, cluster=None) -> Loaded:
     from daemon.models.loading import describe, load
 
     lm = load(entry.path, drafter=entry.drafter, drafter_bits=entry.drafter_bits, lazy=cluster is not None)
+    lm.name = entry.name  # the name requests use, whatever the files call it (a repo's snapshot hash)
     log.info("model loaded", **describe(lm), mlx_cache_limit=limit_cache(settings.mlx_cache_bytes, on_gpu()))
     if cluster is not None:
         cluster.join(lm)

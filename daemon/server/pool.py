@@ -126,13 +126,13 @@ class Pool:
     def close(self, name: str, reason: str) -> None:
         """Unloads a model: its weights, drafter, batch, prompt cache; its calibration is saved."""
         resident = self.residents.pop(name)
-        self.loaded = {n: r.bytes for n, r in self.residents.items()}
         if resident.loaded.shared is not None:
             resident.loaded.shared.save()
         unload(resident.loaded.lm)
         del resident
         gc.collect()
         release()
+        self.loaded = {n: r.bytes for n, r in self.residents.items()}  # said once the memory is back
         log.info("model closed", model=name, reason=reason, loaded=list(self.residents))
         if self.metrics is not None:
             self.metrics.observe_unload(name, reason)

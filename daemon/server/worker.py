@@ -102,11 +102,12 @@ class ServedModel:
     speculation: str | None = None  # its default draft policy (None: the `speculation` setting)
 
     @classmethod
-    def of(cls, lm: LoadedModel, speculation: str | None = None) -> ServedModel:
+    def of(cls, lm: LoadedModel, speculation: str | None = None, name: str | None = None) -> ServedModel:
+        """`name`: the one requests use (the registry's; default: the model's own)."""
         context = int(lm.config.get("max_position_embeddings", 4096))
         paths = {"forms": lm.forms.name, "probe_ms": lm.forms.probe_ms} if lm.forms is not None else None
         kind = (lm.drafter.config.kind if is_block(lm.drafter) else "chained") if lm.drafter else None
-        return cls(lm.name, lm.tokenizer, lm.config["vocab_size"], context, lm.drafter_name if lm.drafter else None,
+        return cls(name or lm.name, lm.tokenizer, lm.config["vocab_size"], context, lm.drafter_name if lm.drafter else None,
                    kind, lm.placement, paths, recurrent(make_prompt_cache(lm.model)), speculation)
 
 
@@ -226,8 +227,7 @@ class Worker:
         loaded = self._setup(entry)
         lm, shared = loaded.lm, loaded.shared
         mx.eval(lm.model.parameters(), lm.drafter.parameters() if lm.drafter is not None else [])
-        lm.name = entry.name  # the name requests use, whatever the files call it (a repo's snapshot hash)
-        served = ServedModel.of(lm, entry.speculation)
+        served = ServedModel.of(lm, entry.speculation, entry.name)
         rows = shared.rows if shared is not None else None
         batch = Batch(lm.model, self._deliver, self.limits.max_rows, rows, shared.costs.t_draft if shared else 0.0,
                       lm.drafter)
