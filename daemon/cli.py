@@ -279,12 +279,12 @@ def cmd_models(args) -> None:
     if args.json:
         print(json.dumps(rows, indent=1))
         return
-    print(f"{'name':<36} {'family':<14} {'size':>9}  {'mtp':>3}  {'loaded':<7} source")
+    print(f"{'name':<36} {'family':<14} {'size':>9}  {'mtp':>3}  {'loaded':<7} {'source':<10}  drafter")
     for r in rows:
         size = f"{r['bytes'] / 2**20:.0f} MiB" if "bytes" in r else "?"
         shown = {True: "yes", False: "no", None: "(down)"}[r["loaded"]]
-        print(f"{r['name']:<36} {r.get('family') or r.get('error', '?')[:14]:<14} {size:>9}  {r.get('mtp_layers', 0):>3}  "
-              f"{shown:<7} {r['source']}")
+        print(f"{r['name']:<36} {r.get('family') or 'unreadable':<14} {size:>9}  {r.get('mtp_layers', 0):>3}  "
+              f"{shown:<7} {r['source']:<10}  {r.get('drafter', '-')}" + (f"  ({r['error']})" if "error" in r else ""))
 
 
 def cmd_config(args) -> None:

