@@ -6,7 +6,7 @@ import urllib.request
 
 import mlx.core as mx
 import pytest
-from conftest import Daemon
+from conftest import Daemon, until
 
 from daemon.engine.memory import CACHE_BYTES, limit_cache, release
 from daemon.server.response_models import HealthMemory
@@ -45,7 +45,8 @@ def test_health_and_metrics_show_the_memory(tiny_gguf):
         for _ in range(2):  # the second is served from the prompt cache the first filled
             client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "x" * 200}],
                                            max_tokens=8, temperature=0)
-        served = health(daemon)
+        # the engine releases MLX's cache once it falls idle, a moment after the answer is sent
+        served = until(lambda: (h := health(daemon))["memory"]["mlx_cache_bytes"] == 0 and h, timeout=10)
         memory = served["memory"]
         with urllib.request.urlopen(daemon.url + "/metrics") as r:
             metrics = r.read().decode()
