@@ -21,12 +21,12 @@ def _config(folder: Path) -> dict:
     return json.loads(path.read_text())
 
 
-def tensor_index(folder: Path) -> dict[str, tuple[Path, int]]:
-    """checkpoint key -> (file, bytes), from the safetensors headers."""
+def tensor_shapes(folder: Path) -> dict[str, tuple[Path, int, str]]:
+    """checkpoint key -> (file, elements, safetensors dtype), from the safetensors headers."""
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"no *.safetensors in {folder}")
-    index = {}
+    shapes = {}
     for file in files:
         with safe_open(str(file), framework="numpy") as f:
             for key in f.keys():
@@ -34,8 +34,13 @@ def tensor_index(folder: Path) -> dict[str, tuple[Path, int]]:
                 count = 1
                 for d in piece.get_shape():
                     count *= d
-                index[key] = (file, count * _itemsize(piece.get_dtype()))
-    return index
+                shapes[key] = (file, count, piece.get_dtype())
+    return shapes
+
+
+def tensor_index(folder: Path) -> dict[str, tuple[Path, int]]:
+    """checkpoint key -> (file, bytes), from the safetensors headers."""
+    return {key: (file, count * itemsize(dtype)) for key, (file, count, dtype) in tensor_shapes(folder).items()}
 
 
 def _text(config: dict):
@@ -48,7 +53,7 @@ def _text(config: dict):
     return family.text_config(config, getattr(args, "num_hidden_layers", None)), model_cls, args
 
 
-def _itemsize(dtype: str) -> int:
+def itemsize(dtype: str) -> int:
     return {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2, "U16": 2}.get(
         dtype, 1)
 

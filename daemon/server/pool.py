@@ -6,14 +6,15 @@ active memory before and after); before a first load they are estimated from the
 from __future__ import annotations
 
 import gc
+import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import structlog
-from safetensors import safe_open
 
 from daemon.engine.memory import release
+from daemon.models.checkpoint import itemsize, tensor_shapes
 from daemon.models.loading import unload
 from daemon.models.registry import Entry
 from daemon.server.openai_shapes import ApiError
@@ -29,23 +30,15 @@ def estimate_bytes(entry: Entry, quantized: bool) -> int:
     path = entry.file()
     if path.is_file():
         return path.stat().st_size * (1 if quantized else GGUF_ON_CPU)
-    import json
-
     bits = json.loads((path / "config.json").read_text()).get("quantization", {}).get("bits")
     total = 0
-    for file in sorted(path.glob("*.safetensors")):
-        with safe_open(str(file), framework="numpy") as f:
-            for key in f.keys():
-                piece = f.get_slice(key)
-                count, dtype = 1, piece.get_dtype()
-                for d in piece.get_shape():
-                    count *= d
-                if quantized:
-                    total += count * {"F32": 4, "U32": 4, "I32": 4, "F16": 2, "BF16": 2}.get(dtype, 1)
-                elif bits and dtype == "U32":
-                    total += count * (32 // bits) * 4
-                elif not (bits and key.endswith((".scales", ".biases"))):
-                    total += count * 4
+    for key, (_, count, dtype) in tensor_shapes(path).items():
+        if quantized:
+            total += count * itemsize(dtype)
+        elif bits and dtype == "U32":
+            total += count * (32 // bits) * 4
+        elif not (bits and key.endswith((".scales", ".biases"))):
+            total += count * 4
     return total
 
 
