@@ -78,13 +78,13 @@ def test_long_attention_is_grouped_attention(rows, keys, scale):
     assert got.shape == expected.shape and mx.allclose(got, expected, atol=2e-5).item()
 
 
-def test_a_long_chunk_takes_the_numpy_path_and_matches_the_plain_block(tiny_lm, monkeypatch):
+def test_long_chunks_and_long_few_row_steps_take_the_numpy_path_and_match_the_plain_block(tiny_lm, monkeypatch):
     layer = tiny_lm.model.model.layers[0]
     calls = []
     monkeypatch.setattr(long_attention, "LONG_SCORES", 2000)
     monkeypatch.setattr(long_attention, "attention", lambda *a: calls.append(a[0].shape) or attention(*a))
     hidden = tiny_lm.config["hidden_size"]
-    chunks = [mx.random.normal((1, n, hidden), key=mx.random.key(n)) for n in (40, 30, 1)]
+    chunks = [mx.random.normal((1, n, hidden), key=mx.random.key(n)) for n in (40, 30, 1, 8)]
     layer.use_long_rows(True)
     try:
         fast, fast_cache = run_block(FastBlock.__call__, layer, chunks)
@@ -92,10 +92,11 @@ def test_a_long_chunk_takes_the_numpy_path_and_matches_the_plain_block(tiny_lm, 
         layer.use_long_rows(False)
     plain, plain_cache = run_block(llama.TransformerBlock.__call__, layer, chunks)
     heads = layer.self_attn.n_heads
-    assert calls == [(1, heads, 40, layer.self_attn.head_dim), (1, heads, 30, layer.self_attn.head_dim)]  # not the 1-row step
+    assert heads * 71 < 2000 <= heads * 8 * 79  # the 1-row step's scores are too few, the 8-row step's enough
+    assert calls == [(1, heads, n, layer.self_attn.head_dim) for n in (40, 30, 8)]
     for a, b in zip(fast, plain):
         assert mx.allclose(a, b, atol=1e-5).item()
-    assert mx.allclose(fast_cache.state[0], plain_cache.state[0]).item() and fast_cache.offset == 71
+    assert mx.allclose(fast_cache.state[0], plain_cache.state[0]).item() and fast_cache.offset == 79
 
 
 def test_batched_prefill_with_long_attention_gives_the_same_tokens(tiny_gguf, monkeypatch):

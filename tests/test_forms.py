@@ -56,9 +56,10 @@ def test_long_attention_is_kept_only_where_the_probe_times_it_faster(stock, monk
 
 def test_the_long_attention_probe_times_both_ways():
     faster, ms = long_attention.probe(4, 2, 16)
-    assert set(ms) == {"mlx", "numpy"} and all(t > 0 for t in ms.values())
-    bar = (1 - long_attention.MARGIN) * ms["mlx"]
-    assert faster is (ms["numpy"] < bar) or abs(ms["numpy"] - bar) < 0.1  # ms are rounded means: at the bar, either
+    assert set(ms) == {"mlx", "numpy", "mlx_few", "numpy_few"} and all(t > 0 for t in ms.values())
+    wins = [ms["numpy" + s] < (1 - long_attention.MARGIN) * ms["mlx" + s] for s in ("", "_few")]
+    near = [abs(ms["numpy" + s] - (1 - long_attention.MARGIN) * ms["mlx" + s]) < 0.01 for s in ("", "_few")]
+    assert faster is all(wins) or any(near)  # ms are rounded means: at the bar, either
 
 
 def test_every_form_gives_the_same_tokens(stock):
@@ -72,7 +73,7 @@ def test_every_form_gives_the_same_tokens(stock):
 def test_a_load_runs_the_probe_and_says_what_it_kept(tiny_gguf):
     lm = load(str(tiny_gguf), drafter="random")
     said = describe(lm)
-    assert said["speed_paths"] == lm.forms.name and len(said["probe_ms"]) == 5
+    assert said["speed_paths"] == lm.forms.name and len(said["probe_ms"]) == 7
     ms = said["probe_ms"]
     gap = ms["fast_blocks+column_major"] - (1 - forms.MARGIN) * ms["fast_blocks"]
     rounding = 0.1  # probe_ms are means rounded to 0.1 ms; the choice is made on the exact sums

@@ -56,7 +56,8 @@ class FastBlock(llama.TransformerBlock):
         offset = mx.array(cache.offset)
         queries, keys, values = self._pre(x, offset) if few is None else self._pre_few(x, offset, few[0])
         keys, values = cache.update_and_fetch(keys, values)
-        out = self._attend(queries, keys, values, self.self_attn.scale)
+        long = self._long_rows and long_enough(x.shape[1], keys.shape[2], self.self_attn.n_heads)
+        out = (long_attention.attention if long else self._attend)(queries, keys, values, self.self_attn.scale)
         return self._post(x, out) if few is None else self._post_few(x, out, *few[1:])
 
     def ragged(self, x: mx.array, positions: mx.array, bounds, caches) -> mx.array:

@@ -1,9 +1,12 @@
-"""Attention over long contexts on a CPU, in NumPy: a prompt's chunks against thousands of keys.
+"""Attention over long contexts on a CPU, in NumPy: a prompt's chunks, and the few rows of a decode
+step or a verification, against thousands of keys.
 
 MLX's CPU backend runs the softmax's elementwise ops one scalar at a time (measured on a 2-vCPU
 AMD EPYC: ~29 ns per `exp` against NumPy's ~3.6 ns, which vectorises), and a 512-row prefill chunk
-against 5,400 keys spends most of a layer there (MLX 567 ms, NumPy ~150 ms). So score matrices of
-at least `LONG_SCORES` elements take this path: MLX computes the scores of ROWS query rows at a
+against 5,400 keys spends most of a layer there (MLX 567 ms, NumPy ~150 ms); a 5-row verification
+against 4,000 keys takes 2.9 ms a layer in MLX and 0.8 ms this way. So score matrices of at least
+`LONG_SCORES` elements take this path (a 1-row step from ~1,800 keys for the default model's 9
+heads, a 5-row verification from ~360): MLX computes the scores of ROWS query rows at a
 time, NumPy's vectorised `exp` turns them into probabilities in place, and MLX multiplies them by
 the values. Measured on the default model's prefill on that machine (bench/prefill.py): see
 docs/cpu.md. The sums run in another order than MLX's, so outputs differ by float rounding (~1e-6);
@@ -19,9 +22,10 @@ import time
 import mlx.core as mx
 import numpy as np
 
-LONG_SCORES = 1 << 20  # query rows x keys x heads from which a block takes this path
+LONG_SCORES = 1 << 14  # query rows x keys x heads from which a block takes this path
 ROWS = 256  # query rows per NumPy block: bounds the scores held at once
-PROBE_SHAPE = (256, 2048)  # query rows, keys: a prefill chunk late in a long prompt
+# (query rows, keys, repeats): a prefill chunk late in a long prompt; a verification of 4 drafts there
+PROBE_SHAPES = ((256, 2048, 1), (5, 2048, 20))
 MARGIN = 0.10  # kept only if this much faster than MLX's own
 
 
@@ -64,20 +68,31 @@ def attention(q: mx.array, k: mx.array, v: mx.array, scale: float) -> mx.array:
 
 
 def probe(heads: int, kv_heads: int, head_dim: int) -> tuple[bool, dict[str, float]]:
-    """Times one attention of PROBE_SHAPE both ways (MLX's as the plain block runs it, then this
-    one; A B B A); (whether this one is MARGIN faster, the ms of each)."""
-    rows, keys = PROBE_SHAPE
-    key = mx.random.key(0)
-    q = mx.random.normal((1, heads, rows, head_dim), key=key)
+    """Times attention both ways (MLX's as the plain block runs it, then this one; A B B A) at each
+    of PROBE_SHAPES; (whether this one is MARGIN faster at each, the ms of each: `mlx` and `numpy`
+    for the prefill chunk, `mlx_few` and `numpy_few` for the verification)."""
+    faster, ms = True, {}
+    for shape, suffix in zip(PROBE_SHAPES, ("", "_few")):
+        times = _both_ways(heads, kv_heads, head_dim, *shape)
+        ms |= {name + suffix: round(sum(t) / len(t) / shape[2] * 1000, 2) for name, t in times.items()}
+        faster = faster and sum(times["numpy"]) < (1 - MARGIN) * sum(times["mlx"])
+    return faster, ms
+
+
+def _both_ways(heads: int, kv_heads: int, head_dim: int, rows: int, keys: int, repeats: int) -> dict[str, list[float]]:
+    """Seconds of `repeats` attentions of rows x keys by MLX and by NumPy, twice each (A B B A)."""
+    q = mx.random.normal((1, heads, rows, head_dim), key=mx.random.key(0))
     k, v = (mx.random.normal((1, kv_heads, keys, head_dim), key=mx.random.key(i)) for i in (1, 2))
     mx.eval(q, k, v)
     scale = head_dim ** -0.5
 
     def by_mlx():
-        mx.eval(mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask="causal"))
+        for _ in range(repeats):
+            mx.eval(mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask="causal"))
 
     def by_numpy():
-        mx.eval(attention(q, k, v, scale))
+        for _ in range(repeats):
+            mx.eval(attention(q, k, v, scale))
 
     by_mlx(), by_numpy()  # warm: first touches, the mask
     times = {"mlx": [], "numpy": []}
@@ -85,5 +100,4 @@ def probe(heads: int, kv_heads: int, head_dim: int) -> tuple[bool, dict[str, flo
         start = time.perf_counter()
         run()
         times[name].append(time.perf_counter() - start)
-    ms = {name: round(sum(t) / len(t) * 1000, 1) for name, t in times.items()}
-    return sum(times["numpy"]) < (1 - MARGIN) * sum(times["mlx"]), ms
+    return times

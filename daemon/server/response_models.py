@@ -203,8 +203,9 @@ class HealthMemory(BaseModel):
 
 class SpeedPaths(BaseModel):
     forms: str = Field(description="stock (as mlx-lm runs it), or fast_blocks, column_major, numpy_attention joined by +")
-    probe_ms: dict[str, float] = Field(description="each form's forward of 1 + 3 rows, and one long attention by MLX "
-                                                   "and by NumPy (long_attention_mlx / _numpy), ms")
+    probe_ms: dict[str, float] = Field(description="each form's forward of 1 + 3 rows, and long attention by MLX and "
+                                                   "by NumPy: a prefill chunk (long_attention_mlx / _numpy) and a "
+                                                   "5-row verification (long_attention_mlx_few / _numpy_few), ms")
 
 
 class LoadedModelInfo(BaseModel):
