@@ -4,8 +4,9 @@ chunks past 16 rows), interleaved per prompt length, both ways on the same loade
 prompt's prefill, then forwards after it of one row (a plain decode step) and of 5 rows (a
 verification of 4 drafts).
 
-    LD_PRELOAD=<OpenBLAS> python bench/prefill.py --tokens 1024 4096 8000 --rounds 3 \\
-        --json bench/results/prefill.json
+    python bench/prefill.py --tokens 1024 4096 8000 --rounds 3 --json bench/results/prefill.json
+
+under the BLAS that MTPD_BLAS picks (preloaded like the `mtpd` command does).
 
 Reported per length: the fastest prefill of `rounds` each way (ms), their ratio, whether the last
 position's logits agree (max |difference|, and the same argmax), and the median of `--steps`
@@ -17,11 +18,13 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
 
 import mlx.core as mx
 from mlx_lm.models.cache import make_prompt_cache, trim_prompt_cache
 
+from daemon.cpu.blas import reexec_with_blas
 from daemon.engine.forward import prefill
 from daemon.models.loading import load
 
@@ -52,6 +55,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=8, help="forwards of 1 and of 5 rows after each prefill")
     p.add_argument("--json", default=None)
     args = p.parse_args()
+    reexec_with_blas(sys.argv)
     lm = load(None, drafter="none")
     print(json.dumps({"speed_paths": lm.forms.name, "probe_ms": lm.forms.probe_ms}))
     blocks = lm.model.model.layers

@@ -58,3 +58,11 @@ $mtpd bench --prompts $prompts --spec off --spec adaptive --verify-penalty-ms 60
 
 # 5. teacher-forced acceptance of the shipped drafter on the target's greedy answers to the prompts
 .venv/bin/python bench/acceptance.py --json $out/acceptance.json
+
+# 6. long contexts: prefill, then forwards of 1 and 5 rows, attention's softmax in NumPy against MLX's
+.venv/bin/python bench/prefill.py --tokens 300 600 1024 2048 4096 8000 --rounds 2 --steps 8 \
+  --json $out/prefill.json
+
+# 6b. prompts of 1.5k-6k tokens (a source file or a document, then a task), against mlx-lm's loop
+$mtpd bench --prompts bench/long-prompts.jsonl --spec off --spec adaptive --baseline mlx-lm --max-tokens 128 \
+  --json $out/long-prompts.json
