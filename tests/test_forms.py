@@ -79,3 +79,23 @@ def test_a_load_runs_the_probe_and_says_what_it_kept(tiny_gguf):
     rounding = 0.1  # probe_ms are means rounded to 0.1 ms; the choice is made on the exact sums
     assert gap < rounding if lm.forms.column_major else gap > -rounding  # column-major only where it clearly wins
     assert type(lm.model.layers[0]) is fast_block.FastBlock
+
+
+@pytest.mark.parametrize("faster", [Forms(fast_blocks=True, gemv=True), Forms(fast_blocks=True)])
+def test_one_row_sgemv_is_kept_only_where_the_probe_times_it_faster(stock, monkeypatch, faster):
+    current, switched = {}, []
+    apply = forms.apply
+
+    def tracked(module, blocks, f):
+        apply(module, blocks, f)
+        current["forms"] = f
+
+    monkeypatch.setattr(forms, "apply", tracked)
+    monkeypatch.setattr(forms.gemv, "loaded", lambda: True)  # as under the preloaded shim
+    monkeypatch.setattr(forms.gemv, "enable", switched.append)
+    monkeypatch.setattr(forms, "_seconds", lambda model, cache: 1.0 if current["forms"] == faster else 2.0)
+    monkeypatch.setattr(long_attention, "probe", lambda *shape: (False, {}))
+    chosen = forms.choose(stock.model, stock.model.layers, layout=False)
+    assert chosen == faster and ("gemv" in chosen.name) is faster.gemv
+    assert set(chosen.probe_ms) == {"stock", "fast_blocks", "fast_blocks+gemv"}
+    assert switched[-1] is faster.gemv and False in switched  # `stock` was timed on the BLAS's own sgemm

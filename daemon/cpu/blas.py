@@ -4,8 +4,9 @@ MLX's Linux wheel bundles a reference BLAS. Intel's MKL (the `mkl` wheel, instal
 Linux x86_64) and Debian's OpenBLAS are both ~30x faster for fp32 matmul; MKL also runs the
 few-row products of decoding and verification faster on an Intel CPU (plain decode of the default
 model ~1.5x OpenBLAS's on a 2-core Xeon), while on an AMD EPYC OpenBLAS is the faster of the two.
-The process re-executes itself once with the chosen library preloaded. On macOS MLX uses Metal and
-Accelerate and nothing is done.
+The process re-executes itself once with the chosen library preloaded, and ahead of it
+daemon.cpu.gemv's shim for one-row products where a C compiler can build it. On macOS MLX uses
+Metal and Accelerate and nothing is done.
 
 MTPD_BLAS picks one: `mkl`, `openblas`, `reference` (MLX's own), or unset (on an Intel CPU MKL, else
 OpenBLAS; on others the reverse).
@@ -90,15 +91,28 @@ def reexec_with_blas(command: list[str]) -> None:
     if library is None or library in os.environ.get("LD_PRELOAD", ""):
         return
     env = dict(os.environ)
-    env["LD_PRELOAD"] = ":".join(p for p in (library, env.get("LD_PRELOAD")) if p)
+    env["LD_PRELOAD"] = ":".join(p for p in (_shim(), library, env.get("LD_PRELOAD")) if p)
     env[_MARK] = "1"
     sys.stdout.flush()
     sys.stderr.flush()
     os.execve(sys.executable, [sys.executable, *command], env)
 
 
+def _shim() -> str | None:
+    """daemon.cpu.gemv's one-row products, preloaded ahead of the BLAS where it can be built."""
+    from daemon.cpu import gemv
+    from daemon.settings import default_cache_dir
+
+    try:
+        return gemv.library(default_cache_dir() / "native")
+    except OSError:  # an unwritable cache, a compiler that cannot run
+        return None
+
+
 def blas_in_use() -> str:
     """A human-readable name of the BLAS MLX runs on in this process (the first preloaded wins)."""
+    from daemon.cpu import gemv
+
     if sys.platform == "darwin":
         return "Accelerate / Metal"
     with open("/proc/self/maps", encoding="utf-8") as maps:
@@ -106,7 +120,7 @@ def blas_in_use() -> str:
     known = {os.path.realpath(lib): _NAMES[kind] for kind in _NAMES if (lib := find(kind))}
     for path in (os.path.realpath(p) for p in os.environ.get("LD_PRELOAD", "").split(":") if p):
         if path in known and path in mapped:
-            return f"{known[path]} ({path})"
+            return f"{known[path]} ({path})" + (", one-row products by sgemv" if gemv.enabled() else "")
     return "MLX bundled reference BLAS (slow: install mtpd's Linux dependencies, see install.sh)"
 
 
