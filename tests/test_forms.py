@@ -81,8 +81,8 @@ def test_a_load_runs_the_probe_and_says_what_it_kept(tiny_gguf):
     assert type(lm.model.layers[0]) is fast_block.FastBlock
 
 
-@pytest.mark.parametrize("faster", [Forms(fast_blocks=True, gemv=True), Forms(fast_blocks=True)])
-def test_one_row_sgemv_is_kept_only_where_the_probe_times_it_faster(stock, monkeypatch, faster):
+@pytest.mark.parametrize("faster", [Forms(fast_blocks=True, few_rows=True), Forms(fast_blocks=True)])
+def test_few_row_products_are_kept_only_where_the_probe_times_it_faster(stock, monkeypatch, faster):
     current, switched = {}, []
     apply = forms.apply
 
@@ -91,11 +91,11 @@ def test_one_row_sgemv_is_kept_only_where_the_probe_times_it_faster(stock, monke
         current["forms"] = f
 
     monkeypatch.setattr(forms, "apply", tracked)
-    monkeypatch.setattr(forms.gemv, "loaded", lambda: True)  # as under the preloaded shim
-    monkeypatch.setattr(forms.gemv, "enable", switched.append)
+    monkeypatch.setattr(forms.few_rows, "loaded", lambda: True)  # as under the preloaded shim
+    monkeypatch.setattr(forms.few_rows, "enable", switched.append)
     monkeypatch.setattr(forms, "_seconds", lambda model, cache: 1.0 if current["forms"] == faster else 2.0)
     monkeypatch.setattr(long_attention, "probe", lambda *shape: (False, {}))
     chosen = forms.choose(stock.model, stock.model.layers, layout=False)
-    assert chosen == faster and ("gemv" in chosen.name) is faster.gemv
-    assert set(chosen.probe_ms) == {"stock", "fast_blocks", "fast_blocks+gemv"}
-    assert switched[-1] is faster.gemv and False in switched  # `stock` was timed on the BLAS's own sgemm
+    assert chosen == faster and ("few_rows" in chosen.name) is faster.few_rows
+    assert set(chosen.probe_ms) == {"stock", "fast_blocks", "fast_blocks+few_rows"}
+    assert switched[-1] is faster.few_rows and False in switched  # `stock` was timed on the BLAS's own sgemm

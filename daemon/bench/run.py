@@ -15,7 +15,7 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from daemon.cpu import gemv
+from daemon.cpu import few_rows
 from daemon.engine.calibration import machine, shared_estimates
 from daemon.engine.generate import generate
 from daemon.engine.records import Finished, Request, SpecStats
@@ -96,7 +96,7 @@ def run_mlx_lm(lm: LoadedModel, request: Request) -> dict:
     sampler = make_sampler(s.temperature, top_p=s.top_p if s.top_p < 1 else 0.0, top_k=s.top_k)
     if s.seed is not None:
         mx.random.seed(s.seed)
-    with gemv.disabled():  # as its users run it: the BLAS's own sgemm for every product
+    with few_rows.disabled():  # as its users run it: the BLAS's own sgemm for every product
         start = time.perf_counter()
         first = None
         tokens = []

@@ -5,7 +5,7 @@ Linux x86_64) and Debian's OpenBLAS are both ~30x faster for fp32 matmul; MKL al
 few-row products of decoding and verification faster on an Intel CPU (plain decode of the default
 model ~1.5x OpenBLAS's on a 2-core Xeon), while on an AMD EPYC OpenBLAS is the faster of the two.
 The process re-executes itself once with the chosen library preloaded, and ahead of it
-daemon.cpu.gemv's shim for one-row products where a C compiler can build it. On macOS MLX uses
+daemon.cpu.few_rows's shim for few-row products where a C compiler can build it. On macOS MLX uses
 Metal and Accelerate and nothing is done.
 
 MTPD_BLAS picks one: `mkl`, `openblas`, `reference` (MLX's own), or unset (on an Intel CPU MKL, else
@@ -99,19 +99,19 @@ def reexec_with_blas(command: list[str]) -> None:
 
 
 def _shim() -> str | None:
-    """daemon.cpu.gemv's one-row products, preloaded ahead of the BLAS where it can be built."""
-    from daemon.cpu import gemv
+    """daemon.cpu.few_rows's products, preloaded ahead of the BLAS where it can be built."""
+    from daemon.cpu import few_rows
     from daemon.settings import default_cache_dir
 
     try:
-        return gemv.library(default_cache_dir() / "native")
+        return few_rows.library(default_cache_dir() / "native")
     except OSError:  # an unwritable cache, a compiler that cannot run
         return None
 
 
 def blas_in_use() -> str:
     """A human-readable name of the BLAS MLX runs on in this process (the first preloaded wins)."""
-    from daemon.cpu import gemv
+    from daemon.cpu import few_rows
 
     if sys.platform == "darwin":
         return "Accelerate / Metal"
@@ -120,7 +120,7 @@ def blas_in_use() -> str:
     known = {os.path.realpath(lib): _NAMES[kind] for kind in _NAMES if (lib := find(kind))}
     for path in (os.path.realpath(p) for p in os.environ.get("LD_PRELOAD", "").split(":") if p):
         if path in known and path in mapped:
-            return f"{known[path]} ({path})" + (", one-row products by sgemv" if gemv.enabled() else "")
+            return f"{known[path]} ({path})" + (", few-row products by mtpd" if few_rows.enabled() else "")
     return "MLX bundled reference BLAS (slow: install mtpd's Linux dependencies, see install.sh)"
 
 

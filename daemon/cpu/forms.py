@@ -7,7 +7,7 @@ the layouts are timed on this machine, with FastBlocks and without, beside the f
 (`stock`): one new row and three (a decode step, a common verification) after a CONTEXT-token
 prompt, visiting the forms in the order A B C C B A so drift cancels (about 4 s for the default
 model on 2 cores; `stock` with the BLAS's own sgemm for every product). Column-major weights, and
-one-row products by sgemv where daemon.cpu.gemv's shim is loaded, are kept only where they are
+few-row products by daemon.cpu.few_rows's shim where it is loaded, are kept only where they are
 MARGIN faster, so a restart makes the same choice. FastBlocks stay whatever their time alone: the
 batch's one forward over several sequences runs through them (daemon.engine.ragged); the probe
 says how they compare with `stock`. The choice and the timings go in the `model loaded` log line
@@ -25,7 +25,7 @@ import mlx.nn as nn
 from mlx.utils import tree_map
 from mlx_lm.models.cache import make_prompt_cache, trim_prompt_cache
 
-from daemon.cpu import fast_block, gemv, long_attention
+from daemon.cpu import fast_block, few_rows, long_attention
 from daemon.cpu.layout import column_major
 
 PROBE_ROWS = (1, 3)
@@ -41,17 +41,17 @@ class Forms:
     column_major: bool = False
     fast_blocks: bool = False
     long_attention: bool = False  # long prompts' attention in NumPy (daemon.cpu.long_attention)
-    gemv: bool = False  # one-row products by the BLAS's sgemv (daemon.cpu.gemv)
+    few_rows: bool = False  # few-row products by daemon.cpu.few_rows's shim
     probe_ms: dict[str, float] = field(default_factory=dict, compare=False, hash=False)
 
     @classmethod
     def unprobed(cls, gpu: bool, fast_blocks: bool = True) -> Forms:
         """Where no forward can be timed (a cluster rank's part of a model): every form the backend has."""
-        return cls(column_major=not gpu, fast_blocks=fast_blocks, gemv=not gpu and gemv.loaded())
+        return cls(column_major=not gpu, fast_blocks=fast_blocks, few_rows=not gpu and few_rows.loaded())
 
     @property
     def name(self) -> str:
-        on = (("fast_blocks", self.fast_blocks), ("column_major", self.column_major), ("gemv", self.gemv),
+        on = (("fast_blocks", self.fast_blocks), ("column_major", self.column_major), ("few_rows", self.few_rows),
               ("numpy_attention", self.long_attention))
         return "+".join(n for n, yes in on if yes) or "stock"
 
@@ -78,7 +78,7 @@ def apply(module: nn.Module, blocks: list, forms: Forms) -> None:
     """Puts `module` (loaded as mlx-lm loads it, or as a probe left it) in `forms`."""
     (column_major if forms.column_major else _row_major)(module)
     _fast(blocks, forms.fast_blocks)
-    gemv.enable(forms.gemv)
+    few_rows.enable(forms.few_rows)
     for block in blocks:
         if type(block) is fast_block.FastBlock:
             block.use_long_rows(forms.long_attention)
@@ -101,10 +101,10 @@ def _seconds(model: nn.Module, cache: list) -> float:
 
 def choose(model: nn.Module, blocks: list, layout: bool) -> Forms:
     """Times the forms on `model` (as mlx-lm loads it) and leaves it in the fastest. `layout`: the
-    column-major layout is a candidate (fp32 weights on a CPU); so are one-row products by sgemv
-    where daemon.cpu.gemv's shim is loaded, timed against the same forms without it."""
-    candidates = [Forms(column_major=c, fast_blocks=True, gemv=g)
-                  for c in ((False, True) if layout else (False,)) for g in ((False, True) if gemv.loaded() else (False,))]
+    column-major layout is a candidate (fp32 weights on a CPU); so are few-row products by
+    daemon.cpu.few_rows's shim where it is loaded, timed against the same forms without it."""
+    candidates = [Forms(column_major=c, fast_blocks=True, few_rows=f)
+                  for c in ((False, True) if layout else (False,)) for f in ((False, True) if few_rows.loaded() else (False,))]
     timed = [Forms(), *candidates]  # mlx-lm's own forward, for the record
     cache = make_prompt_cache(model)  # one context for every form: they compute the same
     mx.eval(model(mx.array([list(range(1, CONTEXT + 1))]), cache=cache))
@@ -124,6 +124,6 @@ def choose(model: nn.Module, blocks: list, layout: bool) -> Forms:
         longer, ms = long_attention.probe(attn.n_heads, attn.n_kv_heads, attn.head_dim)
         probe_ms.update({f"long_attention_{name}": t for name, t in ms.items()})
     chosen = Forms(column_major=best.column_major, fast_blocks=best.fast_blocks, long_attention=longer,
-                   gemv=best.gemv, probe_ms=probe_ms)
+                   few_rows=best.few_rows, probe_ms=probe_ms)
     apply(model, blocks, chosen)
     return chosen

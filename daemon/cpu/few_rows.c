@@ -1,0 +1,118 @@
+/* mtpd's few-row products (daemon/cpu/few_rows.py). MLX's CPU backend calls cblas_sgemm for every
+ * fp32 matmul; preloaded ahead of the BLAS, this cblas_sgemm computes the products of up to
+ * FEW_ROWS rows against a large row-major weight matrix (x @ W.T, a decode step's or a
+ * verification's projections) itself: each row of W is read from memory once and dotted with every
+ * row of x while it is in cache, on two threads, one row of output at a time. The BLAS's packed
+ * kernel reads the weights at about half that speed for these shapes. Every other product goes to
+ * the BLAS's own cblas_sgemm; so does everything after mtpd_few_rows_enable(0). Each output element
+ * is one dot product summed in one fixed order, whatever the number of rows: a row's result does
+ * not depend on the rows beside it. */
+#define _GNU_SOURCE
+#include <dlfcn.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#if defined(__x86_64__)
+#define RELAX() __builtin_ia32_pause()
+#else
+#define RELAX() ((void)0)
+#endif
+
+typedef int blasint;
+enum { ROW_MAJOR = 101, NO_TRANS = 111, TRANS = 112 };
+enum { FEW_ROWS = 6, LARGE = 1 << 16, SPINS = 1 << 11 };
+
+typedef void (*sgemm_fn)(int, int, int, blasint, blasint, blasint, float, const float *, blasint,
+                         const float *, blasint, float, float *, blasint);
+
+static sgemm_fn next_sgemm;
+static int enabled = 1;
+
+void mtpd_few_rows_enable(int on) { enabled = on; }
+
+int mtpd_few_rows_enabled(void) { return enabled; }
+
+#if defined(__x86_64__)
+__attribute__((target_clones("avx2", "default")))
+#endif
+static void rows(int m, int k, const float *x, int lda, const float *w, int ldb, float *c, int ldc,
+                 int j0, int j1, float alpha, float beta) {
+  for (int j = j0; j < j1; j++) {
+    const float *wj = w + (long)j * ldb;
+    for (int r = 0; r < m; r++) {
+      const float *xr = x + (long)r * lda;
+      float s = 0.f;
+      for (int i = 0; i < k; i++) s += xr[i] * wj[i];
+      float *out = c + (long)r * ldc + j;
+      *out = beta == 0.f ? alpha * s : alpha * s + beta * *out;
+    }
+  }
+}
+
+/* one helper thread takes the second half of each product's output columns */
+static struct {
+  int m, k, lda, ldb, ldc, j0, j1;
+  const float *x, *w;
+  float *c, alpha, beta;
+} job;
+static atomic_int posted, finished;
+static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t wake = PTHREAD_COND_INITIALIZER;
+static pthread_mutex_t busy = PTHREAD_MUTEX_INITIALIZER;  /* one product at a time uses the helper */
+static pthread_once_t once = PTHREAD_ONCE_INIT;
+static int helper_up;
+
+static void *helper(void *unused) {
+  (void)unused;
+  for (int seen = 0;;) {
+    for (int spins = 0; atomic_load_explicit(&posted, memory_order_acquire) == seen;) {
+      if (++spins < SPINS) {  /* a forward's next product comes within microseconds */
+        RELAX();
+        continue;
+      }
+      pthread_mutex_lock(&lock);
+      while (atomic_load(&posted) == seen) pthread_cond_wait(&wake, &lock);
+      pthread_mutex_unlock(&lock);
+    }
+    seen = atomic_load(&posted);
+    rows(job.m, job.k, job.x, job.lda, job.w, job.ldb, job.c, job.ldc, job.j0, job.j1, job.alpha, job.beta);
+    atomic_store_explicit(&finished, seen, memory_order_release);
+  }
+  return 0;
+}
+
+static void start(void) {
+  pthread_t thread;
+  helper_up = pthread_create(&thread, 0, helper, 0) == 0;
+  if (helper_up) pthread_detach(thread);
+}
+
+static void few(int m, int n, int k, float alpha, const float *x, int lda, const float *w, int ldb,
+                float beta, float *c, int ldc) {
+  pthread_once(&once, start);
+  if (!helper_up || pthread_mutex_trylock(&busy) != 0) {  /* no helper, or another thread has it */
+    rows(m, k, x, lda, w, ldb, c, ldc, 0, n, alpha, beta);
+    return;
+  }
+  int half = n / 2;
+  job.m = m, job.k = k, job.x = x, job.lda = lda, job.w = w, job.ldb = ldb, job.c = c, job.ldc = ldc;
+  job.j0 = half, job.j1 = n, job.alpha = alpha, job.beta = beta;
+  pthread_mutex_lock(&lock);
+  int ticket = atomic_load(&posted) + 1;
+  atomic_store_explicit(&posted, ticket, memory_order_release);
+  pthread_cond_signal(&wake);
+  pthread_mutex_unlock(&lock);
+  rows(m, k, x, lda, w, ldb, c, ldc, 0, half, alpha, beta);
+  while (atomic_load_explicit(&finished, memory_order_acquire) != ticket) RELAX();
+  pthread_mutex_unlock(&busy);
+}
+
+void cblas_sgemm(int order, int trans_a, int trans_b, blasint m, blasint n, blasint k, float alpha,
+                 const float *a, blasint lda, const float *b, blasint ldb, float beta, float *c, blasint ldc) {
+  if (enabled && order == ROW_MAJOR && trans_a == NO_TRANS && trans_b == TRANS && m >= 1 && m <= FEW_ROWS
+      && (long)n * k >= LARGE) {
+    few(m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+    return;
+  }
+  if (!next_sgemm) next_sgemm = (sgemm_fn)dlsym(RTLD_NEXT, "cblas_sgemm");
+  next_sgemm(order, trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+}

@@ -1,0 +1,90 @@
+"""Few-row products under MLX's CPU backend: a decode step's, a verification's, a drafter call's.
+
+MLX calls `cblas_sgemm` for every fp32 matmul. A product of a few rows with a weight matrix is
+bound by reading the weights, and OpenBLAS's packed kernel reads them at about half the speed the
+memory allows: on a 2-vCPU AMD EPYC with Debian's OpenBLAS 0.3.21, every matrix of the default
+model's 30 blocks took 28 / 33 / 38 ms for 1 / 2 / 5 rows through its `sgemm`, 13-17 / 14 / 22 ms
+through `few_rows.c` (8 rows: even; 16: twice as long), which reads each weight row once for all
+the input rows (docs/cpu.md).
+
+`few_rows.c` is a `cblas_sgemm` preloaded ahead of the BLAS (daemon.cpu.blas) that computes
+products of up to 6 rows against a large weight matrix itself and hands everything else to the
+BLAS's `cblas_sgemm`. It is compiled here, once per source, with the system's C compiler into
+mtpd's cache; with no compiler there is no shim and nothing changes. Whether it is faster on this
+machine is measured at load (daemon.cpu.forms) and `enable` turns it off where it is not.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+from importlib import resources
+from pathlib import Path
+
+SOURCE = "few_rows.c"
+# -fassociative-math (and the two it needs) lets the compiler vectorise the dot products; not
+# -ffast-math, whose start-up code would flush denormals to zero for the whole process
+FLAGS = "-O3 -fassociative-math -fno-signed-zeros -fno-trapping-math -shared -fPIC"
+
+
+def _compiler() -> str | None:
+    return next((c for c in (os.environ.get("CC"), "cc", "gcc", "clang") if c and shutil.which(c)), None)
+
+
+def library(folder: Path) -> str | None:
+    """The shim's shared library in `folder` (built there if missing), or None where it cannot be
+    built (no C compiler, a failed build)."""
+    source = resources.files("daemon.cpu").joinpath(SOURCE).read_bytes()
+    target = folder / f"mtpd-few-rows-{hashlib.sha256(source + FLAGS.encode()).hexdigest()[:16]}.so"
+    if target.exists():
+        return str(target)
+    compiler = _compiler()
+    if compiler is None:
+        return None
+    folder.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=folder) as work:
+        src, out = Path(work) / SOURCE, Path(work) / target.name
+        src.write_bytes(source)
+        built = subprocess.run([compiler, *FLAGS.split(), str(src), "-o", str(out), "-ldl", "-lpthread"],
+                               capture_output=True, timeout=120)
+        if built.returncode != 0:
+            return None
+        os.replace(out, target)  # atomic: processes building at once each install a whole file
+    return str(target)
+
+
+def _switch():
+    return getattr(ctypes.CDLL(None), "mtpd_few_rows_enable", None)
+
+
+def loaded() -> bool:
+    """Whether this process runs with the shim preloaded."""
+    return _switch() is not None
+
+
+def enable(on: bool) -> None:
+    """Few-row products by the shim (on) or the BLAS's `sgemm` (off); nothing where no shim is loaded."""
+    switch = _switch()
+    if switch is not None:
+        switch(ctypes.c_int(int(on)))
+
+
+def enabled() -> bool:
+    state = getattr(ctypes.CDLL(None), "mtpd_few_rows_enabled", None)
+    return bool(state()) if state is not None else False
+
+
+@contextlib.contextmanager
+def disabled():
+    """The BLAS's own `sgemm` for everything inside (mlx-lm's loop as its users run it)."""
+    was = enabled()
+    enable(False)
+    try:
+        yield
+    finally:
+        enable(was)

@@ -1,0 +1,83 @@
+"""daemon.cpu.few_rows: the preloaded cblas_sgemm computes what the BLAS's own does for every layout
+MLX can hand it, computes each row the same whatever rows are beside it, and steps aside when off."""
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from daemon.cpu import blas, few_rows
+
+OPENBLAS = blas.find("openblas") if sys.platform.startswith("linux") else None
+needs_shim = pytest.mark.skipif(OPENBLAS is None or few_rows._compiler() is None,
+                                reason="Linux, OpenBLAS and a C compiler")
+
+PRODUCTS = textwrap.dedent("""
+    import json
+    import mlx.core as mx, numpy as np
+    from daemon.cpu import few_rows
+
+    def products():
+        errors, alone = [], []
+        for rows in (1, 2, 5, 6, 7):
+            for k, n in ((576, 192), (300, 257), (64, 96)):  # the shim's, odd sizes, too small for it
+                a = mx.random.normal((rows, k), key=mx.random.key(k + n))
+                w = mx.random.normal((n, k), key=mx.random.key(n))
+                at = mx.contiguous(a.T).T  # stored transposed: MLX passes it with its stride
+                wide = mx.random.normal((rows, k + 5), key=mx.random.key(3))[:, 2 : 2 + k]  # rows apart
+                for x, y in ((a, w.T), (at, w.T), (a, mx.contiguous(w.T)), (wide, w.T)):
+                    got = np.array(x @ y)
+                    want = np.array(x).astype(np.float64) @ np.array(y).astype(np.float64)
+                    errors.append(float(np.abs(got - want).max() / np.abs(want).max()))
+                one = np.concatenate([np.array(a[r : r + 1] @ w.T) for r in range(rows)])
+                alone.append(bool((one == np.array(a @ w.T)).all()))
+        return errors, alone
+
+    on, alone_on = products()
+    few_rows.enable(False)
+    off, _ = products()
+    print(json.dumps({"loaded": few_rows.loaded(), "on": on, "off": off, "alone_on": alone_on,
+                      "enabled": few_rows.enabled()}))
+""")
+
+
+@needs_shim
+def test_few_row_products_match_the_blas_and_each_row_stands_alone(tmp_path):
+    shim = few_rows.library(tmp_path)
+    run = subprocess.run([sys.executable, "-c", PRODUCTS], capture_output=True, text=True, timeout=120,
+                         env={"LD_PRELOAD": f"{shim}:{OPENBLAS}", "PATH": "/usr/bin:/bin"})
+    assert run.returncode == 0, run.stderr
+    seen = json.loads(run.stdout)
+    assert seen["loaded"] is True and seen["enabled"] is False
+    assert len(seen["on"]) == len(seen["off"]) == 60
+    assert max(seen["on"]) < 1e-5 and max(seen["off"]) < 1e-5
+    # the shim's products (up to 6 rows, large enough) give each row exactly as it comes alone
+    mine = [seen["alone_on"][3 * i + shape] for i in range(4) for shape in (0, 1)]  # 1, 2, 5, 6 rows
+    assert mine == [True] * 8
+
+
+@needs_shim
+def test_the_shim_is_built_once_per_source(tmp_path):
+    first = few_rows.library(tmp_path)
+    assert first is not None and first.startswith(str(tmp_path))
+    name = first.rsplit("/", 1)[1]
+    stamp = (tmp_path / name).stat().st_mtime_ns
+    assert few_rows.library(tmp_path) == first
+    assert (tmp_path / name).stat().st_mtime_ns == stamp
+    assert [p.name for p in tmp_path.iterdir()] == [name]  # no build leftovers
+
+
+def test_no_compiler_means_no_shim(tmp_path, monkeypatch):
+    monkeypatch.setattr(few_rows, "_compiler", lambda: None)
+    assert few_rows.library(tmp_path) is None
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_without_the_shim_nothing_changes():
+    assert few_rows.loaded() is False  # pytest's own process runs without preloads
+    few_rows.enable(True)
+    assert few_rows.enabled() is False
+    with few_rows.disabled():
+        assert few_rows.enabled() is False
