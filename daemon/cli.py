@@ -320,12 +320,15 @@ COMMANDS = {
 }
 
 
+LIGHT = ("config", "service", "status", "models")  # commands that run no model: no BLAS, nothing built
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv)
     from daemon.system import logs
 
     try:
-        if argv is None:
+        if argv is None and args.command not in LIGHT:
             command = ["-m", "daemon", *sys.argv[1:]] if sys.argv[0].endswith("__main__.py") else sys.argv
             reexec_with_blas(command)
         logs.configure()
