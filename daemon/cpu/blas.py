@@ -120,7 +120,7 @@ def blas_in_use() -> str:
     known = {os.path.realpath(lib): _NAMES[kind] for kind in _NAMES if (lib := find(kind))}
     for path in (os.path.realpath(p) for p in os.environ.get("LD_PRELOAD", "").split(":") if p):
         if path in known and path in mapped:
-            return f"{known[path]} ({path})" + (", few-row products by mtpd" if few_rows.enabled() else "")
+            return f"{known[path]} ({path})" + (", with mtpd's few-row products" if few_rows.loaded() else "")
     return "MLX bundled reference BLAS (slow: install mtpd's Linux dependencies, see install.sh)"
 
 
