@@ -6,7 +6,7 @@ from mlx_lm.models import llama
 from mlx_lm.models.base import create_attention_mask
 from mlx_lm.models.cache import KVCache
 
-from daemon.cpu import long_attention
+from daemon.cpu import activation, long_attention
 from daemon.cpu.fast_block import (
     MAX_ROWS,
     FastBlock,
@@ -99,7 +99,25 @@ def test_long_chunks_and_long_few_row_steps_take_the_numpy_path_and_match_the_pl
     assert mx.allclose(fast_cache.state[0], plain_cache.state[0]).item() and fast_cache.offset == 79
 
 
-def test_batched_prefill_with_long_attention_gives_the_same_tokens(tiny_gguf, monkeypatch):
+def test_many_rows_take_the_numpy_activation_and_match_the_plain_block(tiny_lm, monkeypatch):
+    layer = tiny_lm.model.model.layers[0]
+    swiglu, calls = activation.swiglu, []
+    monkeypatch.setattr(activation, "swiglu", lambda g, u: calls.append(g.shape[1]) or swiglu(g, u))
+    hidden = tiny_lm.config["hidden_size"]
+    chunks = [mx.random.normal((1, n, hidden), key=mx.random.key(n)) for n in (40, activation.ROWS, 1, 12, 3)]
+    layer.use_numpy_mlp(True)
+    try:
+        fast, _ = run_block(FastBlock.__call__, layer, chunks)
+    finally:
+        layer.use_numpy_mlp(False)
+    plain, _ = run_block(llama.TransformerBlock.__call__, layer, chunks)
+    assert calls == [40, activation.ROWS, 12]  # the plain path's chunk, the short path's; not 1 or 3 rows
+    for a, b in zip(fast, plain):
+        assert mx.allclose(a, b, atol=1e-5).item()
+
+
+@pytest.mark.parametrize("form", ["long_attention", "numpy_mlp"])
+def test_batched_prefill_with_numpy_paths_gives_the_same_tokens(tiny_gguf, monkeypatch, form):
     from daemon.cpu.forms import Forms, apply
     from daemon.engine.batch import Batch
     from daemon.engine.generate import generate, sequence
@@ -111,13 +129,15 @@ def test_batched_prefill_with_long_attention_gives_the_same_tokens(tiny_gguf, mo
     prompts = [tuple((7 * i + 3) % 250 + 1 for i in range(n)) for n in (90, 60)]
     alone = [list(generate(lm, Request(p, 16), Fixed(0)))[-1].token_ids for p in prompts]
     monkeypatch.setattr(long_attention, "LONG_SCORES", 500)
-    apply(lm.model, lm.model.layers, Forms(fast_blocks=True, long_attention=True))
-    calls = []
+    apply(lm.model, lm.model.layers, Forms(fast_blocks=True, **{form: True}))
+    calls, swiglu = [], activation.swiglu
     monkeypatch.setattr(long_attention, "attention", lambda *a: calls.append(1) or attention(*a))
+    monkeypatch.setattr(activation, "swiglu", lambda g, u: calls.append(2) or swiglu(g, u))
     done = {}
     batch = Batch(lm.model, lambda owner, r: done.__setitem__(owner, r) if isinstance(r, Finished) else None, 64)
     for i, p in enumerate(prompts):
         batch.add(i, sequence(lm, Request(p, 16), Fixed(0), chunk=lambda: 32, batched=True))
     while batch.running:
         batch.step()
-    assert calls and [done[i].token_ids for i in range(2)] == alone
+    assert {1: "long_attention", 2: "numpy_mlp"}[calls[0]] == form and set(calls) == {calls[0]}
+    assert [done[i].token_ids for i in range(2)] == alone

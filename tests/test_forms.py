@@ -4,7 +4,7 @@ times them faster than the forward mlx-lm runs; every form computes the same tok
 import pytest
 from mlx_lm.models import llama
 
-from daemon.cpu import fast_block, forms, long_attention
+from daemon.cpu import activation, fast_block, forms, long_attention
 from daemon.cpu.forms import Forms
 from daemon.engine.generate import generate
 from daemon.engine.records import Request
@@ -34,9 +34,11 @@ def test_the_layout_timed_fastest_is_kept(stock, monkeypatch, faster, kept):
     monkeypatch.setattr(forms, "apply", tracked)
     monkeypatch.setattr(forms, "_seconds", lambda model, cache: 1.0 if current["forms"] == faster else 2.0)
     monkeypatch.setattr(long_attention, "probe", lambda *shape: (False, {"mlx": 5.0, "numpy": 6.0}))
+    monkeypatch.setattr(activation, "probe", lambda width: (False, {"mlx_16": 1.0}))
     chosen = forms.choose(stock.model, stock.model.layers, layout=True)
     assert chosen == kept and set(chosen.probe_ms) == {"stock", "fast_blocks", "fast_blocks+column_major",
-                                                       "long_attention_mlx", "long_attention_numpy"}
+                                                       "long_attention_mlx", "long_attention_numpy",
+                                                       "activation_mlx_16"}
     assert chosen.probe_ms[faster.name] == 1000.0
     assert type(stock.model.layers[0]) is fast_block.FastBlock
 
@@ -52,6 +54,24 @@ def test_long_attention_is_kept_only_where_the_probe_times_it_faster(stock, monk
     assert chosen.long_attention is faster and ("numpy_attention" in chosen.name) is faster
     assert all(block._long_rows is faster for block in stock.model.layers)
     assert forms.choose(stock.model, stock.model.layers, layout=False).long_attention is False  # a GPU: not timed
+
+
+@pytest.mark.parametrize("faster", [True, False])
+def test_the_numpy_activation_is_kept_only_where_the_probe_times_it_faster(stock, monkeypatch, faster):
+    monkeypatch.setattr(forms, "_seconds", lambda model, cache: 1.0)
+    monkeypatch.setattr(long_attention, "probe", lambda *shape: (False, {}))
+    widths = []
+    monkeypatch.setattr(activation, "probe", lambda width: widths.append(width) or (faster, {"mlx_16": 1.0}))
+    chosen = forms.choose(stock.model, stock.model.layers, layout=True)
+    assert widths == [stock.model.layers[0].mlp.gate_proj.weight.shape[0]]
+    assert chosen.numpy_mlp is faster and ("numpy_mlp" in chosen.name) is faster
+    assert all(block._numpy_mlp is faster for block in stock.model.layers)
+
+
+def test_the_activation_probe_times_both_ways():
+    faster, ms = activation.probe(64)
+    assert set(ms) == {f"{way}_{rows}" for way in ("mlx", "numpy") for rows in activation.PROBE_ROWS}
+    assert all(t > 0 for t in ms.values()) and isinstance(faster, bool)
 
 
 def test_the_long_attention_probe_times_both_ways():
@@ -73,7 +93,7 @@ def test_every_form_gives_the_same_tokens(stock):
 def test_a_load_runs_the_probe_and_says_what_it_kept(tiny_gguf):
     lm = load(str(tiny_gguf), drafter="random")
     said = describe(lm)
-    assert said["speed_paths"] == lm.forms.name and len(said["probe_ms"]) == 7
+    assert said["speed_paths"] == lm.forms.name and len(said["probe_ms"]) == 11
     ms = said["probe_ms"]
     gap = ms["fast_blocks+column_major"] - (1 - forms.MARGIN) * ms["fast_blocks"]
     rounding = 0.1  # probe_ms are means rounded to 0.1 ms; the choice is made on the exact sums

@@ -28,7 +28,7 @@ from mlx_lm.models import llama
 from mlx_lm.models.activations import swiglu
 from mlx_lm.models.cache import KVCache
 
-from daemon.cpu import long_attention
+from daemon.cpu import activation, long_attention
 from daemon.cpu.long_attention import long_enough
 
 MAX_ROWS = 16
@@ -51,14 +51,15 @@ class FastBlock(llama.TransformerBlock):
             if self._long_rows and type(cache) is KVCache and not isinstance(mask, mx.array) and long_enough(
                     x.shape[1], cache.offset + x.shape[1], self.self_attn.n_heads):
                 return self._long(x, cache)
-            return super().__call__(x, mask, cache)
+            h = x + self.self_attn(self.input_layernorm(x), mask, cache)  # mlx-lm's block
+            return h + self._mlp(self.post_attention_layernorm(h))
         few = self._few(x)
         offset = mx.array(cache.offset)
         queries, keys, values = self._pre(x, offset) if few is None else self._pre_few(x, offset, few[0])
         keys, values = cache.update_and_fetch(keys, values)
         long = self._long_rows and long_enough(x.shape[1], keys.shape[2], self.self_attn.n_heads)
         out = (long_attention.attention if long else self._attend)(queries, keys, values, self.self_attn.scale)
-        return self._post(x, out) if few is None else self._post_few(x, out, *few[1:])
+        return self._post_rows(x, out) if few is None else self._post_few(x, out, *few[1:])
 
     def ragged(self, x: mx.array, positions: mx.array, bounds, caches) -> mx.array:
         """The rows of several sequences, laid end to end in x [1, N, H] (daemon.engine.ragged):
@@ -72,7 +73,7 @@ class FastBlock(llama.TransformerBlock):
             long = self._long_rows and long_enough(e - s, k.shape[2], self.self_attn.n_heads)
             outs.append((long_attention.attention if long else self._attend)(queries[:, :, s:e], k, v, 1.0))
         out = mx.concatenate(outs, axis=2) if len(outs) > 1 else outs[0]
-        return self._post(x, out) if few is None else self._post_few(x, out, *few[1:])
+        return self._post_rows(x, out) if few is None else self._post_few(x, out, *few[1:])
 
     def _long(self, x: mx.array, cache: KVCache) -> mx.array:
         """mlx-lm's block, with long attention's scores in NumPy (daemon.cpu.long_attention)."""
@@ -85,11 +86,31 @@ class FastBlock(llama.TransformerBlock):
         k, v = cache.update_and_fetch(k, v)
         out = long_attention.attention(q, k, v, attn.scale)
         h = x + attn.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
-        return h + self.mlp(self.post_attention_layernorm(h))
+        return h + self._mlp(self.post_attention_layernorm(h))
+
+    def _many(self, rows: int) -> bool:
+        return self._numpy_mlp and rows >= activation.ROWS
+
+    def _mlp(self, h: mx.array) -> mx.array:
+        """mlx-lm's MLP, its activation in NumPy for many rows (daemon.cpu.activation)."""
+        mlp = self.mlp
+        if self._many(h.shape[0] * h.shape[1]):
+            return mlp.down_proj(activation.swiglu(mlp.gate_proj(h), mlp.up_proj(h)))
+        return mlp(h)
+
+    def _post_rows(self, x: mx.array, out: mx.array) -> mx.array:
+        if self._many(x.shape[1]):
+            h, gate, up = self._post_gates(x, out)
+            return self._post_down(h, activation.swiglu(gate, up))
+        return self._post(x, out)
 
     def use_long_rows(self, on: bool) -> None:
         """Long attention in NumPy where the probe found it faster (daemon.cpu.forms)."""
         object.__setattr__(self, "_long_rows", on)
+
+    def use_numpy_mlp(self, on: bool) -> None:
+        """The MLP's activation in NumPy for many rows where the probe found it faster (daemon.cpu.forms)."""
+        object.__setattr__(self, "_numpy_mlp", on)
 
     def _few(self, x: mx.array):
         return self._row_major if x.shape[1] <= FEW_ROWS else None
@@ -119,6 +140,14 @@ class FastBlock(llama.TransformerBlock):
             h = x + attn.o_proj(merged(out))
             return h + self.mlp(self.post_attention_layernorm(h))
 
+        def post_gates(x, out):  # post up to the MLP's activation
+            h = x + attn.o_proj(merged(out))
+            n = self.post_attention_layernorm(h)
+            return h, self.mlp.gate_proj(n), self.mlp.up_proj(n)
+
+        def post_down(h, act):
+            return h + self.mlp.down_proj(act)
+
         def pre_few(x, offset, w_qkv):
             q, k, v = mx.split(self.input_layernorm(x) @ w_qkv.T, [q_width, q_width + kv_width], axis=-1)
             return heads(q, k, v, offset)
@@ -146,13 +175,16 @@ class FastBlock(llama.TransformerBlock):
         object.__setattr__(self, "_pre_rows_few", mx.compile(pre_rows_few, inputs=self.state))
         object.__setattr__(self, "_pre", mx.compile(pre, inputs=self.state))
         object.__setattr__(self, "_post", mx.compile(post, inputs=self.state))
+        object.__setattr__(self, "_post_gates", mx.compile(post_gates, inputs=self.state))
+        object.__setattr__(self, "_post_down", mx.compile(post_down, inputs=self.state))
         object.__setattr__(self, "_pre_few", mx.compile(pre_few, inputs=self.state))
         object.__setattr__(self, "_post_few", mx.compile(post_few, inputs=self.state))
         object.__setattr__(self, "_attend", grouped_attention if mx.default_device() == mx.cpu else fused_attention)
         object.__setattr__(self, "_row_major", None)  # (qkv, o, gate_up, down) from add_row_major
         object.__setattr__(self, "_long_rows", False)  # long attention in NumPy (use_long_rows)
+        object.__setattr__(self, "_numpy_mlp", False)  # the activation in NumPy for many rows (use_numpy_mlp)
 
-    COMPILED = ("_pre_rows", "_pre_rows_few", "_pre", "_post", "_pre_few", "_post_few")
+    COMPILED = ("_pre_rows", "_pre_rows_few", "_pre", "_post", "_post_gates", "_post_down", "_pre_few", "_post_few")
 
     def release(self) -> None:
         """Drops the compiled forms: they hold the block (`inputs=self.state`) inside MLX, where

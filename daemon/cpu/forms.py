@@ -12,7 +12,8 @@ MARGIN faster, so a restart makes the same choice. FastBlocks stay whatever thei
 batch's one forward over several sequences runs through them (daemon.engine.ragged); the probe
 says how they compare with `stock`. The choice and the timings go in the `model loaded` log line
 and /health (`speed_paths`). On a CPU, long prompts' attention in NumPy is timed against MLX's
-on one prefill-sized attention and kept only where it wins (daemon.cpu.long_attention).
+on one prefill-sized attention and kept only where it wins (daemon.cpu.long_attention); so is the
+MLP's activation in NumPy for many rows (daemon.cpu.activation).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import mlx.nn as nn
 from mlx.utils import tree_map
 from mlx_lm.models.cache import make_prompt_cache, trim_prompt_cache
 
-from daemon.cpu import fast_block, few_rows, long_attention
+from daemon.cpu import activation, fast_block, few_rows, long_attention
 from daemon.cpu.layout import column_major
 
 PROBE_ROWS = (1, 3)
@@ -41,6 +42,7 @@ class Forms:
     column_major: bool = False
     fast_blocks: bool = False
     long_attention: bool = False  # long prompts' attention in NumPy (daemon.cpu.long_attention)
+    numpy_mlp: bool = False  # the MLP's activation in NumPy for many rows (daemon.cpu.activation)
     few_rows: bool = False  # few-row products by daemon.cpu.few_rows's shim
     probe_ms: dict[str, float] = field(default_factory=dict, compare=False, hash=False)
 
@@ -52,7 +54,7 @@ class Forms:
     @property
     def name(self) -> str:
         on = (("fast_blocks", self.fast_blocks), ("column_major", self.column_major), ("few_rows", self.few_rows),
-              ("numpy_attention", self.long_attention))
+              ("numpy_attention", self.long_attention), ("numpy_mlp", self.numpy_mlp))
         return "+".join(n for n, yes in on if yes) or "stock"
 
 
@@ -82,6 +84,7 @@ def apply(module: nn.Module, blocks: list, forms: Forms) -> None:
     for block in blocks:
         if type(block) is fast_block.FastBlock:
             block.use_long_rows(forms.long_attention)
+            block.use_numpy_mlp(forms.numpy_mlp)
 
 
 def _seconds(model: nn.Module, cache: list) -> float:
@@ -117,13 +120,15 @@ def choose(model: nn.Module, blocks: list, layout: bool) -> Forms:
         if sum(times[f]) < (1 - MARGIN) * sum(times[best]):
             best = f
     probe_ms = {f.name: round(sum(times[f]) / len(times[f]) * 1000, 1) for f in timed}
-    longer = False
+    longer = numpy_mlp = False
     llama_blocks = [b for b in blocks if isinstance(b, fast_block.llama.TransformerBlock)]  # what FastBlocks become
     if layout and llama_blocks:  # a CPU: MLX's softmax is scalar there
         attn = llama_blocks[0].self_attn
         longer, ms = long_attention.probe(attn.n_heads, attn.n_kv_heads, attn.head_dim)
         probe_ms.update({f"long_attention_{name}": t for name, t in ms.items()})
-    chosen = Forms(column_major=best.column_major, fast_blocks=best.fast_blocks, long_attention=longer,
+        numpy_mlp, ms = activation.probe(llama_blocks[0].mlp.gate_proj.weight.shape[0])
+        probe_ms.update({f"activation_{name}": t for name, t in ms.items()})
+    chosen = Forms(column_major=best.column_major, fast_blocks=best.fast_blocks, long_attention=longer, numpy_mlp=numpy_mlp,
                    few_rows=best.few_rows, probe_ms=probe_ms)
     apply(model, blocks, chosen)
     return chosen
