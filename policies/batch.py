@@ -71,3 +71,34 @@ def fit_drafts(plans: Sequence[tuple[int, Sequence[float]]], base_rows: int, row
     if all(known) and any(ks) and rate(tokens, ks) < rate(len(plans), [0] * len(ks)) * (1 + BATCH_MARGIN):
         return [0] * len(ks)
     return ks
+
+
+class Clock:
+    """The batch's check of its prices against the clock: tokens per second of clean decode steps
+    (no prefill rows) that verified drafts and of those that did not, per count of running
+    sequences (moving averages). Where drafting steps have run slower than plain ones, a step's
+    priced drafts are dropped; every EXPLORE-th step at a count runs the other way, so both stay
+    measured and drafts come back when they pay again."""
+
+    EXPLORE = 8
+    MIN_STEPS = 4  # of each kind before the clock overrules the prices
+    ALPHA = 0.1
+
+    def __init__(self) -> None:
+        self.rates: dict[tuple[int, bool], tuple[float, int]] = {}  # (sequences, drafting) -> (rate, steps)
+        self.steps: dict[int, int] = {}
+
+    def observe(self, sequences: int, drafting: bool, tokens: int, seconds: float) -> None:
+        if seconds <= 0:
+            return
+        rate, n = self.rates.get((sequences, drafting), (tokens / seconds, 0))
+        self.rates[sequences, drafting] = (rate + self.ALPHA * (tokens / seconds - rate), n + 1)
+
+    def drafts_pay(self, sequences: int) -> bool:
+        """Whether this step at `sequences` runs its priced drafts (False: none)."""
+        self.steps[sequences] = self.steps.get(sequences, 0) + 1
+        drafting, plain = (self.rates.get((sequences, d), (0.0, 0)) for d in (True, False))
+        measured = drafting[1] >= self.MIN_STEPS and plain[1] >= self.MIN_STEPS
+        pays = not measured or drafting[0] >= plain[0]
+        explore = self.steps[sequences] % self.EXPLORE == 0
+        return pays != explore

@@ -26,7 +26,7 @@ from daemon.engine.sampling import SamplingParams
 from daemon.server.loaded import Loaded
 from daemon.server.worker import Job, Limits, Worker
 from policies.adaptive import AdaptivePolicy, SharedEstimates
-from policies.batch import draft_units, fit_drafts
+from policies.batch import Clock, draft_units, fit_drafts
 from policies.cost import RowCosts, StepCosts
 from policies.fixed import Fixed
 
@@ -52,6 +52,25 @@ def test_fit_drops_drafts_that_do_not_beat_plain_by_the_margin():
     # free rows, but two drafts of 5% bring 5% more tokens: under the margin, so none are kept
     assert fit_drafts([(1, (0.05,)), (1, (0.05,))], 2, lambda rows: 0.1, 0.0, 64) == [0, 0]
     assert fit_drafts([(1, (0.5,)), (1, (0.5,))], 2, lambda rows: 0.1, 0.0, 64) == [1, 1]
+
+
+def verdicts(clock: Clock, sequences: int, steps: int) -> list[bool]:
+    return [clock.drafts_pay(sequences) for _ in range(steps)]
+
+
+def test_the_clock_drops_drafts_where_drafting_steps_ran_slower_and_keeps_checking():
+    clock = Clock()
+    assert verdicts(clock, 8, 16) == [i % Clock.EXPLORE != Clock.EXPLORE - 1 for i in range(16)]  # unmeasured: priced
+    for _ in range(Clock.MIN_STEPS):
+        clock.observe(8, True, 10, 0.1)  # 100 tok/s drafting
+        clock.observe(8, False, 8, 0.07)  # ~114 tok/s plain
+        clock.observe(4, True, 6, 0.05)  # 120 tok/s drafting
+        clock.observe(4, False, 4, 0.04)  # 100 tok/s plain
+    assert verdicts(clock, 8, 16) == [i % Clock.EXPLORE == Clock.EXPLORE - 1 for i in range(16)]  # explores
+    assert verdicts(clock, 4, 8)[:7] == [True] * 7
+    for _ in range(40):  # drafting gets faster at 8: drafts come back
+        clock.observe(8, True, 14, 0.1)
+    assert verdicts(clock, 8, 7) == [True] * 7
 
 
 def test_fit_cuts_to_the_row_limit_estimated_drafts_before_fixed_ones():

@@ -24,9 +24,10 @@ from dataclasses import dataclass
 import mlx.core as mx
 
 from daemon.engine.ragged import batchable, run_drafts, run_ragged
+from daemon.engine.records import Delta
 from daemon.engine.rows import DraftCall, Forward, Planned, Ran, run
 from daemon.models.block import is_block
-from policies.batch import draft_units, fit_drafts
+from policies.batch import Clock, draft_units, fit_drafts
 from policies.cost import RowCosts
 
 DRAFT_ALPHA = 0.1  # the moving average of the drafting time per draft
@@ -73,6 +74,9 @@ class Batch:
         self.costs, self.draft_seconds = rows, draft_seconds
         self.verify_seconds = 0.0  # what a verified round costs a sequence beyond its rows, learned (`_observe_verifying`)
         self.running: list[Running] = []
+        self.clock = Clock()
+        self._timed: tuple[int, bool, float] | None = None  # the last clean decode step: sequences, drafting, start
+        self._delivered = 0  # tokens delivered since the last step's forward
 
     def add(self, owner, steps: Generator) -> None:
         self.running.append(Running(owner, steps))
@@ -84,12 +88,17 @@ class Batch:
     def step(self, arrivals: Callable[[], None] | None = None) -> StepReport | None:
         """One step of every running sequence; None when none asked for a forward. `arrivals()`
         runs just before the forward and may `add` sequences: their first prefill chunk joins it."""
+        step_started, self._delivered = time.perf_counter(), 0
         took = []
         for r in self.running[::-1]:  # the newest first: a first token goes out before the others draft
             started = time.perf_counter()
             self._advance(r)
             took.append((r.verified, time.perf_counter() - started))
         self._observe_verifying(took)
+        if self._timed is not None:  # the tokens of the last step's forward are out: time it, round to round
+            sequences, drafting, started = self._timed
+            self.clock.observe(sequences, drafting, self._delivered, step_started - started)
+        self._timed = None
         planned = [r for r in self.running if isinstance(r.asked, Planned)]
         if planned:
             started = time.perf_counter()
@@ -116,11 +125,15 @@ class Batch:
         if len(rans) > 1:  # computed now, so the forward is timed (its sequences read it next)
             mx.eval([a for ran in rans for a in (ran.logits, ran.hidden) if a is not None])
         seconds = time.perf_counter() - started
+        decoding = True
         for r, ran in zip(asking, rans):
             decode = len(r.asked.tokens) == 1 + r.asked.drafts and r.asked.logits == "all"
+            decoding = decoding and decode
             r.reply, r.asked, r.verified = ran, None, r.asked.drafts if decode else None
         rows = sum(len(f.tokens) for f in forwards)
         drafted = sum(f.drafts for f in forwards)
+        if decoding and len(forwards) > 1 and len(forwards) == len(self.running):
+            self._timed = (len(forwards), drafted > 0, step_started)
         if self.costs is not None and len(forwards) > 1:
             self.costs.observe(rows, len(forwards), seconds)
         return StepReport(len(forwards), rows, drafted, seconds)
@@ -149,6 +162,8 @@ class Batch:
         plans = [(a.plan.k, a.plan.rates) for a in asks]
         if len(self.running) == 1:  # alone, its policy has priced its rows already
             return [k for k, _ in plans]
+        if all(len(rates) >= k for k, rates in plans) and not self.clock.drafts_pay(len(self.running)):
+            return [0] * len(plans)
         base = len(planned) + sum(len(r.asked.tokens) for r in self.running if isinstance(r.asked, Forward))
         sequences = len(self.running)
         row_seconds = (lambda n: self.costs.predict(n, sequences)) if self.costs is not None else (lambda n: 1.0)
@@ -191,4 +206,6 @@ class Batch:
             if isinstance(item, (Forward, Planned, DraftCall)):
                 r.asked = item
                 return
+            if isinstance(item, Delta):
+                self._delivered += len(item.token_ids)
             self.deliver(r.owner, item)
