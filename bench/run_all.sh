@@ -22,9 +22,9 @@ $mtpd bench --prompts $prompts --drafter none --spec off --baseline mlx-lm --max
 $mtpd bench --prompts $prompts --spec off --spec adaptive --baseline mlx-lm --max-tokens 128 \
   --json $out/adaptive-vs-mlx-lm.json
 
-# 1c. the README's headline table
-$mtpd bench --prompts $prompts --spec off --spec fixed:1 --spec adaptive --max-tokens 128 \
-  --json $out/headline.json
+# 1c. the README's headline table and docs/benchmarks.md's policies, in one run
+$mtpd bench --prompts $prompts --spec off --spec fixed:1 --spec fixed:4 --spec adaptive --baseline mlx-lm \
+  --max-tokens 128 --json $out/amd-policies-128.json
 
 # 2. every policy with the shipped drafter (adaptive: drafter and lookup copies; adaptive:mtp: drafter alone)
 $mtpd bench --prompts $prompts --spec off --spec fixed:1 --spec fixed:2 --spec fixed:3 --spec fixed:4 \
@@ -66,3 +66,7 @@ $mtpd bench --prompts $prompts --spec off --spec adaptive --verify-penalty-ms 60
 # 6b. prompts of 1.5k-6k tokens (a source file or a document, then a task), against mlx-lm's loop
 $mtpd bench --prompts bench/long-prompts.jsonl --spec off --spec adaptive --baseline mlx-lm --max-tokens 128 \
   --json $out/long-prompts.json
+
+# 7. many clients at once: mtpd adaptive, mtpd off and mlx-lm's own server (docs/benchmarks.md)
+.venv/bin/python bench/load.py --clients 1 4 8 --rounds 2 --max-tokens 96 --json $out/load.json \
+  --png $out/load.png
