@@ -15,7 +15,7 @@ needs_shim = pytest.mark.skipif(OPENBLAS is None or few_rows._compiler() is None
                                 reason="Linux, OpenBLAS and a C compiler")
 
 PRODUCTS = textwrap.dedent("""
-    import json
+    import ctypes, json, os, signal
     import mlx.core as mx, numpy as np
     from daemon.cpu import few_rows
 
@@ -36,21 +36,39 @@ PRODUCTS = textwrap.dedent("""
         return errors, alone
 
     on, alone_on = products()
+    sgemm = ctypes.CDLL(None).cblas_sgemm  # the shim's, called straight: MLX itself does not survive a fork
+
+    def product(x, w):  # x @ w.T, row-major
+        c = np.zeros((x.shape[0], w.shape[0]), np.float32)
+        f, i = ctypes.c_float, ctypes.c_int
+        sgemm(i(101), i(111), i(112), i(x.shape[0]), i(w.shape[0]), i(x.shape[1]), f(1.0),
+              x.ctypes.data_as(ctypes.c_void_p), i(x.shape[1]), w.ctypes.data_as(ctypes.c_void_p), i(w.shape[1]),
+              f(0.0), c.ctypes.data_as(ctypes.c_void_p), i(w.shape[0]))
+        return c
+
+    rng = np.random.default_rng(0)
+    x, w = rng.standard_normal((3, 512), np.float32), rng.standard_normal((512, 512), np.float32)
+    want = product(x, w)
+    child = os.fork()  # a child starts its own helper thread: the parent's is not there
+    if child == 0:
+        signal.alarm(20)  # a hang fails the test instead of stalling it
+        os._exit(0 if (product(x, w) == want).all() and (product(x[:1], w) == want[:1]).all() else 1)
+    forked = os.waitpid(child, 0)[1]
     few_rows.enable(False)
     off, _ = products()
     print(json.dumps({"loaded": few_rows.loaded(), "on": on, "off": off, "alone_on": alone_on,
-                      "enabled": few_rows.enabled()}))
+                      "enabled": few_rows.enabled(), "forked": forked}))
 """)
 
 
 @needs_shim
-def test_few_row_products_match_the_blas_and_each_row_stands_alone(tmp_path):
+def test_few_row_products_match_the_blas_each_row_stands_alone_and_a_fork_works(tmp_path):
     shim = few_rows.library(tmp_path)
     run = subprocess.run([sys.executable, "-c", PRODUCTS], capture_output=True, text=True, timeout=120,
                          env={"LD_PRELOAD": f"{shim}:{OPENBLAS}", "PATH": "/usr/bin:/bin"})
     assert run.returncode == 0, run.stderr
     seen = json.loads(run.stdout)
-    assert seen["loaded"] is True and seen["enabled"] is False
+    assert seen["loaded"] is True and seen["enabled"] is False and seen["forked"] == 0
     assert len(seen["on"]) == len(seen["off"]) == 60
     assert max(seen["on"]) < 1e-5 and max(seen["off"]) < 1e-5
     # the shim's products (up to 6 rows, large enough) give each row exactly as it comes alone

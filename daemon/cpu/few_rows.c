@@ -11,6 +11,8 @@
 #include <dlfcn.h>
 #include <pthread.h>
 #include <stdatomic.h>
+#include <stdint.h>
+#include <unistd.h>
 #if defined(__x86_64__)
 #define RELAX() __builtin_ia32_pause()
 #else
@@ -58,12 +60,10 @@ static atomic_int posted, finished;
 static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
 static pthread_cond_t wake = PTHREAD_COND_INITIALIZER;
 static pthread_mutex_t busy = PTHREAD_MUTEX_INITIALIZER;  /* one product at a time uses the helper */
-static pthread_once_t once = PTHREAD_ONCE_INIT;
-static int helper_up;
+static pid_t helper_pid;  /* the process whose helper runs: a forked child starts its own */
 
-static void *helper(void *unused) {
-  (void)unused;
-  for (int seen = 0;;) {
+static void *helper(void *from) {
+  for (int seen = (int)(intptr_t)from;;) {  /* the tickets posted before it started are not its */
     for (int spins = 0; atomic_load_explicit(&posted, memory_order_acquire) == seen;) {
       if (++spins < SPINS) {  /* a forward's next product comes within microseconds */
         RELAX();
@@ -80,16 +80,35 @@ static void *helper(void *unused) {
   return 0;
 }
 
-static void start(void) {
+/* a fork waits for the product in flight and leaves the child both locks free */
+static void before_fork(void) {
+  pthread_mutex_lock(&busy);
+  pthread_mutex_lock(&lock);
+}
+
+static void after_fork(void) {
+  pthread_mutex_unlock(&lock);
+  pthread_mutex_unlock(&busy);
+}
+
+static int helper_ready(void) {  /* called holding `busy` */
+  if (helper_pid == getpid()) return 1;
   pthread_t thread;
-  helper_up = pthread_create(&thread, 0, helper, 0) == 0;
-  if (helper_up) pthread_detach(thread);
+  if (pthread_create(&thread, 0, helper, (void *)(intptr_t)atomic_load(&posted)) != 0) return 0;
+  pthread_detach(thread);
+  if (helper_pid == 0) pthread_atfork(before_fork, after_fork, after_fork);
+  helper_pid = getpid();
+  return 1;
 }
 
 static void few(int m, int n, int k, float alpha, const float *x, int lda, const float *w, int ldb,
                 float beta, float *c, int ldc) {
-  pthread_once(&once, start);
-  if (!helper_up || pthread_mutex_trylock(&busy) != 0) {  /* no helper, or another thread has it */
+  if (pthread_mutex_trylock(&busy) != 0) {  /* another thread has the helper: this one works alone */
+    rows(m, k, x, lda, w, ldb, c, ldc, 0, n, alpha, beta);
+    return;
+  }
+  if (!helper_ready()) {
+    pthread_mutex_unlock(&busy);
     rows(m, k, x, lda, w, ldb, c, ldc, 0, n, alpha, beta);
     return;
   }
