@@ -1,5 +1,7 @@
 """FastBlock: the same block outputs and cache as mlx-lm's llama block, on the short-input path."""
 
+import contextlib
+
 import mlx.core as mx
 import pytest
 from mlx_lm.models import llama
@@ -17,6 +19,16 @@ from daemon.cpu.fast_block import (
 )
 
 attention = long_attention.attention  # the function itself, for tests that count its calls
+
+
+@contextlib.contextmanager
+def turned_on(use):
+    """A FastBlock's NumPy path (`use_long_rows`, `use_numpy_mlp`) on inside, off after."""
+    use(True)
+    try:
+        yield
+    finally:
+        use(False)
 
 
 def run_block(call, layer, chunks):
@@ -85,11 +97,8 @@ def test_long_chunks_and_long_few_row_steps_take_the_numpy_path_and_match_the_pl
     monkeypatch.setattr(long_attention, "attention", lambda *a: calls.append(a[0].shape) or attention(*a))
     hidden = tiny_lm.config["hidden_size"]
     chunks = [mx.random.normal((1, n, hidden), key=mx.random.key(n)) for n in (40, 30, 1, 8)]
-    layer.use_long_rows(True)
-    try:
+    with turned_on(layer.use_long_rows):
         fast, fast_cache = run_block(FastBlock.__call__, layer, chunks)
-    finally:
-        layer.use_long_rows(False)
     plain, plain_cache = run_block(llama.TransformerBlock.__call__, layer, chunks)
     heads = layer.self_attn.n_heads
     assert heads * 71 < 2000 <= heads * 8 * 79  # the 1-row step's scores are too few, the 8-row step's enough
@@ -105,11 +114,8 @@ def test_many_rows_take_the_numpy_activation_and_match_the_plain_block(tiny_lm, 
     monkeypatch.setattr(activation, "swiglu", lambda g, u: calls.append(g.shape[1]) or swiglu(g, u))
     hidden = tiny_lm.config["hidden_size"]
     chunks = [mx.random.normal((1, n, hidden), key=mx.random.key(n)) for n in (40, activation.ROWS, 1, 12, 3)]
-    layer.use_numpy_mlp(True)
-    try:
+    with turned_on(layer.use_numpy_mlp):
         fast, _ = run_block(FastBlock.__call__, layer, chunks)
-    finally:
-        layer.use_numpy_mlp(False)
     plain, _ = run_block(llama.TransformerBlock.__call__, layer, chunks)
     assert calls == [40, activation.ROWS, 12]  # the plain path's chunk, the short path's; not 1 or 3 rows
     for a, b in zip(fast, plain):

@@ -3,9 +3,9 @@
 MLX calls `cblas_sgemm` for every fp32 matmul. A product of a few rows with a weight matrix is
 bound by reading the weights, and OpenBLAS's packed kernel reads them at about half the speed the
 memory allows: on a 2-vCPU AMD EPYC with Debian's OpenBLAS 0.3.21, every matrix of the default
-model's 30 blocks took 28 / 33 / 38 ms for 1 / 2 / 5 rows through its `sgemm`, 13-17 / 14 / 22 ms
-through `few_rows.c` (8 rows: even; 16: twice as long), which reads each weight row once for all
-the input rows (docs/cpu.md).
+model's 30 blocks took 31 / 32 / 38 ms for 1 / 2 / 5 rows through its `sgemm`, 11 / 12 / 26 ms
+through `few_rows.c` (8 rows: longer), which reads each weight row once for all the input rows
+(docs/cpu.md).
 
 `few_rows.c` is a `cblas_sgemm` preloaded ahead of the BLAS (daemon.cpu.blas) that computes
 products of up to 6 rows against a large weight matrix itself and hands everything else to the
@@ -58,24 +58,25 @@ def library(folder: Path) -> str | None:
     return str(target)
 
 
-def _switch():
-    return getattr(ctypes.CDLL(None), "mtpd_few_rows_enable", None)
+def _shim(name: str):
+    """The preloaded shim's function `name`, or None where no shim is loaded."""
+    return getattr(ctypes.CDLL(None), f"mtpd_few_rows_{name}", None)
 
 
 def loaded() -> bool:
     """Whether this process runs with the shim preloaded."""
-    return _switch() is not None
+    return _shim("enable") is not None
 
 
 def enable(on: bool) -> None:
     """Few-row products by the shim (on) or the BLAS's `sgemm` (off); nothing where no shim is loaded."""
-    switch = _switch()
+    switch = _shim("enable")
     if switch is not None:
         switch(ctypes.c_int(int(on)))
 
 
 def enabled() -> bool:
-    state = getattr(ctypes.CDLL(None), "mtpd_few_rows_enabled", None)
+    state = _shim("enabled")
     return bool(state()) if state is not None else False
 
 
