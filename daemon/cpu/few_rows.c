@@ -1,9 +1,9 @@
 /* mtpd's few-row products (daemon/cpu/few_rows.py). MLX's CPU backend calls cblas_sgemm for every
  * fp32 matmul; preloaded ahead of the BLAS, this cblas_sgemm computes the products of up to
  * FEW_ROWS rows against a large row-major weight matrix (x @ W.T, a decode step's or a
- * verification's projections) itself: each row of W is read from memory once and dotted with every
- * row of x while it is in cache, on two threads, one row of output at a time. The BLAS's packed
- * kernel reads the weights at about half that speed for these shapes. Every other product goes to
+ * verification's projections) itself: each row of W is read from memory once and multiplied into
+ * up to GROUP rows of x at a time, on two threads. The BLAS's packed kernel reads the weights at
+ * about half that speed for these shapes. Every other product goes to
  * the BLAS's own cblas_sgemm; so does everything after mtpd_few_rows_enable(0). Each output element
  * is one dot product summed in one fixed order, whatever the number of rows: a row's result does
  * not depend on the rows beside it. */
@@ -21,7 +21,7 @@
 
 typedef int blasint;
 enum { ROW_MAJOR = 101, NO_TRANS = 111, TRANS = 112 };
-enum { FEW_ROWS = 6, LARGE = 1 << 16, SPINS = 1 << 11 };
+enum { FEW_ROWS = 12, LARGE = 1 << 16, SPINS = 1 << 11 };
 
 typedef void (*sgemm_fn)(int, int, int, blasint, blasint, blasint, float, const float *, blasint,
                          const float *, blasint, float, float *, blasint);
@@ -33,19 +33,65 @@ void mtpd_few_rows_enable(int on) { enabled = on; }
 
 int mtpd_few_rows_enabled(void) { return enabled; }
 
+/* GROUP input rows at a time: one weight row is read into a vector register once per LANES of it
+ * and multiplied into each row's accumulator (fused multiply-adds where the CPU has them); every
+ * output element is the same sequence of operations whatever the number of rows beside it */
+typedef float lanes __attribute__((vector_size(64)));
+enum { LANES = 16, GROUP = 8 };
+
+static inline __attribute__((always_inline)) lanes load(const float *p) {
+  lanes v;
+  __builtin_memcpy(&v, p, sizeof v);
+  return v;
+}
+
+static inline __attribute__((always_inline)) float total(lanes v) {
+  typedef float half __attribute__((vector_size(32)));
+  typedef float quarter __attribute__((vector_size(16)));
+  half h = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7)
+           + __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+  quarter q = __builtin_shufflevector(h, h, 0, 1, 2, 3) + __builtin_shufflevector(h, h, 4, 5, 6, 7);
+  return (q[0] + q[2]) + (q[1] + q[3]);
+}
+
+static inline __attribute__((always_inline)) void group(const int nx, int k, const float *x, long lda,
+                                                        const float *wj, float *c, long ldc, float alpha,
+                                                        float beta) {
+  lanes acc[GROUP];
+  for (int r = 0; r < nx; r++) acc[r] = (lanes){0};
+  int i = 0;
+  for (; i + LANES <= k; i += LANES) {
+    lanes wv = load(wj + i);
+    for (int r = 0; r < nx; r++) acc[r] += load(x + r * lda + i) * wv;
+  }
+  for (int r = 0; r < nx; r++) {
+    float s = total(acc[r]);
+    for (int t = i; t < k; t++) s += x[r * lda + t] * wj[t];
+    float *out = c + r * ldc;
+    *out = beta == 0.f ? alpha * s : alpha * s + beta * *out;
+  }
+}
+
 #if defined(__x86_64__)
-__attribute__((target_clones("avx2", "default")))
+__attribute__((target_clones("avx512f", "arch=haswell", "default")))
 #endif
 static void rows(int m, int k, const float *x, int lda, const float *w, int ldb, float *c, int ldc,
                  int j0, int j1, float alpha, float beta) {
-  for (int j = j0; j < j1; j++) {
+  for (int j = j0; j < j1; j++) {  /* the weight row stays in cache for every group of rows */
     const float *wj = w + (long)j * ldb;
-    for (int r = 0; r < m; r++) {
+    for (int r = 0; r < m; r += GROUP) {
       const float *xr = x + (long)r * lda;
-      float s = 0.f;
-      for (int i = 0; i < k; i++) s += xr[i] * wj[i];
       float *out = c + (long)r * ldc + j;
-      *out = beta == 0.f ? alpha * s : alpha * s + beta * *out;
+      switch (m - r < GROUP ? m - r : GROUP) {  /* a constant count keeps the accumulators in registers */
+        case 1: group(1, k, xr, lda, wj, out, ldc, alpha, beta); break;
+        case 2: group(2, k, xr, lda, wj, out, ldc, alpha, beta); break;
+        case 3: group(3, k, xr, lda, wj, out, ldc, alpha, beta); break;
+        case 4: group(4, k, xr, lda, wj, out, ldc, alpha, beta); break;
+        case 5: group(5, k, xr, lda, wj, out, ldc, alpha, beta); break;
+        case 6: group(6, k, xr, lda, wj, out, ldc, alpha, beta); break;
+        case 7: group(7, k, xr, lda, wj, out, ldc, alpha, beta); break;
+        default: group(8, k, xr, lda, wj, out, ldc, alpha, beta);
+      }
     }
   }
 }

@@ -1,14 +1,14 @@
 """Few-row products under MLX's CPU backend: a decode step's, a verification's, a drafter call's.
 
 MLX calls `cblas_sgemm` for every fp32 matmul. A product of a few rows with a weight matrix is
-bound by reading the weights, and OpenBLAS's packed kernel reads them at about half the speed the
-memory allows: on a 2-vCPU AMD EPYC with Debian's OpenBLAS 0.3.21, every matrix of the default
-model's 30 blocks took 31 / 32 / 38 ms for 1 / 2 / 5 rows through its `sgemm`, 11 / 12 / 26 ms
-through `few_rows.c` (8 rows: longer), which reads each weight row once for all the input rows
-(docs/cpu.md).
+bound by reading the weights (and, from a few rows, by the multiply-adds), and OpenBLAS's packed
+kernel reads them at about half the speed the memory allows: on a 2-vCPU AMD EPYC with Debian's
+OpenBLAS 0.3.21, every matrix of the default model's 30 blocks took 29 / 38 / 41 ms for 1 / 4 / 8
+rows through its `sgemm`, 15 / 19 / 33 ms through `few_rows.c`, which reads each weight row once for
+up to 8 input rows (docs/cpu.md).
 
 `few_rows.c` is a `cblas_sgemm` preloaded ahead of the BLAS (daemon.cpu.blas) that computes
-products of up to 6 rows against a large weight matrix itself and hands everything else to the
+products of up to 12 rows against a large weight matrix itself and hands everything else to the
 BLAS's `cblas_sgemm`. It is compiled here, once per source, with the system's C compiler into
 mtpd's cache; with no compiler there is no shim and nothing changes. Whether it is faster on this
 machine is measured at load (daemon.cpu.forms) and `enable` turns it off where it is not.
@@ -27,9 +27,9 @@ from importlib import resources
 from pathlib import Path
 
 SOURCE = "few_rows.c"
-# -fassociative-math (and the two it needs) lets the compiler vectorise the dot products; not
-# -ffast-math, whose start-up code would flush denormals to zero for the whole process
-FLAGS = "-O3 -fassociative-math -fno-signed-zeros -fno-trapping-math -shared -fPIC"
+# no -ffast-math or -fassociative-math: the kernel is vectorised by hand, and each output's order of
+# operations must not depend on how many rows are computed beside it
+FLAGS = "-O3 -shared -fPIC"
 
 
 def _compiler() -> str | None:
