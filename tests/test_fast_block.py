@@ -8,7 +8,7 @@ from mlx_lm.models import llama
 from mlx_lm.models.base import create_attention_mask
 from mlx_lm.models.cache import KVCache
 
-from daemon.cpu import activation, long_attention
+from daemon.cpu import activation, long_attention, softmax
 from daemon.cpu.fast_block import (
     MAX_ROWS,
     FastBlock,
@@ -23,7 +23,7 @@ attention = long_attention.attention  # the function itself, for tests that coun
 
 @contextlib.contextmanager
 def turned_on(use):
-    """A FastBlock's NumPy path (`use_long_rows`, `use_numpy_mlp`) on inside, off after."""
+    """A FastBlock's other path (`use_long_rows`, `use_numpy_mlp`, `use_compiled_softmax`) on inside, off after."""
     use(True)
     try:
         yield
@@ -118,6 +118,28 @@ def test_many_rows_take_the_numpy_activation_and_match_the_plain_block(tiny_lm, 
         fast, _ = run_block(FastBlock.__call__, layer, chunks)
     plain, _ = run_block(llama.TransformerBlock.__call__, layer, chunks)
     assert calls == [40, activation.ROWS, 12]  # the plain path's chunk, the short path's; not 1 or 3 rows
+    for a, b in zip(fast, plain):
+        assert mx.allclose(a, b, atol=1e-5).item()
+
+
+def test_softmax_with_a_compiled_exp_is_mlx_softmax():
+    scores = mx.random.normal((1, 3, 15, 301), key=mx.random.key(0)) * 5
+    scores = mx.where(mx.random.uniform(shape=scores.shape, key=mx.random.key(1)) < 0.2, -mx.inf, scores)
+    assert mx.allclose(softmax.softmax(scores), mx.softmax(scores, axis=-1, precise=True), atol=1e-6).item()
+
+
+def test_verifications_take_the_compiled_softmax_and_match_the_plain_block(tiny_lm, monkeypatch):
+    layer = tiny_lm.model.model.layers[0]
+    calls = []
+    monkeypatch.setattr(softmax, "softmax", lambda x: calls.append(x.shape[2]) or mx.softmax(x, axis=-1, precise=True))
+    heads = layer.self_attn.n_heads // layer.self_attn.n_kv_heads
+    hidden = tiny_lm.config["hidden_size"]
+    chunks = [mx.random.normal((1, n, hidden), key=mx.random.key(n)) for n in (7, 1, softmax.ROWS - 1, softmax.ROWS, 9)]
+    with turned_on(layer.use_compiled_softmax):
+        fast, _ = run_block(FastBlock.__call__, layer, chunks)
+    assert layer._attend is grouped_attention  # off again after
+    plain, _ = run_block(llama.TransformerBlock.__call__, layer, chunks)
+    assert calls == [heads * n for n in (7, softmax.ROWS, 9)]  # from ROWS rows on
     for a, b in zip(fast, plain):
         assert mx.allclose(a, b, atol=1e-5).item()
 

@@ -4,7 +4,7 @@ times them faster than the forward mlx-lm runs; every form computes the same tok
 import pytest
 from mlx_lm.models import llama
 
-from daemon.cpu import activation, fast_block, forms, long_attention
+from daemon.cpu import activation, fast_block, forms, long_attention, softmax
 from daemon.cpu.forms import Forms
 from daemon.engine.generate import generate
 from daemon.engine.records import Request
@@ -35,10 +35,11 @@ def test_the_layout_timed_fastest_is_kept(stock, monkeypatch, faster, kept):
     monkeypatch.setattr(forms, "_seconds", lambda model, cache: 1.0 if current["forms"] == faster else 2.0)
     monkeypatch.setattr(long_attention, "probe", lambda *shape: (False, {"mlx": 5.0, "numpy": 6.0}))
     monkeypatch.setattr(activation, "probe", lambda width: (False, {"mlx_16": 1.0}))
+    monkeypatch.setattr(softmax, "probe", lambda *heads: (False, {"mlx_4": 1.0}))
     chosen = forms.choose(stock.model, stock.model.layers, layout=True)
     assert chosen == kept and set(chosen.probe_ms) == {"stock", "fast_blocks", "fast_blocks+column_major",
                                                        "long_attention_mlx", "long_attention_numpy",
-                                                       "activation_mlx_16"}
+                                                       "activation_mlx_16", "softmax_mlx_4"}
     assert chosen.probe_ms[faster.name] == 1000.0
     assert type(stock.model.layers[0]) is fast_block.FastBlock
 
@@ -68,6 +69,25 @@ def test_the_numpy_activation_is_kept_only_where_the_probe_times_it_faster(stock
     assert all(block._numpy_mlp is faster for block in stock.model.layers)
 
 
+@pytest.mark.parametrize("faster", [True, False])
+def test_the_compiled_softmax_is_kept_only_where_the_probe_times_it_faster(stock, monkeypatch, faster):
+    monkeypatch.setattr(forms, "_seconds", lambda model, cache: 1.0)
+    heads = []
+    monkeypatch.setattr(softmax, "probe", lambda *h: heads.append(h) or (faster, {"mlx_4": 1.0}))
+    chosen = forms.choose(stock.model, stock.model.layers, layout=True)
+    attn = stock.model.layers[0].self_attn
+    assert heads == [(attn.n_heads, attn.n_kv_heads)]
+    assert chosen.compiled_softmax is faster and ("compiled_softmax" in chosen.name) is faster
+    weights = [getattr(block._attend, "keywords", {}).get("weights") for block in stock.model.layers]
+    assert weights == [softmax.softmax if faster else None] * len(weights)
+
+
+def test_the_softmax_probe_times_both_ways():
+    faster, ms = softmax.probe(4, 2)
+    assert set(ms) == {f"{way}_{rows}" for way in ("mlx", "compiled") for rows in softmax.PROBE_ROWS}
+    assert all(t > 0 for t in ms.values()) and isinstance(faster, bool)
+
+
 def test_the_activation_probe_times_both_ways():
     faster, ms = activation.probe(64)
     assert set(ms) == {f"{way}_{rows}" for way in ("mlx", "numpy") for rows in activation.PROBE_ROWS}
@@ -93,7 +113,7 @@ def test_every_form_gives_the_same_tokens(stock):
 def test_a_load_runs_the_probe_and_says_what_it_kept(tiny_gguf):
     lm = load(str(tiny_gguf), drafter="random")
     said = describe(lm)
-    assert said["speed_paths"] == lm.forms.name and len(said["probe_ms"]) == 11
+    assert said["speed_paths"] == lm.forms.name and len(said["probe_ms"]) == 15
     ms = said["probe_ms"]
     gap = ms["fast_blocks+column_major"] - (1 - forms.MARGIN) * ms["fast_blocks"]
     rounding = 0.1  # probe_ms are means rounded to 0.1 ms; the choice is made on the exact sums

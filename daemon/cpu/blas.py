@@ -5,8 +5,9 @@ Linux x86_64) and Debian's OpenBLAS are both ~30x faster for fp32 matmul; MKL al
 few-row products of decoding and verification faster on an Intel CPU (plain decode of the default
 model ~1.5x OpenBLAS's on a 2-core Xeon), while on an AMD EPYC OpenBLAS is the faster of the two.
 The process re-executes itself once with the chosen library preloaded, and ahead of it
-daemon.cpu.few_rows's shim for few-row products where a C compiler can build it. On macOS MLX uses
-Metal and Accelerate and nothing is done.
+daemon.cpu.few_rows's shim for few-row products where a C compiler can build it, and with MLX's
+CPU kernels built for this CPU (daemon.cpu.native_jit). On macOS MLX uses Metal and Accelerate and
+nothing is done.
 
 MTPD_BLAS picks one: `mkl`, `openblas`, `reference` (MLX's own), or unset (on an Intel CPU MKL, else
 OpenBLAS; on others the reverse).
@@ -92,6 +93,7 @@ def reexec_with_blas(command: list[str]) -> None:
         return
     env = dict(os.environ)
     env["LD_PRELOAD"] = ":".join(p for p in (_shim(), library, env.get("LD_PRELOAD")) if p)
+    env.update(_native_jit(env))
     env[_MARK] = "1"
     sys.stdout.flush()
     sys.stderr.flush()
@@ -107,6 +109,14 @@ def _shim() -> str | None:
         return few_rows.library(default_cache_dir() / "native")
     except OSError:  # an unwritable cache, a compiler that cannot run
         return None
+
+
+def _native_jit(env: dict[str, str]) -> dict[str, str]:
+    """MLX's CPU kernels built for this CPU (daemon.cpu.native_jit), where it has a g++."""
+    from daemon.cpu import native_jit
+    from daemon.settings import default_cache_dir
+
+    return native_jit.environment(default_cache_dir() / "native", env)
 
 
 def blas_in_use() -> str:

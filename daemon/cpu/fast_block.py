@@ -28,7 +28,7 @@ from mlx_lm.models import llama
 from mlx_lm.models.activations import swiglu
 from mlx_lm.models.cache import KVCache
 
-from daemon.cpu import activation, long_attention
+from daemon.cpu import activation, long_attention, softmax
 from daemon.cpu.long_attention import long_enough
 
 MAX_ROWS = 16
@@ -111,6 +111,12 @@ class FastBlock(llama.TransformerBlock):
     def use_numpy_mlp(self, on: bool) -> None:
         """The MLP's activation in NumPy for many rows where the probe found it faster (daemon.cpu.forms)."""
         object.__setattr__(self, "_numpy_mlp", on)
+
+    def use_compiled_softmax(self, on: bool) -> None:
+        """Attention's softmax with a compiled exp where the probe found it faster (daemon.cpu.softmax)."""
+        if self._attend is not fused_attention:
+            object.__setattr__(self, "_attend", functools.partial(grouped_attention, weights=softmax.softmax) if on
+                               else grouped_attention)
 
     def _few(self, x: mx.array):
         return self._row_major if x.shape[1] <= FEW_ROWS else None
@@ -213,15 +219,15 @@ def causal_mask(rows: int, keys: int) -> mx.array:
     return mx.where(mx.arange(keys)[None] <= (keys - rows + mx.arange(rows))[:, None], 0.0, -mx.inf)
 
 
-def grouped_attention(q: mx.array, k: mx.array, v: mx.array, scale: float) -> mx.array:
+def grouped_attention(q: mx.array, k: mx.array, v: mx.array, scale: float, weights=softmax.mlx_softmax) -> mx.array:
     """Causal attention of the last L positions. q [B, H, L, D]; k, v [B, G, S, D] with H a
-    multiple of G. Returns [B, H, L, D]."""
+    multiple of G. Returns [B, H, L, D]. `weights`: the softmax over the keys from softmax.ROWS rows."""
     B, H, L, D = q.shape
     G, S = k.shape[1], k.shape[2]
     scores = (q * scale if scale != 1.0 else q).reshape(B, G, H // G * L, D) @ k.swapaxes(-1, -2)
     if L > 1:
         scores = (scores.reshape(B, G, H // G, L, S) + causal_mask(L, S)).reshape(B, G, H // G * L, S)
-    return (mx.softmax(scores, axis=-1, precise=True) @ v).reshape(B, H, L, D)
+    return ((weights if L >= softmax.ROWS else softmax.mlx_softmax)(scores) @ v).reshape(B, H, L, D)
 
 
 def fused_attention(q: mx.array, k: mx.array, v: mx.array, scale: float) -> mx.array:

@@ -13,7 +13,8 @@ batch's one forward over several sequences runs through them (daemon.engine.ragg
 says how they compare with `stock`. The choice and the timings go in the `model loaded` log line
 and /health (`speed_paths`). On a CPU, long prompts' attention in NumPy is timed against MLX's
 on one prefill-sized attention and kept only where it wins (daemon.cpu.long_attention); so is the
-MLP's activation in NumPy for many rows (daemon.cpu.activation).
+MLP's activation in NumPy for many rows (daemon.cpu.activation), and attention's softmax with a
+compiled exp (daemon.cpu.softmax).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import mlx.nn as nn
 from mlx.utils import tree_map
 from mlx_lm.models.cache import make_prompt_cache, trim_prompt_cache
 
-from daemon.cpu import activation, fast_block, few_rows, long_attention
+from daemon.cpu import activation, fast_block, few_rows, long_attention, softmax
 from daemon.cpu.layout import column_major
 
 PROBE_ROWS = (1, 3)
@@ -44,6 +45,7 @@ class Forms:
     long_attention: bool = False  # long prompts' attention in NumPy (daemon.cpu.long_attention)
     numpy_mlp: bool = False  # the MLP's activation in NumPy for many rows (daemon.cpu.activation)
     few_rows: bool = False  # few-row products by daemon.cpu.few_rows's shim
+    compiled_softmax: bool = False  # attention's softmax with a compiled exp (daemon.cpu.softmax)
     probe_ms: dict[str, float] = field(default_factory=dict, compare=False, hash=False)
 
     @classmethod
@@ -54,7 +56,8 @@ class Forms:
     @property
     def name(self) -> str:
         on = (("fast_blocks", self.fast_blocks), ("column_major", self.column_major), ("few_rows", self.few_rows),
-              ("numpy_attention", self.long_attention), ("numpy_mlp", self.numpy_mlp))
+              ("numpy_attention", self.long_attention), ("numpy_mlp", self.numpy_mlp),
+              ("compiled_softmax", self.compiled_softmax))
         return "+".join(n for n, yes in on if yes) or "stock"
 
 
@@ -85,6 +88,7 @@ def apply(module: nn.Module, blocks: list, forms: Forms) -> None:
         if type(block) is fast_block.FastBlock:
             block.use_long_rows(forms.long_attention)
             block.use_numpy_mlp(forms.numpy_mlp)
+            block.use_compiled_softmax(forms.compiled_softmax)
 
 
 def _seconds(model: nn.Module, cache: list) -> float:
@@ -120,7 +124,7 @@ def choose(model: nn.Module, blocks: list, layout: bool) -> Forms:
         if sum(times[f]) < (1 - MARGIN) * sum(times[best]):
             best = f
     probe_ms = {f.name: round(sum(times[f]) / len(times[f]) * 1000, 1) for f in timed}
-    longer = numpy_mlp = False
+    longer = numpy_mlp = compiled_softmax = False
     llama_blocks = [b for b in blocks if isinstance(b, fast_block.llama.TransformerBlock)]  # what FastBlocks become
     if layout and llama_blocks:  # a CPU: MLX's softmax is scalar there
         attn = llama_blocks[0].self_attn
@@ -128,7 +132,9 @@ def choose(model: nn.Module, blocks: list, layout: bool) -> Forms:
         probe_ms.update({f"long_attention_{name}": t for name, t in ms.items()})
         numpy_mlp, ms = activation.probe(llama_blocks[0].mlp.gate_proj.weight.shape[0])
         probe_ms.update({f"activation_{name}": t for name, t in ms.items()})
+        compiled_softmax, ms = softmax.probe(attn.n_heads, attn.n_kv_heads)
+        probe_ms.update({f"softmax_{name}": t for name, t in ms.items()})
     chosen = Forms(column_major=best.column_major, fast_blocks=best.fast_blocks, long_attention=longer, numpy_mlp=numpy_mlp,
-                   few_rows=best.few_rows, probe_ms=probe_ms)
+                   few_rows=best.few_rows, compiled_softmax=compiled_softmax, probe_ms=probe_ms)
     apply(model, blocks, chosen)
     return chosen
