@@ -13,8 +13,8 @@ import pytest
 
 from daemon.cpu import native_jit
 
-needs_gxx = pytest.mark.skipif(platform.machine() != "x86_64" or shutil.which("g++") is None or not sys.platform.startswith("linux"),
-                               reason="x86-64 Linux with g++")
+LINUX_X86 = sys.platform.startswith("linux") and platform.machine() == "x86_64"
+needs_gxx = pytest.mark.skipif(not LINUX_X86 or shutil.which("g++") is None, reason="x86-64 Linux with g++")
 
 KERNEL = textwrap.dedent("""
     import json, os
