@@ -42,8 +42,9 @@ def test_mlx_builds_its_kernels_with_the_wrapper_into_its_own_folder(tmp_path):
     assert native_jit.environment(tmp_path, env) == changes  # the next process finds the same folder
 
 
-def test_nothing_changes_without_a_gxx(tmp_path):
+def test_nothing_changes_without_a_gxx_or_when_the_user_says_no(tmp_path):
     assert native_jit.environment(tmp_path, {"PATH": str(tmp_path)}) == {}
+    assert native_jit.environment(tmp_path, {"PATH": os.environ["PATH"], native_jit.MARK: "0"}) == {}
     assert not list(tmp_path.iterdir())
 
 

@@ -37,7 +37,9 @@ def _cpu() -> str | None:
 def environment(folder: Path, env: dict[str, str]) -> dict[str, str]:
     """What to change in `env` for a process whose MLX builds its kernels for this CPU: PATH,
     TMPDIR and the mark; nothing off x86-64 Linux (elsewhere MLX's defaults already have FMA),
-    without a g++, or where the folder cannot be written."""
+    without a g++, where the folder cannot be written, or where the user set MTPD_NATIVE_JIT=0."""
+    if env.get(MARK) == "0":
+        return {}
     compiler = shutil.which("g++", path=env.get("PATH"))
     cpu = _cpu()
     if platform.machine() != "x86_64" or compiler is None or cpu is None:
