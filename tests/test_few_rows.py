@@ -15,7 +15,7 @@ needs_shim = pytest.mark.skipif(OPENBLAS is None or few_rows._compiler() is None
                                 reason="Linux, OpenBLAS and a C compiler")
 
 PRODUCTS = textwrap.dedent("""
-    import ctypes, json, os, signal
+    import ctypes, json, os, signal, time
     import mlx.core as mx, numpy as np
     from daemon.cpu import few_rows
 
@@ -49,10 +49,13 @@ PRODUCTS = textwrap.dedent("""
     rng = np.random.default_rng(0)
     x, w = rng.standard_normal((3, 512), np.float32), rng.standard_normal((512, 512), np.float32)
     want = product(x, w)
+    time.sleep(0.05)  # the parent's helper has stopped spinning and waits on its condition variable
     child = os.fork()  # a child starts its own helper thread: the parent's is not there
     if child == 0:
         signal.alarm(20)  # a hang fails the test instead of stalling it
-        os._exit(0 if (product(x, w) == want).all() and (product(x[:1], w) == want[:1]).all() else 1)
+        first = product(x, w)
+        time.sleep(0.05)  # the child's helper now waits on the condition variable too, and is woken
+        os._exit(0 if (first == want).all() and (product(x[:1], w) == want[:1]).all() else 1)
     forked = os.waitpid(child, 0)[1]
     few_rows.enable(False)
     off, _ = products()

@@ -126,15 +126,23 @@ static void *helper(void *from) {
   return 0;
 }
 
-/* a fork waits for the product in flight and leaves the child both locks free */
+/* a fork waits for the product in flight; the child gets fresh locks and condition variable, as
+ * the parent's helper may be waiting on `wake` there (a waiter the child does not have, which a
+ * signal could go to) */
 static void before_fork(void) {
   pthread_mutex_lock(&busy);
   pthread_mutex_lock(&lock);
 }
 
-static void after_fork(void) {
+static void parent_after_fork(void) {
   pthread_mutex_unlock(&lock);
   pthread_mutex_unlock(&busy);
+}
+
+static void child_after_fork(void) {
+  pthread_mutex_init(&lock, 0);
+  pthread_cond_init(&wake, 0);
+  pthread_mutex_init(&busy, 0);
 }
 
 static int helper_ready(void) {  /* called holding `busy` */
@@ -142,7 +150,7 @@ static int helper_ready(void) {  /* called holding `busy` */
   pthread_t thread;
   if (pthread_create(&thread, 0, helper, (void *)(intptr_t)atomic_load(&posted)) != 0) return 0;
   pthread_detach(thread);
-  if (helper_pid == 0) pthread_atfork(before_fork, after_fork, after_fork);
+  if (helper_pid == 0) pthread_atfork(before_fork, parent_after_fork, child_after_fork);
   helper_pid = getpid();
   return 1;
 }
