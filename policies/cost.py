@@ -2,9 +2,12 @@
 
 T(0) is a plain step; T(k) = k * t_draft + t_verify(k+1) (Leviathan et al.), or for a block drafter,
 whose one forward proposes the whole block, t_draft + t_verify(k+1); first from a short probe at
-start-up, then replaced by moving averages of the real steps, which include everything a
+start-up, then replaced by running medians of the real steps, which include everything a
 round costs (the drafter's catch-up, host syncs, acceptance). A round copied from a lookup
-costs t_verify(k+1) alone, and has moving averages of its own. Saved per (model, drafter,
+costs t_verify(k+1) alone, and has running medians of its own. A median, not a mean: a step
+the machine stalled (another process, a page fault) would otherwise raise the price of whichever
+draft length happened to run then, and a draft length that then runs seldom keeps it for long (a
+one-draft round priced at 49 ms where its rounds' median was 41). Saved per (model, drafter,
 machine) so a restarted daemon starts calibrated.
 """
 
@@ -46,7 +49,7 @@ class StepCosts:
             table, observations, probed = self._table(lookup)
             if k:
                 self.scale += self.alpha * (seconds / probed[k] - self.scale)
-            table[k] += self.alpha * (seconds - table[k])
+            table[k] = running_median(table[k], seconds, self.alpha * MEDIAN_STEP)
             observations[k] += 1
 
     def _table(self, lookup: bool):
@@ -70,6 +73,16 @@ class StepCosts:
             setattr(costs, name, list(data[name]))
         costs.scale = float(data["scale"])
         return costs
+
+
+MEDIAN_STEP = 0.2  # a running median moves by alpha * this (2%) of itself per step
+
+
+def running_median(estimate: float, seen: float, step: float) -> float:
+    """One step of a running median: `step` of itself up or down toward what was seen, never past it."""
+    if seen > estimate:
+        return min(estimate * (1 + step), seen)
+    return max(estimate * (1 - step), seen)
 
 
 class RowCosts:

@@ -167,3 +167,18 @@ def test_a_floor_that_drops_every_draft_turns_drafting_off():
         plan = policy.plan(NO_OFFER, PROSE)
         policy.observe(0, 0, T_PLAIN + T_DRAFT, stopped=plan.k > 0)
     assert policy.plan(NO_OFFER, PROSE).k == 0
+
+
+def test_step_costs_follow_the_median_of_real_rounds_not_their_stalls():
+    """Rounds of ~40 ms with one in ten stalled at 200 ms: the price stays by the typical round."""
+    from policies.cost import running_median
+
+    probe = costs(per_row=0.008)
+    rng = np.random.default_rng(0)
+    for i in range(300):
+        probe.observe(1, 0.2 if i % 10 == 9 else 0.040 + rng.normal(0, 0.002))
+    assert abs(probe.seconds[1] - 0.040) < 0.003  # a mean would sit near 0.056
+    for _ in range(100):  # the rounds get slower for good (a longer context): the price follows
+        probe.observe(1, 0.060)
+    assert abs(probe.seconds[1] - 0.060) < 1e-9
+    assert running_median(1.0, 1.01, 0.02) == 1.01 and running_median(1.0, 0.5, 0.02) == 0.98
