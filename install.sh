@@ -14,10 +14,11 @@ python=${PYTHON:-python3}
 
 # Linux: MLX's CPU backend needs an optimised BLAS to be fast; mtpd preloads it itself (MKL,
 # a pip dependency on x86_64; Debian's OpenBLAS elsewhere and as the fallback), and builds its
-# kernel for few-row products with the C compiler (daemon/cpu/few_rows.py).
+# kernel for few-row products with the C compiler (daemon/cpu/few_rows.py); MLX builds its fused
+# CPU kernels with g++, for this CPU under mtpd (daemon/cpu/native_jit.py).
 # The tests also run a real Prometheus server against the daemon, and drive its page in Chromium.
 if [ "$(uname -s)" = Linux ] && command -v apt-get >/dev/null; then
-  packages=(libopenblas0-pthread gcc)
+  packages=(libopenblas0-pthread gcc g++)
   $test_deps && packages+=(prometheus chromium chromium-driver)
   missing=()
   for p in "${packages[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
