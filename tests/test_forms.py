@@ -4,7 +4,7 @@ times them faster than the forward mlx-lm runs; every form computes the same tok
 import pytest
 from mlx_lm.models import llama
 
-from daemon.cpu import activation, fast_block, forms, long_attention, softmax
+from daemon.cpu import activation, alternating, fast_block, forms, long_attention, softmax
 from daemon.cpu.forms import Forms
 from daemon.engine.generate import generate
 from daemon.engine.records import Request
@@ -80,6 +80,14 @@ def test_the_compiled_softmax_is_kept_only_where_the_probe_times_it_faster(stock
     assert chosen.compiled_softmax is faster and ("compiled_softmax" in chosen.name) is faster
     weights = [getattr(block._attend, "keywords", {}).get("weights") for block in stock.model.layers]
     assert weights == [softmax.softmax if faster else None] * len(weights)
+
+
+def test_two_ways_alternate_and_each_counts_its_fastest_run_after_a_warm_up(monkeypatch):
+    visits, clock = [], iter([0, 5, 5, 7, 7, 8, 8, 11, 11, 12, 12, 13])  # a 5 s warm-up each, then 2/1, 3/1
+    monkeypatch.setattr(alternating.time, "perf_counter", lambda: next(clock))
+    best = alternating.fastest(("a", lambda: visits.append("a")), ("b", lambda: visits.append("b")))
+    assert visits == ["a", "b", "b", "a", "a", "b"]
+    assert best == {"a": 1, "b": 1}
 
 
 def test_the_softmax_probe_times_both_ways():

@@ -12,10 +12,10 @@ policy's forwards of as many rows go the same way. Kept only where the start-up 
 
 from __future__ import annotations
 
-import time
-
 import mlx.core as mx
 import numpy as np
+
+from daemon.cpu import alternating
 
 ROWS = 8  # fewer rows: the extra evaluation costs about what it saves
 PROBE_ROWS = (16, 256)  # a batch's forward; a prefill chunk
@@ -36,7 +36,8 @@ def swiglu(gate: mx.array, up: mx.array) -> mx.array:
 
 def probe(width: int) -> tuple[bool, dict[str, float]]:
     """Times the activation of PROBE_ROWS rows of `width` both ways (MLX's compiled, as a block
-    runs it; then this one; A B B A): (whether this one is MARGIN faster at each, ms each way)."""
+    runs it; then this one; daemon.cpu.alternating): (whether this one is MARGIN faster at each, ms
+    each way)."""
     from mlx_lm.models.activations import swiglu as mlx_swiglu
 
     compiled = mx.compile(mlx_swiglu)
@@ -44,14 +45,8 @@ def probe(width: int) -> tuple[bool, dict[str, float]]:
     for rows in PROBE_ROWS:
         gate, up = (mx.random.normal((1, rows, width), key=mx.random.key(i)) for i in (0, 1))
         mx.eval(gate, up)
-        ways = {"mlx": compiled, "numpy": swiglu}
-        times = {"mlx": [], "numpy": []}
-        for name in ("mlx", "numpy", "numpy", "mlx", "mlx", "numpy"):  # the first of each warms up
-            start = time.perf_counter()
-            for _ in range(10):
-                mx.eval(ways[name](gate, up))
-            times[name].append(time.perf_counter() - start)
-        best = {name: min(t[1:]) for name, t in times.items()}
+        best = alternating.fastest(("mlx", lambda g=gate, u=up: [mx.eval(compiled(g, u)) for _ in range(10)]),
+                                   ("numpy", lambda g=gate, u=up: [mx.eval(swiglu(g, u)) for _ in range(10)]))
         ms |= {f"{name}_{rows}": round(t / 10 * 1000, 3) for name, t in best.items()}
         faster = faster and best["numpy"] < (1 - MARGIN) * best["mlx"]
     return faster, ms

@@ -13,9 +13,10 @@ greedy output independent of that). From ROWS rows on, kept only where the start
 from __future__ import annotations
 
 import functools
-import time
 
 import mlx.core as mx
+
+from daemon.cpu import alternating
 
 ROWS = 4  # fewer rows take MLX's: its one op costs less than this one's four (a one-row forward 30.1 -> 31.4 ms)
 PROBE_ROWS = (4, 8)  # verifications of three and seven drafts
@@ -40,20 +41,15 @@ def mlx_softmax(x: mx.array) -> mx.array:
 
 
 def probe(n_heads: int, n_kv_heads: int) -> tuple[bool, dict[str, float]]:
-    """Times LAYERS attention softmaxes of PROBE_ROWS rows against PROBE_KEYS keys both ways (A B B
-    A, the first of each warming up): (whether this one is MARGIN faster at each, ms each way)."""
+    """Times LAYERS attention softmaxes of PROBE_ROWS rows against PROBE_KEYS keys both ways
+    (daemon.cpu.alternating): (whether this one is MARGIN faster at each, ms each way)."""
     faster, ms = True, {}
     for rows in PROBE_ROWS:
         scores = [mx.random.normal((1, n_kv_heads, n_heads // n_kv_heads * rows, PROBE_KEYS), key=mx.random.key(i))
                   for i in range(LAYERS)]
         mx.eval(scores)
-        ways = {"mlx": mlx_softmax, "compiled": softmax}
-        times = {name: [] for name in ways}
-        for name in ("mlx", "compiled", "compiled", "mlx", "mlx", "compiled"):
-            start = time.perf_counter()
-            mx.eval([ways[name](s) for s in scores])
-            times[name].append(time.perf_counter() - start)
-        best = {name: min(t[1:]) for name, t in times.items()}
+        best = alternating.fastest(("mlx", lambda batch=scores: mx.eval([mlx_softmax(s) for s in batch])),
+                                   ("compiled", lambda batch=scores: mx.eval([softmax(s) for s in batch])))
         ms |= {f"{name}_{rows}": round(t * 1000, 3) for name, t in best.items()}
         faster = faster and best["compiled"] < (1 - MARGIN) * best["mlx"]
     return faster, ms
