@@ -20,6 +20,7 @@ import os
 import site
 import sys
 import sysconfig
+from pathlib import Path
 
 _CANDIDATES = {
     # where pip puts the `mkl` wheel's libraries: the environment, the scheme's data dir, --user
@@ -100,13 +101,19 @@ def reexec_with_blas(command: list[str]) -> None:
     os.execve(sys.executable, [sys.executable, *command], env)
 
 
+def _native() -> Path:
+    """Where what mtpd builds for this machine lives: the shim, MLX's kernels."""
+    from daemon.settings import default_cache_dir
+
+    return default_cache_dir() / "native"
+
+
 def _shim() -> str | None:
     """daemon.cpu.few_rows's products, preloaded ahead of the BLAS where it can be built."""
     from daemon.cpu import few_rows
-    from daemon.settings import default_cache_dir
 
     try:
-        return few_rows.library(default_cache_dir() / "native")
+        return few_rows.library(_native())
     except OSError:  # an unwritable cache, a compiler that cannot run
         return None
 
@@ -114,9 +121,8 @@ def _shim() -> str | None:
 def _native_jit(env: dict[str, str]) -> dict[str, str]:
     """MLX's CPU kernels built for this CPU (daemon.cpu.native_jit), where it has a g++."""
     from daemon.cpu import native_jit
-    from daemon.settings import default_cache_dir
 
-    return native_jit.environment(default_cache_dir() / "native", env)
+    return native_jit.environment(_native(), env)
 
 
 def blas_in_use() -> str:
