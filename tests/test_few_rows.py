@@ -8,10 +8,10 @@ import textwrap
 
 import pytest
 
-from daemon.cpu import blas, few_rows
+from daemon.cpu import blas, few_rows, native_build
 
 OPENBLAS = blas.find("openblas") if sys.platform.startswith("linux") else None
-needs_shim = pytest.mark.skipif(OPENBLAS is None or few_rows._compiler() is None,
+needs_shim = pytest.mark.skipif(OPENBLAS is None or native_build._compiler() is None,
                                 reason="Linux, OpenBLAS and a C compiler")
 
 PRODUCTS = textwrap.dedent("""
@@ -91,7 +91,7 @@ def test_the_shim_is_built_once_per_source(tmp_path):
 
 
 def test_no_compiler_means_no_shim(tmp_path, monkeypatch):
-    monkeypatch.setattr(few_rows, "_compiler", lambda: None)
+    monkeypatch.setattr(native_build, "_compiler", lambda: None)
     assert few_rows.library(tmp_path) is None
     assert list(tmp_path.iterdir()) == []
 

@@ -4,7 +4,7 @@ times them faster than the forward mlx-lm runs; every form computes the same tok
 import pytest
 from mlx_lm.models import llama
 
-from daemon.cpu import activation, alternating, fast_block, forms, long_attention, softmax
+from daemon.cpu import activation, alternating, fast_block, forms, long_attention, ragged_attention, softmax
 from daemon.cpu.forms import Forms
 from daemon.engine.generate import generate
 from daemon.engine.records import Request
@@ -36,10 +36,11 @@ def test_the_layout_timed_fastest_is_kept(stock, monkeypatch, faster, kept):
     monkeypatch.setattr(long_attention, "probe", lambda *shape: (False, {"mlx": 5.0, "numpy": 6.0}))
     monkeypatch.setattr(activation, "probe", lambda width: (False, {"mlx_16": 1.0}))
     monkeypatch.setattr(softmax, "probe", lambda *heads: (False, {"mlx_4": 1.0}))
+    monkeypatch.setattr(ragged_attention, "probe", lambda *shape: (False, {"mlx": 1.0}))
     chosen = forms.choose(stock.model, stock.model.layers, layout=True)
     assert chosen == kept and set(chosen.probe_ms) == {"stock", "fast_blocks", "fast_blocks+column_major",
                                                        "long_attention_mlx", "long_attention_numpy",
-                                                       "activation_mlx_16", "softmax_mlx_4"}
+                                                       "activation_mlx_16", "softmax_mlx_4", "ragged_attention_mlx"}
     assert chosen.probe_ms[faster.name] == 1000.0
     assert type(stock.model.layers[0]) is fast_block.FastBlock
 
@@ -121,7 +122,7 @@ def test_every_form_gives_the_same_tokens(stock):
 def test_a_load_runs_the_probe_and_says_what_it_kept(tiny_gguf):
     lm = load(str(tiny_gguf), drafter="random")
     said = describe(lm)
-    assert said["speed_paths"] == lm.forms.name and len(said["probe_ms"]) == 15
+    assert said["speed_paths"] == lm.forms.name and len(said["probe_ms"]) == 17
     ms = said["probe_ms"]
     gap = ms["fast_blocks+column_major"] - (1 - forms.MARGIN) * ms["fast_blocks"]
     rounding = 0.1  # probe_ms are means rounded to 0.1 ms; the choice is made on the exact sums

@@ -101,7 +101,7 @@ def reexec_with_blas(command: list[str]) -> None:
     os.execve(sys.executable, [sys.executable, *command], env)
 
 
-def _native() -> Path:
+def native_folder() -> Path:
     """Where what mtpd builds for this machine lives: the shim, MLX's kernels."""
     from daemon.settings import default_cache_dir
 
@@ -113,7 +113,7 @@ def _shim() -> str | None:
     from daemon.cpu import few_rows
 
     try:
-        return few_rows.library(_native())
+        return few_rows.library(native_folder())
     except OSError:  # an unwritable cache, a compiler that cannot run
         return None
 
@@ -122,7 +122,7 @@ def _native_jit(env: dict[str, str]) -> dict[str, str]:
     """MLX's CPU kernels built for this CPU (daemon.cpu.native_jit), where it has a g++."""
     from daemon.cpu import native_jit
 
-    return native_jit.environment(_native(), env)
+    return native_jit.environment(native_folder(), env)
 
 
 def blas_in_use() -> str:

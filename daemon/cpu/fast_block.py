@@ -28,7 +28,7 @@ from mlx_lm.models import llama
 from mlx_lm.models.activations import swiglu
 from mlx_lm.models.cache import KVCache
 
-from daemon.cpu import activation, long_attention, softmax
+from daemon.cpu import activation, long_attention, ragged_attention, softmax
 from daemon.cpu.long_attention import long_enough
 
 MAX_ROWS = 16
@@ -67,6 +67,11 @@ class FastBlock(llama.TransformerBlock):
         in the rows; `caches` each one's KV cache. Attention runs per sequence, the rest over all."""
         few = self._few(x)
         queries, keys, values = self._pre_rows(x, positions) if few is None else self._pre_rows_few(x, positions, few[0])
+        if self._ragged_native and ragged_attention.fits(bounds, self.self_attn.head_dim):
+            for (s, e), cache in zip(bounds, caches):
+                cache.update_and_fetch(keys[:, :, s:e], values[:, :, s:e])
+            out = ragged_attention.attention(queries, caches, bounds)
+            return self._post_rows(x, out) if few is None else self._post_few(x, out, *few[1:])
         outs = []
         for (s, e), cache in zip(bounds, caches):  # queries come scaled
             k, v = cache.update_and_fetch(keys[:, :, s:e], values[:, :, s:e])
@@ -111,6 +116,10 @@ class FastBlock(llama.TransformerBlock):
     def use_numpy_mlp(self, on: bool) -> None:
         """The MLP's activation in NumPy for many rows where the probe found it faster (daemon.cpu.forms)."""
         object.__setattr__(self, "_numpy_mlp", on)
+
+    def use_ragged_attention(self, on: bool) -> None:
+        """A batch's attention in one C call where the probe found it faster (daemon.cpu.ragged_attention)."""
+        object.__setattr__(self, "_ragged_native", on)
 
     def use_compiled_softmax(self, on: bool) -> None:
         """Attention's softmax with a compiled exp where the probe found it faster (daemon.cpu.softmax)."""
@@ -189,6 +198,7 @@ class FastBlock(llama.TransformerBlock):
         object.__setattr__(self, "_row_major", None)  # (qkv, o, gate_up, down) from add_row_major
         object.__setattr__(self, "_long_rows", False)  # long attention in NumPy (use_long_rows)
         object.__setattr__(self, "_numpy_mlp", False)  # the activation in NumPy for many rows (use_numpy_mlp)
+        object.__setattr__(self, "_ragged_native", False)  # a batch's attention in C (use_ragged_attention)
 
     COMPILED = ("_pre_rows", "_pre_rows_few", "_pre", "_post", "_post_gates", "_post_down", "_pre_few", "_post_few")
 

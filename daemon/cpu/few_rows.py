@@ -18,13 +18,9 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import hashlib
-import os
-import shutil
-import subprocess
-import tempfile
-from importlib import resources
 from pathlib import Path
+
+from daemon.cpu import native_build
 
 SOURCE = "few_rows.c"
 # no -ffast-math or -fassociative-math: the kernel is vectorised by hand, and each output's order of
@@ -32,30 +28,10 @@ SOURCE = "few_rows.c"
 FLAGS = "-O3 -shared -fPIC"
 
 
-def _compiler() -> str | None:
-    return next((c for c in (os.environ.get("CC"), "cc", "gcc", "clang") if c and shutil.which(c)), None)
-
-
 def library(folder: Path) -> str | None:
     """The shim's shared library in `folder` (built there if missing), or None where it cannot be
     built (no C compiler, a failed build)."""
-    source = resources.files("daemon.cpu").joinpath(SOURCE).read_bytes()
-    target = folder / f"mtpd-few-rows-{hashlib.sha256(source + FLAGS.encode()).hexdigest()[:16]}.so"
-    if target.exists():
-        return str(target)
-    compiler = _compiler()
-    if compiler is None:
-        return None
-    folder.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=folder) as work:
-        src, out = Path(work) / SOURCE, Path(work) / target.name
-        src.write_bytes(source)
-        built = subprocess.run([compiler, *FLAGS.split(), str(src), "-o", str(out), "-ldl", "-lpthread"],
-                               capture_output=True, timeout=120)
-        if built.returncode != 0:
-            return None
-        os.replace(out, target)  # atomic: processes building at once each install a whole file
-    return str(target)
+    return native_build.library(folder, SOURCE, FLAGS, "few-rows")
 
 
 def _shim(name: str):

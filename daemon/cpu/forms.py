@@ -13,8 +13,8 @@ batch's one forward over several sequences runs through them (daemon.engine.ragg
 says how they compare with `stock`. The choice and the timings go in the `model loaded` log line
 and /health (`speed_paths`). On a CPU, long prompts' attention in NumPy is timed against MLX's
 on one prefill-sized attention and kept only where it wins (daemon.cpu.long_attention); so is the
-MLP's activation in NumPy for many rows (daemon.cpu.activation), and attention's softmax with a
-compiled exp (daemon.cpu.softmax).
+MLP's activation in NumPy for many rows (daemon.cpu.activation), attention's softmax with a
+compiled exp (daemon.cpu.softmax), and a batch's attention in one C call (daemon.cpu.ragged_attention).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import mlx.nn as nn
 from mlx.utils import tree_map
 from mlx_lm.models.cache import make_prompt_cache, trim_prompt_cache
 
-from daemon.cpu import activation, fast_block, few_rows, long_attention, softmax
+from daemon.cpu import activation, fast_block, few_rows, long_attention, ragged_attention, softmax
 from daemon.cpu.layout import column_major
 
 PROBE_ROWS = (1, 3)
@@ -46,6 +46,7 @@ class Forms:
     numpy_mlp: bool = False  # the MLP's activation in NumPy for many rows (daemon.cpu.activation)
     few_rows: bool = False  # few-row products by daemon.cpu.few_rows's shim
     compiled_softmax: bool = False  # attention's softmax with a compiled exp (daemon.cpu.softmax)
+    ragged_attention: bool = False  # a batch's attention in one C call (daemon.cpu.ragged_attention)
     probe_ms: dict[str, float] = field(default_factory=dict, compare=False, hash=False)
 
     @classmethod
@@ -57,7 +58,7 @@ class Forms:
     def name(self) -> str:
         on = (("fast_blocks", self.fast_blocks), ("column_major", self.column_major), ("few_rows", self.few_rows),
               ("numpy_attention", self.long_attention), ("numpy_mlp", self.numpy_mlp),
-              ("compiled_softmax", self.compiled_softmax))
+              ("compiled_softmax", self.compiled_softmax), ("ragged_attention", self.ragged_attention))
         return "+".join(n for n, yes in on if yes) or "stock"
 
 
@@ -89,6 +90,7 @@ def apply(module: nn.Module, blocks: list, forms: Forms) -> None:
             block.use_long_rows(forms.long_attention)
             block.use_numpy_mlp(forms.numpy_mlp)
             block.use_compiled_softmax(forms.compiled_softmax)
+            block.use_ragged_attention(forms.ragged_attention)
 
 
 def _seconds(model: nn.Module, cache: list) -> float:
@@ -124,7 +126,7 @@ def choose(model: nn.Module, blocks: list, layout: bool) -> Forms:
         if sum(times[f]) < (1 - MARGIN) * sum(times[best]):
             best = f
     probe_ms = {f.name: round(sum(times[f]) / len(times[f]) * 1000, 1) for f in timed}
-    longer = numpy_mlp = compiled_softmax = False
+    longer = numpy_mlp = compiled_softmax = ragged = False
     llama_blocks = [b for b in blocks if isinstance(b, fast_block.llama.TransformerBlock)]  # what FastBlocks become
     if layout and llama_blocks:  # a CPU: MLX's softmax is scalar there
         attn = llama_blocks[0].self_attn
@@ -134,7 +136,9 @@ def choose(model: nn.Module, blocks: list, layout: bool) -> Forms:
         probe_ms.update({f"activation_{name}": t for name, t in ms.items()})
         compiled_softmax, ms = softmax.probe(attn.n_heads, attn.n_kv_heads)
         probe_ms.update({f"softmax_{name}": t for name, t in ms.items()})
+        ragged, ms = ragged_attention.probe(attn.n_heads, attn.n_kv_heads, attn.head_dim)
+        probe_ms.update({f"ragged_attention_{name}": t for name, t in ms.items()})
     chosen = Forms(column_major=best.column_major, fast_blocks=best.fast_blocks, long_attention=longer, numpy_mlp=numpy_mlp,
-                   few_rows=best.few_rows, compiled_softmax=compiled_softmax, probe_ms=probe_ms)
+                   few_rows=best.few_rows, compiled_softmax=compiled_softmax, ragged_attention=ragged, probe_ms=probe_ms)
     apply(model, blocks, chosen)
     return chosen
