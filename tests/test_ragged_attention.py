@@ -104,6 +104,27 @@ def test_a_blocks_batch_forward_with_the_kernel_matches_mlxs_and_fills_the_same_
         assert all(mx.array_equal(x, y).item() for x, y in zip(a.keys_and_values(), b.keys_and_values()))
 
 
+@pytest.mark.parametrize("rows", [1, ragged_attention.ALONE_ROWS, ragged_attention.ALONE_ROWS + 1])
+def test_a_sequences_own_short_forward_takes_the_kernel_and_matches_the_plain_block(tiny_lm, monkeypatch, rows):
+    from mlx_lm.models import llama
+
+    layer = tiny_lm.model.model.layers[1]
+    hidden = tiny_lm.config["hidden_size"]
+    calls, attention = [], ragged_attention.attention
+    monkeypatch.setattr(ragged_attention, "attention", lambda *a: calls.append(1) or attention(*a))
+    outs = {}
+    for native in (False, True):
+        cache = filled(layer.self_attn.n_kv_heads, 40, layer.self_attn.head_dim, 5)
+        x = mx.random.normal((1, rows, hidden), key=mx.random.key(rows))
+        layer.use_ragged_attention(native)
+        try:
+            outs[native] = (layer(x, cache=cache) if native else llama.TransformerBlock.__call__(layer, x, "causal", cache))
+        finally:
+            layer.use_ragged_attention(False)
+    assert len(calls) == (rows <= ragged_attention.ALONE_ROWS)
+    np.testing.assert_allclose(np.asarray(outs[True]), np.asarray(outs[False]), rtol=1e-4, atol=1e-5)
+
+
 def test_batched_greedy_with_the_kernel_equals_alone(tiny_gguf, monkeypatch):
     from daemon.engine.batch import Batch
     from daemon.engine.generate import generate, sequence

@@ -56,6 +56,11 @@ class FastBlock(llama.TransformerBlock):
         few = self._few(x)
         offset = mx.array(cache.offset)
         queries, keys, values = self._pre(x, offset) if few is None else self._pre_few(x, offset, few[0])
+        if self._ragged_native and x.shape[1] <= ragged_attention.ALONE_ROWS and ragged_attention.fits(
+                [(0, x.shape[1])], self.self_attn.head_dim):
+            cache.update_and_fetch(keys, values)
+            out = ragged_attention.attention(queries, [cache], [(0, x.shape[1])], self.self_attn.scale)
+            return self._post_rows(x, out) if few is None else self._post_few(x, out, *few[1:])
         keys, values = cache.update_and_fetch(keys, values)
         long = self._long_rows and long_enough(x.shape[1], keys.shape[2], self.self_attn.n_heads)
         out = (long_attention.attention if long else self._attend)(queries, keys, values, self.self_attn.scale)

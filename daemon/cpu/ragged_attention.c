@@ -64,42 +64,82 @@ static inline __attribute__((always_inline)) lanes exp_lanes(lanes x) {
   return floats_of(bits_of(p * floats_of((n + 127) << 23)) & ~small);
 }
 
-/* one sequence's rows against one KV head: R query heads x L rows */
-static inline __attribute__((always_inline)) void head_group(const float *q, float *out, int H, int D, int R, int g, int start, int L, int keys,
-                       const float *k, const float *v, float *scores) {
-  const int blocks = D / LANES;
+#define SHUFFLE(a, b, ...) __builtin_shufflevector(a, b, __VA_ARGS__)
+
+/* 16 vectors to the 16 sums of their lanes, in one vector: acc[i] lands in lane BITREV[i] */
+static inline __attribute__((always_inline)) lanes sums16(const lanes *acc) {
+  lanes one[8], two[4], three[2];
+  for (int i = 0; i < 8; i++)
+    one[i] = SHUFFLE(acc[2 * i], acc[2 * i + 1], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23)
+             + SHUFFLE(acc[2 * i], acc[2 * i + 1], 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+  for (int i = 0; i < 4; i++)
+    two[i] = SHUFFLE(one[2 * i], one[2 * i + 1], 0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27)
+             + SHUFFLE(one[2 * i], one[2 * i + 1], 4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31);
+  for (int i = 0; i < 2; i++)
+    three[i] = SHUFFLE(two[2 * i], two[2 * i + 1], 0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29)
+               + SHUFFLE(two[2 * i], two[2 * i + 1], 2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31);
+  return SHUFFLE(three[0], three[1], 0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30)
+         + SHUFFLE(three[0], three[1], 1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31);
+}
+
+static const int BITREV[LANES] = {0, 8, 4, 12, 2, 10, 6, 14, 1, 9, 5, 13, 3, 11, 7, 15};
+
+/* the scores of one query row against keys t .. t + 15 (rows of `k`, D = 16 x blocks floats each) */
+static inline __attribute__((always_inline)) lanes scores16(const float *qr, const float *k, const int blocks) {
+  const int D = blocks * LANES;
+  lanes acc[LANES];
+  for (int i = 0; i < LANES; i++) {
+    const float *kt = k + (long)BITREV[i] * D;
+    acc[i] = load(qr) * load(kt);
+    for (int b = 1; b < blocks; b++)
+      acc[i] += load(qr + b * LANES) * load(kt + b * LANES);
+  }
+  return sums16(acc);
+}
+
+/* one sequence's rows against one KV head: R query heads x L rows. The scores are computed 16
+ * keys at a time, past the last key a row sees (within the cache's buffer, or from a zeroed copy
+ * of the last keys where the buffer ends first), and only those it sees are used */
+static inline __attribute__((always_inline)) void head_group(const float *q, float *out, int H, const int blocks, int R,
+                                                             int g, int start, int L, int keys, int cap,
+                                                             const float *k, const float *v, float scale,
+                                                             float *scores, float *tail) {
+  const int D = blocks * LANES;
+  const int whole = cap / LANES * LANES;  /* keys in whole blocks of the buffer */
+  const int spare = keys - whole;          /* keys past them: from a padded copy */
+  if (spare > 0) {
+    memset(tail, 0, (size_t)LANES * D * sizeof(float));
+    memcpy(tail, k + (long)whole * D, (size_t)spare * D * sizeof(float));
+  }
   for (int r = 0; r < R; r++) {
     for (int j = 0; j < L; j++) {
       const float *qr = q + ((long)(start + j) * H + (long)g * R + r) * D;
       const int seen = keys - L + j + 1;
-      float top = -__builtin_inff();
-      for (int t = 0; t < seen; t++) {
-        const float *kt = k + (long)t * D;
-        lanes acc = load(qr) * load(kt);
-        for (int b = 1; b < blocks; b++)
-          acc += load(qr + b * LANES) * load(kt + b * LANES);
-        const float s = total(acc);
-        scores[t] = s;
-        top = s > top ? s : top;
+      lanes tops = (lanes){0} - __builtin_inff();
+      for (int t = 0; t < seen; t += LANES) {
+        lanes s = scores16(qr, t < whole ? k + (long)t * D : tail, blocks) * scale;
+        store(scores + t, s);
+        if (t + LANES > seen) {  /* keys it does not see take no part in the maximum */
+          for (int i = seen - t; i < LANES; i++)
+            s[i] = -__builtin_inff();
+        }
+        const ilanes higher = tops > s;
+        tops = floats_of((bits_of(tops) & higher) | (bits_of(s) & ~higher));
       }
+      float top = tops[0];
+      for (int i = 1; i < LANES; i++)
+        top = tops[i] > top ? tops[i] : top;
       lanes sums = {0};
-      int t = 0;
-      for (; t + LANES <= seen; t += LANES) {
+      for (int t = 0; t < seen; t += LANES) {
         lanes e = exp_lanes(load(scores + t) - top);
+        if (t + LANES > seen) {
+          for (int i = seen - t; i < LANES; i++)
+            e[i] = 0;
+        }
         store(scores + t, e);
         sums += e;
       }
-      float sum = total(sums);
-      if (t < seen) {
-        float rest[LANES] = {0};
-        memcpy(rest, scores + t, (size_t)(seen - t) * sizeof(float));
-        lanes e = exp_lanes(load(rest) - top);
-        store(rest, e);
-        for (int i = 0; i < seen - t; i++) {
-          scores[t + i] = rest[i];
-          sum += rest[i];
-        }
-      }
+      const float sum = total(sums);
       lanes o[8] = {{0}};
       for (int u = 0; u < seen; u++) {
         const float p = scores[u];
@@ -114,26 +154,33 @@ static inline __attribute__((always_inline)) void head_group(const float *q, flo
   }
 }
 
-/* q, out [N, H, D]; for sequence s: its rows start[s] .. start[s] + rows[s], its cache's buffers
- * k[s], v[s] [G, cap[s], D] with keys[s] filled. D a multiple of 16, at most 128. Returns 0, or -1
+/* q, out [N, H, D], each score q.k times `scale`; for sequence s: its rows start[s] .. start[s] + rows[s], its cache's buffers
+ * k[s], v[s] [G, cap[s], D] with keys[s] filled. D 16, 32, 64 or 128. Returns 0, or -1
  * when D does not fit (nothing written) or no memory. */
 __attribute__((target_clones("avx512f", "arch=haswell", "default")))
-int mtpd_ragged_attention(const float *q, float *out, int H, int G, int D, int sequences, const int *start,
+int mtpd_ragged_attention(const float *q, float *out, float scale, int H, int G, int D, int sequences, const int *start,
                           const int *rows, const int *keys, const int *cap, const float *const *k,
                           const float *const *v) {
-  if (D % LANES != 0 || D > 8 * LANES || H % G != 0)
+  if ((D != LANES && D != 2 * LANES && D != 4 * LANES && D != 8 * LANES) || H % G != 0)
     return -1;
   int most = 0;
   for (int s = 0; s < sequences; s++)
     most = keys[s] > most ? keys[s] : most;
-  float *scores = malloc(((size_t)most + LANES) * sizeof(float));
+  float *scores = malloc(((size_t)most + 2 * LANES + (size_t)LANES * D) * sizeof(float));
   if (scores == NULL)
     return -1;
+  float *tail = scores + most + 2 * LANES;
   const int R = H / G;
   for (int s = 0; s < sequences; s++)
-    for (int g = 0; g < G; g++)
-      head_group(q, out, H, D, R, g, start[s], rows[s], keys[s], k[s] + (long)g * cap[s] * D,
-                 v[s] + (long)g * cap[s] * D, scores);
+    for (int g = 0; g < G; g++) {
+      const float *ks = k[s] + (long)g * cap[s] * D, *vs = v[s] + (long)g * cap[s] * D;
+      switch (D / LANES) {  /* a constant count of vectors per row: the accumulators stay in registers */
+      case 1: head_group(q, out, H, 1, R, g, start[s], rows[s], keys[s], cap[s], ks, vs, scale, scores, tail); break;
+      case 2: head_group(q, out, H, 2, R, g, start[s], rows[s], keys[s], cap[s], ks, vs, scale, scores, tail); break;
+      case 4: head_group(q, out, H, 4, R, g, start[s], rows[s], keys[s], cap[s], ks, vs, scale, scores, tail); break;
+      default: head_group(q, out, H, 8, R, g, start[s], rows[s], keys[s], cap[s], ks, vs, scale, scores, tail);
+      }
+    }
   free(scores);
   return 0;
 }

@@ -1,16 +1,18 @@
-"""The attention of a batch's forward in one C call per block, on a CPU (`ragged_attention.c`).
+"""Attention of a few query rows in one C call per block, on a CPU (`ragged_attention.c`): every
+sequence of a batch's forward at once, or one sequence's decode step or short verification.
 
-A batch's forward (daemon.engine.ragged) runs attention per sequence, each on its own KV cache: in
-MLX that is ~8 ops a sequence and a block (the cache's slices, two products, the mask, the
+MLX runs a sequence's attention as ~8 ops a block (the cache's slices, two products, the mask, the
 softmax), each a graph node and a task on MLX's scheduler, for a few query rows against a few
-hundred keys. On the 2-vCPU AMD EPYC a forward of 8 sequences of one row each after ~250 tokens
-took ~75 ms, ~52 ms with attention left out, and of two rows each ~110 ms against ~67 ms. Here the
-block writes the step's keys and values into the caches as before (mlx-lm's KVCache), evaluates
-them, and one C call reads the caches' buffers in place and computes every sequence's rows. It
-sums in another order than MLX's (~1e-6 relative; daemon.engine.ties keeps greedy output
-independent of that). Only steps whose sequences each bring at most MAX_ROWS rows take it
-(a prefill chunk's attention is a large product, BLAS's work). Kept only where the start-up probe
-(daemon.cpu.forms) times it MARGIN faster than MLX's on a batch's step.
+hundred keys, and a batch's forward (daemon.engine.ragged) runs them per sequence. On the 2-vCPU
+AMD EPYC, 8 sequences of one row each after ~250 tokens took 76.6 ms that way and 67.4 ms this
+way (~52 ms with attention left out), of two rows each 119.3 against 89.4 ms. Here the block
+writes the step's keys and values into the caches as before (mlx-lm's KVCache), evaluates them,
+and one C call reads the caches' buffers in place and computes every sequence's rows. It sums in
+another order than MLX's (~1e-6 relative; daemon.engine.ties keeps greedy output independent of
+that). A batch's forward takes it when each sequence brings at most MAX_ROWS rows (a prefill
+chunk's attention is a large product, BLAS's work), a sequence's own forward up to ALONE_ROWS.
+Kept only where the start-up probe (daemon.cpu.forms) times it MARGIN faster than MLX's on a
+batch's step.
 """
 
 from __future__ import annotations
@@ -26,6 +28,10 @@ from daemon.cpu import alternating, native_build
 SOURCE = "ragged_attention.c"
 FLAGS = "-O3 -shared -fPIC"
 MAX_ROWS = 16
+# a sequence's forward by itself takes it up to this many rows: after 300 tokens on the 2-vCPU AMD
+# EPYC its 1 / 2 / 3-row forwards took 34.2 / 33.3 / 38.7 ms against MLX's 35.2 / 38.2 / 43.7, 5 rows
+# 50.9 both ways, 9 rows 83.4 against 75.4 (MLX's products of many rows amortise its ops)
+ALONE_ROWS = 4
 PROBE = (8, 2, 256)  # sequences, rows each, keys: a verification of one draft at 8 clients
 LAYERS = 30
 MARGIN = 0.10
@@ -41,7 +47,7 @@ def load(folder: Path) -> bool:
         if path is None:
             return False
         f = ctypes.CDLL(path).mtpd_ragged_attention
-        f.argtypes = [ctypes.c_void_p, ctypes.c_void_p] + [ctypes.c_int] * 4 + [ctypes.c_void_p] * 6
+        f.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_float] + [ctypes.c_int] * 4 + [ctypes.c_void_p] * 6
         f.restype = ctypes.c_int
         _function = f
     return True
@@ -51,9 +57,9 @@ def fits(bounds, head_dim: int) -> bool:
     return _function is not None and head_dim % 16 == 0 and head_dim <= 128 and all(e - s <= MAX_ROWS for s, e in bounds)
 
 
-def attention(queries: mx.array, caches: list, bounds) -> mx.array:
-    """queries [1, H, N, D] (scaled) of the sequences laid end to end (`bounds`), whose rows the
-    caches (mlx-lm KVCaches, batch 1) already hold. Returns [1, H, N, D]."""
+def attention(queries: mx.array, caches: list, bounds, scale: float = 1.0) -> mx.array:
+    """queries [1, H, N, D] of the sequences laid end to end (`bounds`), whose rows the caches
+    (mlx-lm KVCaches, batch 1) already hold; each score times `scale`. Returns [1, H, N, D]."""
     mx.eval(queries, [(c.keys, c.values) for c in caches])
     q = np.ascontiguousarray(np.asarray(queries)[0].transpose(1, 0, 2))  # [N, H, D]: a view where it can be
     out = np.empty_like(q)
@@ -62,7 +68,7 @@ def attention(queries: mx.array, caches: list, bounds) -> mx.array:
     ints = ctypes.c_int * n
     pointers = ctypes.c_void_p * n
     G = buffers[0][0].shape[1]
-    failed = _function(q.ctypes.data, out.ctypes.data, q.shape[1], G, q.shape[2], n,
+    failed = _function(q.ctypes.data, out.ctypes.data, scale, q.shape[1], G, q.shape[2], n,
                        ints(*(s for s, _ in bounds)), ints(*(e - s for s, e in bounds)), ints(*(c.offset for c in caches)),
                        ints(*(k.shape[2] for k, _ in buffers)), pointers(*(k.ctypes.data for k, _ in buffers)),
                        pointers(*(v.ctypes.data for _, v in buffers)))
