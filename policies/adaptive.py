@@ -51,6 +51,7 @@ class SharedEstimates:
                  lookup: AcceptanceCounts | None = None, rows: RowCosts | None = None):
         self.costs = costs
         self.rows = rows  # a batch's forward time (policies.batch); None: not probed yet
+        self.batch = None  # policies.batch.Shares while a batch runs several sequences: its step's prices
         self.acceptance = acceptance or AcceptanceCounts(costs.k_max)
         self.lookup = lookup or AcceptanceCounts(costs.k_max, prior=lookup_prior(costs.k_max), keys=LOOKUP_KEYS)
         self.path = path
@@ -110,19 +111,25 @@ class AdaptivePolicy:
         self.probing = False
         self.klass = PROSE  # the content class the current step was planned for
 
+    @property
+    def costs(self) -> StepCosts:
+        """What a step costs this sequence: alone, the measured step costs; in a batch, its share of
+        the batch's step (policies.batch.Shares)."""
+        return self.shared.batch or self.shared.costs
+
     def _best(self) -> int:
-        return best_draft_length(self.acceptance.rates(self.klass), self.shared.costs, self.k_max, OFF_MARGIN)
+        return best_draft_length(self.acceptance.rates(self.klass), self.costs, self.k_max, OFF_MARGIN)
 
     def _could_pay(self) -> bool:
         """Whether any k could beat plain decoding if drafts were accepted at OPTIMISTIC_RATE."""
         optimistic = np.full(self.k_max, OPTIMISTIC_RATE)
-        return best_draft_length(optimistic, self.shared.costs, self.k_max, OFF_MARGIN) > 0
+        return best_draft_length(optimistic, self.costs, self.k_max, OFF_MARGIN) > 0
 
     def _lookup_plan(self, offer: Proposal, mtp_k: int) -> Plan | None:
         """Copy the offer when that is expected to beat both the drafter's best k and plain
         decoding (by the off margin); else leave its lookup estimates to relax."""
         key = lookup_key(self.klass, offer.match, offer.source)
-        rates, costs = self.lookup.rates(key), self.shared.costs
+        rates, costs = self.lookup.rates(key), self.costs
         k = best_lookup_length(rates, costs, min(len(offer.tokens), self.k_max))
         rival = max(throughput(self.acceptance.rates(self.klass), mtp_k, costs), throughput(rates, 0, costs) * (1 + OFF_MARGIN))
         if throughput(rates, k, costs, lookup=True) > rival:
@@ -155,7 +162,7 @@ class AdaptivePolicy:
         if self.steps_on % self.explore_every == 0 and k < self.k_max:
             k += 1
         rates = self.acceptance.rates(self.klass)
-        return Plan(k, min_confidence=confidence_floor(rates, k, self.shared.costs),
+        return Plan(k, min_confidence=confidence_floor(rates, k, self.costs),
                     expected_speedup=self.shared.expected_speedup(self.klass, Plan(k), offer),
                     rates=tuple(float(r) for r in rates[:k]))
 

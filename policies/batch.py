@@ -73,6 +73,36 @@ def fit_drafts(plans: Sequence[tuple[int, Sequence[float]]], base_rows: int, row
     return ks
 
 
+class Shares:
+    """One sequence's prices in a batch's step, in the terms the adaptive policy plans with (what
+    it reads of policies.cost.StepCosts): its share of the plain forward, what each row it adds
+    costs the batch's forward, what each draft position costs it (a share of a drafter forward
+    where the drafts of a position run together; `block`: one for any k) and what a verified round
+    costs it whatever k (its drafter's catch-up, acceptance and rewind). Alone, a draft costs a
+    sequence its drafter call and a verified row; in a batch the forward is shared and so is the
+    drafter's, so the draft length that pays is another."""
+
+    def __init__(self, share: float, row: float, draft: float, fixed: float, k_max: int, block: bool = False):
+        self.share, self.row, self.draft, self.fixed, self.k_max, self.block = share, row, draft, fixed, k_max, block
+        self.t_verify = [share + n * row for n in range(k_max + 1)]
+
+    def predict(self, k: int, lookup: bool = False) -> float:
+        if k == 0:
+            return self.share
+        drafting = 0.0 if lookup else self.draft * (1 if self.block else k)
+        return self.share + k * self.row + drafting + self.fixed
+
+
+def shares(rows: Callable[[int, int], float], sequences: int, draft_seconds: float, verify_seconds: float,
+           together: bool, k_max: int, block: bool = False) -> Shares:
+    """A sequence's Shares in a step of `sequences` decoding sequences: rows(rows, sequences) the
+    forward's time; draft_seconds one unit of policies.batch.draft_units."""
+    plain = rows(sequences, sequences)
+    row = (rows(2 * sequences, sequences) - plain) / sequences
+    per_position = draft_seconds / sequences if together else draft_seconds
+    return Shares(plain / sequences, row, per_position, draft_seconds + verify_seconds, k_max, block)
+
+
 class Clock:
     """The batch's check of its prices against the clock: tokens per second of clean decode steps
     (no prefill rows) that verified drafts and of those that did not, per count of running

@@ -26,9 +26,10 @@ from daemon.engine.sampling import SamplingParams
 from daemon.server.loaded import Loaded
 from daemon.server.worker import Job, Limits, Worker
 from policies.adaptive import AdaptivePolicy, SharedEstimates
-from policies.batch import Clock, draft_units, fit_drafts
+from policies.batch import Clock, draft_units, fit_drafts, shares
 from policies.cost import RowCosts, StepCosts
 from policies.fixed import Fixed
+from policies.plan import NO_OFFER, Proposal
 
 PROMPTS = [(1, 80, 120, 7, 200, 33, 150), (5, 9, 5, 9, 5, 9, 5, 9, 5), (3,) * 40, tuple(range(10, 110))]
 
@@ -96,6 +97,57 @@ def test_drafts_that_run_together_cost_a_forward_per_position():
     assert fit_drafts(plans, 2, lambda rows: 0.1, 0.0, 64, together=True, verify_seconds=0.005) == [1, 1]
 
 
+def test_a_sequences_share_of_a_batch_step():
+    forward = lambda rows, sequences: 0.05 + 0.004 * rows + 0.001 * sequences  # noqa: E731
+    mine = shares(forward, 8, 0.002, 0.0005, together=True, k_max=4)
+    assert mine.predict(0) == pytest.approx((0.05 + 0.032 + 0.008) / 8)
+    assert mine.row == pytest.approx(0.004) and mine.t_verify[3] - mine.t_verify[0] == pytest.approx(0.012)
+    assert mine.predict(2) == pytest.approx(mine.predict(0) + 2 * 0.004 + 2 * 0.002 / 8 + 0.0025)
+    assert mine.predict(2, lookup=True) == pytest.approx(mine.predict(0) + 2 * 0.004 + 0.0025)  # copies need no drafter
+    apart = shares(forward, 8, 0.002, 0.0, together=False, k_max=4)  # a drafter forward per draft and sequence
+    assert apart.predict(2) == pytest.approx(mine.predict(2) + 2 * 0.00175 - 0.0005)
+    block = shares(forward, 8, 0.002, 0.0, together=False, k_max=4, block=True)
+    assert block.predict(3) - block.predict(1) == pytest.approx(2 * 0.004)  # one drafter forward whatever k
+
+
+def test_in_a_batch_the_adaptive_policy_plans_with_its_share_of_the_step():
+    # alone a draft costs its drafter call and a row of a 40 ms step: at 0.6 acceptance it pays
+    shared = SharedEstimates(StepCosts(0.003, [0.040 + 0.004 * n for n in range(9)]))
+    for _ in range(200):
+        shared.acceptance.observe("code", 1, 1) if _ % 5 < 3 else shared.acceptance.observe("code", 1, 0)
+    assert AdaptivePolicy(shared).plan(NO_OFFER, "code").k > 0
+    offer = Proposal((5, 6, 7), match=3)
+    # a batch whose rows cost as much as a sequence's share of the step: no draft brings its row's worth
+    shared.batch = shares(lambda rows, sequences: 0.010 * rows, 8, 0.001, 0.0, together=True, k_max=8)
+    assert AdaptivePolicy(shared).plan(NO_OFFER, "code").k == 0
+    assert AdaptivePolicy(shared).plan(offer, "code").k == 0
+    # rows next to free: drafts and copies pay
+    shared.batch = shares(lambda rows, sequences: 0.080 + 0.0002 * rows, 8, 0.001, 0.0, together=True, k_max=8)
+    assert AdaptivePolicy(shared).plan(NO_OFFER, "code").k > 0
+    shared.batch = None
+    assert AdaptivePolicy(shared).plan(NO_OFFER, "code").k > 0
+
+
+def test_a_batch_prices_its_sequences_steps_while_several_run(tiny_gguf):
+    from daemon.models.loading import load
+
+    lm = load(str(tiny_gguf), drafter="random")
+    shared, seen = shared_estimates(), []
+
+    class Watching(Fixed):
+        def plan(self, offer, content_class):
+            seen.append(shared.batch)
+            return super().plan(offer, content_class)
+
+    batch = Batch(lm.model, lambda owner, r: None, 64, shared.rows, 0.002, lm.drafter, shared)
+    for i, p in enumerate(PROMPTS[:2]):
+        batch.add(i, sequence(lm, Request(p, max_tokens=4 + 20 * i), Watching(1), batched=True))
+    while batch.running:
+        batch.step()
+    assert shared.batch is None  # the last one ran alone
+    assert any(s is not None and s.share > 0 for s in seen) and seen[-1] is None
+
+
 def test_row_costs_interpolate_extrapolate_and_learn():
     rows = RowCosts([1, 2, 4], [0.1, 0.12, 0.16], per_sequence=0.01)
     assert rows.predict(3, 1) == pytest.approx(0.14)
@@ -123,7 +175,7 @@ def run_batch(lm, requests, policies, max_rows=64, chunk=16, rows=None):
     return [records[i][-1] for i in range(len(requests))], reports
 
 
-def shared(lm):
+def shared_estimates():
     return SharedEstimates(StepCosts(0.004, [0.07 + 0.008 * n for n in range(9)]),
                            rows=RowCosts([1, 2, 4, 8, 16], [0.07, 0.078, 0.094, 0.126, 0.19], 0.005))
 
@@ -133,7 +185,7 @@ def test_batched_greedy_equals_alone(tiny_gguf, spec):
     from daemon.models.loading import load
 
     lm = load(str(tiny_gguf), drafter="random")
-    estimates = shared(lm)
+    estimates = shared_estimates()
 
     def policy():
         return AdaptivePolicy(estimates) if spec == "adaptive" else Fixed(int(spec.partition(":")[2] or 0))

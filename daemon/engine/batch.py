@@ -27,7 +27,7 @@ from daemon.engine.ragged import batchable, run_drafts, run_ragged
 from daemon.engine.records import Delta
 from daemon.engine.rows import DraftCall, Forward, Planned, Ran, run
 from daemon.models.block import is_block
-from policies.batch import Clock, draft_units, fit_drafts
+from policies.batch import Clock, Shares, draft_units, fit_drafts, shares
 from policies.cost import RowCosts
 
 DRAFT_ALPHA = 0.1  # the moving average of the drafting time per draft
@@ -61,17 +61,19 @@ class StepReport:
 
 class Batch:
     def __init__(self, model, deliver: Callable[[object, object], None], max_rows: int,
-                 rows: RowCosts | None = None, draft_seconds: float = 0.0, drafter=None):
+                 rows: RowCosts | None = None, draft_seconds: float = 0.0, drafter=None, shared=None):
         """deliver(owner, record or exception); max_rows: a step's rows at most (drafts are cut
         to fit; prefill chunks and one row per sequence always run); rows: the batch's forward
         costs, learned from every step (None: drafts are cut only to fit max_rows); draft_seconds:
         one draft's time at first (the probe's), then learned from the batch's drafting; drafter:
-        the sequences' drafter, whose forwards of a draft position run together where it allows."""
+        the sequences' drafter, whose forwards of a draft position run together where it allows;
+        shared: the sequences' policies.adaptive.SharedEstimates, given each step's prices
+        (policies.batch.Shares) while several sequences run."""
         self.model, self.deliver, self.max_rows = model, deliver, max_rows
         self.drafts_together = getattr(drafter, "ragged", False)
         self.drafts_block = is_block(drafter)
         self.ragged = batchable(model)
-        self.costs, self.draft_seconds = rows, draft_seconds
+        self.costs, self.draft_seconds, self.shared = rows, draft_seconds, shared
         self.verify_seconds = 0.0  # what a verified round costs a sequence beyond its rows, learned (`_observe_verifying`)
         self.running: list[Running] = []
         self.clock = Clock()
@@ -89,6 +91,8 @@ class Batch:
         """One step of every running sequence; None when none asked for a forward. `arrivals()`
         runs just before the forward and may `add` sequences: their first prefill chunk joins it."""
         step_started, self._delivered = time.perf_counter(), 0
+        if self.shared is not None:
+            self.shared.batch = self._shares()
         took = []
         for r in self.running[::-1]:  # the newest first: a first token goes out before the others draft
             started = time.perf_counter()
@@ -170,6 +174,14 @@ class Batch:
         priced = self.costs is not None
         return fit_drafts(plans, base, row_seconds, self.draft_seconds if priced else 0.0, self.max_rows,
                           self.drafts_together, self.verify_seconds if priced else 0.0, self.drafts_block)
+
+    def _shares(self) -> Shares | None:
+        """Each sequence's prices in this step (None: alone, or no row costs to price by)."""
+        sequences = len(self.running)
+        if sequences < 2 or self.costs is None:
+            return None
+        return shares(self.costs.predict, sequences, self.draft_seconds, self.verify_seconds, self.drafts_together,
+                      self.shared.costs.k_max, self.drafts_block)
 
     def _observe_verifying(self, took: list[tuple[int | None, float]]) -> None:
         """What a verified round costs a sequence beyond its rows and drafts (acceptance, the

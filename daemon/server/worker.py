@@ -230,7 +230,7 @@ class Worker:
         served = ServedModel.of(lm, entry.speculation, entry.name)
         rows = shared.rows if shared is not None else None
         batch = Batch(lm.model, self._deliver, self.limits.max_rows, rows, shared.costs.t_draft if shared else 0.0,
-                      lm.drafter)
+                      lm.drafter, shared)
         self.known[entry.name] = served
         return Resident(entry, loaded, batch, served, 0, time.monotonic())
 
