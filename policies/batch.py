@@ -18,6 +18,8 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
+from policies.cost import RowCosts
+
 UNKNOWN = 1.0  # a plan without estimates (fixed:K) is cut last, and only for the row limit
 # the drafts that are left must beat no drafts by this much, or all go: a speculative round costs
 # each sequence more than its rows and drafts (acceptance, rewinds, host syncs), and without a
@@ -80,10 +82,13 @@ class Shares:
     where the drafts of a position run together; `block`: one for any k) and what a verified round
     costs it whatever k (its drafter's catch-up, acceptance and rewind). Alone, a draft costs a
     sequence its drafter call and a verified row; in a batch the forward is shared and so is the
-    drafter's, so the draft length that pays is another."""
+    drafter's, so what pays is another thing. `explored`: a forward in which every sequence drafts
+    one has run often enough to price that row (policies.cost.RowCosts.measured)."""
 
-    def __init__(self, share: float, row: float, draft: float, fixed: float, k_max: int, block: bool = False):
+    def __init__(self, share: float, row: float, draft: float, fixed: float, k_max: int, block: bool = False,
+                 explored: bool = True):
         self.share, self.row, self.draft, self.fixed, self.k_max, self.block = share, row, draft, fixed, k_max, block
+        self.explored = explored
         self.t_verify = [share + n * row for n in range(k_max + 1)]
 
     def predict(self, k: int, lookup: bool = False) -> float:
@@ -93,14 +98,15 @@ class Shares:
         return self.share + k * self.row + drafting + self.fixed
 
 
-def shares(rows: Callable[[int, int], float], sequences: int, draft_seconds: float, verify_seconds: float,
-           together: bool, k_max: int, block: bool = False) -> Shares:
-    """A sequence's Shares in a step of `sequences` decoding sequences: rows(rows, sequences) the
-    forward's time; draft_seconds one unit of policies.batch.draft_units."""
-    plain = rows(sequences, sequences)
-    row = (rows(2 * sequences, sequences) - plain) / sequences
+def shares(rows: RowCosts, sequences: int, draft_seconds: float, verify_seconds: float, together: bool, k_max: int,
+           block: bool = False) -> Shares:
+    """A sequence's Shares in a step of `sequences` decoding sequences, each drafting one (its
+    row: (T(2n) - T(n)) / n); draft_seconds: one unit of policies.batch.draft_units."""
+    plain = rows.predict(sequences, sequences)
+    row = (rows.predict(2 * sequences, sequences) - plain) / sequences
     per_position = draft_seconds / sequences if together else draft_seconds
-    return Shares(plain / sequences, row, per_position, draft_seconds + verify_seconds, k_max, block)
+    return Shares(plain / sequences, row, per_position, draft_seconds + verify_seconds, k_max, block,
+                  rows.measured(2 * sequences, sequences))
 
 
 class Clock:

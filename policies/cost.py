@@ -85,16 +85,26 @@ def running_median(estimate: float, seen: float, step: float) -> float:
     return max(estimate * (1 - step), seen)
 
 
+CELL_SEEN = 3  # batched forwards of a (sequences, rows) count before their running median stands
+CELL_STEP = 0.05  # a count's running median moves by this much of itself per forward
+
+
 class RowCosts:
-    """Seconds of one target forward over the rows of several sequences (daemon.engine.ragged):
-    T(rows) interpolated between probed row counts (extrapolated past the last two), plus what each
-    sequence past the first adds (its own attention); then scaled by a moving average of real
-    batched forwards over the prediction."""
+    """Seconds of one target forward over the rows of several sequences (daemon.engine.ragged).
+    Where forwards of this many sequences and rows have run, the running median of their times;
+    between two such row counts of as many sequences, the line between them; beside them, the
+    nearest one plus the probe's slope. The probe: T(rows) interpolated between probed row counts
+    (extrapolated past the last two), plus what each sequence past the first adds (its own
+    attention), scaled by a moving average of real batched forwards over it. Real batches have
+    their own shape: on the 2-vCPU AMD VM, 4 sequences of one row took 55 ms and of two rows 89
+    ms, 8 sequences of one row 102 ms and of two rows 111 ms (16 rows go to OpenBLAS's kernel at
+    nearly the cost of 8), while the probe's one slope saw neither."""
 
     def __init__(self, rows: list[int], seconds: list[float], per_sequence: float, alpha: float = 0.1):
         self.rows, self.probed, self.per_sequence, self.alpha = list(rows), list(seconds), per_sequence, alpha
         self.scale = 1.0
         self.observations = 0
+        self.cells: dict[tuple[int, int], list] = {}  # (sequences, rows) -> [running median, forwards, first times]
 
     def _raw(self, rows: int, sequences: int) -> float:
         base = float(np.interp(rows, self.rows, self.probed))
@@ -103,17 +113,41 @@ class RowCosts:
             base = self.probed[-1] + slope * (rows - self.rows[-1])
         return base + self.per_sequence * max(sequences - 1, 0)
 
-    def predict(self, rows: int, sequences: int) -> float:
+    def _model(self, rows: int, sequences: int) -> float:
         return self._raw(rows, sequences) * self.scale
+
+    def measured(self, rows: int, sequences: int) -> bool:
+        """Whether forwards of this many sequences and rows have run often enough to stand."""
+        return self.cells.get((sequences, rows), (0.0, 0, []))[1] >= CELL_SEEN
+
+    def predict(self, rows: int, sequences: int) -> float:
+        seen = sorted(r for (n, r), (_, count, _) in self.cells.items() if n == sequences and count >= CELL_SEEN)
+        below = [r for r in seen if r <= rows]
+        above = [r for r in seen if r >= rows]
+        if below and above:
+            lo, hi = below[-1], above[0]
+            t_lo, t_hi = self.cells[sequences, lo][0], self.cells[sequences, hi][0]
+            return t_lo if hi == lo else t_lo + (t_hi - t_lo) * (rows - lo) / (hi - lo)
+        if below or above:
+            near = below[-1] if below else above[0]
+            return self.cells[sequences, near][0] + self._model(rows, sequences) - self._model(near, sequences)
+        return self._model(rows, sequences)
 
     def observe(self, rows: int, sequences: int, seconds: float) -> None:
         if seconds > 0:
             self.scale += self.alpha * (seconds / self._raw(rows, sequences) - self.scale)
             self.observations += 1
+            cell = self.cells.setdefault((sequences, rows), [seconds, 0, []])
+            if cell[1] < CELL_SEEN:  # the first few: their median, so one stalled forward does not start it
+                cell[2].append(seconds)
+                cell[0] = float(np.median(cell[2]))
+            else:
+                cell[0] = running_median(cell[0], seconds, CELL_STEP)
+            cell[1] += 1
 
     def to_dict(self) -> dict:
         return {"rows": self.rows, "seconds": self.probed, "per_sequence": self.per_sequence, "scale": self.scale,
-                "observations": self.observations}
+                "observations": self.observations, "cells": [[n, r, t, c, first] for (n, r), (t, c, first) in self.cells.items()]}
 
     @classmethod
     def from_dict(cls, data: dict) -> RowCosts:
@@ -121,6 +155,8 @@ class RowCosts:
         if len(costs.rows) < 2 or len(costs.rows) != len(costs.probed):
             raise ValueError("row costs need two or more probed row counts")
         costs.scale, costs.observations = float(data["scale"]), int(data["observations"])
+        costs.cells = {(int(n), int(r)): [float(t), int(c), [float(x) for x in first]]
+                       for n, r, t, c, first in data.get("cells", [])}
         return costs
 
 

@@ -27,7 +27,7 @@ from daemon.server.loaded import Loaded
 from daemon.server.worker import Job, Limits, Worker
 from policies.adaptive import AdaptivePolicy, SharedEstimates
 from policies.batch import Clock, draft_units, fit_drafts, shares
-from policies.cost import RowCosts, StepCosts
+from policies.cost import CELL_SEEN, RowCosts, StepCosts
 from policies.fixed import Fixed
 from policies.plan import NO_OFFER, Proposal
 
@@ -97,35 +97,58 @@ def test_drafts_that_run_together_cost_a_forward_per_position():
     assert fit_drafts(plans, 2, lambda rows: 0.1, 0.0, 64, together=True, verify_seconds=0.005) == [1, 1]
 
 
+def measured(per_row: float, per_sequence: float, sequences: int, *row_counts: int) -> RowCosts:
+    """Row costs whose forwards of `sequences` took per_row a row plus per_sequence a sequence,
+    at each of `row_counts` (CELL_SEEN times each)."""
+    rows = RowCosts([1, 64], [0.02, 0.02 + 0.063 * 0.01], per_sequence=0.001)
+    for r in row_counts:
+        for _ in range(CELL_SEEN):
+            rows.observe(r, sequences, per_row * r + per_sequence * sequences)
+    return rows
+
+
 def test_a_sequences_share_of_a_batch_step():
-    forward = lambda rows, sequences: 0.05 + 0.004 * rows + 0.001 * sequences  # noqa: E731
-    mine = shares(forward, 8, 0.002, 0.0005, together=True, k_max=4)
-    assert mine.predict(0) == pytest.approx((0.05 + 0.032 + 0.008) / 8)
+    mine = shares(measured(0.004, 0.006, 8, 8, 16), 8, 0.002, 0.0005, together=True, k_max=4)
+    assert mine.explored and mine.predict(0) == pytest.approx((0.032 + 0.048) / 8)
     assert mine.row == pytest.approx(0.004) and mine.t_verify[3] - mine.t_verify[0] == pytest.approx(0.012)
     assert mine.predict(2) == pytest.approx(mine.predict(0) + 2 * 0.004 + 2 * 0.002 / 8 + 0.0025)
     assert mine.predict(2, lookup=True) == pytest.approx(mine.predict(0) + 2 * 0.004 + 0.0025)  # copies need no drafter
-    apart = shares(forward, 8, 0.002, 0.0, together=False, k_max=4)  # a drafter forward per draft and sequence
+    apart = shares(measured(0.004, 0.006, 8, 8, 16), 8, 0.002, 0.0, together=False, k_max=4)  # a drafter forward each
     assert apart.predict(2) == pytest.approx(mine.predict(2) + 2 * 0.00175 - 0.0005)
-    block = shares(forward, 8, 0.002, 0.0, together=False, k_max=4, block=True)
+    block = shares(measured(0.004, 0.006, 8, 8, 16), 8, 0.002, 0.0, together=False, k_max=4, block=True)
     assert block.predict(3) - block.predict(1) == pytest.approx(2 * 0.004)  # one drafter forward whatever k
+    assert not shares(measured(0.004, 0.006, 8, 8), 8, 0.002, 0.0, together=True, k_max=4).explored  # 16 rows never ran
 
 
-def test_in_a_batch_the_adaptive_policy_plans_with_its_share_of_the_step():
-    # alone a draft costs its drafter call and a row of a 40 ms step: at 0.6 acceptance it pays
+def test_in_a_batch_the_adaptive_policy_drafts_one_where_its_share_pays_and_explores_first():
     shared = SharedEstimates(StepCosts(0.003, [0.040 + 0.004 * n for n in range(9)]))
-    for _ in range(200):
-        shared.acceptance.observe("code", 1, 1) if _ % 5 < 3 else shared.acceptance.observe("code", 1, 0)
-    assert AdaptivePolicy(shared).plan(NO_OFFER, "code").k > 0
+    for i in range(200):
+        shared.acceptance.observe("code", 1, int(i % 5 < 3))  # 0.6 accepted
     offer = Proposal((5, 6, 7), match=3)
-    # a batch whose rows cost as much as a sequence's share of the step: no draft brings its row's worth
-    shared.batch = shares(lambda rows, sequences: 0.010 * rows, 8, 0.001, 0.0, together=True, k_max=8)
-    assert AdaptivePolicy(shared).plan(NO_OFFER, "code").k == 0
+    assert AdaptivePolicy(shared).plan(NO_OFFER, "code").k > 0  # alone: its own step costs
+    # 8 sequences whose second rows cost next to nothing: one draft each, from the drafter, with its rate
+    shared.batch = shares(measured(0.0002, 0.010, 8, 8, 16), 8, 0.001, 0.0, together=True, k_max=8)
+    for o in (NO_OFFER, offer):
+        plan = AdaptivePolicy(shared).plan(o, "code")
+        assert (plan.k, plan.lookup, len(plan.rates)) == (1, False, 1)
+    # 4 sequences whose second rows cost a whole share each: none
+    shared.batch = shares(measured(0.010, 0.001, 4, 4, 8), 4, 0.001, 0.0, together=True, k_max=8)
     assert AdaptivePolicy(shared).plan(offer, "code").k == 0
-    # rows next to free: drafts and copies pay
-    shared.batch = shares(lambda rows, sequences: 0.080 + 0.0002 * rows, 8, 0.001, 0.0, together=True, k_max=8)
-    assert AdaptivePolicy(shared).plan(NO_OFFER, "code").k > 0
-    shared.batch = None
-    assert AdaptivePolicy(shared).plan(NO_OFFER, "code").k > 0
+    # a batch whose every-sequence-drafts-one step has not run: one draft, rates unstated, so the batch runs it
+    shared.batch = shares(measured(0.010, 0.001, 4, 4), 4, 0.001, 0.0, together=True, k_max=8)
+    plan = AdaptivePolicy(shared).plan(NO_OFFER, "code")
+    assert (plan.k, plan.rates) == (1, ())
+
+
+def test_a_batch_remeasures_a_step_of_one_draft_each_now_and_then(tiny_lm):
+    from daemon.engine.batch import REMEASURE
+
+    shared = shared_estimates()
+    shared.rows = measured(0.010, 0.001, 3, 3, 6)
+    batch = Batch(tiny_lm.model, lambda owner, r: None, 64, shared.rows, 0.002, None, shared)
+    batch.running = [None] * 3
+    explored = [batch._shares().explored for _ in range(2 * REMEASURE)]
+    assert explored.count(False) == 2 and not explored[REMEASURE - 1] and not explored[-1]
 
 
 def test_a_batch_prices_its_sequences_steps_while_several_run(tiny_gguf):
@@ -157,6 +180,24 @@ def test_row_costs_interpolate_extrapolate_and_learn():
         rows.observe(2, 1, 0.24)
     assert rows.predict(2, 1) == pytest.approx(0.24, rel=0.01)
     assert RowCosts.from_dict(rows.to_dict()).predict(4, 2) == pytest.approx(rows.predict(4, 2))
+
+
+def test_row_costs_follow_what_batched_forwards_of_as_many_sequences_and_rows_took():
+    rows = RowCosts([1, 4, 8, 16], [0.03, 0.034, 0.055, 0.080], per_sequence=0.001)
+    for t in [0.055] * 9 + [0.5] + [0.055] * 2:  # a stalled forward moves the running median 5%, no more
+        rows.observe(4, 4, t)
+    assert rows.predict(4, 4) == pytest.approx(0.055, rel=0.06)
+    for _ in range(CELL_SEEN):
+        rows.observe(8, 4, 0.089)
+    assert rows.predict(8, 4) == pytest.approx(0.089)
+    assert rows.predict(6, 4) == pytest.approx((rows.predict(4, 4) + 0.089) / 2)  # between two: the line
+    beside = rows.predict(16, 4) - rows.predict(8, 4)  # past the last: the probe's slope, scaled
+    assert beside == pytest.approx((0.080 - 0.055) * rows.scale)
+    assert rows.predict(8, 8) == pytest.approx((0.055 + 0.007) * rows.scale)  # 8 sequences never ran: the probe
+    rows.observe(16, 4, 0.095)  # seen fewer than CELL_SEEN times: not yet
+    assert rows.predict(16, 4) == pytest.approx(0.089 + (0.080 - 0.055) * rows.scale)
+    again = RowCosts.from_dict(rows.to_dict())
+    assert [again.predict(r, 4) for r in (4, 6, 8, 16)] == pytest.approx([rows.predict(r, 4) for r in (4, 6, 8, 16)])
 
 
 # --- lossless: each sequence's answer is its answer alone -------------------------------------

@@ -31,6 +31,7 @@ from policies.batch import Clock, Shares, draft_units, fit_drafts, shares
 from policies.cost import RowCosts
 
 DRAFT_ALPHA = 0.1  # the moving average of the drafting time per draft
+REMEASURE = 32  # steps at a count of sequences between two steps in which every sequence drafts one (policies.batch.Shares)
 
 
 def run_rows(model, forwards: list[Forward], ragged: bool) -> list[Ran]:
@@ -77,6 +78,7 @@ class Batch:
         self.verify_seconds = 0.0  # what a verified round costs a sequence beyond its rows, learned (`_observe_verifying`)
         self.running: list[Running] = []
         self.clock = Clock()
+        self._priced: dict[int, int] = {}  # steps priced per count of sequences (`_shares`)
         self._timed: tuple[int, bool, float] | None = None  # the last clean decode step: sequences, drafting, start
         self._delivered = 0  # tokens delivered since the last step's forward
 
@@ -176,12 +178,18 @@ class Batch:
                           self.drafts_together, self.verify_seconds if priced else 0.0, self.drafts_block)
 
     def _shares(self) -> Shares | None:
-        """Each sequence's prices in this step (None: alone, or no row costs to price by)."""
+        """Each sequence's prices in this step (None: alone, or no row costs to price by). Every
+        REMEASURE-th step at a count of sequences is priced as not yet explored, so a step in which
+        every sequence drafts one runs and its time stays current where drafting has stopped."""
         sequences = len(self.running)
         if sequences < 2 or self.costs is None:
             return None
-        return shares(self.costs.predict, sequences, self.draft_seconds, self.verify_seconds, self.drafts_together,
-                      self.shared.costs.k_max, self.drafts_block)
+        self._priced[sequences] = self._priced.get(sequences, 0) + 1
+        priced = shares(self.costs, sequences, self.draft_seconds, self.verify_seconds, self.drafts_together,
+                        self.shared.costs.k_max, self.drafts_block)
+        if self._priced[sequences] % REMEASURE == 0:
+            priced.explored = False
+        return priced
 
     def _observe_verifying(self, took: list[tuple[int | None, float]]) -> None:
         """What a verified round costs a sequence beyond its rows and drafts (acceptance, the
