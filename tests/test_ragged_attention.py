@@ -150,9 +150,9 @@ def test_batched_greedy_with_the_kernel_equals_alone(tiny_gguf, monkeypatch):
 
 
 def test_the_probe_times_both_ways_and_declines_what_it_cannot_compute():
-    faster, ms = ragged_attention.probe(4, 2, 16)
+    faster, ms = ragged_attention.probe(4, 2, 16, fast_block.grouped_attention)
     assert set(ms) == {"mlx", "native"} and all(t > 0 for t in ms.values()) and isinstance(faster, bool)
-    assert ragged_attention.probe(4, 2, 24) == (False, {})
+    assert ragged_attention.probe(4, 2, 24, fast_block.grouped_attention) == (False, {})
 
 
 @pytest.mark.parametrize("faster", [True, False])
@@ -165,7 +165,7 @@ def test_the_kernel_is_kept_only_where_the_probe_times_it_faster(tiny_gguf, monk
     monkeypatch.setattr(ragged_attention, "probe", lambda *s: shapes.append(s) or (faster, {"mlx": 2.0, "native": 1.0}))
     chosen = forms.choose(stock.model, stock.model.layers, layout=True)
     attn = stock.model.layers[0].self_attn
-    assert shapes == [(attn.n_heads, attn.n_kv_heads, attn.head_dim)]
+    assert shapes == [(attn.n_heads, attn.n_kv_heads, attn.head_dim, fast_block.grouped_attention)]
     assert chosen.ragged_attention is faster and ("ragged_attention" in chosen.name) is faster
     assert chosen.probe_ms["ragged_attention_native"] == 1.0
     assert all(block._ragged_native is faster for block in stock.model.layers)

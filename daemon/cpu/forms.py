@@ -136,7 +136,7 @@ def choose(model: nn.Module, blocks: list, layout: bool) -> Forms:
         probe_ms.update({f"activation_{name}": t for name, t in ms.items()})
         compiled_softmax, ms = softmax.probe(attn.n_heads, attn.n_kv_heads)
         probe_ms.update({f"softmax_{name}": t for name, t in ms.items()})
-        ragged, ms = ragged_attention.probe(attn.n_heads, attn.n_kv_heads, attn.head_dim)
+        ragged, ms = ragged_attention.probe(attn.n_heads, attn.n_kv_heads, attn.head_dim, fast_block.grouped_attention)
         probe_ms.update({f"ragged_attention_{name}": t for name, t in ms.items()})
     chosen = Forms(column_major=best.column_major, fast_blocks=best.fast_blocks, long_attention=longer, numpy_mlp=numpy_mlp,
                    few_rows=best.few_rows, compiled_softmax=compiled_softmax, ragged_attention=ragged, probe_ms=probe_ms)

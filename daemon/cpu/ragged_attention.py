@@ -77,14 +77,13 @@ def attention(queries: mx.array, caches: list, bounds, scale: float = 1.0) -> mx
     return mx.array(out)[None].transpose(0, 2, 1, 3)
 
 
-def probe(heads: int, kv_heads: int, head_dim: int) -> tuple[bool, dict[str, float]]:
+def probe(heads: int, kv_heads: int, head_dim: int, attend) -> tuple[bool, dict[str, float]]:
     """Times LAYERS attentions of a batch's step (PROBE: sequences, rows each, keys) both ways,
     the rows written into the caches and the outputs evaluated as a block does (MLX's per sequence,
-    then this one; daemon.cpu.alternating): (whether this one is MARGIN faster, ms each way).
-    False where the kernel cannot be built or loaded."""
+    `attend(q, k, v, scale)`, then this one; daemon.cpu.alternating): (whether this one is MARGIN
+    faster, ms each way). False where the kernel cannot be built or loaded."""
     from mlx_lm.models.cache import KVCache
 
-    from daemon.cpu import fast_block
     from daemon.cpu.blas import native_folder
 
     try:
@@ -110,7 +109,7 @@ def probe(heads: int, kv_heads: int, head_dim: int) -> tuple[bool, dict[str, flo
             for (s, e), cache in zip(bounds, caches):
                 kk, vv = cache.update_and_fetch(k[:, :, s:e], v[:, :, s:e])
                 if not native:
-                    outs.append(fast_block.grouped_attention(q[:, :, s:e], kk, vv, 1.0))
+                    outs.append(attend(q[:, :, s:e], kk, vv, 1.0))
             mx.eval(attention(q, caches, bounds) if native else mx.concatenate(outs, axis=2))
             for cache in caches:
                 cache.trim(rows)
