@@ -104,7 +104,7 @@ class RowCosts:
         self.rows, self.probed, self.per_sequence, self.alpha = list(rows), list(seconds), per_sequence, alpha
         self.scale = 1.0
         self.observations = 0
-        self.cells: dict[tuple[int, int], list] = {}  # (sequences, rows) -> [running median, forwards, first times]
+        self.cells: dict[int, dict[int, list]] = {}  # sequences -> rows -> [running median, forwards, first times]
 
     def _raw(self, rows: int, sequences: int) -> float:
         base = float(np.interp(rows, self.rows, self.probed))
@@ -118,26 +118,27 @@ class RowCosts:
 
     def measured(self, rows: int, sequences: int) -> bool:
         """Whether forwards of this many sequences and rows have run often enough to stand."""
-        return self.cells.get((sequences, rows), (0.0, 0, []))[1] >= CELL_SEEN
+        return self.cells.get(sequences, {}).get(rows, (0.0, 0, []))[1] >= CELL_SEEN
 
     def predict(self, rows: int, sequences: int) -> float:
-        seen = sorted(r for (n, r), (_, count, _) in self.cells.items() if n == sequences and count >= CELL_SEEN)
+        cells = self.cells.get(sequences, {})
+        seen = sorted(r for r, (_, count, _) in cells.items() if count >= CELL_SEEN)
         below = [r for r in seen if r <= rows]
         above = [r for r in seen if r >= rows]
         if below and above:
             lo, hi = below[-1], above[0]
-            t_lo, t_hi = self.cells[sequences, lo][0], self.cells[sequences, hi][0]
+            t_lo, t_hi = cells[lo][0], cells[hi][0]
             return t_lo if hi == lo else t_lo + (t_hi - t_lo) * (rows - lo) / (hi - lo)
         if below or above:
             near = below[-1] if below else above[0]
-            return self.cells[sequences, near][0] + self._model(rows, sequences) - self._model(near, sequences)
+            return cells[near][0] + self._model(rows, sequences) - self._model(near, sequences)
         return self._model(rows, sequences)
 
     def observe(self, rows: int, sequences: int, seconds: float) -> None:
         if seconds > 0:
             self.scale += self.alpha * (seconds / self._raw(rows, sequences) - self.scale)
             self.observations += 1
-            cell = self.cells.setdefault((sequences, rows), [seconds, 0, []])
+            cell = self.cells.setdefault(sequences, {}).setdefault(rows, [seconds, 0, []])
             if cell[1] < CELL_SEEN:  # the first few: their median, so one stalled forward does not start it
                 cell[2].append(seconds)
                 cell[0] = float(np.median(cell[2]))
@@ -146,8 +147,9 @@ class RowCosts:
             cell[1] += 1
 
     def to_dict(self) -> dict:
+        cells = [[n, r, t, c, first] for n, row in self.cells.items() for r, (t, c, first) in row.items()]
         return {"rows": self.rows, "seconds": self.probed, "per_sequence": self.per_sequence, "scale": self.scale,
-                "observations": self.observations, "cells": [[n, r, t, c, first] for (n, r), (t, c, first) in self.cells.items()]}
+                "observations": self.observations, "cells": cells}
 
     @classmethod
     def from_dict(cls, data: dict) -> RowCosts:
@@ -155,8 +157,8 @@ class RowCosts:
         if len(costs.rows) < 2 or len(costs.rows) != len(costs.probed):
             raise ValueError("row costs need two or more probed row counts")
         costs.scale, costs.observations = float(data["scale"]), int(data["observations"])
-        costs.cells = {(int(n), int(r)): [float(t), int(c), [float(x) for x in first]]
-                       for n, r, t, c, first in data.get("cells", [])}
+        for n, r, t, c, first in data.get("cells", []):
+            costs.cells.setdefault(int(n), {})[int(r)] = [float(t), int(c), [float(x) for x in first]]
         return costs
 
 
