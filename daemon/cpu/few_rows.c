@@ -13,6 +13,8 @@
 #include <stdatomic.h>
 #include <stdint.h>
 #include <unistd.h>
+
+#include "lanes.h"
 #if defined(__x86_64__)
 #define RELAX() __builtin_ia32_pause()
 #else
@@ -36,23 +38,7 @@ int mtpd_few_rows_enabled(void) { return enabled; }
 /* GROUP input rows at a time: one weight row is read into a vector register once per LANES of it
  * and multiplied into each row's accumulator (fused multiply-adds where the CPU has them); every
  * output element is the same sequence of operations whatever the number of rows beside it */
-typedef float lanes __attribute__((vector_size(64)));
-enum { LANES = 16, GROUP = 8 };
-
-static inline __attribute__((always_inline)) lanes load(const float *p) {
-  lanes v;
-  __builtin_memcpy(&v, p, sizeof v);
-  return v;
-}
-
-static inline __attribute__((always_inline)) float total(lanes v) {
-  typedef float half __attribute__((vector_size(32)));
-  typedef float quarter __attribute__((vector_size(16)));
-  half h = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7)
-           + __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
-  quarter q = __builtin_shufflevector(h, h, 0, 1, 2, 3) + __builtin_shufflevector(h, h, 4, 5, 6, 7);
-  return (q[0] + q[2]) + (q[1] + q[3]);
-}
+enum { GROUP = 8 };
 
 static inline __attribute__((always_inline)) void group(const int nx, int k, const float *x, long lda,
                                                         const float *wj, float *c, long ldc, float alpha,
