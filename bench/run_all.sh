@@ -70,3 +70,7 @@ $mtpd bench --prompts bench/long-prompts.jsonl --spec off --spec adaptive --base
 # 7. many clients at once: mtpd adaptive, mtpd off and mlx-lm's own server (docs/benchmarks.md)
 .venv/bin/python bench/load.py --clients 1 4 8 --rounds 2 --max-tokens 96 --json $out/load.json \
   --png $out/load.png
+
+# 7b. draft policies in a batch, in-process (docs/serving.md): 8 and 4 sequences, interleaved
+.venv/bin/python bench/batch.py --sequences 8 --specs off adaptive fixed:1 --reps 3 --max-tokens 96
+.venv/bin/python bench/batch.py --sequences 4 --specs off adaptive fixed:1 --reps 3 --max-tokens 96
