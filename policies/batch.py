@@ -99,14 +99,15 @@ class Shares:
 
 
 def shares(rows: RowCosts, sequences: int, draft_seconds: float, verify_seconds: float, together: bool, k_max: int,
-           block: bool = False) -> Shares:
+           block: bool = False, remeasure: bool = False) -> Shares:
     """A sequence's Shares in a step of `sequences` decoding sequences, each drafting one (its
-    row: (T(2n) - T(n)) / n); draft_seconds: one unit of policies.batch.draft_units."""
+    row: (T(2n) - T(n)) / n); draft_seconds: one unit of policies.batch.draft_units; remeasure:
+    priced as not yet explored, so that step runs again."""
     plain = rows.predict(sequences, sequences)
     row = (rows.predict(2 * sequences, sequences) - plain) / sequences
     per_position = draft_seconds / sequences if together else draft_seconds
     return Shares(plain / sequences, row, per_position, draft_seconds + verify_seconds, k_max, block,
-                  rows.measured(2 * sequences, sequences))
+                  rows.measured(2 * sequences, sequences) and not remeasure)
 
 
 class Clock:

@@ -77,6 +77,7 @@ def test_fits_only_head_sizes_and_row_counts_it_computes():
     assert ragged_attention.fits([(0, 1), (1, 17)], 64)
     assert not ragged_attention.fits([(0, 1), (1, 18)], 64)  # 17 rows: a prefill chunk's, MLX's work
     assert not ragged_attention.fits([(0, 1)], 24) and not ragged_attention.fits([(0, 1)], 256)
+    assert not ragged_attention.fits([(0, 1)], 96) and not ragged_attention.fits([(0, 1)], 80)  # widths it has no form for
 
 
 def test_a_blocks_batch_forward_with_the_kernel_matches_mlxs_and_fills_the_same_caches(tiny_lm, monkeypatch):
@@ -153,6 +154,7 @@ def test_the_probe_times_both_ways_and_declines_what_it_cannot_compute():
     faster, ms = ragged_attention.probe(4, 2, 16, fast_block.grouped_attention)
     assert set(ms) == {"mlx", "native"} and all(t > 0 for t in ms.values()) and isinstance(faster, bool)
     assert ragged_attention.probe(4, 2, 24, fast_block.grouped_attention) == (False, {})
+    assert ragged_attention.probe(6, 2, 96, fast_block.grouped_attention) == (False, {})
 
 
 @pytest.mark.parametrize("faster", [True, False])

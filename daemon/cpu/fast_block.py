@@ -56,14 +56,13 @@ class FastBlock(llama.TransformerBlock):
         few = self._few(x)
         offset = mx.array(cache.offset)
         queries, keys, values = self._pre(x, offset) if few is None else self._pre_few(x, offset, few[0])
+        keys, values = cache.update_and_fetch(keys, values)
         if self._ragged_native and x.shape[1] <= ragged_attention.ALONE_ROWS and ragged_attention.fits(
                 [(0, x.shape[1])], self.self_attn.head_dim):
-            cache.update_and_fetch(keys, values)
             out = ragged_attention.attention(queries, [cache], [(0, x.shape[1])], self.self_attn.scale)
-            return self._post_rows(x, out) if few is None else self._post_few(x, out, *few[1:])
-        keys, values = cache.update_and_fetch(keys, values)
-        long = self._long_rows and long_enough(x.shape[1], keys.shape[2], self.self_attn.n_heads)
-        out = (long_attention.attention if long else self._attend)(queries, keys, values, self.self_attn.scale)
+        else:
+            long = self._long_rows and long_enough(x.shape[1], keys.shape[2], self.self_attn.n_heads)
+            out = (long_attention.attention if long else self._attend)(queries, keys, values, self.self_attn.scale)
         return self._post_rows(x, out) if few is None else self._post_few(x, out, *few[1:])
 
     def ragged(self, x: mx.array, positions: mx.array, bounds, caches) -> mx.array:
@@ -72,17 +71,17 @@ class FastBlock(llama.TransformerBlock):
         in the rows; `caches` each one's KV cache. Attention runs per sequence, the rest over all."""
         few = self._few(x)
         queries, keys, values = self._pre_rows(x, positions) if few is None else self._pre_rows_few(x, positions, few[0])
-        if self._ragged_native and ragged_attention.fits(bounds, self.self_attn.head_dim):
-            for (s, e), cache in zip(bounds, caches):
-                cache.update_and_fetch(keys[:, :, s:e], values[:, :, s:e])
-            out = ragged_attention.attention(queries, caches, bounds)
-            return self._post_rows(x, out) if few is None else self._post_few(x, out, *few[1:])
+        native = self._ragged_native and ragged_attention.fits(bounds, self.self_attn.head_dim)
         outs = []
         for (s, e), cache in zip(bounds, caches):  # queries come scaled
             k, v = cache.update_and_fetch(keys[:, :, s:e], values[:, :, s:e])
-            long = self._long_rows and long_enough(e - s, k.shape[2], self.self_attn.n_heads)
-            outs.append((long_attention.attention if long else self._attend)(queries[:, :, s:e], k, v, 1.0))
-        out = mx.concatenate(outs, axis=2) if len(outs) > 1 else outs[0]
+            if not native:
+                long = self._long_rows and long_enough(e - s, k.shape[2], self.self_attn.n_heads)
+                outs.append((long_attention.attention if long else self._attend)(queries[:, :, s:e], k, v, 1.0))
+        if native:
+            out = ragged_attention.attention(queries, caches, bounds)
+        else:
+            out = mx.concatenate(outs, axis=2) if len(outs) > 1 else outs[0]
         return self._post_rows(x, out) if few is None else self._post_few(x, out, *few[1:])
 
     def _long(self, x: mx.array, cache: KVCache) -> mx.array:

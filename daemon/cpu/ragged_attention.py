@@ -53,8 +53,11 @@ def load(folder: Path) -> bool:
     return True
 
 
+HEAD_DIMS = (16, 32, 64, 128)  # the row widths the kernel computes (a constant count of 16-float vectors)
+
+
 def fits(bounds, head_dim: int) -> bool:
-    return _function is not None and head_dim % 16 == 0 and head_dim <= 128 and all(e - s <= MAX_ROWS for s, e in bounds)
+    return _function is not None and head_dim in HEAD_DIMS and all(e - s <= MAX_ROWS for s, e in bounds)
 
 
 def attention(queries: mx.array, caches: list, bounds, scale: float = 1.0) -> mx.array:

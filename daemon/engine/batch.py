@@ -185,11 +185,8 @@ class Batch:
         if sequences < 2 or self.costs is None:
             return None
         self._priced[sequences] = self._priced.get(sequences, 0) + 1
-        priced = shares(self.costs, sequences, self.draft_seconds, self.verify_seconds, self.drafts_together,
-                        self.shared.costs.k_max, self.drafts_block)
-        if self._priced[sequences] % REMEASURE == 0:
-            priced.explored = False
-        return priced
+        return shares(self.costs, sequences, self.draft_seconds, self.verify_seconds, self.drafts_together,
+                      self.shared.costs.k_max, self.drafts_block, self._priced[sequences] % REMEASURE == 0)
 
     def _observe_verifying(self, took: list[tuple[int | None, float]]) -> None:
         """What a verified round costs a sequence beyond its rows and drafts (acceptance, the
