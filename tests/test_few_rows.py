@@ -21,8 +21,9 @@ PRODUCTS = textwrap.dedent("""
 
     def products():
         errors, alone = [], []
-        for rows in (1, 2, 5, 8, 9, 12, 13):  # one group of rows, two, and one row too many
-            for k, n in ((576, 192), (300, 257), (64, 96)):  # the shim's, odd sizes, too small for it
+        for rows in (1, 2, 5, 8, 9, 16, 24, 25):  # one group of rows, two, three, and one row too many
+            for k, n in ((576, 192), (1536, 64), (300, 257), (64, 96)):  # the shim's (rows long enough to
+                # be grouped by fours), odd sizes, too small for it
                 a = mx.random.normal((rows, k), key=mx.random.key(k + n))
                 w = mx.random.normal((n, k), key=mx.random.key(n))
                 at = mx.contiguous(a.T).T  # stored transposed: MLX passes it with its stride
@@ -72,11 +73,11 @@ def test_few_row_products_match_the_blas_each_row_stands_alone_and_a_fork_works(
     assert run.returncode == 0, run.stderr
     seen = json.loads(run.stdout)
     assert seen["loaded"] is True and seen["enabled"] is False and seen["forked"] == 0
-    assert len(seen["on"]) == len(seen["off"]) == 84
+    assert len(seen["on"]) == len(seen["off"]) == 128
     assert max(seen["on"]) < 1e-5 and max(seen["off"]) < 1e-5
-    # the shim's products (up to 12 rows, large enough) give each row exactly as it comes alone
-    mine = [seen["alone_on"][3 * i + shape] for i in range(6) for shape in (0, 1)]  # 1 to 12 rows
-    assert mine == [True] * 12
+    # the shim's products (up to 24 rows, large enough) give each row exactly as it comes alone
+    mine = [seen["alone_on"][4 * i + shape] for i in range(7) for shape in (0, 1, 2)]  # 1 to 24 rows
+    assert mine == [True] * 21
 
 
 @needs_shim

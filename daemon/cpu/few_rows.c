@@ -23,7 +23,7 @@
 
 typedef int blasint;
 enum { ROW_MAJOR = 101, NO_TRANS = 111, TRANS = 112 };
-enum { FEW_ROWS = 12, LARGE = 1 << 16, SPINS = 1 << 11 };
+enum { FEW_ROWS = 24, LARGE = 1 << 16, SPINS = 1 << 11 };
 
 typedef void (*sgemm_fn)(int, int, int, blasint, blasint, blasint, float, const float *, blasint,
                          const float *, blasint, float, float *, blasint);
@@ -41,12 +41,13 @@ int mtpd_few_rows_enabled(void) { return enabled; }
 enum { GROUP = 8 };
 
 static inline __attribute__((always_inline)) void group(const int nx, int k, const float *x, long lda,
-                                                        const float *wj, float *c, long ldc, float alpha,
-                                                        float beta) {
+                                                        const float *wj, const float *ahead, float *c, long ldc,
+                                                        float alpha, float beta) {
   lanes acc[GROUP];
   for (int r = 0; r < nx; r++) acc[r] = (lanes){0};
   int i = 0;
   for (; i + LANES <= k; i += LANES) {
+    if (ahead) __builtin_prefetch(ahead + i, 0, 2);  /* the cache line of a later weight row, into L2 */
     lanes wv = load(wj + i);
     for (int r = 0; r < nx; r++) acc[r] += load(x + r * lda + i) * wv;
   }
@@ -58,25 +59,39 @@ static inline __attribute__((always_inline)) void group(const int nx, int k, con
   }
 }
 
+/* the weight rows a few rows on, fetched into L2 while this one is multiplied: without it the
+ * memory's stream and the multiply-adds took turns, and 2-12 rows cost up to twice one row's time */
+enum { AHEAD = 12 };
+/* weight rows that one group of input rows meets before the next group does, so each group stays in
+ * L1 (its rows at most X_BYTES) and the block of weight rows in L2 */
+enum { BLOCK = 16, X_BYTES = 24 << 10 };
+
 #if defined(__x86_64__)
 __attribute__((target_clones("avx512f", "arch=haswell", "default")))
 #endif
 static void rows(int m, int k, const float *x, int lda, const float *w, int ldb, float *c, int ldc,
                  int j0, int j1, float alpha, float beta) {
-  for (int j = j0; j < j1; j++) {  /* the weight row stays in cache for every group of rows */
-    const float *wj = w + (long)j * ldb;
-    for (int r = 0; r < m; r += GROUP) {
+  const int size = (long)k * GROUP * (long)sizeof(float) > X_BYTES ? GROUP / 2 : GROUP;
+  for (int jb = j0; jb < j1; jb += BLOCK) {
+    const int je = jb + BLOCK < j1 ? jb + BLOCK : j1;
+    for (int r = 0; r < m; r += size) {
       const float *xr = x + (long)r * lda;
-      float *out = c + (long)r * ldc + j;
-      switch (m - r < GROUP ? m - r : GROUP) {  /* a constant count keeps the accumulators in registers */
-        case 1: group(1, k, xr, lda, wj, out, ldc, alpha, beta); break;
-        case 2: group(2, k, xr, lda, wj, out, ldc, alpha, beta); break;
-        case 3: group(3, k, xr, lda, wj, out, ldc, alpha, beta); break;
-        case 4: group(4, k, xr, lda, wj, out, ldc, alpha, beta); break;
-        case 5: group(5, k, xr, lda, wj, out, ldc, alpha, beta); break;
-        case 6: group(6, k, xr, lda, wj, out, ldc, alpha, beta); break;
-        case 7: group(7, k, xr, lda, wj, out, ldc, alpha, beta); break;
-        default: group(8, k, xr, lda, wj, out, ldc, alpha, beta);
+      const int nx = m - r < size ? m - r : size;
+      for (int j = jb; j < je; j++) {
+        const float *wj = w + (long)j * ldb;
+        /* one row is read at the memory's speed by itself; the first group fetches ahead */
+        const float *ahead = r == 0 && m > 1 && j + AHEAD < j1 ? w + (long)(j + AHEAD) * ldb : 0;
+        float *out = c + (long)r * ldc + j;
+        switch (nx) {  /* a constant count keeps the accumulators in registers */
+          case 1: group(1, k, xr, lda, wj, ahead, out, ldc, alpha, beta); break;
+          case 2: group(2, k, xr, lda, wj, ahead, out, ldc, alpha, beta); break;
+          case 3: group(3, k, xr, lda, wj, ahead, out, ldc, alpha, beta); break;
+          case 4: group(4, k, xr, lda, wj, ahead, out, ldc, alpha, beta); break;
+          case 5: group(5, k, xr, lda, wj, ahead, out, ldc, alpha, beta); break;
+          case 6: group(6, k, xr, lda, wj, ahead, out, ldc, alpha, beta); break;
+          case 7: group(7, k, xr, lda, wj, ahead, out, ldc, alpha, beta); break;
+          default: group(8, k, xr, lda, wj, ahead, out, ldc, alpha, beta);
+        }
       }
     }
   }

@@ -8,7 +8,7 @@ rows through its `sgemm`, 15 / 19 / 33 ms through `few_rows.c`, which reads each
 up to 8 input rows (docs/cpu.md).
 
 `few_rows.c` is a `cblas_sgemm` preloaded ahead of the BLAS (daemon.cpu.blas) that computes
-products of up to 12 rows against a large weight matrix itself and hands everything else to the
+products of up to 24 rows against a large weight matrix itself and hands everything else to the
 BLAS's `cblas_sgemm`. It is compiled here, once per source, with the system's C compiler into
 mtpd's cache; with no compiler there is no shim and nothing changes. Whether it is faster on this
 machine is measured at load (daemon.cpu.forms) and `enable` turns it off where it is not.

@@ -30,9 +30,9 @@ PROBE_REPEATS = 7
 PROBE_SECONDS = 0.5  # a measurement's time: slow forwards (a big model, a cluster's) are timed fewer times
 ROW_PROBES = (16, 32)  # row counts a batch's forward is probed at past the single-sequence probe
 BATCH_PROBE = 4  # sequences of the probe of what each sequence adds to a batch's forward
-COST_FORMS = 7  # bump when forward passes change speed (2: column-major weights, FastBlock; 3: row-major copies;
+COST_FORMS = 8  # bump when forward passes change speed (2: column-major weights, FastBlock; 3: row-major copies;
 # 4: the start-up probe keeps column-major weights only where they win; 5: few-row products; 6: to 12 rows;
-# 7: attention in C): re-probe
+# 7: attention in C; 8: few-row products to 24 rows, weights fetched ahead): re-probe
 
 
 def machine() -> str:
