@@ -97,8 +97,9 @@ class RowCosts:
     (extrapolated past the last two), plus what each sequence past the first adds (its own
     attention), scaled by a moving average of real batched forwards over it. Real batches have
     their own shape: on the 2-vCPU AMD VM, 4 sequences of one row took 55 ms and of two rows 89
-    ms, 8 sequences of one row 102 ms and of two rows 111 ms (16 rows go to OpenBLAS's kernel at
-    nearly the cost of 8), while the probe's one slope saw neither."""
+    ms, 8 sequences of one row 102 ms and of two rows 111 ms (16 rows went to OpenBLAS's kernel at
+    nearly the cost of 8), while the probe's one slope saw neither; with the few-row products up
+    to 24 rows (daemon/cpu/few_rows.c), 4 sequences took 42-45 and 57-60 ms."""
 
     def __init__(self, rows: list[int], seconds: list[float], per_sequence: float, alpha: float = 0.1):
         self.rows, self.probed, self.per_sequence, self.alpha = list(rows), list(seconds), per_sequence, alpha
