@@ -29,9 +29,10 @@ SOURCE = "ragged_attention.c"
 FLAGS = "-O3 -shared -fPIC"
 MAX_ROWS = 16
 # a sequence's forward by itself takes it up to this many rows: after 300 tokens on the 2-vCPU AMD
-# EPYC its 1 / 2 / 3-row forwards took 34.2 / 33.3 / 38.7 ms against MLX's 35.2 / 38.2 / 43.7, 5 rows
-# 50.9 both ways, 9 rows 83.4 against 75.4 (MLX's products of many rows amortise its ops)
-ALONE_ROWS = 4
+# EPYC its 1 / 2 / 3-row forwards took 34.2 / 33.3 / 38.7 ms against MLX's 35.2 / 38.2 / 43.7, 9 rows
+# 83.4 against 75.4 (MLX's products of many rows amortise its ops); since the few-row products
+# fetch ahead, 5 / 6 rows 38.2-39.7 / 41.7-45.4 against 40.6-42.0 / 42.8-45.8, 8 rows 57.1 against 52.9
+ALONE_ROWS = 6
 PROBE = (8, 2, 256)  # sequences, rows each, keys: a verification of one draft at 8 clients
 LAYERS = 30
 MARGIN = 0.10
