@@ -17,6 +17,7 @@ from daemon.training.data import (
     context_offers,
     drafter_batch,
 )
+from daemon.training.loss import fixed_rounds
 from daemon.training.settings import TrainSettings, default_feature_layers
 from daemon.training.train import train_drafter
 from policies.fixed import Fixed
@@ -92,6 +93,21 @@ def test_acceptance_counts_answer_tokens_only():
         [False, True, True, True, True, False, False],
         [True, True, True, False, False, False, False],
     ]
+
+
+def test_fixed_rounds_walk_the_hits_as_a_fixed_run_does():
+    """Answer positions 2..11; the first round starts at 3 (the prompt's pass gave the first answer
+    token) and each next one after the last accepted draft's bonus token: at 3 it accepts 2 drafts,
+    at 6 none, at 7 all three, then 11 leaves no room for a whole round."""
+    counted = np.zeros((3, 14), bool)
+    counted[:, 2:12] = True
+    hits = np.zeros((3, 14), bool)
+    hits[:2, 3] = True  # round at 3: drafts 1 and 2 right, 3 wrong
+    hits[1:, 6] = True  # round at 6: the first draft wrong, so none accepted
+    hits[:, 7] = True  # round at 7: all three
+    hits[:, 4:6] = True  # never a round's start: the walk jumps from 3 to 6
+    assert fixed_rounds(hits, counted).tolist() == [1, 0, 1, 1]
+    assert fixed_rounds(hits, np.zeros_like(counted)).tolist() == [0, 0, 0, 0]
 
 
 @pytest.mark.parametrize("which", ["trained", "trained_with_blocks", "trained_without_offers"])

@@ -98,31 +98,61 @@ def chained_loss_fn(drafter, target, hidden, tokens, labels, mask, offers, weigh
     return terms[0] + weight * sum(terms[1:])
 
 
+def draft_hits(drafter, lm, f: dict, rows: np.ndarray, depth: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """Teacher-forced drafts of `rows` at depths 1 .. `depth` (depth d after accepted drafts at the
+    positions before it): hits [len(rows), depth, L], True where draft d of a round that starts at
+    drafter position i (after token i + 1) is the target's own greedy token, and counted [same shape],
+    True where that token belongs to the answer (a prompt's tokens are never drafted when serving)."""
+    hidden, tokens, labels, mask = drafter_batch(f, rows)
+    mask = mask & answer_positions(f, rows, mask.shape[1])
+    offers = tuple(map(mx.array, context_offers(f, rows))) if drafter.config.reads_offers else None
+    hits, counted = [], []
+    for d, out in enumerate(chain_depths(drafter, lm.model, hidden, tokens, offers, depth), 1):
+        logits = drafter._full_vocab(drafter.head_logits(out, lm.model))
+        at, m = _at_depth(labels, mask, d)
+        hits.append((mx.argmax(logits, axis=-1) == at) & m)
+        counted.append(m)
+    hits, counted = mx.stack(hits, axis=1), mx.stack(counted, axis=1)
+    mx.eval(hits, counted)
+    return np.array(hits), np.array(counted)
+
+
 def evaluate(drafter, lm, f: dict, rows: np.ndarray, lookup_vocab, batch: int, depth: int = 1) -> dict[str, float]:
     """Teacher-forced top-1 agreement with the target at draft position `depth` (after accepted
     drafts at the positions before it), per category, counted where the drafted token belongs to the
-    answer (a prompt's tokens are never drafted when serving): on the target's own greedy text
-    this is the greedy acceptance rate of that draft."""
+    answer: on the target's own greedy text this is the greedy acceptance rate of that draft."""
     hits = np.zeros(len(CATEGORIES))
     totals = np.zeros(len(CATEGORIES))
     for start in range(0, len(rows), batch):
         part = rows[start : start + batch]
-        hidden, tokens, labels, mask = drafter_batch(f, part)
-        mask = mask & answer_positions(f, part, mask.shape[1])
-        offers = tuple(map(mx.array, context_offers(f, part))) if drafter.config.reads_offers else None
-        if depth == 1:
-            logits, _ = drafter(hidden, tokens, None, lm.model, offers)
-        else:
-            out = chain_depths(drafter, lm.model, hidden, tokens, offers, depth)[-1]
-            logits = drafter._full_vocab(drafter.head_logits(out, lm.model))
-            labels, mask = _at_depth(labels, mask, depth)
-        correct = (mx.argmax(logits, axis=-1) == labels) & mask
-        mx.eval(correct, mask)
-        for row, c, m in zip(part, np.array(correct), np.array(mask)):
+        correct, counted = draft_hits(drafter, lm, f, part, depth)
+        for row, c, m in zip(part, correct[:, -1], counted[:, -1]):
             hits[f["category"][row]] += c.sum()
             totals[f["category"][row]] += m.sum()
     result = {name: float(hits[i] / totals[i]) for i, name in enumerate(CATEGORIES) if totals[i]}
     result["all"] = float(hits.sum() / max(totals.sum(), 1))
     return result
+
+
+def fixed_rounds(hits: np.ndarray, counted: np.ndarray) -> np.ndarray:
+    """What a fixed:K run accepts on one sequence, from its teacher-forced `hits` and `counted`
+    [K, L] (draft_hits' row): the first round starts after the first answer token (the prompt's
+    pass gives that one), each next one after the bonus token of the one before, while a whole round
+    fits in the answer. Returns [K + 1]: how many rounds accepted exactly j drafts. Rounds start
+    where the target corrected the drafter more often than teacher forcing's every position does,
+    so these rates run below draft_hits' (what a fixed:K bench measures by position)."""
+    k = hits.shape[0]
+    rounds = np.zeros(k + 1, np.int64)
+    answer = np.nonzero(counted[0])[0]
+    if not len(answer):
+        return rounds
+    i, last = answer[0] + 1, answer[-1]
+    while i + k - 1 <= last:
+        accepted = 0
+        while accepted < k and hits[accepted, i]:
+            accepted += 1
+        rounds[accepted] += 1
+        i += accepted + 1
+    return rounds
 
 
