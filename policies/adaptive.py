@@ -27,6 +27,7 @@ from policies.acceptance import (
     lookup_key,
     lookup_prior,
 )
+from policies.batch import Shares
 from policies.classifier import PROSE
 from policies.cost import (
     RowCosts,
@@ -119,11 +120,12 @@ class AdaptivePolicy:
         optimistic = np.full(self.k_max, OPTIMISTIC_RATE)
         return best_draft_length(optimistic, self.shared.costs, self.k_max, OFF_MARGIN) > 0
 
-    def _lookup_plan(self, offer: Proposal, mtp_k: int) -> Plan | None:
+    def _lookup_plan(self, offer: Proposal, mtp_k: int, costs: StepCosts | Shares) -> Plan | None:
         """Copy the offer when that is expected to beat both the drafter's best k and plain
-        decoding (by the off margin); else leave its lookup estimates to relax."""
+        decoding (by the off margin), at `costs` (alone: the step costs; in a batch: this
+        sequence's share of the step); else leave its lookup estimates to relax."""
         key = lookup_key(self.klass, offer.match, offer.source)
-        rates, costs = self.lookup.rates(key), self.shared.costs
+        rates = self.lookup.rates(key)
         k = best_lookup_length(rates, costs, min(len(offer.tokens), self.k_max))
         rival = max(throughput(self.acceptance.rates(self.klass), mtp_k, costs), throughput(rates, 0, costs) * (1 + OFF_MARGIN))
         if throughput(rates, k, costs, lookup=True) > rival:
@@ -133,18 +135,23 @@ class AdaptivePolicy:
         self.lookup.relax(key)
         return None
 
-    def _batch_plan(self, batch) -> Plan:
-        """In a batch of several sequences: one draft from the drafter where this sequence's share
-        of the batch's step prices it above plain decoding, else none. The drafts of a step's
-        sequences share the drafter's forwards and the target's, so a step in which every sequence
-        drafts one is the batch's cheapest way to draft (in-process, 8 sequences on the 2-vCPU AMD
-        VM: fixed:1 x1.12-1.43 over off, lookups and longer drafts priced one sequence at a time
-        x0.97-1.10). While such a step has not been timed, the draft's rates go unstated, so the
-        batch runs it (policies.batch.fit_drafts) and its row costs learn what it costs."""
+    def _batch_plan(self, batch: Shares, offer: Proposal) -> Plan:
+        """In a batch of several sequences: a copy of the lookup's offer where its estimates price
+        it above the drafter's draft and plain decoding at this sequence's share of the batch's
+        step (a copied row needs no drafter forward), else one draft from the drafter where that
+        share prices it above plain decoding, else none. The drafts of a step's sequences share the
+        drafter's forwards and the target's, so a step in which every sequence drafts one is the
+        batch's cheapest way to draft from the drafter (in-process, 8 sequences on the 2-vCPU AMD
+        VM: fixed:1 x1.12-1.43 over off, longer drafts priced one sequence at a time x0.97-1.10).
+        While such a step has not been timed, the draft's rates go unstated, so the batch runs it
+        (policies.batch.fit_drafts) and its row costs learn what it costs."""
         if not batch.explored:
             return Plan(1)
         rates = self.acceptance.rates(self.klass)
-        if best_draft_length(rates, batch, 1, OFF_MARGIN) == 0:
+        k = best_draft_length(rates, batch, 1, OFF_MARGIN)
+        if offer.tokens and self.use_lookup and (copy := self._lookup_plan(offer, k, batch)):
+            return copy
+        if k == 0:
             self.acceptance.relax(self.klass)
             return Plan(0)
         return Plan(1, rates=(float(rates[0]),))
@@ -156,9 +163,9 @@ class AdaptivePolicy:
         self.lookup_key = None
         self.probing = False
         if self.shared.batch is not None:
-            return self._batch_plan(self.shared.batch)
+            return self._batch_plan(self.shared.batch, offer)
         k = self._best()
-        if offer.tokens and self.use_lookup and (copy := self._lookup_plan(offer, k)):
+        if offer.tokens and self.use_lookup and (copy := self._lookup_plan(offer, k, self.shared.costs)):
             return copy
         if k == 0:
             self.acceptance.relax(self.klass)

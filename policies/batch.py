@@ -45,31 +45,37 @@ def draft_units(ks: Sequence[int], together: bool, block: bool = False) -> int:
 
 def fit_drafts(plans: Sequence[tuple[int, Sequence[float]]], base_rows: int, row_seconds: Callable[[int], float],
                draft_seconds: float, max_rows: int, together: bool = False, verify_seconds: float = 0.0,
-               block: bool = False) -> list[int]:
+               block: bool = False, copies: Sequence[bool] = ()) -> list[int]:
     """plans: each sequence's (planned k, its rates: empty if unknown); base_rows: the step's rows
     without any draft (one per planned sequence, plus everyone else's); row_seconds(rows): the
     step's forward time; draft_seconds: the time of one of `draft_units`; together: the drafts of a
     position run in one drafter forward; verify_seconds: what a sequence's verified round costs
-    beyond its rows (acceptance, rollback); block: a drafter forward proposes any k. Returns each
-    sequence's k."""
+    beyond its rows (acceptance, rollback); block: a drafter forward proposes any k; copies: which
+    plans copy a lookup's offer (no drafter forward; none if empty). Returns each sequence's k."""
     ks = [k for k, _ in plans]
     worth = [gains(rates, k) for k, rates in plans]
     known = [len(rates) >= k for k, rates in plans]
     tokens = len(plans) + sum(sum(g) for g in worth)
+    copied = list(copies) or [False] * len(plans)
 
     def rate(tokens: float, ks: list[int]) -> float:
-        drafting = draft_seconds * draft_units(ks, together, block) + verify_seconds * sum(k > 0 for k in ks)
+        drafted = [0 if c else k for k, c in zip(ks, copied)]
+        drafting = draft_seconds * draft_units(drafted, together, block) + verify_seconds * sum(k > 0 for k in ks)
         return tokens / (row_seconds(base_rows + sum(ks)) + drafting)
 
+    def without(i: int, ks: list[int]) -> tuple[float, list[int]]:  # sequence i's last draft dropped
+        return tokens - worth[i][ks[i] - 1], ks[:i] + [ks[i] - 1] + ks[i + 1 :]
+
     while any(ks):
-        i = min((j for j in range(len(ks)) if ks[j]), key=lambda j: (not known[j], worth[j][ks[j] - 1]))
-        gain = worth[i][ks[i] - 1]
-        fewer = ks[:i] + [ks[i] - 1] + ks[i + 1 :]
         over = base_rows + sum(ks) > max_rows
-        if not over and (not known[i] or rate(tokens - gain, fewer) <= rate(tokens, ks)):
+        estimated = [j for j in range(len(ks)) if ks[j] and known[j]]
+        if not estimated and not over:
             break
-        ks = fewer
-        tokens -= gain
+        i = max(estimated or [j for j in range(len(ks)) if ks[j]],
+                key=lambda j: (rate(*without(j, ks)), -worth[j][ks[j] - 1]))
+        if not over and rate(*without(i, ks)) <= rate(tokens, ks):
+            break
+        tokens, ks = without(i, ks)
     if all(known) and any(ks) and rate(tokens, ks) < rate(len(plans), [0] * len(ks)) * (1 + BATCH_MARGIN):
         return [0] * len(ks)
     return ks

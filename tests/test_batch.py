@@ -80,6 +80,15 @@ def test_fit_cuts_to_the_row_limit_estimated_drafts_before_fixed_ones():
     assert sum(ks) == 6 and ks[0] == 4 and ks[1] >= ks[2]
 
 
+def test_copied_drafts_cost_their_rows_but_no_drafter_forward():
+    plans = [(2, [0.5, 0.5]), (2, [0.5, 0.5])]
+    dear_drafter = dict(row_seconds=lambda rows: 0.1 + 0.001 * rows, draft_seconds=0.05, max_rows=64, together=True)
+    assert fit_drafts(plans, 2, **dear_drafter) == [0, 0]
+    assert fit_drafts(plans, 2, **dear_drafter, copies=[True, True]) == [2, 2]
+    # one copies, one drafts: the drafter's forwards are priced for the one that drafts
+    assert fit_drafts(plans, 2, **dear_drafter, copies=[True, False]) == [2, 0]
+
+
 def test_drafts_that_run_together_cost_a_forward_per_position():
     assert draft_units([3, 1, 0, 2], together=False) == 9  # 6 drafts, 3 drafting sequences
     assert draft_units([3, 1, 0, 2], together=True) == 6  # 3 positions
@@ -128,9 +137,16 @@ def test_in_a_batch_the_adaptive_policy_drafts_one_where_its_share_pays_and_expl
     assert AdaptivePolicy(shared).plan(NO_OFFER, "code").k > 0  # alone: its own step costs
     # 8 sequences whose second rows cost next to nothing: one draft each, from the drafter, with its rate
     shared.batch = shares(measured(0.0002, 0.010, 8, 8, 16), 8, 0.001, 0.0, together=True, k_max=8)
-    for o in (NO_OFFER, offer):
-        plan = AdaptivePolicy(shared).plan(o, "code")
-        assert (plan.k, plan.lookup, len(plan.rates)) == (1, False, 1)
+    plan = AdaptivePolicy(shared).plan(NO_OFFER, "code")
+    assert (plan.k, plan.lookup, plan.rates) == (1, False, (pytest.approx(0.6, abs=0.01),))
+    # a lookup's offer whose copies are accepted 0.6, then 0.8 (its prior): the whole offer is copied
+    plan = AdaptivePolicy(shared).plan(offer, "code")
+    assert (plan.k, plan.lookup) == (3, True) and plan.rates == pytest.approx((0.6, 0.8, 0.8))
+    # copies that are seldom accepted: the drafter's draft
+    for _ in range(200):
+        shared.lookup.observe("code/3", 3, 0)
+    plan = AdaptivePolicy(shared).plan(offer, "code")
+    assert (plan.k, plan.lookup) == (1, False)
     # 4 sequences whose second rows cost a whole share each: none
     shared.batch = shares(measured(0.010, 0.001, 4, 4, 8), 4, 0.001, 0.0, together=True, k_max=8)
     assert AdaptivePolicy(shared).plan(offer, "code").k == 0

@@ -108,11 +108,12 @@ class Batch:
         planned = [r for r in self.running if isinstance(r.asked, Planned)]
         if planned:
             started = time.perf_counter()
+            drafting = [r for r in planned if not r.asked.plan.lookup]  # the others copy a lookup's offer
             for r, k in zip(planned, self._fit(planned)):
                 r.reply = k
                 self._advance(r)
-            self._draft(planned)
-            self._observe_drafting(planned, time.perf_counter() - started)
+            self._draft(drafting)
+            self._observe_drafting(drafting, time.perf_counter() - started)
         if arrivals is not None:
             before = len(self.running)
             arrivals()
@@ -175,7 +176,8 @@ class Batch:
         row_seconds = (lambda n: self.costs.predict(n, sequences)) if self.costs is not None else (lambda n: 1.0)
         priced = self.costs is not None
         return fit_drafts(plans, base, row_seconds, self.draft_seconds if priced else 0.0, self.max_rows,
-                          self.drafts_together, self.verify_seconds if priced else 0.0, self.drafts_block)
+                          self.drafts_together, self.verify_seconds if priced else 0.0, self.drafts_block,
+                          [a.plan.lookup for a in asks])
 
     def _shares(self) -> Shares | None:
         """Each sequence's prices in this step (None: alone, or no row costs to price by). Every
