@@ -26,8 +26,9 @@ def observed(drafted: int, accepted: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def drafter_prior(k_max: int, rate: float = 0.5) -> np.ndarray:
-    """Before any evidence, MTP draft position j (from 1) is accepted with rate**j: deeper drafts
-    cost a verified row each, so they must earn their place (exploration tries them now and then)."""
+    """Before any evidence, MTP draft position j (from 1) is accepted with rate**j given the drafts
+    before it accepted (all of positions 1..j with rate**(j(j+1)/2)): deeper drafts cost a verified
+    row each, so they must earn their place (exploration tries them now and then)."""
     return rate ** np.arange(1, k_max + 1)
 
 
