@@ -123,9 +123,9 @@ def _train_parser(sub) -> None:
     t.add_argument("--tokens", type=_at_least_one, default=None, help="target positions to train on")
     t.add_argument("--steps", type=_at_least_one, default=None, help="steps of the first stage (depth 1)")
     t.add_argument("--chain-steps", type=int, default=None, metavar="N",
-                   help="steps of the second stage, the drafter fed its own output (default 300; 0: none)")
+                   help="steps of the second stage, the drafter fed its own output (default 500; 0: none)")
     t.add_argument("--chain-depths", type=_at_least_one, default=None, metavar="D",
-                   help="draft positions the second stage trains together (default 3)")
+                   help="draft positions the second stage trains together (default 4)")
     t.add_argument("--head-vocab", type=int, default=None, help="size of the draft head's vocabulary (0: full)")
     t.add_argument("--feature-layers", type=_blocks, default=None, metavar="N,M|none",
                    help="target blocks whose outputs the drafter also reads (default: a third and two thirds "

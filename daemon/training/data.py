@@ -106,6 +106,8 @@ def make_answers(lm: LoadedModel, s: TrainSettings, progress: Callable[[str], No
     else:
         cpu_workers.run(_answer_worker, [(lm.path, s, k, workers, partials[k]) for k in range(workers)], report)
     answers = concat([dict(np.load(p)) for p in partials if p.exists()])
+    if (made := int(answers["lengths"].sum())) < budget:
+        progress(f"answers: the training prompts ran out at {made} of {budget} tokens")
     np.savez(work / "answers.tmp.npz", **answers)
     (work / "answers.tmp.npz").replace(final)
     for stale in (*partials, plan):

@@ -13,10 +13,10 @@ CATEGORIES = ("code", "prose", "math", "stdlib")  # the kind of prompt answered;
 
 @dataclass
 class TrainSettings:
-    tokens: int = 450_000  # target positions to train on (generated answers and stdlib text)
-    steps: int = 1200
-    chain_steps: int = 300  # then steps of the loss over chain_depths: the drafter also fed its own output
-    chain_depths: int = 3  # draft positions the second stage trains (EAGLE's training-time test)
+    tokens: int = 650_000  # target positions to train on (generated answers and stdlib text)
+    steps: int = 1700
+    chain_steps: int = 500  # then steps of the loss over chain_depths: the drafter also fed its own output
+    chain_depths: int = 4  # draft positions the second stage trains (EAGLE's training-time test)
     chain_weight: float = 1.0  # weight of each later depth's term in those steps
     batch: int = 8
     generate_batch: int = 48  # prompts answered together
