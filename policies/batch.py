@@ -71,9 +71,10 @@ def fit_drafts(plans: Sequence[tuple[int, Sequence[float]]], base_rows: int, row
         estimated = [j for j in range(len(ks)) if ks[j] and known[j]]
         if not estimated and not over:
             break
-        i = max(estimated or [j for j in range(len(ks)) if ks[j]],
-                key=lambda j: (rate(*without(j, ks)), -worth[j][ks[j] - 1]))
-        if not over and rate(*without(i, ks)) <= rate(tokens, ks):
+        after, _, first = max((rate(*without(j, ks)), -worth[j][ks[j] - 1], -j)  # of equals, the first
+                              for j in estimated or [j for j in range(len(ks)) if ks[j]])
+        i = -first
+        if not over and after <= rate(tokens, ks):
             break
         tokens, ks = without(i, ks)
     if all(known) and any(ks) and rate(tokens, ks) < rate(len(plans), [0] * len(ks)) * (1 + BATCH_MARGIN):

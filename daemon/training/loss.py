@@ -117,21 +117,25 @@ def draft_hits(drafter, lm, f: dict, rows: np.ndarray, depth: int = 1) -> tuple[
     return np.array(hits), np.array(counted)
 
 
-def evaluate(drafter, lm, f: dict, rows: np.ndarray, lookup_vocab, batch: int, depth: int = 1) -> dict[str, float]:
-    """Teacher-forced top-1 agreement with the target at draft position `depth` (after accepted
-    drafts at the positions before it), per category, counted where the drafted token belongs to the
-    answer: on the target's own greedy text this is the greedy acceptance rate of that draft."""
-    hits = np.zeros(len(CATEGORIES))
-    totals = np.zeros(len(CATEGORIES))
+def evaluate(drafter, lm, f: dict, rows: np.ndarray, batch: int, depths: int = 1) -> list[dict[str, float]]:
+    """Teacher-forced top-1 agreement with the target at draft positions 1 .. `depths` (each after
+    accepted drafts at the positions before it), per category, counted where the drafted token
+    belongs to the answer: on the target's own greedy text this is the greedy acceptance rate of
+    that draft. One dict per position, from one chained pass over each batch."""
+    hits = np.zeros((depths, len(CATEGORIES)))
+    totals = np.zeros((depths, len(CATEGORIES)))
     for start in range(0, len(rows), batch):
         part = rows[start : start + batch]
-        correct, counted = draft_hits(drafter, lm, f, part, depth)
-        for row, c, m in zip(part, correct[:, -1], counted[:, -1]):
-            hits[f["category"][row]] += c.sum()
-            totals[f["category"][row]] += m.sum()
-    result = {name: float(hits[i] / totals[i]) for i, name in enumerate(CATEGORIES) if totals[i]}
-    result["all"] = float(hits.sum() / max(totals.sum(), 1))
-    return result
+        correct, counted = draft_hits(drafter, lm, f, part, depths)
+        for row, c, m in zip(part, correct, counted):
+            hits[:, f["category"][row]] += c.sum(axis=-1)
+            totals[:, f["category"][row]] += m.sum(axis=-1)
+    results = []
+    for h, t in zip(hits, totals):
+        result = {name: float(h[i] / t[i]) for i, name in enumerate(CATEGORIES) if t[i]}
+        result["all"] = float(h.sum() / max(t.sum(), 1))
+        results.append(result)
+    return results
 
 
 def fixed_rounds(hits: np.ndarray, counted: np.ndarray) -> np.ndarray:

@@ -170,10 +170,9 @@ def _train_steps(lm: LoadedModel, drafter, data: TrainingData, s: TrainSettings,
             progress(f"step {step}: held-out acceptance {json.dumps(evaluate_blocks(drafter, lm, f, held, s.batch))}")
             _save_checkpoint(work, drafter, optimizer, step, rng.bit_generator.state)
         elif step % 100 == 0 or step == stage_end:
-            accept = evaluate(drafter, lm, f, held, head_vocab, s.batch)
-            progress(f"step {step}: held-out first-position acceptance {_fmt(accept)}")
-            for depth in range(2, s.chain_depths + 1) if second else ():
-                accept = evaluate(drafter, lm, f, held, head_vocab, s.batch, depth=depth)
+            first, *later = evaluate(drafter, lm, f, held, s.batch, s.chain_depths if second else 1)
+            progress(f"step {step}: held-out first-position acceptance {_fmt(first)}")
+            for depth, accept in enumerate(later, 2):
                 progress(f"step {step}: held-out position-{depth} acceptance (after accepted earlier ones) {_fmt(accept)}")
             _save_checkpoint(work, drafter, optimizer, step, rng.bit_generator.state)
 
@@ -249,14 +248,14 @@ def train_drafter(
 
 def _acceptance(drafter, lm: LoadedModel, data: TrainingData, s: TrainSettings) -> dict:
     """The record's held-out acceptance: a block drafter's per row and per block, a chained one's per depth."""
-    f, held, head_vocab = data.f, data.held, data.head_vocab
+    f, held = data.f, data.held
     if s.kind == "block":
         return {"held_out_block_acceptance": evaluate_blocks(drafter, lm, f, held, s.batch)}
+    first, second, *later = evaluate(drafter, lm, f, held, s.batch, max(s.chain_depths, 2))
     return {
-        "held_out_first_position_acceptance": evaluate(drafter, lm, f, held, head_vocab, s.batch),
-        "held_out_second_position_acceptance": evaluate(drafter, lm, f, held, head_vocab, s.batch, depth=2),
-        **{f"held_out_position_{d}_acceptance": evaluate(drafter, lm, f, held, head_vocab, s.batch, depth=d)
-           for d in range(3, max(s.chain_depths, 2) + 1)},
+        "held_out_first_position_acceptance": first,
+        "held_out_second_position_acceptance": second,
+        **{f"held_out_position_{d}_acceptance": accept for d, accept in enumerate(later, 3)},
     }
 
 
